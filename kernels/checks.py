@@ -1,0 +1,122 @@
+"""Argument checks shared by the kernel wrappers.
+
+Every check raises ValueError naming the argument and what was expected. None of them reads
+device memory, so the wrappers never synchronise with the host; contents are only checked
+when the tensor already lives on the CPU.
+"""
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_BLOCK_SIZE = 256
+
+
+def check_rank(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def check_float_inputs(**tensors: torch.Tensor) -> None:
+    """All tensors share one floating dtype (fp16, bf16 or fp32) and one device."""
+    (first_name, first), *rest = tensors.items()
+    if first.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{first_name} must be float16, bfloat16 or float32, got {first.dtype}")
+    for name, t in rest:
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
+
+
+def check_heads(num_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_heads ({num_heads}) of q must be a multiple of num_kv_heads ({num_kv_heads}) of k/v"
+        )
+
+
+def check_head_dim(head_dims: dict[str, int]) -> int:
+    (first_name, d), *rest = head_dims.items()
+    for name, other in rest:
+        if other != d:
+            raise ValueError(f"head_dim of {name} is {other} but head_dim of {first_name} is {d}; they must match")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+    return d
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size < 1 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise ValueError(f"block_size (dim 1 of the cache) must be a power of two in [1, {MAX_BLOCK_SIZE}], got {block_size}")
+
+
+def check_int_vector(name: str, t: torch.Tensor, length: int, device: torch.device, dtypes=(torch.int32,)) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != length:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 1-D tensor of length {length}, got {shape}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but must be on {device} with the other inputs")
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: int | None) -> int:
+    """Returns the batch size. Contents are checked only for CPU tensors (no host sync); `total`,
+    when known, is the length of the packed tensor the prefix sums index."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.shape[0] < 2:
+        shape = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise ValueError(f"{name} must be a 1-D int32 tensor of shape (batch+1,), got {shape}")
+    check_int_vector(name, cu, cu.shape[0], device)
+    if cu.device.type == "cpu":
+        ends_right = total is None or int(cu[-1]) == total
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or not ends_right:
+            raise ValueError(f"{name} must be non-decreasing prefix sums from 0 to {total}, got {cu.tolist()}")
+    return cu.shape[0] - 1
+
+
+def check_block_table(block_table: torch.Tensor, batch: int, device: torch.device) -> None:
+    check_rank("block_table", block_table, 2, "(batch, max_blocks_per_seq)")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows but the batch has {batch} sequences")
+    if block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must have dtype torch.int32, got {block_table.dtype}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but must be on {device} with the other inputs")
+
+
+def check_capacity(name: str, max_len: int | None, lens: torch.Tensor | None, block_table: torch.Tensor,
+                   block_size: int, num_blocks: int) -> None:
+    """A sequence holds at most max_blocks_per_seq * block_size tokens, and every block its tokens
+    live in must be a cache block. `lens` (tokens per sequence) is only read on the CPU."""
+    capacity = block_table.shape[1] * block_size
+    if max_len is not None and max_len > capacity:
+        raise ValueError(f"{name} ({max_len}) exceeds what a block_table row can hold ({capacity} tokens)")
+    if lens is None or lens.device.type != "cpu" or lens.numel() == 0:
+        return
+    if int(lens.max()) > capacity:
+        raise ValueError(f"{name}: a context of {int(lens.max())} tokens is more than a block_table row can hold ({capacity})")
+    used = torch.arange(block_table.shape[1]) < (lens.long()[:, None] + block_size - 1) // block_size
+    ids = block_table[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        raise ValueError(f"block_table holds block ids outside [0, {num_blocks}) inside a sequence's context")
+
+
+def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    scale = float(softmax_scale)
+    if not (scale > 0 and scale != float("inf")):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    return scale
+
+
+def check_host_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative Python int, got {value!r}")
+    return value

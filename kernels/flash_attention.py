@@ -1,0 +1,238 @@
+"""Varlen flash attention for prefill, over contiguous K/V or a paged KV cache (prefix caching).
+
+One program computes one BLOCK_M tile of queries of one head of one sequence, streaming the
+sequence's keys in BLOCK_N tiles with an online softmax in base 2. Under `causal` the key loop is
+split in two: tiles every query of the tile can see run without any mask, and only the tiles
+that cross the diagonal (or the end of the sequence) pay for masking. Tiles wholly above the
+diagonal are never visited.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import (
+    check_block_size,
+    check_block_table,
+    check_capacity,
+    check_cu_seqlens,
+    check_float_inputs,
+    check_head_dim,
+    check_heads,
+    check_host_int,
+    check_rank,
+    resolve_scale,
+)
+from kernels.launch import dot_precision, head_dim_block, interpreting
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, offs_m, k_len, causal_shift, qk_scale,
+    stride_kb, stride_kt, stride_vb, stride_vt,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_len
+        if PAGED:
+            blk = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            k_rows = blk * stride_kb + (offs_n % PAGE) * stride_kt
+            v_rows = blk * stride_vb + (offs_n % PAGE) * stride_vt
+        else:
+            k_rows = offs_n.to(tl.int64) * stride_kt
+            v_rows = offs_n.to(tl.int64) * stride_vt
+        kv_mask = d_ok[None, :]
+        if MASKED:
+            kv_mask = kv_mask & n_ok[:, None]
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            visible = n_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_fwd(
+    Q, K, V, O, CU_Q, CU_K, BT, qk_scale,
+    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_btb, max_blocks, group,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    k_start = tl.load(CU_K + seq)
+    k_len = tl.load(CU_K + seq + 1) - k_start
+    kv_head = head // group
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    overflow = False
+    if PAGED:
+        # A context longer than its block-table row would read another row's blocks: clamp the
+        # reads and poison the output instead (the host cannot check without a sync).
+        overflow = k_len > max_blocks * PAGE
+        k_len = tl.minimum(k_len, max_blocks * PAGE)
+        bt_row = BT + seq.to(tl.int64) * stride_btb
+        k_base = K + kv_head * stride_kh
+        v_base = V + kv_head * stride_vh
+    else:
+        bt_row = BT
+        k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+        v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+
+    if CAUSAL:
+        # Bottom-right alignment: query i sees keys j <= i + (k_len - q_len).
+        causal_shift = k_len - q_len
+        first_row_sees = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), k_len)
+        last_row = tl.minimum(start_m + BLOCK_M, q_len)
+        hi = tl.minimum(tl.maximum(last_row + causal_shift, 0), k_len)
+    else:
+        causal_shift = 0
+        first_row_sees = k_len
+        hi = k_len
+    mid = (first_row_sees // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, bt_row, 0, mid, offs_m, k_len, causal_shift, qk_scale,
+        stride_kb, stride_kt, stride_vb, stride_vt,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, UPCAST, PRECISION,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, bt_row, mid, hi, offs_m, k_len, causal_shift, qk_scale,
+        stride_kb, stride_kt, stride_vb, stride_vt,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, UPCAST, PRECISION,
+    )
+    # A row that sees no key (q_len > k_len under causal) has l_i == 0 and outputs 0.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = tl.where(overflow, float("nan"), out)
+    tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
+
+
+def _tile_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), sized so the tiles of K and V in flight fit
+    shared memory and the accumulator fits registers."""
+    if interpreting():
+        return 32, 16, 4, 1
+    if dtype == torch.float32:
+        return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+    if block_d <= 64:
+        return 128, 64, 4, 3
+    if block_d <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences (flash-attn's varlen convention).
+
+    q: (total_q, num_heads, head_dim), fp16/bf16/fp32, last dim contiguous.
+    k, v: (total_k, num_kv_heads, head_dim) packed like q; or, when `block_table` is given, paged
+        caches (num_blocks, block_size, num_kv_heads, head_dim) already holding every key.
+    cu_seqlens_q, cu_seqlens_k: int32 (batch+1,) prefix sums of query / key counts per sequence;
+        with a block table, keys count the cached prefix plus the new tokens.
+    max_seqlen_q, max_seqlen_k: host ints, at least the longest query / key length (the caller
+        passes them so the wrapper never syncs with the device).
+    block_table: int32 (batch, max_blocks_per_seq), scattered block ids, padded with -1.
+    causal: mask aligned bottom-right, so query i sees keys j <= i + Lk - Lq; a query that sees
+        no key outputs 0.
+    num_heads must be a multiple of num_kv_heads (GQA/MQA). Softmax scale defaults to
+    head_dim**-0.5. Returns (total_q, num_heads, head_dim) in q's dtype; accumulation is fp32.
+    """
+    check_rank("q", q, 3, "(total_q, num_heads, head_dim)")
+    paged = block_table is not None
+    kv_layout = "(num_blocks, block_size, num_kv_heads, head_dim)" if paged else "(total_k, num_kv_heads, head_dim)"
+    check_rank("k", k, 4 if paged else 3, kv_layout)
+    check_rank("v", v, 4 if paged else 3, kv_layout)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_float_inputs(q=q, k=k, v=v)
+    head_dim = check_head_dim({"q": q.shape[-1], "k": k.shape[-1], "v": v.shape[-1]})
+    num_heads, num_kv_heads = q.shape[1], k.shape[-2]
+    check_heads(num_heads, num_kv_heads)
+    max_seqlen_q, max_seqlen_k = check_host_int("max_seqlen_q", max_seqlen_q), check_host_int("max_seqlen_k", max_seqlen_k)
+    batch = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+    if paged:
+        # With a paged cache the key total is not k.shape[0]; only the shape is checked here.
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, None)
+    else:
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+    if cu_seqlens_k.shape[0] != batch + 1:
+        raise ValueError(f"cu_seqlens_k has shape {tuple(cu_seqlens_k.shape)} but cu_seqlens_q implies ({batch + 1},)")
+    page = 1
+    if paged:
+        page = k.shape[1]
+        check_block_size(page)
+        check_block_table(block_table, batch, q.device)
+        k_lens = cu_seqlens_k.diff() if cu_seqlens_k.device.type == "cpu" else None
+        check_capacity("max_seqlen_k", max_seqlen_k, k_lens, block_table, page, k.shape[0])
+    scale = resolve_scale(softmax_scale, head_dim)
+
+    out = torch.empty_like(q)
+    if q.shape[0] == 0 or batch == 0 or max_seqlen_q == 0:
+        return out
+    block_d = head_dim_block(head_dim)
+    block_m, block_n, num_warps, num_stages = _tile_config(block_d, q.dtype)
+    bt = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
+    kb, kt, kh = (k.stride(0), k.stride(1), k.stride(2)) if paged else (0, k.stride(0), k.stride(1))
+    vb, vt, vh = (v.stride(0), v.stride(1), v.stride(2)) if paged else (0, v.stride(0), v.stride(1))
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, batch)
+    _flash_fwd[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, bt, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), kb, kt, kh, vb, vt, vh,
+        out.stride(0), out.stride(1), bt.stride(0), block_table.shape[1] if paged else 0,
+        num_heads // num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=bool(causal), PAGED=paged, PAGE=page,
+        UPCAST=interpreting(), PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
