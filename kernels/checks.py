@@ -120,3 +120,15 @@ def check_host_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative Python int, got {value!r}")
     return value
+
+
+def check_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The caller's output buffer, which must match `like` in shape, dtype and device; or a new one."""
+    if out is None:
+        return torch.empty_like(like)
+    if not isinstance(out, torch.Tensor) or out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be {like.dtype} {tuple(like.shape)} on {like.device}, got {got}")
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last (head_dim) dimension")
+    return out

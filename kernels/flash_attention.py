@@ -22,6 +22,7 @@ from kernels.checks import (
     check_head_dim,
     check_heads,
     check_host_int,
+    check_out,
     check_rank,
     resolve_scale,
 )
@@ -171,6 +172,7 @@ def flash_attn_varlen(
     softmax_scale: float | None = None,
     causal: bool = True,
     block_table: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over packed variable-length sequences (flash-attn's varlen convention).
 
@@ -185,7 +187,8 @@ def flash_attn_varlen(
     causal: mask aligned bottom-right, so query i sees keys j <= i + Lk - Lq; a query that sees
         no key outputs 0.
     num_heads must be a multiple of num_kv_heads (GQA/MQA). Softmax scale defaults to
-    head_dim**-0.5. Returns (total_q, num_heads, head_dim) in q's dtype; accumulation is fp32.
+    head_dim**-0.5. Returns (total_q, num_heads, head_dim) in q's dtype, written into `out` when
+    given (same shape and dtype as q); accumulation is fp32.
     """
     check_rank("q", q, 3, "(total_q, num_heads, head_dim)")
     paged = block_table is not None
@@ -216,7 +219,7 @@ def flash_attn_varlen(
         check_capacity("max_seqlen_k", max_seqlen_k, k_lens, block_table, page, k.shape[0])
     scale = resolve_scale(softmax_scale, head_dim)
 
-    out = torch.empty_like(q)
+    out = check_out(out, q)
     if q.shape[0] == 0 or batch == 0 or max_seqlen_q == 0:
         return out
     block_d = head_dim_block(head_dim)

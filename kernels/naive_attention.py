@@ -18,6 +18,7 @@ from kernels.checks import (
     check_head_dim,
     check_heads,
     check_host_int,
+    check_out,
     check_rank,
     resolve_scale,
 )
@@ -81,13 +82,14 @@ def naive_attention(
     *,
     softmax_scale: float | None = None,
     causal: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Self-attention over packed sequences with one tile per sequence.
 
     q: (total, num_heads, head_dim); k, v: (total, num_kv_heads, head_dim); fp16/bf16/fp32.
     cu_seqlens: int32 (batch+1,) prefix sums shared by queries and keys; max_seqlen: host int
     bounding every length, at most NAIVE_MAX_SEQLEN[padded head_dim] (else ValueError).
-    Returns (total, num_heads, head_dim) in q's dtype.
+    Returns (total, num_heads, head_dim) in q's dtype, written into `out` when given.
     """
     check_rank("q", q, 3, "(total, num_heads, head_dim)")
     check_rank("k", k, 3, "(total, num_kv_heads, head_dim)")
@@ -108,7 +110,7 @@ def naive_attention(
             f"head_dim {head_dim}; use flash_attn_varlen"
         )
     scale = resolve_scale(softmax_scale, head_dim)
-    out = torch.empty_like(q)
+    out = check_out(out, q)
     if batch == 0 or max_seqlen == 0 or q.shape[0] == 0:
         return out
     grid = (triton.cdiv(max_seqlen, _BLOCK_M), num_heads, batch)

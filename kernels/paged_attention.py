@@ -23,6 +23,7 @@ from kernels.checks import (
     check_heads,
     check_host_int,
     check_int_vector,
+    check_out,
     check_rank,
     resolve_scale,
 )
@@ -151,6 +152,7 @@ def paged_attention_decode(
     softmax_scale: float | None = None,
     max_context_len: int | None = None,
     num_splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of attention over a paged KV cache.
 
@@ -164,7 +166,7 @@ def paged_attention_decode(
     num_splits: optional fixed split count (default: chosen to fill the device).
     The host never reads device memory; on a GPU, a context longer than its block-table row
     yields NaN for that sequence rather than reading another row. Returns (batch, num_heads,
-    head_dim) in q's dtype; accumulation is fp32.
+    head_dim) in q's dtype, written into `out` when given; accumulation is fp32.
     """
     check_rank("q", q, 3, "(batch, num_heads, head_dim)")
     layout = "(num_blocks, block_size, num_kv_heads, head_dim)"
@@ -187,7 +189,7 @@ def paged_attention_decode(
         raise ValueError(f"num_splits must be at least 1, got {num_splits}")
     scale = resolve_scale(softmax_scale, head_dim)
 
-    out = torch.empty_like(q)
+    out = check_out(out, q)
     if batch == 0:
         return out
     block_d = head_dim_block(head_dim)

@@ -206,7 +206,7 @@ def expected_decode(q, k, v, scale):
         if len(k_seq)
         else torch.zeros_like(q[b])
         for b, (k_seq, v_seq) in enumerate(
-            zip(k.split(CONTEXT_LENS), v.split(CONTEXT_LENS))
+            zip(k.split(CONTEXT_LENS), v.split(CONTEXT_LENS), strict=True)
         )
     ]
     return torch.stack(outs)

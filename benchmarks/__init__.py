@@ -1,0 +1,1 @@
+"""pytest-benchmark suites for the attention kernels."""

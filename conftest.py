@@ -1,0 +1,36 @@
+"""Device selection, the Triton interpreter on CPU, hypothesis profiles and markers.
+
+TRITON_INTERPRET must be set before `triton` is first imported, so this runs first of all.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# deadline=None: the first example of each shape JIT-compiles (or interprets) for seconds.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=12, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("dev", max_examples=25, **_COMMON)
+settings.register_profile("gpu", max_examples=60, print_blob=True, **_COMMON)
+# --hypothesis-profile, read later by hypothesis' own plugin, overrides this choice.
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("gpu" if HAS_CUDA else "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device tests run on: the GPU when there is one, else the CPU under the interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)

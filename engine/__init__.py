@@ -1,0 +1,1 @@
+"""The vLLM-style engine (scheduler, KV block manager, Qwen3) that runs the kernels end to end."""

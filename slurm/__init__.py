@@ -1,0 +1,1 @@
+"""Slurm array-job sweeps for GB200 clusters."""
