@@ -86,21 +86,9 @@ def _flash_fwd(
     seq = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
     q_len = tl.load(CU_Q + seq + 1) - q_start
-    start_m = pid_m * BLOCK_M
-    if start_m >= q_len:
-        return
     k_start = tl.load(CU_K + seq)
     k_len = tl.load(CU_K + seq + 1) - k_start
     kv_head = head // group
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
     overflow = False
     if PAGED:
         # A context longer than its block-table row would read another row's blocks: clamp the
@@ -114,37 +102,45 @@ def _flash_fwd(
         bt_row = BT
         k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    causal_shift = k_len - q_len if CAUSAL else 0
+    offs_d = tl.arange(0, BLOCK_D)
 
-    if CAUSAL:
-        # Bottom-right alignment: query i sees keys j <= i + (k_len - q_len).
-        causal_shift = k_len - q_len
-        first_row_sees = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), k_len)
-        last_row = tl.minimum(start_m + BLOCK_M, q_len)
-        hi = tl.minimum(tl.maximum(last_row + causal_shift, 0), k_len)
-    else:
-        causal_shift = 0
-        first_row_sees = k_len
-        hi = k_len
-    mid = (first_row_sees // BLOCK_N) * BLOCK_N
+    # One iteration when max_seqlen_q is right; striding keeps every row written if it is not.
+    for start_m in range(pid_m * BLOCK_M, q_len, tl.num_programs(0) * BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q_rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        if CAUSAL:
+            # Bottom-right alignment: query i sees keys j <= i + causal_shift.
+            first_row_sees = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), k_len)
+            last_row = tl.minimum(start_m + BLOCK_M, q_len)
+            hi = tl.minimum(tl.maximum(last_row + causal_shift, 0), k_len)
+        else:
+            first_row_sees = k_len
+            hi = k_len
+        mid = (first_row_sees // BLOCK_N) * BLOCK_N
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, bt_row, 0, mid, offs_m, k_len, causal_shift, qk_scale,
-        stride_kb, stride_kt, stride_vb, stride_vt,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, UPCAST, PRECISION,
-    )
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, bt_row, mid, hi, offs_m, k_len, causal_shift, qk_scale,
-        stride_kb, stride_kt, stride_vb, stride_vt,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, UPCAST, PRECISION,
-    )
-    # A row that sees no key (q_len > k_len under causal) has l_i == 0 and outputs 0.
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out = tl.where(overflow, float("nan"), out)
-    tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
-
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_base, v_base, bt_row, 0, mid, offs_m, k_len, causal_shift, qk_scale,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, UPCAST, PRECISION,
+        )
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_base, v_base, bt_row, mid, hi, offs_m, k_len, causal_shift, qk_scale,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, UPCAST, PRECISION,
+        )
+        # A row that sees no key (q_len > k_len under causal) has l_i == 0 and outputs 0.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out = tl.where(overflow, float("nan"), out)
+        o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
 def _tile_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), sized so the tiles of K and V in flight fit
@@ -181,8 +177,9 @@ def flash_attn_varlen(
         caches (num_blocks, block_size, num_kv_heads, head_dim) already holding every key.
     cu_seqlens_q, cu_seqlens_k: int32 (batch+1,) prefix sums of query / key counts per sequence;
         with a block table, keys count the cached prefix plus the new tokens.
-    max_seqlen_q, max_seqlen_k: host ints, at least the longest query / key length (the caller
-        passes them so the wrapper never syncs with the device).
+    max_seqlen_q, max_seqlen_k: host ints, the longest query / key length (the caller passes
+        them so the wrapper never syncs with the device). max_seqlen_q sizes the grid: one too
+        small still gives the right answer, only slower.
     block_table: int32 (batch, max_blocks_per_seq), scattered block ids, padded with -1.
     causal: mask aligned bottom-right, so query i sees keys j <= i + Lk - Lq; a query that sees
         no key outputs 0.

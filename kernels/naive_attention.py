@@ -46,32 +46,34 @@ def _naive_attn(
     if pid_m * BLOCK_M >= seq_len:
         return
     kv_head = head // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < HEAD_DIM)[None, :]
-    q_mask = (offs_m < seq_len)[:, None] & d_ok
     kv_mask = (offs_l < seq_len)[:, None] & d_ok
-    rows_m = (start + offs_m).to(tl.int64)
     rows_l = (start + offs_l).to(tl.int64)
-    q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     k = tl.load(K + rows_l[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + rows_l[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
-        q = q.to(tl.float32)
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    visible = (offs_l < seq_len)[None, :]
-    if CAUSAL:
-        visible = visible & (offs_l[None, :] <= offs_m[:, None])
-    scores = tl.where(visible, scores, float("-inf"))
-    p = tl.math.exp2(scores - tl.max(scores, 1)[:, None])
-    out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / tl.sum(p, 1)[:, None]
-    # The tile was sized from the caller's max_seqlen; a longer sequence would be truncated.
-    out = tl.where(seq_len > BLOCK_L, float("nan"), out)
-    tl.store(O + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
-
+    # Striding over query tiles covers every row even if the caller under-states max_seqlen;
+    # such a sequence does not fit the tile and is poisoned with NaN below.
+    for start_m in range(pid_m * BLOCK_M, seq_len, tl.num_programs(0) * BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m < seq_len)[:, None] & d_ok
+        rows_m = (start + offs_m).to(tl.int64)
+        q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = (offs_l < seq_len)[None, :]
+        if CAUSAL:
+            visible = visible & (offs_l[None, :] <= offs_m[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        p = tl.math.exp2(scores - tl.max(scores, 1)[:, None])
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / tl.sum(p, 1)[:, None]
+        out = tl.where(seq_len > BLOCK_L, float("nan"), out)
+        tl.store(O + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
 
 def naive_attention(
     q: torch.Tensor,

@@ -117,10 +117,11 @@ def _merge_splits(
     lse = tl.load(LSE_PART + row + offs_s, mask=s_ok, other=float("-inf"))
     lse_max = tl.maximum(tl.max(lse, 0), -1.0e30)
     w = tl.math.exp2(lse - lse_max)
-    part = tl.load(O_PART + (row + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    d_ok = offs_d < HEAD_DIM
+    part = tl.load(O_PART + (row + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     w_sum = tl.sum(w, 0)
     out = tl.sum(part * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
-    tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
 
 def _tile_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:

@@ -1,0 +1,143 @@
+"""Every malformed call raises ValueError naming the argument at fault, before any launch."""
+
+import pytest
+import torch
+
+from kernels import flash_attn_varlen, naive_attention, paged_attention_decode, store_kvcache
+from tests.cases import cu_seqlens, generator, paged_cache, randn
+
+F16 = torch.float16
+
+
+def flash_args(device, paged=False):
+    gen = generator(0, device)
+    q = randn((10, 4, 32), F16, device, gen)
+    if paged:
+        cache = paged_cache((7, 12), 4, 2, 32, F16, device, gen)
+        k, v, table = cache.k_cache, cache.v_cache, cache.block_table
+        k_lens = (7, 12)
+    else:
+        k, v, table = randn((19, 2, 32), F16, device, gen), randn((19, 2, 32), F16, device, gen), None
+        k_lens = (7, 12)
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens((4, 6), device), cu_seqlens_k=cu_seqlens(k_lens, device),
+                max_seqlen_q=6, max_seqlen_k=12, block_table=table)
+
+
+def naive_args(device):
+    gen = generator(0, device)
+    return dict(q=randn((10, 4, 32), F16, device, gen), k=randn((10, 2, 32), F16, device, gen),
+                v=randn((10, 2, 32), F16, device, gen), cu_seqlens=cu_seqlens((4, 6), device), max_seqlen=6)
+
+
+def decode_args(device):
+    gen = generator(0, device)
+    cache = paged_cache((7, 12), 4, 2, 32, F16, device, gen)
+    return dict(q=randn((2, 4, 32), F16, device, gen), k_cache=cache.k_cache, v_cache=cache.v_cache,
+                block_table=cache.block_table, context_lens=torch.tensor([7, 12], dtype=torch.int32, device=device))
+
+
+def store_args(device):
+    gen = generator(0, device)
+    cache = paged_cache((8,), 4, 2, 32, F16, device, gen)
+    return dict(key=randn((3, 2, 32), F16, device, gen), value=randn((3, 2, 32), F16, device, gen),
+                k_cache=cache.k_cache, v_cache=cache.v_cache,
+                slot_mapping=torch.tensor([0, -1, 5], dtype=torch.int32, device=device))
+
+
+def flash(device, **bad):
+    return flash_attn_varlen(**{**flash_args(device), **bad})
+
+
+def flash_paged(device, **bad):
+    return flash_attn_varlen(**{**flash_args(device, paged=True), **bad})
+
+
+def naive(device, **bad):
+    return naive_attention(**{**naive_args(device), **bad})
+
+
+def decode(device, **bad):
+    return paged_attention_decode(**{**decode_args(device), **bad})
+
+
+def store(device, **bad):
+    return store_kvcache(**{**store_args(device), **bad})
+
+
+def half(t):
+    return t[..., :16]
+
+
+def meta(t):
+    return torch.empty_like(t, device="meta")
+
+
+BAD_CALLS = {
+    # mismatched head_dim
+    "flash k head_dim": (flash, lambda a: dict(k=half(a["k"]), v=half(a["v"])), "head_dim of k"),
+    "naive v head_dim": (naive, lambda a: dict(v=half(a["v"])), "head_dim"),
+    "decode k_cache head_dim": (decode, lambda a: dict(k_cache=half(a["k_cache"]), v_cache=half(a["v_cache"])), "head_dim"),
+    "store key head_dim": (store, lambda a: dict(key=half(a["key"]), value=half(a["value"])), "head_dim"),
+    "head_dim too large": (naive, lambda a: dict(q=a["q"].repeat(1, 1, 9), k=a["k"].repeat(1, 1, 9), v=a["v"].repeat(1, 1, 9)), "head_dim"),
+    # heads not divisible
+    "flash heads": (flash, lambda a: dict(q=a["q"][:, :3]), "num_kv_heads"),
+    "naive heads": (naive, lambda a: dict(q=a["q"][:, :3]), "num_kv_heads"),
+    "decode heads": (decode, lambda a: dict(q=a["q"][:, :3]), "num_kv_heads"),
+    "store heads": (store, lambda a: dict(key=a["key"][:, :1], value=a["value"][:, :1]), "num_kv_heads"),
+    # wrong ranks
+    "flash q rank": (flash, lambda a: dict(q=a["q"][0]), "q must be 3-D"),
+    "flash paged k rank": (flash_paged, lambda a: dict(k=a["k"][0], v=a["v"][0]), "k must be 4-D"),
+    "naive k rank": (naive, lambda a: dict(k=a["k"][None]), "k must be 3-D"),
+    "decode q rank": (decode, lambda a: dict(q=a["q"][None]), "q must be 3-D"),
+    "decode cache rank": (decode, lambda a: dict(k_cache=a["k_cache"][0]), "k_cache must be 4-D"),
+    "decode block_table rank": (decode, lambda a: dict(block_table=a["block_table"][0]), "block_table must be 2-D"),
+    "store key rank": (store, lambda a: dict(key=a["key"][0]), "key must be 3-D"),
+    # dtypes or devices that differ
+    "flash k dtype": (flash, lambda a: dict(k=a["k"].float()), "k has dtype"),
+    "flash int q": (flash, lambda a: dict(q=a["q"].to(torch.int32)), "q must be float16"),
+    "naive v device": (naive, lambda a: dict(v=meta(a["v"])), "v is on"),
+    "decode v_cache dtype": (decode, lambda a: dict(v_cache=a["v_cache"].to(torch.bfloat16)), "v_cache has dtype"),
+    "decode q device": (decode, lambda a: dict(k_cache=meta(a["k_cache"]), v_cache=meta(a["v_cache"])), "k_cache is on"),
+    "decode context_lens device": (decode, lambda a: dict(context_lens=meta(a["context_lens"])), "context_lens is on"),
+    "store cache dtype": (store, lambda a: dict(k_cache=a["k_cache"].float(), v_cache=a["v_cache"].float()), "k_cache has dtype"),
+    "store slot_mapping device": (store, lambda a: dict(slot_mapping=meta(a["slot_mapping"])), "slot_mapping is on"),
+    "flash out dtype": (flash, lambda a: dict(out=torch.empty_like(a["q"], dtype=torch.float32)), "out must be"),
+    # block_table rows != batch
+    "flash block_table rows": (flash_paged, lambda a: dict(block_table=a["block_table"][:1]), "block_table has 1 rows"),
+    "decode block_table rows": (decode, lambda a: dict(block_table=a["block_table"].repeat(2, 1)), "block_table has 4 rows"),
+    "decode block_table dtype": (decode, lambda a: dict(block_table=a["block_table"].long()), "block_table must have dtype"),
+    # contexts longer than a block-table row holds
+    "flash max_seqlen_k over capacity": (flash_paged, lambda a: dict(max_seqlen_k=a["block_table"].shape[1] * 4 + 1), "max_seqlen_k"),
+    "decode max_context_len over capacity": (decode, lambda a: dict(max_context_len=a["block_table"].shape[1] * 4 + 1), "context_lens"),
+    "decode context over capacity": (decode, lambda a: dict(block_table=a["block_table"][:, :2]), "context_lens"),
+    # cu_seqlens of the wrong dtype or shape
+    "flash cu_seqlens_q dtype": (flash, lambda a: dict(cu_seqlens_q=a["cu_seqlens_q"].long()), "cu_seqlens_q must have dtype"),
+    "flash cu_seqlens_k shape": (flash, lambda a: dict(cu_seqlens_k=a["cu_seqlens_k"][None]), "cu_seqlens_k must be a 1-D"),
+    "flash cu_seqlens_k batch": (flash, lambda a: dict(cu_seqlens_k=cu_seqlens((7, 6, 6), a["q"].device)), "cu_seqlens_k"),
+    "naive cu_seqlens dtype": (naive, lambda a: dict(cu_seqlens=a["cu_seqlens"].float()), "cu_seqlens must have dtype"),
+    "naive cu_seqlens shape": (naive, lambda a: dict(cu_seqlens=a["cu_seqlens"][:1]), "cu_seqlens must be a 1-D"),
+    "decode context_lens dtype": (decode, lambda a: dict(context_lens=a["context_lens"].long()), "context_lens must have dtype"),
+    "decode context_lens shape": (decode, lambda a: dict(context_lens=a["context_lens"][:1]), "context_lens must be a 1-D"),
+    "store slot_mapping shape": (store, lambda a: dict(slot_mapping=a["slot_mapping"][:2]), "slot_mapping must be a 1-D"),
+    # other arguments
+    "flash max_seqlen not int": (flash, lambda a: dict(max_seqlen_q=torch.tensor(6)), "max_seqlen_q"),
+    "flash negative scale": (flash, lambda a: dict(softmax_scale=-1.0), "softmax_scale"),
+    "decode block_size not power of two": (decode, lambda a: dict(k_cache=a["k_cache"][:, :3], v_cache=a["v_cache"][:, :3]), "block_size"),
+    "decode num_splits zero": (decode, lambda a: dict(num_splits=0), "num_splits"),
+}
+
+ARG_BUILDERS = {flash: flash_args, flash_paged: lambda d: flash_args(d, paged=True), naive: naive_args,
+                decode: decode_args, store: store_args}
+
+
+@pytest.mark.parametrize("name", BAD_CALLS)
+def test_bad_input_raises_value_error(name, device):
+    call, mutate, message = BAD_CALLS[name]
+    with pytest.raises(ValueError, match=message):
+        call(device, **mutate(ARG_BUILDERS[call](device)))
+
+
+@pytest.mark.parametrize("call", list(ARG_BUILDERS), ids=lambda c: c.__name__)
+def test_valid_baseline_calls_pass(call, device):
+    """The unmutated arguments are valid, so each failure above is due to its one mutation."""
+    call(device)

@@ -1,0 +1,90 @@
+"""flash_attn_varlen against the float64 and same-dtype PyTorch references."""
+
+import pytest
+import torch
+from hypothesis import given
+
+from kernels import flash_attn_varlen, store_kvcache
+from reference import attention_ref
+from tests.cases import AttnCase, attn_cases, cu_seqlens, generator, paged_cache, randn
+from tests.tolerance import assert_within_tolerance
+
+
+def run_case(case, device):
+    """Builds the case's inputs, runs the kernel into a NaN-poisoned buffer, checks tolerance."""
+    gen = generator(case.seed, device)
+    q = randn((sum(case.q_lens), case.num_heads, case.head_dim), case.dtype, device, gen)
+    cu_q, cu_k = cu_seqlens(case.q_lens, device), cu_seqlens(case.k_lens, device)
+    if case.block_size is None:
+        kv_shape = (sum(case.k_lens), case.num_kv_heads, case.head_dim)
+        k, v, table = randn(kv_shape, case.dtype, device, gen), randn(kv_shape, case.dtype, device, gen), None
+    else:
+        cache = paged_cache(case.k_lens, case.block_size, case.num_kv_heads, case.head_dim, case.dtype, device, gen)
+        k, v, table = cache.k_cache, cache.v_cache, cache.block_table
+    out = torch.full_like(q, float("nan"))
+    flash_attn_varlen(q, k, v, cu_q, cu_k, max(case.q_lens), max(case.k_lens), causal=case.causal, block_table=table, out=out)
+    ref = dict(causal=case.causal, block_table=table)
+    ref64 = attention_ref(q, k, v, cu_q, cu_k, compute_dtype=torch.float64, **ref)
+    ref_lowp = attention_ref(q, k, v, cu_q, cu_k, **ref)
+    assert_within_tolerance(out, ref64, ref_lowp, str(case))
+
+
+@given(case=attn_cases(paged=False))
+def test_contiguous_matches_reference(case, device):
+    run_case(case, device)
+
+
+@given(case=attn_cases(paged=True))
+def test_paged_prefix_matches_reference(case, device):
+    run_case(case, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+def test_lengths_crossing_tiles_and_blocks(dtype, causal, device):
+    """Lq and Lk just off the tile edges, with a prefix that ends mid-block."""
+    case_kw = dict(num_heads=6, num_kv_heads=2, head_dim=80, dtype=dtype, causal=causal, seed=7)
+
+    run_case(AttnCase(q_lens=(1, 33, 47), k_lens=(1, 50, 79), block_size=None, **case_kw), device)
+    run_case(AttnCase(q_lens=(1, 33, 47), k_lens=(18, 50, 79), block_size=16, **case_kw), device)
+
+
+def test_causal_rows_that_see_no_key_are_zero(device):
+    """With Lq > Lk, bottom-right alignment leaves the first Lq - Lk queries with no key."""
+    gen = generator(3, device)
+    q = randn((9, 2, 59), torch.float16, device, gen)
+    k, v = randn((4, 1, 59), torch.float16, device, gen), randn((4, 1, 59), torch.float16, device, gen)
+    out = flash_attn_varlen(q, k, v, cu_seqlens([9], device), cu_seqlens([4], device), 9, 4, causal=True)
+    assert torch.equal(out[:5], torch.zeros_like(out[:5]))
+    ref64 = attention_ref(q, k, v, cu_seqlens([9], device), cu_seqlens([4], device), compute_dtype=torch.float64)
+    ref_lowp = attention_ref(q, k, v, cu_seqlens([9], device), cu_seqlens([4], device))
+    assert_within_tolerance(out, ref64, ref_lowp)
+
+
+def test_prefix_prefill_after_store(device):
+    """The engine's path: store the new tokens' K/V, then attend over cached prefix + new tokens."""
+    gen = generator(11, device)
+    prefix, new, heads, kv_heads, dim = (20, 0, 35), (13, 1, 9), 4, 2, 96
+    k_lens = tuple(p + n for p, n in zip(prefix, new, strict=True))
+    cache = paged_cache(k_lens, 8, kv_heads, dim, torch.bfloat16, device, gen)
+    q = randn((sum(new), heads, dim), torch.bfloat16, device, gen)
+    k_new = randn((sum(new), kv_heads, dim), torch.bfloat16, device, gen)
+    v_new = randn((sum(new), kv_heads, dim), torch.bfloat16, device, gen)
+    slots = torch.cat([
+        cache.block_table[b, pos // 8].long() * 8 + pos % 8
+        for b, pos in enumerate(torch.arange(p, p + n, device=device) for p, n in zip(prefix, new, strict=True))
+    ])
+    store_kvcache(k_new, v_new, cache.k_cache, cache.v_cache, slots)
+    cu_q, cu_k = cu_seqlens(new, device), cu_seqlens(k_lens, device)
+    out = flash_attn_varlen(q, cache.k_cache, cache.v_cache, cu_q, cu_k, max(new), max(k_lens), block_table=cache.block_table)
+    args = (q, cache.k_cache, cache.v_cache, cu_q, cu_k)
+    ref64 = attention_ref(*args, block_table=cache.block_table, compute_dtype=torch.float64)
+    assert_within_tolerance(out, ref64, attention_ref(*args, block_table=cache.block_table))
+
+
+def test_understated_max_seqlen_q_still_writes_every_row(device):
+    gen = generator(5, device)
+    q, k, v = (randn((70, 2, 32), torch.float16, device, gen) for _ in range(3))
+    cu = cu_seqlens([70], device)
+    out = flash_attn_varlen(q, k, v, cu, cu, 1, 70, out=torch.full_like(q, float("nan")))
+    assert_within_tolerance(out, attention_ref(q, k, v, cu, cu, compute_dtype=torch.float64), attention_ref(q, k, v, cu, cu))

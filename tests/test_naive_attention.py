@@ -1,0 +1,52 @@
+"""naive_attention inside its one-tile limit, and its refusal past it."""
+
+import pytest
+import torch
+from hypothesis import assume, given
+
+from kernels import naive_attention
+from kernels.launch import head_dim_block
+from kernels.naive_attention import NAIVE_MAX_SEQLEN
+from reference import attention_ref
+from tests.cases import attn_cases, cu_seqlens, generator, randn
+from tests.tolerance import assert_within_tolerance
+
+
+def run_naive(lens, num_heads, num_kv_heads, head_dim, dtype, causal, seed, device, max_seqlen=None):
+    gen = generator(seed, device)
+    q = randn((sum(lens), num_heads, head_dim), dtype, device, gen)
+    k = randn((sum(lens), num_kv_heads, head_dim), dtype, device, gen)
+    v = randn((sum(lens), num_kv_heads, head_dim), dtype, device, gen)
+    cu = cu_seqlens(lens, device)
+    out = torch.full_like(q, float("nan"))
+    naive_attention(q, k, v, cu, max_seqlen or max(lens), causal=causal, out=out)
+    ref64 = attention_ref(q, k, v, cu, cu, causal=causal, compute_dtype=torch.float64)
+    assert_within_tolerance(out, ref64, attention_ref(q, k, v, cu, cu, causal=causal), f"lens={lens}")
+
+
+@given(case=attn_cases(paged=False))
+def test_naive_matches_reference(case, device):
+    limit = NAIVE_MAX_SEQLEN[head_dim_block(case.head_dim)]
+    assume(max(case.q_lens) <= limit)
+    run_naive(case.q_lens, case.num_heads, case.num_kv_heads, case.head_dim, case.dtype, case.causal, case.seed, device)
+
+
+@pytest.mark.parametrize("head_dim", [16, 59, 128, 256])
+def test_naive_at_its_limit(head_dim, device):
+    limit = NAIVE_MAX_SEQLEN[head_dim_block(head_dim)]
+    run_naive([limit, 3], 2, 1, head_dim, torch.float16, True, 1, device)
+
+
+@pytest.mark.parametrize("head_dim", [16, 59, 128, 256])
+def test_naive_past_its_limit_raises(head_dim, device):
+    limit = NAIVE_MAX_SEQLEN[head_dim_block(head_dim)]
+    with pytest.raises(ValueError, match="max_seqlen"):
+        run_naive([limit + 1], 2, 1, head_dim, torch.float16, True, 1, device)
+
+
+def test_sequence_longer_than_max_seqlen_is_nan(device):
+    """A caller who under-states max_seqlen gets NaN for that sequence, not a truncated answer."""
+    gen = generator(0, device)
+    q, k, v = (randn((40, 1, 32), torch.float32, device, gen) for _ in range(3))
+    out = naive_attention(q, k, v, cu_seqlens([40], device), 16)
+    assert out.isnan().all()

@@ -1,0 +1,19 @@
+"""flash-attn's accuracy rule: a kernel may be at most twice as far from the float64 answer as
+PyTorch computing in the kernel's own dtype, plus a small floor for outputs that the
+same-dtype reference happens to get exactly right."""
+
+import torch
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_within_tolerance(out: torch.Tensor, ref_fp64: torch.Tensor, ref_same_dtype: torch.Tensor, what: str = "") -> None:
+    """max|out - ref_fp64| <= 2 * max|ref_same_dtype - ref_fp64| + FLOOR[out.dtype]."""
+    assert out.shape == ref_fp64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_fp64.shape)}"
+    assert not out.isnan().any(), f"{what}: output holds NaN (unwritten or poisoned rows)"
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref_fp64).abs().max().item()
+    ref_err = (ref_same_dtype.double() - ref_fp64).abs().max().item()
+    bound = 2 * ref_err + FLOOR[out.dtype]
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (same-dtype reference error {ref_err:.3g})"
