@@ -126,6 +126,9 @@ BAD_CALLS = {
     "decode num_splits zero": (decode, lambda a: dict(num_splits=0), "num_splits"),
 }
 
+# Caught by reading tensor contents, which the wrappers only do for CPU tensors.
+READS_DEVICE_DATA = {"decode context over capacity"}
+
 ARG_BUILDERS = {flash: flash_args, flash_paged: lambda d: flash_args(d, paged=True), naive: naive_args,
                 decode: decode_args, store: store_args}
 
@@ -133,6 +136,8 @@ ARG_BUILDERS = {flash: flash_args, flash_paged: lambda d: flash_args(d, paged=Tr
 @pytest.mark.parametrize("name", BAD_CALLS)
 def test_bad_input_raises_value_error(name, device):
     call, mutate, message = BAD_CALLS[name]
+    if name in READS_DEVICE_DATA and device.type != "cpu":
+        pytest.skip("the host cannot see device contents without a sync; test_paged_attention checks the NaN instead")
     with pytest.raises(ValueError, match=message):
         call(device, **mutate(ARG_BUILDERS[call](device)))
 
