@@ -19,6 +19,11 @@ def check_rank(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
 
 
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
 def check_float_inputs(**tensors: torch.Tensor) -> None:
     """All tensors share one floating dtype (fp16, bf16 or fp32) and one device."""
     (first_name, first), *rest = tensors.items()

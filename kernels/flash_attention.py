@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_tile import online_softmax_step, score_kv_tile
 from kernels.checks import (
     check_block_size,
     check_block_table,
@@ -24,6 +25,7 @@ from kernels.checks import (
     check_host_int,
     check_out,
     check_rank,
+    check_same_shape,
     resolve_scale,
 )
 from kernels.launch import dot_precision, head_dim_block, interpreting
@@ -52,23 +54,13 @@ def _attend_tiles(
         kv_mask = d_ok[None, :]
         if MASKED:
             kv_mask = kv_mask & n_ok[:, None]
-        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, qk_scale, UPCAST, PRECISION)
         if MASKED:
             visible = n_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -192,8 +184,7 @@ def flash_attn_varlen(
     kv_layout = "(num_blocks, block_size, num_kv_heads, head_dim)" if paged else "(total_k, num_kv_heads, head_dim)"
     check_rank("k", k, 4 if paged else 3, kv_layout)
     check_rank("v", v, 4 if paged else 3, kv_layout)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_same_shape("k", k, "v", v)
     check_float_inputs(q=q, k=k, v=v)
     head_dim = check_head_dim({"q": q.shape[-1], "k": k.shape[-1], "v": v.shape[-1]})
     num_heads, num_kv_heads = q.shape[1], k.shape[-2]

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_block_size, check_float_inputs, check_int_vector, check_rank
+from kernels.checks import check_block_size, check_float_inputs, check_int_vector, check_rank, check_same_shape
 from kernels.launch import head_dim_block
 
 
@@ -53,10 +53,8 @@ def store_kvcache(
     layout = "(num_blocks, block_size, num_kv_heads, head_dim)"
     check_rank("k_cache", k_cache, 4, layout)
     check_rank("v_cache", v_cache, 4, layout)
-    if key.shape != value.shape:
-        raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    check_same_shape("key", key, "value", value)
+    check_same_shape("k_cache", k_cache, "v_cache", v_cache)
     if key.shape[1:] != k_cache.shape[2:]:
         raise ValueError(
             f"key is (num_tokens, num_kv_heads, head_dim) = {tuple(key.shape)} but the cache holds "

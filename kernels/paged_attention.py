@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_tile import online_softmax_step, score_kv_tile
 from kernels.checks import (
     check_block_size,
     check_block_table,
@@ -25,6 +26,7 @@ from kernels.checks import (
     check_int_vector,
     check_out,
     check_rank,
+    check_same_shape,
     resolve_scale,
 )
 from kernels.launch import dot_precision, head_dim_block, interpreting, parallel_slots
@@ -76,19 +78,9 @@ def _paged_decode(
         v_rows = tl.reshape(blk[:, None] * stride_vb + in_page[None, :] * stride_vt, [BLOCK_N])
         n_ok = start_n + tl.arange(0, BLOCK_N) < hi
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, qk_scale, UPCAST, PRECISION)
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(overflow, float("nan"), acc / l_safe[:, None])
@@ -173,8 +165,7 @@ def paged_attention_decode(
     layout = "(num_blocks, block_size, num_kv_heads, head_dim)"
     check_rank("k_cache", k_cache, 4, layout)
     check_rank("v_cache", v_cache, 4, layout)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    check_same_shape("k_cache", k_cache, "v_cache", v_cache)
     check_float_inputs(q=q, k_cache=k_cache, v_cache=v_cache)
     head_dim = check_head_dim({"q": q.shape[-1], "k_cache": k_cache.shape[-1], "v_cache": v_cache.shape[-1]})
     batch, num_heads = q.shape[0], q.shape[1]

@@ -1,7 +1,5 @@
 """Check the plain-PyTorch references against torch's scaled_dot_product_attention."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +10,10 @@ from reference import (
     paged_decode_loop,
     store_kvcache_ref,
 )
+from tests.cases import PagedCache, cu_seqlens, generator, paged_cache, randn
 
 F64 = torch.float64
+CPU = torch.device("cpu")
 
 # (len_q, len_k) per sequence, packed in this order.
 SEQLENS = {
@@ -24,16 +24,6 @@ SEQLENS = {
 }
 HEADS = [(5, 1), (6, 3), (4, 4)]  # (num_heads, num_kv_heads)
 CONTEXT_LENS = [1, 16, 17, 33, 0, 5, 32]
-
-
-def randn(gen, *shape, dtype=F64):
-    return torch.randn(*shape, generator=gen, dtype=F64).to(dtype)
-
-
-def cu_seqlens(lengths):
-    return torch.tensor(
-        [0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32
-    )
 
 
 def bottom_right_causal(len_q, len_k):
@@ -63,9 +53,9 @@ def make_varlen(gen, seqlens, heads, head_dim, dtype=F64):
     num_heads, num_kv_heads = heads
     total_q = sum(lq for lq, _ in seqlens)
     total_k = sum(lk for _, lk in seqlens)
-    q = randn(gen, total_q, num_heads, head_dim, dtype=dtype)
-    k = randn(gen, total_k, num_kv_heads, head_dim, dtype=dtype)
-    v = randn(gen, total_k, num_kv_heads, head_dim, dtype=dtype)
+    q = randn((total_q, num_heads, head_dim), dtype, CPU, gen)
+    k = randn((total_k, num_kv_heads, head_dim), dtype, CPU, gen)
+    v = randn((total_k, num_kv_heads, head_dim), dtype, CPU, gen)
     return q, k, v
 
 
@@ -84,27 +74,16 @@ def expected_varlen(q, k, v, seqlens, causal, scale):
     return torch.cat(outs)
 
 
-def make_paged(gen, k, v, lengths, block_size, spare_blocks=3):
-    """Scatter packed k, v (sum(lengths), Hkv, D) into random-filled paged caches.
-
-    Blocks are handed out in torch.randperm order so the table is never monotonic.
-    Returns k_cache, v_cache (num_blocks, block_size, Hkv, D) and an int32
-    block_table (batch, max_blocks + 1), -1 padded."""
-    blocks_needed = [math.ceil(n / block_size) for n in lengths]
-    num_blocks = sum(blocks_needed) + spare_blocks
-    k_cache = randn(gen, num_blocks, block_size, *k.shape[1:], dtype=k.dtype)
-    v_cache = randn(gen, num_blocks, block_size, *v.shape[1:], dtype=v.dtype)
-    free = torch.randperm(num_blocks, generator=gen).tolist()
-    table = torch.full((len(lengths), max(blocks_needed) + 1), -1, dtype=torch.int32)
-    start = 0
-    for b, n in enumerate(lengths):
-        for i in range(blocks_needed[b]):
-            table[b, i] = free.pop()
-        for j in range(n):
-            k_cache[table[b, j // block_size], j % block_size] = k[start + j]
-            v_cache[table[b, j // block_size], j % block_size] = v[start + j]
-        start += n
-    return k_cache, v_cache, table
+def make_paged(gen, k, v, lengths, block_size) -> PagedCache:
+    """Write packed k, v (sum(lengths), Hkv, D) into a random-filled, randperm-scattered paged cache
+    (cases.paged_cache) through its block table."""
+    cache = paged_cache(lengths, block_size, k.shape[1], k.shape[2], k.dtype, CPU, gen)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    blocks = cache.block_table[seq, pos // block_size].long()
+    cache.k_cache[blocks, pos % block_size] = k
+    cache.v_cache[blocks, pos % block_size] = v
+    return cache
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -112,15 +91,15 @@ def make_paged(gen, k, v, lengths, block_size, spare_blocks=3):
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("case", list(SEQLENS))
 def test_attention_contiguous(case, heads, head_dim, causal):
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0, CPU)
     seqlens = SEQLENS[case]
     q, k, v = make_varlen(gen, seqlens, heads, head_dim)
     out = attention_ref(
         q,
         k,
         v,
-        cu_seqlens([lq for lq, _ in seqlens]),
-        cu_seqlens([lk for _, lk in seqlens]),
+        cu_seqlens([lq for lq, _ in seqlens], CPU),
+        cu_seqlens([lk for _, lk in seqlens], CPU),
         causal=causal,
         compute_dtype=F64,
     )
@@ -135,19 +114,19 @@ def test_attention_contiguous(case, heads, head_dim, causal):
 @pytest.mark.parametrize("block_size", [1, 5, 16])
 @pytest.mark.parametrize("case", list(SEQLENS))
 def test_attention_paged(case, block_size, heads, causal):
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1, CPU)
     seqlens, head_dim = SEQLENS[case], 59
     q, k, v = make_varlen(gen, seqlens, heads, head_dim)
     k_lens = [lk for _, lk in seqlens]
-    k_cache, v_cache, table = make_paged(gen, k, v, k_lens, block_size)
+    paged = make_paged(gen, k, v, k_lens, block_size)
     out = attention_ref(
         q,
-        k_cache,
-        v_cache,
-        cu_seqlens([lq for lq, _ in seqlens]),
-        cu_seqlens(k_lens),
+        paged.k_cache,
+        paged.v_cache,
+        cu_seqlens([lq for lq, _ in seqlens], CPU),
+        cu_seqlens(k_lens, CPU),
         causal=causal,
-        block_table=table,
+        block_table=paged.block_table,
         compute_dtype=F64,
     )
     torch.testing.assert_close(
@@ -156,15 +135,15 @@ def test_attention_paged(case, block_size, heads, causal):
 
 
 def test_attention_rows_without_keys_are_exactly_zero():
-    gen = torch.Generator().manual_seed(2)
+    gen = generator(2, CPU)
     seqlens = SEQLENS["q_exceeds_k"]
     q, k, v = make_varlen(gen, seqlens, (6, 3), 80)
     out = attention_ref(
         q,
         k,
         v,
-        cu_seqlens([lq for lq, _ in seqlens]),
-        cu_seqlens([lk for _, lk in seqlens]),
+        cu_seqlens([lq for lq, _ in seqlens], CPU),
+        cu_seqlens([lk for _, lk in seqlens], CPU),
         compute_dtype=F64,
     )
     # (5, 2): first 3 rows see no key; (3, 0): all 3 rows see none.
@@ -174,15 +153,15 @@ def test_attention_rows_without_keys_are_exactly_zero():
 
 
 def test_attention_softmax_scale():
-    gen = torch.Generator().manual_seed(3)
+    gen = generator(3, CPU)
     seqlens = SEQLENS["prefix"]
     q, k, v = make_varlen(gen, seqlens, (5, 1), 59)
     out = attention_ref(
         q,
         k,
         v,
-        cu_seqlens([lq for lq, _ in seqlens]),
-        cu_seqlens([lk for _, lk in seqlens]),
+        cu_seqlens([lq for lq, _ in seqlens], CPU),
+        cu_seqlens([lk for _, lk in seqlens], CPU),
         softmax_scale=0.37,
         compute_dtype=F64,
     )
@@ -193,11 +172,11 @@ def make_decode(gen, heads, head_dim, block_size, dtype=F64):
     """q (batch, H, D), packed contexts k, v (sum(CONTEXT_LENS), Hkv, D) and their paged caches."""
     num_heads, num_kv_heads = heads
     total = sum(CONTEXT_LENS)
-    q = randn(gen, len(CONTEXT_LENS), num_heads, head_dim, dtype=dtype)
-    k = randn(gen, total, num_kv_heads, head_dim, dtype=dtype)
-    v = randn(gen, total, num_kv_heads, head_dim, dtype=dtype)
-    k_cache, v_cache, table = make_paged(gen, k, v, CONTEXT_LENS, block_size)
-    return q, k, v, k_cache, v_cache, table
+    q = randn((len(CONTEXT_LENS), num_heads, head_dim), dtype, CPU, gen)
+    k = randn((total, num_kv_heads, head_dim), dtype, CPU, gen)
+    v = randn((total, num_kv_heads, head_dim), dtype, CPU, gen)
+    paged = make_paged(gen, k, v, CONTEXT_LENS, block_size)
+    return q, k, v, paged.k_cache, paged.v_cache, paged.block_table
 
 
 def expected_decode(q, k, v, scale):
@@ -216,7 +195,7 @@ def expected_decode(q, k, v, scale):
 @pytest.mark.parametrize("head_dim", [59, 80])
 @pytest.mark.parametrize("heads", HEADS)
 def test_paged_decode(heads, head_dim, block_size):
-    gen = torch.Generator().manual_seed(4)
+    gen = generator(4, CPU)
     q, k, v, k_cache, v_cache, table = make_decode(gen, heads, head_dim, block_size)
     context_lens = torch.tensor(CONTEXT_LENS, dtype=torch.int32)
     expected = expected_decode(q, k, v, head_dim**-0.5)
@@ -237,7 +216,7 @@ def test_paged_decode(heads, head_dim, block_size):
 
 @pytest.mark.parametrize("decode", [paged_decode_loop, paged_decode_gather])
 def test_paged_decode_softmax_scale(decode):
-    gen = torch.Generator().manual_seed(5)
+    gen = generator(5, CPU)
     q, k, v, k_cache, v_cache, table = make_decode(gen, (6, 3), 59, 16)
     context_lens = torch.tensor(CONTEXT_LENS, dtype=torch.int32)
     out = decode(
@@ -249,15 +228,15 @@ def test_paged_decode_softmax_scale(decode):
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("block_size", [1, 5, 16])
 def test_store_kvcache(block_size, contiguous):
-    gen = torch.Generator().manual_seed(6)
+    gen = generator(6, CPU)
     num_blocks, num_kv_heads, head_dim, num_tokens = 13, 3, 59, 11
     num_slots = num_blocks * block_size
     # Non-contiguous caches are views into wider buffers; writes must still land in them.
     width = head_dim if contiguous else head_dim + 5
-    k_cache = randn(gen, num_blocks, block_size, num_kv_heads, width)[..., :head_dim]
-    v_cache = randn(gen, num_blocks, block_size, num_kv_heads, width)[..., :head_dim]
-    key = randn(gen, num_tokens, num_kv_heads, head_dim)
-    value = randn(gen, num_tokens, num_kv_heads, head_dim)
+    k_cache = randn((num_blocks, block_size, num_kv_heads, width), F64, CPU, gen)[..., :head_dim]
+    v_cache = randn((num_blocks, block_size, num_kv_heads, width), F64, CPU, gen)[..., :head_dim]
+    key = randn((num_tokens, num_kv_heads, head_dim), F64, CPU, gen)
+    value = randn((num_tokens, num_kv_heads, head_dim), F64, CPU, gen)
     # The last slot is never a target, so a -1 mistaken for a Python index would show there.
     slots = torch.randperm(num_slots - 1, generator=gen)[:num_tokens]
     slot_mapping = torch.where(torch.arange(len(slots)) % 3 == 1, -1, slots)
@@ -275,11 +254,11 @@ def test_store_kvcache(block_size, contiguous):
 
 
 def test_bf16_same_dtype_reference():
-    gen = torch.Generator().manual_seed(7)
+    gen = generator(7, CPU)
     seqlens = SEQLENS["prefix"]
     q, k, v = make_varlen(gen, seqlens, (6, 3), 80, dtype=torch.bfloat16)
-    cu_q = cu_seqlens([lq for lq, _ in seqlens])
-    cu_k = cu_seqlens([lk for _, lk in seqlens])
+    cu_q = cu_seqlens([lq for lq, _ in seqlens], CPU)
+    cu_k = cu_seqlens([lk for _, lk in seqlens], CPU)
     same = attention_ref(q, k, v, cu_q, cu_k)
     exact = attention_ref(q, k, v, cu_q, cu_k, compute_dtype=F64)
     assert same.dtype == torch.bfloat16 and exact.dtype == F64
@@ -292,7 +271,7 @@ def test_bf16_same_dtype_reference():
 
 @pytest.mark.parametrize("decode", [paged_decode_loop, paged_decode_gather])
 def test_bf16_same_dtype_decode(decode):
-    gen = torch.Generator().manual_seed(8)
+    gen = generator(8, CPU)
     q, _, _, k_cache, v_cache, table = make_decode(
         gen, (5, 1), 80, 16, dtype=torch.bfloat16
     )
