@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 # deadline=None: the first example of each shape JIT-compiles (or interprets) for seconds.
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=100, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("ci", max_examples=40, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("dev", max_examples=25, **_COMMON)
 settings.register_profile("gpu", max_examples=60, print_blob=True, **_COMMON)
 # --hypothesis-profile, read later by hypothesis' own plugin, overrides this choice.
