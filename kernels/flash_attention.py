@@ -208,14 +208,14 @@ def flash_attn_varlen(
     scale = resolve_scale(softmax_scale, head_dim)
 
     out = check_out(out, q)
-    if q.shape[0] == 0 or batch == 0 or max_seqlen_q == 0:
+    if q.shape[0] == 0 or batch == 0:
         return out
     block_d = head_dim_block(head_dim)
     block_m, block_n, num_warps, num_stages = _tile_config(block_d, q.dtype)
     bt = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
     kb, kt, kh = (k.stride(0), k.stride(1), k.stride(2)) if paged else (0, k.stride(0), k.stride(1))
     vb, vt, vh = (v.stride(0), v.stride(1), v.stride(2)) if paged else (0, v.stride(0), v.stride(1))
-    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, batch)
+    grid = (max(1, triton.cdiv(max_seqlen_q, block_m)), num_heads, batch)
     _flash_fwd[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, bt, scale * math.log2(math.e),
         q.stride(0), q.stride(1), kb, kt, kh, vb, vt, vh,

@@ -113,9 +113,9 @@ def naive_attention(
         )
     scale = resolve_scale(softmax_scale, head_dim)
     out = check_out(out, q)
-    if batch == 0 or max_seqlen == 0 or q.shape[0] == 0:
+    if batch == 0 or q.shape[0] == 0:
         return out
-    grid = (triton.cdiv(max_seqlen, _BLOCK_M), num_heads, batch)
+    grid = (max(1, triton.cdiv(max_seqlen, _BLOCK_M)), num_heads, batch)
     _naive_attn[grid](
         q, k, v, out, cu_seqlens, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

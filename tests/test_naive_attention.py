@@ -48,5 +48,6 @@ def test_sequence_longer_than_max_seqlen_is_nan(device):
     """A caller who under-states max_seqlen gets NaN for that sequence, not a truncated answer."""
     gen = generator(0, device)
     q, k, v = (randn((40, 1, 32), torch.float32, device, gen) for _ in range(3))
-    out = naive_attention(q, k, v, cu_seqlens([40], device), 16)
-    assert out.isnan().all()
+    for max_seqlen in (0, 16):
+        out = naive_attention(q, k, v, cu_seqlens([40], device), max_seqlen, out=torch.zeros_like(q))
+        assert out.isnan().all()
