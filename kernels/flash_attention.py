@@ -134,6 +134,7 @@ def _flash_fwd(
         o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
+
 def _tile_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), sized so the tiles of K and V in flight fit
     shared memory and the accumulator fits registers."""

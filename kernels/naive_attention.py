@@ -75,6 +75,7 @@ def _naive_attn(
         out = tl.where(seq_len > BLOCK_L, float("nan"), out)
         tl.store(O + rows_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
 
+
 def naive_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -54,11 +54,11 @@ def test_causal_rows_that_see_no_key_are_zero(device):
     gen = generator(3, device)
     q = randn((9, 2, 59), torch.float16, device, gen)
     k, v = randn((4, 1, 59), torch.float16, device, gen), randn((4, 1, 59), torch.float16, device, gen)
-    out = flash_attn_varlen(q, k, v, cu_seqlens([9], device), cu_seqlens([4], device), 9, 4, causal=True)
+    cu_q, cu_k = cu_seqlens([9], device), cu_seqlens([4], device)
+    out = flash_attn_varlen(q, k, v, cu_q, cu_k, 9, 4, causal=True)
     assert torch.equal(out[:5], torch.zeros_like(out[:5]))
-    ref64 = attention_ref(q, k, v, cu_seqlens([9], device), cu_seqlens([4], device), compute_dtype=torch.float64)
-    ref_lowp = attention_ref(q, k, v, cu_seqlens([9], device), cu_seqlens([4], device))
-    assert_within_tolerance(out, ref64, ref_lowp)
+    ref64 = attention_ref(q, k, v, cu_q, cu_k, compute_dtype=torch.float64)
+    assert_within_tolerance(out, ref64, attention_ref(q, k, v, cu_q, cu_k))
 
 
 def test_prefix_prefill_after_store(device):
