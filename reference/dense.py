@@ -13,15 +13,16 @@ def dense_attention(q, k, v, mask, softmax_scale):
     """
     num_heads, num_kv_heads = q.shape[-3], k.shape[-3]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    # Query head h reads kv head h // group; splitting H into (Hkv, group) pairs each
-    # group of query heads with its kv head without copying K/V.
+    # Query head h reads kv head h // group. Stacking each kv head's group of query rows into
+    # one (G*Lq, D) matrix makes every product a plain batched matmul against that kv head's K
+    # or V: broadcasting K over the group instead would make matmul copy K and V G times.
     group = num_heads // num_kv_heads
-    q = q.unflatten(-3, (num_kv_heads, group))  # (..., Hkv, G, Lq, D)
-    k, v = k.unsqueeze(-3), v.unsqueeze(-3)  # (..., Hkv, 1, Lk, D)
-    mask = mask[..., None, None, :, :]  # (..., 1, 1, Lq, Lk)
+    len_q = q.shape[-2]
+    q = q.unflatten(-3, (num_kv_heads, group)).flatten(-3, -2)  # (..., Hkv, G*Lq, D)
+    mask = mask[..., None, None, :, :]  # (..., 1, 1, Lq, Lk), shared by every head
 
-    scores = (q @ k.transpose(-1, -2)) * softmax_scale
+    scores = (q @ k.transpose(-1, -2)).unflatten(-2, (group, len_q)) * softmax_scale  # (..., Hkv, G, Lq, Lk)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     # An all -inf row softmaxes to NaN; such a row has no keys, so its output is 0.
     probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    return (probs @ v).flatten(-4, -3)
+    return (probs.flatten(-3, -2) @ v).unflatten(-2, (group, len_q)).flatten(-4, -3)  # (..., H, Lq, D)

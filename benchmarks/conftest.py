@@ -1,0 +1,83 @@
+"""Options, parametrization and machine_info for the benchmark suites.
+
+`--preset` (repeatable, or `all`) and `--tp` pick the model shards; `--dtype` the element types.
+The root conftest has already chosen the device and, without a GPU, the Triton interpreter.
+"""
+
+import os
+
+import pytest
+import torch
+
+from benchmarks.ceilings import ceilings, machine_facts
+from benchmarks.presets import PRESETS, select
+from benchmarks.timing import Prelude
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INTERPRETER_NOTE = "Triton INTERPRETER timings on CPU: a smoke run of every implementation, NOT kernel performance"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("minivllm benchmarks")
+    group.addoption("--preset", action="append", default=[], help=f"model preset, repeatable: all, {', '.join(PRESETS)}")
+    group.addoption("--tp", action="append", type=int, default=[], help="tensor-parallel degree to shard each preset by, repeatable (default 1)")
+    group.addoption("--dtype", action="append", choices=sorted(DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on GPU, bf16 on CPU)")
+
+
+def _shards(config):
+    if not hasattr(config, "_minivllm_shards"):
+        try:
+            config._minivllm_shards = select(config.getoption("preset"), config.getoption("tp") or [1], on_gpu=HAS_CUDA)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
+    return config._minivllm_shards
+
+
+def pytest_report_header(config):
+    shards, notes = _shards(config)
+    lines = [f"minivllm benchmarks: shards {', '.join(s.id for s in shards)}", *notes]
+    if INTERPRETER:
+        lines.append(INTERPRETER_NOTE)
+    return lines
+
+
+def pytest_generate_tests(metafunc):
+    if "shard" in metafunc.fixturenames:
+        shards, _ = _shards(metafunc.config)
+        metafunc.parametrize("shard", shards, ids=[s.id for s in shards])
+    if "dtype" in metafunc.fixturenames:
+        names = metafunc.config.getoption("dtype") or (["bf16", "fp16"] if HAS_CUDA else ["bf16"])
+        names = list(dict.fromkeys(names))
+        metafunc.parametrize("dtype", [DTYPES[n] for n in names], ids=names)
+
+
+@pytest.fixture(scope="session")
+def ceiling(device) -> dict:
+    """The run's measured copy and matmul ceilings."""
+    return ceilings(device)
+
+
+@pytest.fixture(scope="session")
+def prelude(device) -> Prelude | None:
+    return Prelude(device) if device.type == "cuda" else None
+
+
+@pytest.fixture
+def free_bytes(device) -> int:
+    """Device memory a test may still allocate: free memory plus what PyTorch caches unused."""
+    if device.type != "cuda":
+        return 1 << 62
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(machine_facts(torch.device("cuda" if HAS_CUDA else "cpu"), INTERPRETER))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if INTERPRETER:
+        terminalreporter.write_sep("=", INTERPRETER_NOTE, yellow=True, bold=True)

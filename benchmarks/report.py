@@ -1,0 +1,240 @@
+"""Tables (and optional plots) of benchmark results: configuration × implementation, per suite.
+
+    python -m benchmarks.report OUT.json [more.json ...] [--suite prefill|decode] [--plot DIR]
+
+Each cell is the throughput the benchmark recorded and its % of the machine's ceiling; the speedup
+columns put each of our Triton kernels against the fastest SDPA backend measured on the same row.
+"""
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.results import DASH, ResultsError, fmt, is_interpreter, load, machine_lines, number, pipe_table
+
+
+@dataclass(frozen=True)
+class Suite:
+    """How one suite's extra_info reads: its size axis, its extra config column, its throughput and ceiling."""
+
+    size: str
+    mode: str
+    throughput: str
+    unit: str
+    ceiling: str
+    group: tuple[str, ...]  # one figure per distinct value of these
+    panel: str  # one panel of that figure per distinct value of this
+
+
+SUITES = {
+    "prefill": Suite("seqlen", "causal", "tflops", "TFLOP/s", "matmul_tflops", ("model", "tp", "dtype"), "causal"),
+    "decode": Suite("context_len", "block_size", "gbps", "GB/s", "copy_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
+}
+# Columns in this order; an impl not listed here goes after these, alphabetically.
+IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "triton_paged")
+OURS = ("naive_triton", "flash_triton", "triton_paged")
+PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_dense")
+PREFIXES = {"tp": "tp", "block_size": "block", "batch": "batch"}
+
+
+def sort_key(values: tuple) -> tuple:
+    """Order config tuples numerically where values are numbers, textually otherwise, missing values last."""
+    return tuple((v is None, number(v) or 0.0, str(v)) for v in values)
+
+
+def config_key(extra: dict, suite: Suite) -> tuple:
+    """The row a benchmark belongs to, in sort order: model, tp, dtype, mode, size, batch, heads, head_dim."""
+    fields = ("model", "tp", "dtype", suite.mode, suite.size, "batch", "num_heads", "num_kv_heads", "head_dim")
+    return tuple(extra.get(f) for f in fields)
+
+
+def impl_of(bench: dict) -> str:
+    """The benchmark's implementation name, a dash when it records none."""
+    return str(bench["extra_info"].get("impl", DASH))
+
+
+def impl_columns(impls: set[str]) -> list[str]:
+    """The impls present: the torch baselines, then ours, then the SDPA peers, then anything unknown."""
+    known = [i for i in IMPL_ORDER + PEERS if i in impls]
+    return known + sorted(impls - set(known))
+
+
+def cell(bench: dict, suite: Suite) -> str:
+    """'452.1 (56%)': the recorded throughput and its recorded % of ceiling."""
+    extra = bench["extra_info"]
+    throughput, pct = number(extra.get(suite.throughput)), number(extra.get("pct_of_ceiling"))
+    if throughput is None:
+        return DASH
+    return fmt(throughput, 1) + (f" ({fmt(pct, 0)}%)" if pct is not None else "")
+
+
+def speedup(row: dict[str, dict], impl: str) -> str:
+    """'0.71× sdpa_cudnn': the fastest peer's median time over ours (above 1 means ours is faster)."""
+    ours = number(row[impl]["stats"].get("median")) if impl in row else None
+    peers = [(number(row[p]["stats"].get("median")), p) for p in PEERS if p in row]
+    peers = [(t, p) for t, p in peers if t is not None]
+    if not ours or not peers:
+        return DASH
+    best_time, best = min(peers)
+    return f"{fmt(best_time / ours, 2)}× {best}"
+
+
+def suite_table(benches: list[dict], name: str, suite: Suite) -> str:
+    """One suite's table: a row per configuration, a column per impl, then a speedup column per Triton impl."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    duplicates = 0
+    for bench in benches:
+        row = rows.setdefault(config_key(bench["extra_info"], suite), {})
+        impl = impl_of(bench)
+        duplicates += impl in row
+        row.setdefault(impl, bench)
+    impls = impl_columns({impl for row in rows.values() for impl in row})
+    ours = [i for i in OURS if i in impls]
+    mode = "causal" if suite.mode == "causal" else "block"
+    headers = ["model", "tp", "dtype", mode, suite.size, "batch", "heads q/kv", "d", *impls, *(f"{i} vs sdpa" for i in ours)]
+    body = []
+    for key in sorted(rows, key=sort_key):
+        model, tp, dtype, mode_value, size, batch, heads, kv_heads, head_dim = key
+        if suite.mode == "causal":
+            mode_value = {True: "yes", False: "no"}.get(mode_value, mode_value)
+        config = [fmt(v) for v in (model, tp, dtype, mode_value, size, batch)] + [f"{fmt(heads)}/{fmt(kv_heads)}", fmt(head_dim)]
+        row = rows[key]
+        body.append(config + [cell(row[i], suite) if i in row else DASH for i in impls] + [speedup(row, i) for i in ours])
+    title = f"## {name}: {suite.unit} (% of ceiling); 'vs sdpa' = fastest SDPA median / ours"
+    note = f"\nnote: {duplicates} benchmark(s) repeat a row and impl already shown; the first is kept" if duplicates else ""
+    return f"{title}\n\n{pipe_table(headers, body, right=set(range(4, len(headers))))}{note}"
+
+
+def size_label(size: float) -> str:
+    """Tick labels 512, 1k, 2k, 1.5k: sizes in units of 1024 once they reach it."""
+    return f"{size / 1024:g}k" if size >= 1024 else f"{size:g}"
+
+
+def label(field: str, value) -> str:
+    """One group or panel value as a word: 'causal', 'noncausal', 'tp1', 'block16', 'batch4', 'bfloat16'."""
+    if field == "causal":
+        return {True: "causal", False: "noncausal"}.get(value, fmt(value))
+    return PREFIXES.get(field, "") + fmt(value)
+
+
+def draw(ax, members: list[dict], suite: Suite, colors: dict[str, str], ceiling_key: str, ceiling: float | None) -> None:
+    """One panel: throughput against size on a log2 axis, a line per impl in its figure-wide color,
+    the ceiling dashed."""
+    from matplotlib.ticker import NullLocator
+
+    by_impl: dict[str, list[tuple[float, float]]] = {}
+    for bench in members:
+        x, y = number(bench["extra_info"].get(suite.size)), number(bench["extra_info"].get(suite.throughput))
+        if x and y is not None:
+            by_impl.setdefault(impl_of(bench), []).append((x, y))
+    for impl in impl_columns(set(by_impl)):
+        ax.plot(*zip(*sorted(by_impl[impl]), strict=True), marker="o", label=impl, color=colors[impl])
+    sizes = sorted({x for points in by_impl.values() for x, _ in points})
+    if sizes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [size_label(s) for s in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
+    if ceiling:
+        ax.axhline(ceiling, linestyle="--", color="grey", label=f"ceiling ({ceiling_key})")
+        # The legend names the ceiling; its figure sits on the line, where the eye compares against it.
+        ax.annotate(f"{fmt(ceiling, 0)} {suite.unit}", (0.99, ceiling), xycoords=ax.get_yaxis_transform(), ha="right", va="bottom")
+    ax.set(xlabel=suite.size)
+    ax.grid(alpha=0.3)
+
+
+def figure(members: list[dict], suite: Suite, machine: dict, title: str):
+    """One group's figure: a panel per value of `suite.panel` side by side, sharing the y axis."""
+    # Imported here so the tables need no matplotlib; the Agg canvas renders without a display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels: dict = {}
+    for bench in members:
+        panels.setdefault(bench["extra_info"].get(suite.panel), []).append(bench)
+    keys = sorted(panels, key=lambda v: sort_key((v,)))
+    fig = Figure(figsize=(1 + 3.8 * len(keys), 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), sharey=True, squeeze=False)[0]
+    ceiling_key = next((b["extra_info"]["ceiling"] for b in members if b["extra_info"].get("ceiling")), suite.ceiling)
+    ceiling = number(machine.get(ceiling_key))
+    # An impl keeps its color in every panel, even where it was skipped in some.
+    colors = {impl: f"C{i}" for i, impl in enumerate(impl_columns({impl_of(b) for b in members}))}
+    for ax, key in zip(axes, keys, strict=True):
+        draw(ax, panels[key], suite, colors, ceiling_key, ceiling)
+        ax.set_title(label(suite.panel, key))
+    # Headroom above the ceiling so its label clears the frame.
+    axes[0].set_ylim(0, max(axes[0].get_ylim()[1], 1.08 * (ceiling or 0)))
+    axes[0].set_ylabel(suite.unit)
+    # One legend for the figure, drawn where the first panel has every impl's handle or the most.
+    fullest = max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1]))
+    fullest.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_suite(benches: list[dict], name: str, suite: Suite, machine: dict, outdir: Path, prefix: list[str]) -> list[Path]:
+    """Write one PNG per group of `suite.group`, named after the group, with `prefix` leading the name."""
+    groups: dict[tuple, list[dict]] = {}
+    for bench in benches:
+        groups.setdefault(tuple(bench["extra_info"].get(f) for f in suite.group), []).append(bench)
+    written = []
+    for key in sorted(groups, key=sort_key):
+        parts = [label(field, value) for field, value in zip(suite.group, key, strict=True)]
+        title = f"{name}: {' '.join(parts)} on {machine.get('gpu', 'unknown GPU')}"
+        if is_interpreter(machine):
+            title += "\nTRITON INTERPRETER ON CPU: not kernel performance"
+        path = outdir / ("_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p) for p in [*prefix, name, *parts]) + ".png")
+        figure(groups[key], suite, machine, title).savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+def file_prefixes(paths: list[Path]) -> list[list[str]]:
+    """Words leading each input file's figure names, so several files do not overwrite each other's figures."""
+    stems = [path.stem for path in paths]
+    if len(stems) == 1:
+        return [[]]
+    return [[stem] for stem in stems] if len(set(stems)) == len(stems) else [[str(i), stem] for i, stem in enumerate(stems)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the tables for each file (and write plots with --plot); 0 when something was shown."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--suite", choices=sorted(SUITES), help="show only this suite")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="also write one PNG per group into DIR")
+    args = parser.parse_args(argv)
+    try:
+        loaded = [(path, load(path)) for path in args.files]
+    except ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shown, written = 0, []
+    for (path, data), prefix in zip(loaded, file_prefixes(args.files), strict=True):
+        machine = data["machine_info"]
+        print("\n".join(machine_lines(str(path), machine)) + "\n")
+        by_suite: dict[str, list[dict]] = {}
+        for bench in data["benchmarks"]:
+            by_suite.setdefault(str(bench["extra_info"].get("suite")), []).append(bench)
+        for name, suite in SUITES.items():
+            if by_suite.get(name) and args.suite in (None, name):
+                print(suite_table(by_suite[name], name, suite) + "\n")
+                shown += 1
+                if args.plot:
+                    args.plot.mkdir(parents=True, exist_ok=True)
+                    written += plot_suite(by_suite[name], name, suite, machine, args.plot, prefix)
+        unknown = {name: len(b) for name, b in by_suite.items() if name not in SUITES}
+        if unknown and args.suite is None:
+            print("note: no table for suite(s) " + ", ".join(f"{n} ({c} benchmarks)" for n, c in sorted(unknown.items())) + "\n")
+    for path in written:
+        print(f"wrote {path}")
+    if not shown:
+        print(f"error: no {args.suite or 'prefill or decode'} benchmarks in {', '.join(map(str, args.files))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Reading pytest-benchmark JSON and the plain-text pieces shared by `report` and `compare`.
+
+Both tools load files through `load`, describe the machine with `machine_lines` and print with
+`pipe_table`, so a file one of them accepts the other accepts too.
+"""
+
+import json
+import math
+from collections.abc import Collection
+from pathlib import Path
+
+DASH = "–"
+
+# The machine_info keys our conftest adds, in the order a header shows them.
+MACHINE_KEYS = ("gpu", "torch", "triton", "driver", "copy_gbps", "matmul_tflops")
+
+
+class ResultsError(Exception):
+    """A file that is unreadable, not pytest-benchmark JSON, or holds no benchmarks."""
+
+
+def load(path: str | Path) -> dict:
+    """Read and check one `--benchmark-json` file; raise ResultsError saying what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ResultsError(f"{path}: cannot read JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ResultsError(f"{path}: not pytest-benchmark JSON (no 'benchmarks' list at top level)")
+    if not isinstance(data.get("machine_info", {}), dict):
+        raise ResultsError(f"{path}: 'machine_info' is not an object")
+    if not data["benchmarks"]:
+        raise ResultsError(f"{path}: holds no benchmarks (were they all skipped or deselected?)")
+    for i, bench in enumerate(data["benchmarks"]):
+        if not isinstance(bench, dict) or not isinstance(bench.get("name"), str) or not isinstance(bench.get("stats"), dict):
+            raise ResultsError(f"{path}: benchmark #{i} lacks a 'name' or a 'stats' object")
+        if not isinstance(bench.setdefault("extra_info", {}), dict):
+            raise ResultsError(f"{path}: benchmark {bench['name']!r} has a non-object 'extra_info'")
+    data.setdefault("machine_info", {})
+    return data
+
+
+def number(value) -> float | None:
+    """`value` as a finite float, or None for a missing, non-numeric or non-finite value."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def fmt(value, decimals: int | None = None) -> str:
+    """A dash for a missing value; a number to `decimals` places (two significant digits where those places would
+    show too little, as for CPU throughputs); anything else as str."""
+    x = number(value)
+    if value is None:
+        return DASH
+    if x is None or decimals is None:
+        return str(value)
+    if x and abs(x) < 10 ** (1 - decimals):
+        return f"{x:.2g}"
+    return f"{x:.{decimals}f}"
+
+
+def is_interpreter(machine_info: dict) -> bool:
+    """True when the Triton kernels ran in the CPU interpreter, so their timings mean nothing for a GPU."""
+    return bool(machine_info.get("interpreter"))
+
+
+def machine_lines(label: str, machine_info: dict) -> list[str]:
+    """A one-line description of the machine a file was measured on, plus a loud line for interpreter runs."""
+    parts = [f"{key}={fmt(machine_info.get(key), 1 if key in ('copy_gbps', 'matmul_tflops') else None)}" for key in MACHINE_KEYS]
+    lines = [f"{label}: " + ", ".join(parts)]
+    if is_interpreter(machine_info):
+        lines.append("!!! TRITON INTERPRETER TIMINGS ON CPU: these are NOT kernel performance figures !!!")
+    return lines
+
+
+def pipe_table(headers: list[str], rows: list[list[str]], right: Collection[int] = ()) -> str:
+    """A markdown pipe table with padded columns; columns whose index is in `right` are right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells):
+        padded = (str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])

@@ -1,0 +1,90 @@
+"""The benchmark suites' own machinery: presets and their TP shards, FLOP/byte counts, and the
+correctness gate that keeps a wrong implementation from ever being timed."""
+
+import pytest
+import torch
+
+from benchmarks.figures import decode_counts, prefill_counts
+from benchmarks.presets import PRESETS, select, shard
+from benchmarks.test_decode import check_decode
+from benchmarks.test_prefill import check_prefill
+from reference import attention_ref, paged_decode_gather
+from tests.cases import cu_seqlens, generator, paged_cache, randn
+
+
+@pytest.mark.parametrize(
+    "model, tp, heads, kv_heads",
+    [
+        ("qwen3-235b-a22b", 4, 16, 1),  # 64/4: kv heads split exactly
+        ("qwen3-235b-a22b", 8, 8, 1),  # 4 kv heads over 8 GPUs: each GPU holds a replica
+        ("llama-3.1-405b", 8, 16, 1),
+        ("llama-3.1-405b", 16, 8, 1),
+        ("qwen3-8b", 1, 32, 8),
+        ("qwen3-8b", 2, 16, 4),
+    ],
+)
+def test_shard_splits_q_heads_and_splits_or_replicates_kv_heads(model, tp, heads, kv_heads):
+    s = shard(PRESETS[model], tp)
+    assert (s.num_heads, s.num_kv_heads, s.head_dim) == (heads, kv_heads, 128)
+    assert s.id == f"{model}-tp{tp}"
+
+
+@pytest.mark.parametrize("model, tp, match", [("qwen3-14b", 16, "40 q heads"), ("qwen3-8b", 0, "positive"), ("qwen3-8b", 3, "32 q heads")])
+def test_shard_refuses_a_tp_that_does_not_divide(model, tp, match):
+    with pytest.raises(ValueError, match=match):
+        shard(PRESETS[model], tp)
+
+
+def test_select_defaults_all_and_unknown_names():
+    gpu, _ = select([], [1], on_gpu=True)
+    cpu, _ = select([], [1], on_gpu=False)
+    assert len(gpu) >= 3 and all(s.head_dim == 128 for s in gpu)
+    assert [s.model for s in cpu] == ["tiny"]
+    every, notes = select(["all"], [1, 16], on_gpu=True)
+    assert {s.model for s in every} == set(PRESETS) - {"tiny"}
+    assert any("qwen3-14b" in n for n in notes)  # 40 heads cannot split 16 ways: left out, said so
+    with pytest.raises(ValueError, match="unknown"):
+        select(["qwen3-9b"], [1], on_gpu=True)
+    with pytest.raises(ValueError, match="40 q heads"):
+        select(["qwen3-14b"], [16], on_gpu=True)  # named explicitly: an error, not a silent gap
+
+
+def test_counts_follow_flash_attn_convention():
+    flops, nbytes = prefill_counts(2, 1024, 32, 8, 128, causal=False, dtype=torch.bfloat16)
+    assert flops == 4 * 2 * 32 * 1024**2 * 128
+    assert nbytes == 2 * 2 * 1024 * 128 * (32 + 32 + 8 + 8)
+    assert prefill_counts(2, 1024, 32, 8, 128, causal=True, dtype=torch.bfloat16)[0] == flops // 2
+    flops, nbytes = decode_counts(4, 4096, 32, 8, 128, dtype=torch.float16)
+    assert flops == 4 * 4 * 32 * 4096 * 128
+    assert nbytes == 2 * 4 * 128 * (2 * 4096 * 8 + 2 * 32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefill_gate_passes_the_reference_and_fails_a_wrong_output(causal):
+    gen = generator(1, torch.device("cpu"))
+    batch, seqlen = 2, 150  # longer than the checked windows, so both ends are sampled
+    q = randn((batch * seqlen, 4, 24), torch.float16, "cpu", gen)
+    k, v = (randn((batch * seqlen, 2, 24), torch.float16, "cpu", gen) for _ in range(2))
+    cu = cu_seqlens([seqlen] * batch, "cpu")
+    out = attention_ref(q, k, v, cu, cu, causal=causal)
+    check_prefill(out, q, k, v, batch, seqlen, causal, "reference")
+    wrong = out.clone()
+    wrong[2 * seqlen - 1, 3] += 0.05  # one element of the last query row of the last sequence
+    with pytest.raises(AssertionError, match="sequence 1"):
+        check_prefill(wrong, q, k, v, batch, seqlen, causal, "wrong")
+    with pytest.raises(AssertionError):
+        check_prefill(attention_ref(q, k, v, cu, cu, causal=not causal), q, k, v, batch, seqlen, causal, "wrong mask")
+
+
+def test_decode_gate_passes_the_reference_and_fails_a_wrong_output():
+    gen = generator(2, torch.device("cpu"))
+    batch, ctx = 5, 37
+    q = randn((batch, 4, 24), torch.bfloat16, "cpu", gen)
+    cache = paged_cache([ctx] * batch, 16, 2, 24, torch.bfloat16, "cpu", gen)
+    lens = torch.full((batch,), ctx, dtype=torch.int32)
+    out = paged_decode_gather(q, cache.k_cache, cache.v_cache, cache.block_table, lens)
+    check_decode(out, q, cache, lens, "reference")
+    wrong = out.clone()
+    wrong[batch // 2] = wrong[batch // 2].flip(0)  # the middle sequence's heads swapped
+    with pytest.raises(AssertionError, match="wrong"):
+        check_decode(wrong, q, cache, lens, "wrong")

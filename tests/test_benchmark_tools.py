@@ -1,0 +1,253 @@
+"""benchmarks.report and benchmarks.compare on small synthetic pytest-benchmark JSON files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare, report
+
+ROOT = Path(__file__).parents[1]
+H100 = "NVIDIA H100 80GB HBM3"
+MACHINE = dict(
+    device="cuda",
+    gpu=H100,
+    interpreter=False,
+    timer="cuda_events",
+    torch="2.11.0",
+    triton="3.6.0",
+    driver="570.86",
+    cuda="12.8",
+    copy_gbps=3000.0,
+    matmul_tflops=800.0,
+)
+
+
+def bench(suite: str, impl: str, median: float, size: int = 4096, batch: int = 4, causal: bool = False, **extra) -> dict:
+    """One benchmark as pytest-benchmark writes it, with the extra_info the suites record for `suite`."""
+    heads, kv_heads, head_dim = 32, 8, 128
+    info = dict(
+        suite=suite,
+        impl=impl,
+        model="qwen3-8b",
+        tp=1,
+        batch=batch,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype="bfloat16",
+    )
+    if suite == "prefill":
+        flops = 4 * batch * heads * size * size * head_dim // (2 if causal else 1)
+        info |= dict(
+            causal=causal,
+            block_size=None,
+            seqlen=size,
+            flops=flops,
+            bytes=2 * batch * size * (2 * heads + 2 * kv_heads) * head_dim,
+            tflops=flops / median / 1e12,
+            ceiling="matmul_tflops",
+        )
+        info["pct_of_ceiling"] = 100 * info["tflops"] / MACHINE["matmul_tflops"]
+    else:
+        nbytes = 2 * batch * size * kv_heads * head_dim * 2
+        info |= dict(
+            causal=None,
+            block_size=16,
+            context_len=size,
+            flops=4 * batch * heads * size * head_dim,
+            bytes=nbytes,
+            gbps=nbytes / median / 1e9,
+            ceiling="copy_gbps",
+        )
+        info["pct_of_ceiling"] = 100 * info["gbps"] / MACHINE["copy_gbps"]
+    info |= extra
+    name = f"test_{suite}[{impl}-{info['model']}-b{batch}-n{size}]"
+    stats = dict(
+        min=median * 0.97,
+        max=median * 1.2,
+        mean=median * 1.02,
+        median=median,
+        stddev=median * 0.01,
+        iqr=median * 0.02,
+        rounds=25,
+        data=[median] * 25,
+    )
+    return dict(
+        name=name,
+        fullname=f"benchmarks/test_{suite}.py::{name}",
+        group=f"{suite}-{info['model']}",
+        params={"impl": impl},
+        param=impl,
+        extra_info=info,
+        options={"timer": "cuda_events"},
+        stats=stats,
+    )
+
+
+def write(path: Path, benches: list[dict], **machine) -> Path:
+    """A pytest-benchmark JSON file at `path` holding `benches`, measured on MACHINE updated by `machine`."""
+    path.write_text(
+        json.dumps(
+            dict(machine_info=MACHINE | machine, commit_info={}, benchmarks=benches, datetime="2026-11-27", version="5.3.1")
+        )
+    )
+    return path
+
+
+def runs(
+    tmp_path: Path, scale: dict[str, float], base_machine: dict | None = None, new_machine: dict | None = None
+) -> tuple[str, str]:
+    """A baseline of three benchmarks and a new run whose medians are the baseline's times `scale[impl]` (default 1)."""
+    impls = {"flash_triton": 1.1e-3, "sdpa_cudnn": 0.9e-3, "sdpa_flash": 1.3e-3}
+    base = [bench("prefill", impl, median) for impl, median in impls.items()]
+    new = [bench("prefill", impl, median * scale.get(impl, 1.0)) for impl, median in impls.items() if scale.get(impl) != 0]
+    return str(write(tmp_path / "base.json", base, **(base_machine or {}))), str(
+        write(tmp_path / "new.json", new, **(new_machine or {}))
+    )
+
+
+def test_compare_catches_a_20_percent_slowdown(tmp_path, capsys):
+    assert compare.main([*runs(tmp_path, {"flash_triton": 1.2}), "--threshold", "10%"]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "+20.0%" in out
+    assert "FAIL" in out and "test_prefill[flash_triton" in out.split("FAIL")[-1]
+
+
+@pytest.mark.parametrize("scale", [1.03, 0.97, 0.5])
+def test_compare_passes_wobble_and_speedups(tmp_path, capsys, scale):
+    assert compare.main([*runs(tmp_path, {"flash_triton": scale}), "--threshold", "10"]) == 0
+    assert "REGRESSION" not in capsys.readouterr().out
+
+
+def test_compare_field_and_threshold_are_honoured(tmp_path):
+    files = runs(tmp_path, {"flash_triton": 1.2})
+    assert compare.main([*files, "--threshold", "25%"]) == 0
+    assert compare.main([*files, "--threshold", "10%", "--field", "min"]) == 1
+
+
+def test_compare_refuses_different_gpus_unless_allowed(tmp_path, capsys):
+    files = runs(tmp_path, {}, new_machine=dict(gpu="NVIDIA H200"))
+    assert compare.main(files) == 2
+    err = capsys.readouterr().err
+    assert H100 in err and "NVIDIA H200" in err
+    assert compare.main([*files, "--allow-different-gpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "WARNING" in lines[1] and "WARNING" in lines[-2]
+
+
+def test_compare_refuses_interpreter_against_compiled(tmp_path, capsys):
+    files = runs(tmp_path, {}, base_machine=dict(interpreter=True))
+    assert compare.main(files) == 2
+    assert "interpreter" in capsys.readouterr().err
+    assert compare.main([*files, "--allow-different-gpu"]) == 0
+
+
+def test_compare_fails_on_a_vanished_benchmark_unless_allowed(tmp_path, capsys):
+    files = runs(tmp_path, {"sdpa_flash": 0})
+    assert compare.main(files) == 1
+    assert "test_prefill[sdpa_flash" in capsys.readouterr().out.split("MISSING FROM NEW")[-1]
+    assert compare.main([*files, "--allow-missing"]) == 0
+
+
+@pytest.mark.parametrize("bad", ["ten", "10.5%", "-5", "%"])
+def test_compare_rejects_a_bad_threshold(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as exc:
+        compare.main([*runs(tmp_path, {}), "--threshold", bad])
+    assert exc.value.code == 2 and "invalid threshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"benchmarks": []}', '{"benchmarks": [{"name": "x"}]}'])
+def test_both_tools_reject_malformed_input(tmp_path, capsys, content):
+    (tmp_path / "bad.json").write_text(content)
+    good = runs(tmp_path, {})[0]
+    assert compare.main([good, str(tmp_path / "bad.json")]) == 2
+    assert report.main([str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in capsys.readouterr().err
+
+
+def test_compare_module_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", *runs(tmp_path, {"sdpa_cudnn": 1.5})],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "test_prefill[sdpa_cudnn" in proc.stdout.split("FAIL")[-1]
+
+
+def known_report(tmp_path: Path, **machine) -> Path:
+    """flash_triton at 400 TFLOP/s (50% of 800), cuDNN 1.25× faster, SDPA-flash slower; decode paged against dense."""
+    flash = bench("prefill", "flash_triton", 1.0)
+    median = flash["extra_info"]["flops"] / 400e12
+    benches = [
+        bench("prefill", "flash_triton", median),
+        bench("prefill", "sdpa_cudnn", 0.8 * median),
+        bench("prefill", "sdpa_flash", 1.5 * median),
+        bench("prefill", "flash_triton", median, size=1024, batch=16),
+        bench("decode", "triton_paged", 2.4e-5, size=2048),
+        bench("decode", "sdpa_dense", 1.4e-5, size=2048),
+        bench("decode", "triton_paged", 4.4e-5, size=4096),
+        bench("engine", "e2e", 1.0),
+    ]
+    return write(tmp_path / "out.json", benches, **machine)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The stripped cells of each body row of the first pipe table in `text`."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_report_table_cells_and_speedups(tmp_path, capsys):
+    assert report.main([str(known_report(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    prefill, decode = out.split("## prefill")[1].split("## decode")
+    header = prefill.splitlines()[2]
+    for column in ("flash_triton", "sdpa_cudnn", "sdpa_flash", "flash_triton vs sdpa"):
+        assert f" {column} " in header
+    rows = {cells[4]: cells for cells in table_rows(prefill)}
+    assert rows["4096"][8:] == ["400.0 (50%)", "266.7 (33%)", "500.0 (62%)", "0.80× sdpa_cudnn"]
+    assert rows["1024"][8:] == ["100.0 (12%)", "–", "–", "–"]  # no SDPA in that row, so no speedup either
+    assert "0.58× sdpa_dense" in decode and "triton_paged vs sdpa" in decode
+    assert "engine (1 benchmarks)" in out and "INTERPRETER" not in out
+
+
+def test_report_shows_a_dash_for_missing_keys(tmp_path, capsys):
+    no_pct, no_rate, no_model = (
+        bench("prefill", "flash_triton", 1e-3),
+        bench("prefill", "sdpa_cudnn", 1e-3),
+        bench("decode", "sdpa_dense", 1e-5),
+    )
+    del no_pct["extra_info"]["pct_of_ceiling"], no_rate["extra_info"]["tflops"], no_model["extra_info"]["model"]
+    assert report.main([str(write(tmp_path / "out.json", [no_pct, no_rate, no_model]))]) == 0
+    prefill, decode = capsys.readouterr().out.split("## prefill")[1].split("## decode")
+    assert table_rows(prefill)[0][8:] == [f"{no_pct['extra_info']['tflops']:.1f}", "–", "1.00× sdpa_cudnn"]
+    assert table_rows(decode)[0][0] == "–"
+
+
+def test_report_suite_filter_and_interpreter_warning(tmp_path, capsys):
+    assert report.main([str(known_report(tmp_path, interpreter=True, gpu="none (CPU)")), "--suite", "decode"]) == 0
+    out = capsys.readouterr().out
+    assert "TRITON INTERPRETER TIMINGS ON CPU" in out
+    assert "## decode" in out and "## prefill" not in out
+
+
+def test_report_plots_one_png_per_group(tmp_path, capsys):
+    assert report.main([str(known_report(tmp_path)), "--plot", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    # A figure per (model, tp, dtype[, block]); causal and batch are panels inside it.
+    assert pngs == ["decode_qwen3-8b_tp1_bfloat16_block16.png", "prefill_qwen3-8b_tp1_bfloat16.png"]
+    for name in pngs:
+        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        assert f"wrote {tmp_path / 'plots' / name}" in out
+
+
+def test_report_without_shown_suite_fails(tmp_path):
+    path = write(tmp_path / "engine.json", [bench("engine", "e2e", 1.0)])
+    assert report.main([str(path)]) == 1
