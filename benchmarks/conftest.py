@@ -26,26 +26,30 @@ def pytest_addoption(parser):
     group.addoption("--dtype", action="append", choices=sorted(DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on GPU, bf16 on CPU)")
 
 
-def _shards(config):
-    if not hasattr(config, "_minivllm_shards"):
-        try:
-            config._minivllm_shards = select(config.getoption("preset"), config.getoption("tp") or [1], on_gpu=HAS_CUDA)
-        except ValueError as e:
-            raise pytest.UsageError(str(e)) from None
-    return config._minivllm_shards
+SHARDS = pytest.StashKey[tuple]()
+
+
+def pytest_configure(config):
+    # Checked here, before collection, so a bad --preset/--tp is a one-line usage error.
+    try:
+        config.stash[SHARDS] = select(config.getoption("preset"), config.getoption("tp") or [1], on_gpu=HAS_CUDA)
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_report_header(config):
-    shards, notes = _shards(config)
+    shards, notes = config.stash[SHARDS]
     lines = [f"minivllm benchmarks: shards {', '.join(s.id for s in shards)}", *notes]
     if INTERPRETER:
         lines.append(INTERPRETER_NOTE)
+    elif HAS_CUDA:
+        lines.append("timing: CUDA events around each call after an L2 flush and a launch cover (benchmarks/timing.py); the timer named above is not used")
     return lines
 
 
 def pytest_generate_tests(metafunc):
     if "shard" in metafunc.fixturenames:
-        shards, _ = _shards(metafunc.config)
+        shards, _ = metafunc.config.stash[SHARDS]
         metafunc.parametrize("shard", shards, ids=[s.id for s in shards])
     if "dtype" in metafunc.fixturenames:
         names = metafunc.config.getoption("dtype") or (["bf16", "fp16"] if HAS_CUDA else ["bf16"])
