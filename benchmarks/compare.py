@@ -1,7 +1,7 @@
 """Compare two benchmark runs pair by pair and fail on slowdowns past a threshold.
 
     python -m benchmarks.compare BASELINE.json NEW.json [--threshold 10%] [--field median|min|mean]
-                                 [--allow-different-gpu] [--allow-missing]
+                                 [--impl NAME ...] [--allow-different-gpu] [--allow-missing]
 
 Benchmarks pair by fullname (name when a file lacks it). The verdict is pytest-benchmark's own
 PercentageRegressionCheck, the one behind `--benchmark-compare-fail`. Exit status: 0 no regression;
@@ -34,10 +34,13 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 1e-9:.4g} ns"
 
 
-def by_key(path: str, data: dict, field: str) -> dict[str, dict]:
-    """The file's stats keyed by fullname; ResultsError on a repeated key or a missing `field`."""
+def by_key(path: str, data: dict, field: str, impls: list[str]) -> dict[str, dict]:
+    """The file's stats keyed by fullname, only for `impls` when given; ResultsError on a repeated
+    key or a missing `field`."""
     stats = {}
     for bench in data["benchmarks"]:
+        if impls and bench["extra_info"].get("impl") not in impls:
+            continue
         key = bench.get("fullname") or bench["name"]
         if key in stats:
             raise ResultsError(f"{path}: benchmark {key!r} appears twice")
@@ -79,10 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         help="compare runs from different GPUs, or interpreter against compiled, anyway",
     )
     parser.add_argument("--allow-missing", action="store_true", help="do not fail when a baseline benchmark is absent from NEW")
+    parser.add_argument(
+        "--impl",
+        action="append",
+        default=[],
+        help="gate only this implementation (extra_info impl), repeatable; host-bound references are noisy, see README",
+    )
     args = parser.parse_args(argv)
     try:
         base, new = load(args.baseline), load(args.new)
-        base_stats, new_stats = by_key(args.baseline, base, args.field), by_key(args.new, new, args.field)
+        base_stats, new_stats = (by_key(path, data, args.field, args.impl) for path, data in ((args.baseline, base), (args.new, new)))
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

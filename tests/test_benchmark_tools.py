@@ -116,6 +116,14 @@ def test_compare_catches_a_20_percent_slowdown(tmp_path, capsys):
     assert "FAIL" in out and "test_prefill[flash_triton" in out.split("FAIL")[-1]
 
 
+def test_compare_gates_only_the_named_impls(tmp_path, capsys):
+    # A noisy host-bound reference slowed 50%: out of the gate when only the kernels are named.
+    assert compare.main([*runs(tmp_path, {"sdpa_flash": 1.5}), "--impl", "flash_triton", "--impl", "sdpa_cudnn"]) == 0
+    out = capsys.readouterr().out
+    assert "sdpa_flash" not in out and "(2 compared)" in out
+    assert compare.main([*runs(tmp_path, {"sdpa_flash": 1.5}), "--impl", "sdpa_flash"]) == 1
+
+
 @pytest.mark.parametrize("scale", [1.03, 0.97, 0.5])
 def test_compare_passes_wobble_and_speedups(tmp_path, capsys, scale):
     assert compare.main([*runs(tmp_path, {"flash_triton": scale}), "--threshold", "10"]) == 0
