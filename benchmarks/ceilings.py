@@ -6,29 +6,26 @@ a second (float32 1024^3); they describe the host, not the interpreted kernels.
 """
 
 import functools
+import statistics
 import subprocess
 import time
 
 import torch
 import triton
 
+from benchmarks.figures import dtype_name
+from benchmarks.timing import CudaEventClock
+
 
 def _median_seconds(fn, device: torch.device, reps: int) -> float:
+    clock = CudaEventClock() if device.type == "cuda" else time.perf_counter
     fn()  # warm-up: cuBLAS handle, allocator
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[reps // 2]
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
 
 
 def _copy_gbps(device: torch.device, nbytes: int, reps: int) -> float:
@@ -55,7 +52,7 @@ def ceilings(device: torch.device) -> dict:
         "copy_gbps": _copy_gbps(device, nbytes, reps),
         "matmul_tflops": _matmul_tflops(device, n, dtype, reps),
         "copy_bytes": nbytes,
-        "matmul_shape": f"{n}^3 {str(dtype).removeprefix('torch.')}",
+        "matmul_shape": f"{n}^3 {dtype_name(dtype)}",
     }
 
 

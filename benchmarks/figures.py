@@ -5,6 +5,11 @@ import torch
 PREFILL_CEILING, DECODE_CEILING = "matmul_tflops", "copy_gbps"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16', 'float16', 'float32': how extra_info and group names spell a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def prefill_counts(batch, seqlen, num_heads, num_kv_heads, head_dim, causal, dtype) -> tuple[int, int]:
     """(FLOPs, bytes) of one prefill: flash-attn's 4·b·h·s²·d, halved when causal; q, k, v read and
     out written once."""
@@ -27,7 +32,7 @@ def record(benchmark, ceilings: dict, *, suite: str, impl: str, shard, dtype: to
     time as a percentage of the run's measured ceiling (TFLOP/s for prefill, GB/s for decode)."""
     info = benchmark.extra_info
     info.update(suite=suite, impl=impl, model=shard.model, tp=shard.tp, num_heads=shard.num_heads)
-    info.update(num_kv_heads=shard.num_kv_heads, head_dim=shard.head_dim, dtype=str(dtype).removeprefix("torch."))
+    info.update(num_kv_heads=shard.num_kv_heads, head_dim=shard.head_dim, dtype=dtype_name(dtype))
     info.update(shape, flops=flops, bytes=nbytes)
     info.setdefault("causal", None)
     info.setdefault("block_size", None)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.figures import decode_counts, record
+from benchmarks.figures import decode_counts, dtype_name, record
 from benchmarks.timing import measure
 from kernels import paged_attention_decode
 from reference import paged_decode_gather, paged_decode_loop
@@ -85,7 +85,7 @@ def test_decode(benchmark, request, device, ceiling, prelude, free_bytes, shard,
     if impl == "sdpa_dense":
         del cache  # it reads its own contiguous copy; free the paged one before timing
 
-    benchmark.group = f"decode {shard.id} {str(dtype).removeprefix('torch.')} block={block_size} b={batch} ctx={context_len}"
+    benchmark.group = f"decode {shard.id} {dtype_name(dtype)} block={block_size} b={batch} ctx={context_len}"
     measure(benchmark, fn, device, request.config, prelude)
     flops, nbytes = decode_counts(batch, context_len, shard.num_heads, shard.num_kv_heads, shard.head_dim, dtype)
     record(benchmark, ceiling, suite="decode", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, context_len=context_len, block_size=block_size)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.figures import prefill_counts, record
+from benchmarks.figures import dtype_name, prefill_counts, record
 from benchmarks.timing import measure
 from kernels import flash_attn_varlen, naive_attention
 from kernels.launch import head_dim_block
@@ -122,7 +122,7 @@ def test_prefill(benchmark, request, device, ceiling, prelude, free_bytes, shard
     fn, packed = _implementation(impl, q, k, v, batch, seqlen, causal, free_bytes)
     check_prefill(packed(_first_call(impl, fn)), q, k, v, batch, seqlen, causal, impl)
 
-    benchmark.group = f"prefill {shard.id} {str(dtype).removeprefix('torch.')} {'causal' if causal else 'full'} b={batch} s={seqlen}"
+    benchmark.group = f"prefill {shard.id} {dtype_name(dtype)} {'causal' if causal else 'full'} b={batch} s={seqlen}"
     measure(benchmark, fn, device, request.config, prelude)
     flops, nbytes = prefill_counts(batch, seqlen, shard.num_heads, shard.num_kv_heads, shard.head_dim, causal, dtype)
     record(benchmark, ceiling, suite="prefill", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, seqlen=seqlen, causal=causal)

@@ -10,6 +10,7 @@ launch latency stays out of the figure (see Prelude).
 """
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -73,10 +74,6 @@ def _rounds(per_round: float, config) -> int:
     return max(min_rounds, min(MAX_ROUNDS, math.ceil(max_time / max(per_round, 1e-7))))
 
 
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
-
-
 def measure(benchmark, fn: Callable[[], object], device: torch.device, config, prelude: Prelude | None) -> None:
     """Time `fn()` into `benchmark`'s stats: device time between CUDA events after the Prelude on
     a GPU, host time on the CPU, where every op is synchronous. The caller has already run `fn`
@@ -94,12 +91,12 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, config, p
             fn()
             host.append(time.perf_counter() - t0)
             dev.append(clock() - start)
-        prelude.cover_s = min(MAX_COVER_S, 2 * _median(host) + 20e-6)
+        prelude.cover_s = min(MAX_COVER_S, 2 * statistics.median(host) + 20e-6)
         benchmark._timer = clock
-        benchmark.pedantic(fn, setup=prelude, rounds=_rounds(_median(dev), config), warmup_rounds=1)
+        benchmark.pedantic(fn, setup=prelude, rounds=_rounds(statistics.median(dev), config), warmup_rounds=1)
     else:
         start = time.perf_counter()
         fn()
         host = [time.perf_counter() - start]
         benchmark.pedantic(fn, rounds=_rounds(host[0], config), warmup_rounds=0)
-    benchmark.extra_info["host_launch_us"] = 1e6 * _median(host)
+    benchmark.extra_info["host_launch_us"] = 1e6 * statistics.median(host)
