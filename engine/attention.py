@@ -1,0 +1,59 @@
+"""Paged attention for the model's layers: one step's metadata, and the two backends that read it.
+
+The model runner builds an AttentionMetadata once per step; every layer passes it, with its own
+KV cache, to `attend`, which stores the step's keys and values and runs the kernel (or, with the
+"torch" backend, the PyTorch reference of the same contract).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import flash_attn_varlen, paged_attention_decode, store_kvcache
+from reference import attention_ref, paged_decode_gather, store_kvcache_ref
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's view of the batch, built once and shared by every layer.
+
+    slot_mapping: int32 (num_tokens,), cache slot of each new token (block_id * block_size +
+        offset); -1 skips the write (padding rows of a CUDA graph).
+    Prefill: cu_seqlens_q / cu_seqlens_k int32 (batch+1,) count new tokens / all tokens (cached
+        prefix included); max_seqlen_q / max_seqlen_k host ints. block_tables is set only when some
+        sequence has a cached prefix, in which case keys are read from the paged cache.
+    Decode: context_lens int32 (batch,), block_tables int32 (batch, max_blocks), -1 padded;
+        max_context_len a host int bounding context_lens.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    context_lens: torch.Tensor | None = None
+    max_context_len: int = 0
+    block_tables: torch.Tensor | None = None
+
+
+def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: str) -> torch.Tensor:
+    """Store this step's k, v in the cache, then attend.
+
+    q: (num_tokens, H, D); k, v: (num_tokens, Hkv, D); caches (num_blocks, block_size, Hkv, D).
+    Returns (num_tokens, H, D). Prefill is causal within each sequence, after its cached prefix.
+    """
+    triton = backend == "triton"
+    (store_kvcache if triton else store_kvcache_ref)(k, v, k_cache, v_cache, meta.slot_mapping)
+    if meta.is_prefill:
+        cached = meta.block_tables is not None
+        keys, values = (k_cache, v_cache) if cached else (k, v)
+        if triton:
+            return flash_attn_varlen(
+                q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
+                causal=True, block_table=meta.block_tables,
+            )  # fmt: skip
+        return attention_ref(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, block_table=meta.block_tables)
+    if triton:
+        return paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, max_context_len=meta.max_context_len)
+    return paged_decode_gather(q, k_cache, v_cache, meta.block_tables, meta.context_lens)

@@ -1,0 +1,74 @@
+"""The engine's configuration: one dataclass that refuses inconsistent settings."""
+
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("triton", "torch")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Config:
+    """Engine settings. `model` is a Hugging Face Qwen3 checkpoint directory.
+
+    kvcache_block_size: tokens per KV block, a power of two in [1, 256]; None means 256 on a GPU
+        and 16 on the CPU, where the interpreter makes every block visit cost.
+    num_kvcache_blocks: -1 sizes the cache from free GPU memory times gpu_memory_utilization, or on
+        the CPU from cpu_kvcache_bytes.
+    dtype: None keeps the checkpoint's torch_dtype; else "float32", "float16" or "bfloat16".
+    device: None picks cuda when available, else cpu.
+    attention_backend: "triton" (our kernels) or "torch" (the PyTorch references).
+    """
+
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    cpu_kvcache_bytes: int = 256 << 20
+    kvcache_block_size: int | None = None
+    num_kvcache_blocks: int = -1
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    dtype: str | torch.dtype | None = None
+    device: str | torch.device | None = None
+    attention_backend: str = "triton"
+
+    def __post_init__(self):
+        self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.kvcache_block_size is None:
+            self.kvcache_block_size = 256 if self.device.type == "cuda" else 16
+        bs = self.kvcache_block_size
+        if not isinstance(bs, int) or bs < 1 or bs > 256 or bs & (bs - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two in [1, 256], got {bs!r}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.max_num_batched_tokens < self.max_model_len:
+            # Prefills are not chunked: a prompt must fit one step's token budget.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not isinstance(self.num_kvcache_blocks, int) or (self.num_kvcache_blocks < 1 and self.num_kvcache_blocks != -1):
+            raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or an int >= 1, got {self.num_kvcache_blocks!r}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size must be 1 for now (tensor parallelism is issue 9), got {self.tensor_parallel_size!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if isinstance(self.dtype, str):
+            if self.dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None (the checkpoint's), got {self.dtype!r}")
+            self.dtype = DTYPES[self.dtype]
+
+    def check_cache_holds_one_sequence(self) -> None:
+        """Once the cache is sized: a lone sequence of max_model_len tokens must fit, or the scheduler
+        could preempt it forever."""
+        need = -(-self.max_model_len // self.kvcache_block_size)
+        if self.num_kvcache_blocks < need:
+            raise ValueError(
+                f"num_kvcache_blocks ({self.num_kvcache_blocks}) of {self.kvcache_block_size} tokens cannot hold one "
+                f"max_model_len ({self.max_model_len}) sequence, which needs {need}: lower max_model_len or give the cache more memory"
+            )

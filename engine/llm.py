@@ -1,0 +1,110 @@
+"""The user-facing engine: LLM(model, **config).generate(prompts, sampling_params)."""
+
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.config import Config
+from engine.loader import load_model_args, load_weights
+from engine.model_runner import ModelRunner
+from engine.qwen3 import Qwen3ForCausalLM
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class LLM:
+    """A Qwen3 checkpoint directory served by our kernels (or the PyTorch references).
+
+    `config` takes the fields of engine.config.Config: max_num_batched_tokens, max_num_seqs,
+    max_model_len, gpu_memory_utilization, kvcache_block_size, num_kvcache_blocks, enforce_eager,
+    tensor_parallel_size, dtype, device, attention_backend, cpu_kvcache_bytes.
+    """
+
+    def __init__(self, model: str, **config):
+        known = {f.name for f in fields(Config)} - {"model"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown config {unknown}; expected some of {sorted(known)}")
+        self.config = Config(str(model), **config)
+        args = load_model_args(model)
+        self.dtype = self.config.dtype or args.torch_dtype
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.config.device):
+                self.model = Qwen3ForCausalLM(args, self.config.attention_backend)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        load_weights(self.model, model)
+        self.model.eval()
+        self.eos_token_ids = set(args.eos_token_ids)
+        self.tokenizer = None
+        if any((Path(model) / f).is_file() for f in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            if self.tokenizer.eos_token_id is not None:
+                self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(self.config, self.model, self.dtype)
+        self.scheduler = Scheduler(self.config)
+
+    def _sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompts: a text prompt needs a tokenizer, and this checkpoint has none; pass token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            if not all(isinstance(t, int) and 0 <= t < self.model.args.vocab_size for t in token_ids):
+                raise ValueError(f"prompts: token ids must be ints in [0, {self.model.args.vocab_size})")
+        if not token_ids:
+            raise ValueError("prompts: a prompt is empty")
+        if len(token_ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"prompts: a prompt of {len(token_ids)} tokens leaves no room to generate within max_model_len "
+                f"({self.config.max_model_len})"
+            )
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        return Sequence(token_ids, params, self.config.kvcache_block_size)
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams],
+        use_tqdm: bool = True,
+    ) -> list[dict]:
+        """Generate for every prompt (strings or token-id lists); one {"text", "token_ids"} per prompt,
+        in input order. "text" is None when the checkpoint has no tokenizer."""
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
+        # Every request is checked before any runs, so bad input never leaves work half done.
+        seqs = [self._sequence(p, sp) for p, sp in zip(prompts, sampling_params, strict=True)]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        while not self.scheduler.is_finished():
+            start = time.perf_counter()
+            batch, is_prefill = self.scheduler.schedule()
+            tokens = sum(len(s) - s.num_cached_tokens for s in batch) if is_prefill else len(batch)
+            finished = self.scheduler.postprocess(batch, self.runner.run(batch, is_prefill), self.eos_token_ids)
+            rate = tokens / (time.perf_counter() - start)
+            prefill_tps, decode_tps = (rate, decode_tps) if is_prefill else (prefill_tps, rate)
+            bar.set_postfix(prefill=f"{prefill_tps:.0f} tok/s", decode=f"{decode_tps:.0f} tok/s")
+            bar.update(len(finished))
+        bar.close()
+        return [
+            {
+                "text": self.tokenizer.decode(s.completion_token_ids, skip_special_tokens=True) if self.tokenizer else None,
+                "token_ids": s.completion_token_ids,
+            }
+            for s in seqs
+        ]

@@ -1,0 +1,172 @@
+"""Runs the model for one scheduled step: owns the KV cache, turns sequences into packed kernel
+inputs, replays CUDA graphs for decode, and samples the next tokens."""
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import Config
+from engine.qwen3 import Qwen3ForCausalLM
+from engine.sampler import sample
+from engine.sequence import Sequence
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ModelRunner:
+    def __init__(self, config: Config, model: Qwen3ForCausalLM, dtype: torch.dtype):
+        self.config, self.model, self.dtype = config, model, dtype
+        self.device = config.device
+        self.block_size = config.kvcache_block_size
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        if config.num_kvcache_blocks == -1:
+            config.num_kvcache_blocks = self._blocks_that_fit()
+        config.check_cache_holds_one_sequence()
+        a = model.args
+        # One allocation, (2, layers, blocks, block_size, kv_heads, head_dim): layer i reads [0, i], [1, i].
+        self.kv_cache = torch.empty(
+            2, a.num_layers, config.num_kvcache_blocks, self.block_size, a.num_kv_heads, a.head_dim, dtype=dtype, device=self.device
+        )
+        self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
+        self.graphs = {}
+        if self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton":
+            self._capture_decode_graphs()
+
+    def _block_bytes(self) -> int:
+        a = self.model.args
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _blocks_that_fit(self) -> int:
+        """Blocks for what is left of gpu_memory_utilization x total memory once the weights and
+        the largest prefill's activations are in; on the CPU, cpu_kvcache_bytes worth."""
+        if self.device.type != "cuda":
+            return max(1, self.config.cpu_kvcache_bytes // self._block_bytes())
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._dry_run_prefill()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - used_by_others - torch.cuda.max_memory_allocated(self.device)
+        return max(1, int(budget) // self._block_bytes())
+
+    @torch.inference_mode()
+    def _dry_run_prefill(self) -> None:
+        """The biggest prefill a step can hold, with writes to a one-block cache skipped, to measure
+        peak activation memory."""
+        c, a = self.config, self.model.args
+        lens = [c.max_model_len] * max(1, min(c.max_num_seqs, c.max_num_batched_tokens // c.max_model_len))
+        tokens = sum(lens)
+        cache = torch.empty(1, self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
+        cu = torch.tensor([0, *lens], device=self.device).cumsum(0).to(torch.int32)
+        meta = AttentionMetadata(
+            True, torch.full((tokens,), -1, dtype=torch.int32, device=self.device), cu, cu, max(lens), max(lens)
+        )
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        self.model.compute_logits(self.model(ids, pos, [(cache, cache)] * a.num_layers, meta)[cu[1:] - 1])
+        torch.cuda.synchronize(self.device)
+
+    def _tensor(self, values, dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return self._tensor([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], torch.int32)
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        """Only tokens past each sequence's cached prefix are computed; the keys span the whole
+        sequence, read from the paged cache when any prefix was cached."""
+        ids, positions, slots, cu_q, cu_k = [], [], [], [0], [0]
+        for seq in seqs:
+            start = seq.num_cached_tokens
+            ids += seq.token_ids[start:]
+            positions += range(start, len(seq))
+            slots += [self._slot(seq, p) for p in range(start, len(seq))]
+            cu_q.append(cu_q[-1] + len(seq) - start)
+            cu_k.append(cu_k[-1] + len(seq))
+        cached = any(s.num_cached_tokens for s in seqs)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._tensor(slots, torch.int32),
+            cu_seqlens_q=self._tensor(cu_q, torch.int32),
+            cu_seqlens_k=self._tensor(cu_k, torch.int32),
+            max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:], strict=False)),
+            max_seqlen_k=max(len(s) for s in seqs),
+            block_tables=self._block_tables(seqs) if cached else None,
+        )
+        last = self._tensor([n - 1 for n in cu_q[1:]], torch.long)
+        return self._tensor(ids, torch.long), self._tensor(positions, torch.long), meta, last
+
+    def prepare_decode(self, seqs: list[Sequence]):
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self._tensor([self._slot(s, len(s) - 1) for s in seqs], torch.int32),
+            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
+            max_context_len=max(len(s) for s in seqs),
+            block_tables=self._block_tables(seqs),
+        )
+        return self._tensor([s.last_token for s in seqs], torch.long), self._tensor([len(s) - 1 for s in seqs], torch.long), meta
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """One step for `seqs`: the next token of each."""
+        if is_prefill:
+            ids, positions, meta, last = self.prepare_prefill(seqs)
+            hidden = self.model(ids, positions, self.kv_caches, meta)[last]
+        else:
+            ids, positions, meta = self.prepare_decode(seqs)
+            hidden = self._decode(ids, positions, meta)
+        logits = self.model.compute_logits(hidden)
+        temps = self._tensor([s.temperature for s in seqs], torch.float32)
+        top_ks = self._tensor([s.top_k for s in seqs], torch.long)
+        top_ps = self._tensor([s.top_p for s in seqs], torch.float32)
+        return sample(logits, temps, top_ks, top_ps).tolist()
+
+    def _decode(self, ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        batch = ids.shape[0]
+        size = next((b for b in GRAPH_BATCH_SIZES if b >= batch and b in self.graphs), None)
+        if size is None:
+            return self.model(ids, positions, self.kv_caches, meta)
+        graph, io = self.graphs[size]
+        # Padding rows write nowhere (slot -1) and read nothing (context 0, table row of -1).
+        io["slot_mapping"].fill_(-1)
+        io["context_lens"].zero_()
+        io["block_tables"].fill_(-1)
+        io["ids"][:batch] = ids
+        io["positions"][:batch] = positions
+        io["slot_mapping"][:batch] = meta.slot_mapping
+        io["context_lens"][:batch] = meta.context_lens
+        io["block_tables"][:batch, : meta.block_tables.shape[1]] = meta.block_tables
+        graph.replay()
+        return io["hidden"][:batch]
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        """One graph per batch size bucket up to max_num_seqs, over static buffers; max_context_len is
+        fixed at max_model_len so the kernel's split count does not depend on the batch."""
+        top = min(self.config.max_num_seqs, GRAPH_BATCH_SIZES[-1])
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= top] or [1]
+        pool = None
+        for size in reversed(sizes):
+            io = {
+                "ids": torch.zeros(size, dtype=torch.long, device=self.device),
+                "positions": torch.zeros(size, dtype=torch.long, device=self.device),
+                "slot_mapping": torch.full((size,), -1, dtype=torch.int32, device=self.device),
+                "context_lens": torch.zeros(size, dtype=torch.int32, device=self.device),
+                "block_tables": torch.full((size, self.max_blocks_per_seq), -1, dtype=torch.int32, device=self.device),
+            }
+            meta = AttentionMetadata(
+                is_prefill=False,
+                slot_mapping=io["slot_mapping"],
+                context_lens=io["context_lens"],
+                max_context_len=self.config.max_model_len,
+                block_tables=io["block_tables"],
+            )
+            self.model(io["ids"], io["positions"], self.kv_caches, meta)  # warm-up: compile outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                io["hidden"] = self.model(io["ids"], io["positions"], self.kv_caches, meta)
+            pool = graph.pool()
+            self.graphs[size] = (graph, io)
+        torch.cuda.synchronize(self.device)

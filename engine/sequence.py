@@ -1,0 +1,98 @@
+"""One request as the scheduler and block manager see it: its tokens, its state, its KV blocks."""
+
+from enum import Enum, auto
+from itertools import count
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """A prompt and the tokens generated after it, cut into logical blocks of `block_size` tokens.
+
+    `block_table[i]` is the physical KV block holding logical block i. `num_cached_tokens` counts the
+    leading tokens whose KV the prefix cache supplied at the latest allocation, which the model
+    runner skips when it prefills.
+    """
+
+    _next_id = count()
+
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
+        if not token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+        self.seq_id = next(Sequence._next_id)
+        self.status = SequenceStatus.WAITING
+        # Copied so the caller's list never grows under it.
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        self.block_size = block_size
+        self.temperature = sampling_params.temperature
+        self.max_tokens = sampling_params.max_tokens
+        self.ignore_eos = sampling_params.ignore_eos
+        self.top_k = sampling_params.top_k
+        self.top_p = sampling_params.top_p
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return f"Sequence(id={self.seq_id}, {self.status.name}, tokens={len(self)}, blocks={self.block_table})"
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the scheduler has finished this sequence."""
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def last_token(self) -> int:
+        """The newest token: the one the next decode step feeds the model."""
+        return self.token_ids[-1]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """How many tokens have been generated so far."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """The prompt's tokens (a copy)."""
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        """The generated tokens (a copy)."""
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_blocks(self) -> int:
+        """Logical blocks needed to hold every token, the last one possibly partial."""
+        return -(-len(self.token_ids) // self.block_size)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Leading blocks the prefix cache supplied at the latest allocation."""
+        return self.num_cached_tokens // self.block_size
+
+    @property
+    def last_block_num_tokens(self) -> int:
+        """Tokens in the last logical block, from 1 to block_size."""
+        return len(self.token_ids) - (self.num_blocks - 1) * self.block_size
+
+    def block(self, i: int) -> list[int]:
+        """The token ids of logical block i (fewer than block_size for a partial last block)."""
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block {i} out of range for a sequence of {self.num_blocks} blocks")
+        return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        """Add a sampled token; its KV is written by the next decode step."""
+        self.token_ids.append(token_id)

@@ -1,0 +1,111 @@
+"""Bad input to the engine raises ValueError naming what is wrong; sampling filters do what they say."""
+
+import json
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.config import Config
+from engine.random_checkpoint import write_random_qwen3
+from engine.sampler import sample
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_random_qwen3(tmp_path_factory.mktemp("tiny"), with_tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(str(checkpoint), max_model_len=32, max_num_batched_tokens=64, device="cpu", attention_backend="torch")
+
+
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        (list(range(32)), "max_model_len"),
+        ([], "empty"),
+        ([1, 2, 10_000], "token ids"),
+        ("text needs a tokenizer", "tokenizer"),
+    ],
+)
+def test_bad_prompts_raise_before_any_work(llm, prompt, match):
+    good = [1, 2, 3]
+    with pytest.raises(ValueError, match=match):
+        llm.generate([good, prompt], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.scheduler.is_finished()  # the good prompt was not left queued
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.5), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p")],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kvcache_block_size=24), "power of two"),
+        (dict(kvcache_block_size=512), "power of two"),
+        (dict(max_model_len=128, max_num_batched_tokens=64), "max_num_batched_tokens"),
+        (dict(attention_backend="cuda"), "attention_backend"),
+        (dict(dtype="float64"), "dtype"),
+        (dict(tensor_parallel_size=2), "tensor_parallel_size"),
+        (dict(num_kvcache_blocks=0), "num_kvcache_blocks"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Config("unused", **kwargs)
+
+
+def test_cache_that_cannot_hold_one_sequence_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="cannot hold one"):
+        LLM(str(checkpoint), max_model_len=64, max_num_batched_tokens=64, kvcache_block_size=16, num_kvcache_blocks=3, device="cpu")
+
+
+def test_unknown_config_key_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="max_batch_size"):
+        LLM(str(checkpoint), max_batch_size=4)
+
+
+def test_missing_or_foreign_checkpoints_are_refused(tmp_path, checkpoint):
+    with pytest.raises(ValueError, match="not a directory"):
+        LLM(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="no config.json"):
+        LLM(str(tmp_path))
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    config = json.loads((checkpoint / "config.json").read_text()) | {"model_type": "llama"}
+    (llama / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'llama'"):
+        LLM(str(llama))
+
+
+def test_eos_stops_a_sequence_unless_ignored(checkpoint):
+    llm = LLM(str(checkpoint), max_model_len=64, max_num_batched_tokens=64, device="cpu", attention_backend="torch")
+    prompt = [5, 6, 7]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]["token_ids"]
+    llm.eos_token_ids = {free[3]}  # pretend the 4th greedy token is end-of-sequence
+    stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]["token_ids"]
+    assert stopped == free[: free.index(free[3]) + 1]
+    assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]["token_ids"] == free
+
+
+def test_sampler_filters():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(4000, 1)
+    ones = torch.ones(4000)
+    draws = sample(logits, ones, torch.zeros(4000, dtype=torch.long), ones, gen)
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.03)  # plain temperature-1 sampling
+    top2 = sample(logits, ones, torch.full((4000,), 2), ones, gen)
+    assert set(top2.tolist()) == {0, 1}
+    # p = 0.6: token 0 holds ~0.61 of the mass, so it alone is kept.
+    assert set(sample(logits, ones, torch.zeros(4000, dtype=torch.long), torch.full((4000,), 0.6), gen).tolist()) == {0}
+    greedy = sample(logits[:2] * torch.tensor([[1.0], [-1.0]]), torch.zeros(2), torch.zeros(2, dtype=torch.long), torch.ones(2))
+    assert greedy.tolist() == [0, 3]
