@@ -45,7 +45,11 @@ def load_model_args(model_dir: str | Path) -> ModelArgs:
     kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if kind != "default":
         raise ValueError(f"model {str(path)!r} uses rope_type {kind!r}; only the default RoPE is implemented")
-    eos = config.get("eos_token_id")
+    # generation_config.json often lists more stop ids than config.json (Qwen3: <|im_end|> too).
+    generation = path / "generation_config.json"
+    eos_ids = [_ids(config.get("eos_token_id"))]
+    if generation.is_file():
+        eos_ids.append(_ids(json.loads(generation.read_text()).get("eos_token_id")))
     heads = config["num_attention_heads"]
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     return ModelArgs(
@@ -62,8 +66,12 @@ def load_model_args(model_dir: str | Path) -> ModelArgs:
         attention_bias=bool(config.get("attention_bias", False)),
         max_position_embeddings=config.get("max_position_embeddings", 32768),
         torch_dtype=DTYPES.get(dtype, torch.float32),
-        eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        eos_token_ids=tuple(dict.fromkeys(i for ids in eos_ids for i in ids)),
     )
+
+
+def _ids(value) -> list[int]:
+    return value if isinstance(value, list) else [] if value is None else [value]
 
 
 def load_weights(model: Qwen3ForCausalLM, model_dir: str | Path) -> None:

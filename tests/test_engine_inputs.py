@@ -109,3 +109,29 @@ def test_sampler_filters():
     assert set(sample(logits, ones, torch.zeros(4000, dtype=torch.long), torch.full((4000,), 0.6), gen).tolist()) == {0}
     greedy = sample(logits[:2] * torch.tensor([[1.0], [-1.0]]), torch.zeros(2), torch.zeros(2, dtype=torch.long), torch.ones(2))
     assert greedy.tolist() == [0, 3]
+
+
+def test_sharded_checkpoint_and_text_prompts(tmp_path):
+    """Weights split over several safetensors files load the same; text prompts go through the
+    checkpoint's tokenizer and come back as text; stop ids from generation_config.json count."""
+    from transformers import AutoModelForCausalLM
+
+    whole = write_random_qwen3(tmp_path / "whole", seed=3)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(whole).save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((whole / name).read_bytes())
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = [
+        LLM(str(d), max_model_len=64, max_num_batched_tokens=64, device="cpu", attention_backend="torch").generate(
+            ["The moon", "Hello there"], params, use_tqdm=False
+        )
+        for d in (whole, sharded)
+    ]
+    assert outs[0] == outs[1]
+    generation = json.loads((sharded / "generation_config.json").read_text())
+    (sharded / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [0, 7]}))
+    llm = LLM(str(sharded), max_model_len=64, max_num_batched_tokens=64, device="cpu", attention_backend="torch")
+    assert outs[1][0]["text"] == llm.tokenizer.decode(outs[1][0]["token_ids"], skip_special_tokens=True)
+    assert {llm.tokenizer.eos_token_id, 7} <= llm.eos_token_ids
