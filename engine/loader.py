@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from engine.config import DTYPES
 from engine.qwen3 import ModelArgs, Qwen3ForCausalLM
 
 # Checkpoint projection name -> (fused parameter name, shard index).
@@ -17,7 +18,6 @@ FUSED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _read_config(path: Path) -> dict:
