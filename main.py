@@ -45,13 +45,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device and args.device.startswith("cpu"):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on CPU tensors need the interpreter
-    import torch
 
     from engine import LLM, SamplingParams
     from engine.random_checkpoint import default_checkpoint
 
     model = args.model or str(default_checkpoint())
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     max_tokens = args.max_tokens or (256 if args.model else 16)
     llm = LLM(model, max_model_len=args.max_model_len, max_num_batched_tokens=max(16384, args.max_model_len),
               dtype=args.dtype, device=args.device, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
@@ -76,7 +74,7 @@ def main(argv=None) -> None:
         print(f"\nPrompt:     {prompt!r}\nCompletion: {completion!r}")
     generated = sum(len(out["token_ids"]) for out in outputs)
     print(f"\n{generated} tokens generated for {len(prompts)} prompts in {seconds:.2f} s: {generated / seconds:.1f} tokens/s "
-          f"(device {device}, {args.attention_backend} attention)")
+          f"(device {llm.config.device}, {args.attention_backend} attention)")
     if not args.model:
         print(f"\nNote: {model} holds a tiny Qwen3 with RANDOM weights, so these completions are gibberish;"
               " it only shows the engine running end to end.\nFor real text, point it at a Hugging Face Qwen3 checkpoint:"
