@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.ceilings import ceilings, machine_facts
+from benchmarks.grid import GPU_GRID
 from benchmarks.presets import PRESETS, select
 from benchmarks.timing import Prelude
 
@@ -23,7 +24,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("minivllm benchmarks")
     group.addoption("--preset", action="append", default=[], help=f"model preset, repeatable: all, {', '.join(PRESETS)}")
     group.addoption("--tp", action="append", type=int, default=[], help="tensor-parallel degree to shard each preset by, repeatable (default 1)")
-    group.addoption("--dtype", action="append", choices=sorted(DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on GPU, bf16 on CPU)")
+    group.addoption("--dtype", action="append", choices=sorted(DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on the GPU grid, bf16 on the CPU grid)")
 
 
 SHARDS = pytest.StashKey[tuple]()
@@ -32,7 +33,7 @@ SHARDS = pytest.StashKey[tuple]()
 def pytest_configure(config):
     # Checked here, before collection, so a bad --preset/--tp is a one-line usage error.
     try:
-        config.stash[SHARDS] = select(config.getoption("preset"), config.getoption("tp") or [1], on_gpu=HAS_CUDA)
+        config.stash[SHARDS] = select(config.getoption("preset"), config.getoption("tp") or [1], on_gpu=GPU_GRID)
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
 
@@ -52,7 +53,7 @@ def pytest_generate_tests(metafunc):
         shards, _ = metafunc.config.stash[SHARDS]
         metafunc.parametrize("shard", shards, ids=[s.id for s in shards])
     if "dtype" in metafunc.fixturenames:
-        names = metafunc.config.getoption("dtype") or (["bf16", "fp16"] if HAS_CUDA else ["bf16"])
+        names = metafunc.config.getoption("dtype") or (["bf16", "fp16"] if GPU_GRID else ["bf16"])
         names = list(dict.fromkeys(names))
         metafunc.parametrize("dtype", [DTYPES[n] for n in names], ids=names)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.grid import GPU_GRID
 from benchmarks.figures import decode_counts, dtype_name, record
 from benchmarks.timing import measure
 from kernels import paged_attention_decode
@@ -20,10 +21,9 @@ from reference.paging import paged_gather
 from tests.cases import generator, paged_cache, randn
 from tests.tolerance import assert_within_tolerance
 
-ON_GPU = torch.cuda.is_available()
-BATCHES = (1, 4, 16, 64, 256) if ON_GPU else (3,)
-CONTEXTS = (512, 2048, 8192, 32768) if ON_GPU else (77,)
-BLOCK_SIZES = (16, 256) if ON_GPU else (16,)
+BATCHES = (1, 4, 16, 64, 256) if GPU_GRID else (3,)
+CONTEXTS = (512, 2048, 8192, 32768) if GPU_GRID else (77,)
+BLOCK_SIZES = (16, 256) if GPU_GRID else (16,)
 IMPLS = ("torch_loop", "torch_gather", "triton_paged", "sdpa_dense")
 LOOP_MAX_BLOCKS = 4096  # torch_loop slices every block in Python; past this one call takes seconds
 # Copies of the K/V cache each implementation holds at its peak: the paged cache, plus a

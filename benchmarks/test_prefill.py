@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.grid import GPU_GRID
 from benchmarks.figures import dtype_name, prefill_counts, record
 from benchmarks.timing import measure
 from kernels import flash_attn_varlen, naive_attention
@@ -22,10 +23,9 @@ from reference import attention_ref
 from tests.cases import cu_seqlens, generator, randn
 from tests.tolerance import assert_within_tolerance
 
-ON_GPU = torch.cuda.is_available()
-SEQLENS = (512, 1024, 2048, 4096, 8192, 16384) if ON_GPU else (67,)
-TOKENS = 16384 if ON_GPU else 134  # batch x seqlen; the CPU smoke shape is 2 x 67
-CAUSAL = (False, True) if ON_GPU else (True,)
+SEQLENS = (512, 1024, 2048, 4096, 8192, 16384) if GPU_GRID else (67,)
+TOKENS = 16384 if GPU_GRID else 134  # batch x seqlen; the CPU smoke shape is 2 x 67
+CAUSAL = (False, True) if GPU_GRID else (True,)
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 IMPLS = ("torch_standard", "naive_triton", "flash_triton", *SDPA)
 CHECK_ROWS = 128  # query rows checked at each end of a sequence
@@ -51,7 +51,7 @@ def _implementation(impl, q, k, v, batch, seqlen, causal, free_bytes):
         return (lambda: naive_attention(q, k, v, cu, seqlen, causal=causal)), _same
     if impl == "flash_triton":
         return (lambda: flash_attn_varlen(q, k, v, cu, cu, seqlen, seqlen, causal=causal)), _same
-    if not ON_GPU:
+    if q.device.type != "cuda":
         pytest.skip(f"{impl} is a GPU peer: SDPA's fused backends need CUDA")
     # SDPA wants (batch, heads, seqlen, head_dim): a transposed view of the same packed storage,
     # which its kernels read natively, so no copy is timed.

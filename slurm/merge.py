@@ -1,0 +1,206 @@
+"""Merge a sweep's task results into one pytest-benchmark JSON, with its report and regression check.
+
+    python -m slurm.merge SWEEP OUT ARRAY_JOB_ID [--baseline BASE.json] [--compare "--threshold 10% --impl flash_triton"]
+
+Reads OUT/<id>/<task>.{json,xml,exit} and OUT/logs/<id>_<task>.out, and writes into OUT/<id>/:
+merged.json (every task's benchmarks, each tagged with its task and node), report.md (the task
+table, the benchmark tables of `benchmarks.report`, and `benchmarks.compare` against the
+baseline) and plots/. Every task of the sweep gets a row: a task that failed, never finished or
+never ran is named there and makes the exit status 1; otherwise the status is the comparison's.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import shlex
+import statistics
+import sys
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks import compare, report
+from benchmarks.results import pipe_table
+from slurm.sweep import Sweep, read_sweep
+
+CEILING_KEYS = ("copy_gbps", "matmul_tflops")
+LOG_TAIL = 3  # log lines quoted for a task that went wrong
+
+
+@dataclass
+class TaskResult:
+    """What one array task left behind, and the verdict on it: ok, failed, unfinished or never ran."""
+
+    task: int
+    status: str
+    detail: str = ""
+    node: str = ""
+    gpu: str = ""
+    benchmarks: list[dict] = field(default_factory=list)
+    outcomes: Counter = field(default_factory=Counter)
+    data: dict | None = None
+
+
+def junit_outcomes(path: Path) -> dict[str, str]:
+    """node id -> passed, failed, error or skipped, from pytest's --junitxml file ({} if unreadable)."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    outcomes = {}
+    for case in root.iter("testcase"):
+        node_id = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
+        kinds = {child.tag for child in case}
+        outcomes[node_id] = next((k for k in ("error", "failure", "skipped") if k in kinds), "passed").replace("failure", "failed")
+    return outcomes
+
+
+def log_tail(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-LOG_TAIL:])
+
+
+def read_task(task: int, expected: list[str], results: Path, log: Path) -> TaskResult:
+    """The verdict on one task from its files; never raises for a missing or broken file."""
+    exit_file, json_file = results / f"{task}.exit", results / f"{task}.json"
+    if not exit_file.exists():
+        if log.exists():
+            return TaskResult(task, "unfinished", f"no exit status: killed, timed out or lost its node. log: {log_tail(log)}")
+        return TaskResult(task, "never ran", f"no log at {log}: cancelled, or never started")
+    code = exit_file.read_text().strip()
+    result = TaskResult(task, "ok")
+    try:
+        result.data = json.loads(json_file.read_text())
+        result.benchmarks = list(result.data["benchmarks"])
+        result.node = str(result.data["machine_info"].get("node", ""))
+        result.gpu = str(result.data["machine_info"].get("gpu", ""))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        result.data, result.benchmarks = None, []
+        json_problem = f"no readable {json_file.name} ({type(e).__name__})"
+    else:
+        json_problem = ""
+    outcomes = junit_outcomes(results / f"{task}.xml")
+    result.outcomes = Counter(outcomes.get(node_id, "not run") for node_id in expected)
+    bad = [f"{node_id} {outcomes.get(node_id, 'not run')}" for node_id in expected if outcomes.get(node_id, "not run") not in ("passed", "skipped")]
+    # Results from outside the task's row would duplicate another task's; they are dropped, loudly.
+    outside = [b for b in result.benchmarks if b.get("fullname") not in set(expected)]
+    if outside:
+        result.benchmarks = [b for b in result.benchmarks if b not in outside]
+        bad.insert(0, f"{len(outside)} results from outside its row, dropped")
+    if code != "0" or json_problem or bad:
+        result.status = "failed"
+        parts = [f"pytest exit {code}"] + ([json_problem] if json_problem else []) + bad[:LOG_TAIL]
+        if len(bad) > LOG_TAIL:
+            parts.append(f"... {len(bad) - LOG_TAIL} more not passed")
+        result.detail = "; ".join(parts) + (f". log: {log_tail(log)}" if code != "0" else "")
+    return result
+
+
+def merged_value(key: str, values: list):
+    """One machine_info value for the merged file: the common value, the median ceiling, or 'mixed: ...'."""
+    if len({json.dumps(v, sort_keys=True) for v in values}) == 1:
+        return values[0]
+    if key in CEILING_KEYS and all(isinstance(v, int | float) for v in values):
+        return statistics.median(values)
+    return "mixed: " + " | ".join(sorted({str(v) for v in values}))
+
+
+def merge(sweep: Sweep, array_id: str, tasks: list[TaskResult]) -> dict:
+    """One pytest-benchmark-shaped dict of every task's benchmarks, with a `slurm` section naming each task's verdict."""
+    ran = [t for t in tasks if t.data]
+    machine: dict = {}
+    for key in dict.fromkeys(k for t in ran for k in t.data.get("machine_info", {})):
+        machine[key] = merged_value(key, [t.data["machine_info"].get(key) for t in ran])
+    commit: dict = {}
+    for key in dict.fromkeys(k for t in ran for k in t.data.get("commit_info", {})):
+        commit[key] = merged_value(key, [t.data["commit_info"].get(key) for t in ran])
+    benchmarks = []
+    for t in ran:
+        for bench in t.benchmarks:
+            bench.setdefault("extra_info", {}).update(slurm_task=t.task, node=t.node)
+            benchmarks.append(bench)
+    return {
+        "machine_info": machine,
+        "commit_info": commit,
+        "benchmarks": benchmarks,
+        "datetime": datetime.now(UTC).isoformat(),
+        "version": ran[0].data.get("version") if ran else None,
+        "slurm": {
+            "array_job_id": array_id,
+            "grid": sweep.grid,
+            "pytest_args": sweep.pytest_args,
+            "tasks": [{"task": t.task, "status": t.status, "detail": t.detail, "node": t.node, "gpu": t.gpu, "benchmarks": len(t.benchmarks)} for t in tasks],
+            "not_ok_tasks": [t.task for t in tasks if t.status != "ok"],
+        },
+    }
+
+
+def task_table(tasks: list[TaskResult]) -> str:
+    rows = []
+    for t in tasks:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(t.outcomes.items())) or "–"
+        rows.append([str(t.task), t.status.upper() if t.status != "ok" else "ok", t.node or "–", t.gpu or "–", counts, t.detail or ""])
+    return pipe_table(["task", "status", "node", "gpu", "benchmarks", "detail"], rows, right={0})
+
+
+def captured(tool, argv: list[str]) -> tuple[int, str]:
+    """Run a benchmarks tool's main(argv); its exit status and everything it printed."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        code = tool.main(argv)
+    return code, buffer.getvalue().rstrip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m slurm.merge", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path, help="the sweep file the array ran")
+    parser.add_argument("out", type=Path, help="the sweep's results root (holds <array id>/ and logs/)")
+    parser.add_argument("array_job_id")
+    parser.add_argument("--baseline", type=Path, help="pytest-benchmark JSON to check the merged run against")
+    parser.add_argument("--compare", default="", help="options for benchmarks.compare, one string, e.g. '--threshold 5%% --impl flash_triton'")
+    args = parser.parse_args(argv)
+    try:
+        sweep = read_sweep(args.sweep)
+    except ValueError as e:
+        parser.error(str(e))
+    results = args.out / args.array_job_id
+    results.mkdir(parents=True, exist_ok=True)
+    tasks = [read_task(i, ids, results, args.out / "logs" / f"{args.array_job_id}_{i}.out") for i, ids in enumerate(sweep.tasks)]
+    merged = merge(sweep, args.array_job_id, tasks)
+    merged_path = results / "merged.json"
+    merged_path.write_text(json.dumps(merged, indent=2))
+
+    not_ok = merged["slurm"]["not_ok_tasks"]
+    verdict = f"NOT OK: tasks {', '.join(map(str, not_ok))} (see their rows)" if not_ok else "all tasks ok"
+    counts = Counter(t.status for t in tasks)
+    sections = [
+        f"# Sweep {args.sweep}, array job {args.array_job_id}",
+        f"{len(tasks)} tasks ({', '.join(f'{n} {s}' for s, n in counts.most_common())}), "
+        f"{len(merged['benchmarks'])} benchmark results in {merged_path}. {verdict}.",
+        task_table(tasks),
+    ]
+    code = 1 if not_ok else 0
+    if merged["benchmarks"]:
+        _, text = captured(report, [str(merged_path), "--plot", str(results / "plots")])
+        sections += ["## Benchmarks", text]
+        if args.baseline:
+            compare_code, text = captured(compare, [str(args.baseline), str(merged_path), *shlex.split(args.compare)])
+            sections += [f"## Against {args.baseline} (benchmarks.compare exit {compare_code})", text]
+            code = code or compare_code
+    else:
+        sections.append("No task produced benchmark results: no tables, no comparison.")
+    text = "\n\n".join(sections) + "\n"
+    (results / "report.md").write_text(text)
+    print(text)
+    print(f"merge: exit {code}; report {results / 'report.md'}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

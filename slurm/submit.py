@@ -1,0 +1,89 @@
+"""One command for a whole sweep: generate it, submit the benchmark array and the merge job after it.
+
+    python -m slurm.submit --preset qwen3-8b --tp 1 --tasks 8 --throttle 4 -p gpu -A myacct -t 01:00:00 \\
+        [--baseline benchmarks/baselines/B.json] [--out results] [--dry-run] [-- --benchmark-max-time=0.05]
+
+`--sweep FILE` submits an existing sweep file instead of generating one. `--dry-run` prints the
+sbatch lines, as shell to paste, and submits nothing. Otherwise it prints the job ids and where
+the results, logs and merged report will land.
+"""
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from slurm.jobs import ARRAY_ID, add_arguments as add_slurm_arguments, array_command, merge_command, options_from_args, shell_script
+from slurm.sweep import add_arguments as add_sweep_arguments, default_path, provenance, read_sweep, sweep_from_args, write_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP_OPTIONS = ("--tasks", "--preset", "--tp", "--dtype", "--grid")
+
+
+def sbatch(cmd: list[str]) -> str:
+    """Run one sbatch --parsable; the job id it printed. RuntimeError carries sbatch's own complaint."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise RuntimeError("sbatch not found: run this on a Slurm login node, or use --dry-run") from e
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.splitlines()[0])
+    add_sweep_arguments(parser)
+    add_slurm_arguments(parser)
+    parser.add_argument("--sweep", type=Path, help="submit this sweep file, as written, instead of generating one")
+    parser.add_argument("--out", type=Path, default=REPO / "results", help="results root: sweeps/, logs/ and <array id>/ go here (default results/)")
+    parser.add_argument("--baseline", type=Path, help="the merge job compares the merged results with this pytest-benchmark JSON")
+    parser.add_argument("--compare", default="", help="options for benchmarks.compare, one string, e.g. '--threshold 5%% --impl flash_triton'")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch lines; submit nothing")
+    args = parser.parse_args(argv)
+    try:
+        opts = options_from_args(args)
+        if args.baseline and not args.baseline.is_file():
+            raise ValueError(f"--baseline: {args.baseline} is not a file")
+        if args.sweep:
+            chosen = [name for name in SWEEP_OPTIONS if getattr(args, name.lstrip("-").replace("-", "_")) != parser.get_default(name.lstrip("-").replace("-", "_"))]
+            if chosen or args.pytest_extra or args.keyword or args.markexpr:
+                raise ValueError(f"--sweep: a sweep file's tasks are submitted as written; drop {chosen or 'the pytest options'}, or leave out --sweep")
+            path, sweep = args.sweep, read_sweep(args.sweep)
+        else:
+            path, sweep = default_path(args.out), sweep_from_args(args)
+            write_sweep(path, sweep, provenance())
+    except ValueError as e:
+        parser.error(str(e))
+    merge_args = ([f"--baseline={args.baseline.resolve()}"] if args.baseline else []) + ([f"--compare={args.compare}"] if args.compare else [])
+    array_cmd = array_command(path, len(sweep.tasks), args.out, opts)
+    count = sum(map(len, sweep.tasks))
+    print(f"sweep  {path}: {count} benchmarks in {len(sweep.tasks)} tasks, {sweep.grid} grid, pytest args {shlex.join(sweep.pytest_args) or '(none)'}")
+    if args.dry_run:
+        print(shell_script(array_cmd, merge_command(path, args.out, ARRAY_ID, opts, merge_args)))
+        return 0
+    # Slurm opens log files before a job starts and does not create their directory.
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        array_id = sbatch(array_cmd)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results, logs = args.out.resolve() / array_id, args.out.resolve() / "logs"
+    throttle = min(opts.throttle or len(sweep.tasks), len(sweep.tasks))
+    print(f"array  job {array_id}: {len(sweep.tasks)} tasks, at most {throttle} at once; logs {logs}/{array_id}_<task>.out")
+    print(f"       results {results}/<task>.json")
+    merge_cmd = merge_command(path, args.out, array_id, opts, merge_args)
+    try:
+        merge_id = sbatch(merge_cmd)
+    except RuntimeError as e:
+        print(f"error: the array is submitted but its merge job is not: {e}\nmerge by hand once it ends: {shlex.join(merge_cmd)}", file=sys.stderr)
+        return 1
+    print(f"merge  job {merge_id}, when the array has ended: {results}/report.md, merged.json, plots/; log {logs}/{array_id}_merge.out")
+    print(f"watch  squeue -j {array_id},{merge_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
