@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.grid import GPU_GRID
 from benchmarks.figures import decode_counts, dtype_name, record
+from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import paged_attention_decode
 from reference import paged_decode_gather, paged_decode_loop

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.grid import GPU_GRID
 from benchmarks.figures import dtype_name, prefill_counts, record
+from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import flash_attn_varlen, naive_attention
 from kernels.launch import head_dim_block

@@ -63,6 +63,15 @@ EOF
     export SLURM_CONF=$conf
     slurmctld -i
     slurmd
+    # A daemon that cannot bind its port (another Slurm on this machine) exits after forking; sinfo
+    # would then report the other cluster's node.
+    sleep 0.5
+    for daemon in slurmctld slurmd; do
+        kill -0 "$(cat "$dir/$daemon.pid" 2>/dev/null)" 2>/dev/null || {
+            echo "local_cluster: $daemon exited at start (is another Slurm running here?): $(tail -n 2 "$dir/$daemon.log" 2>/dev/null)" >&2
+            exit 1
+        }
+    done
     for _ in $(seq 100); do
         [[ $(sinfo -h -N -o %t 2>/dev/null) == idle ]] && { echo "SLURM_CONF=$conf"; return 0; }
         sleep 0.2

@@ -44,18 +44,20 @@ class TaskResult:
     data: dict | None = None
 
 
-def junit_outcomes(path: Path) -> dict[str, str]:
-    """node id -> passed, failed, error or skipped, from pytest's --junitxml file ({} if unreadable)."""
+def read_junit(path: Path) -> tuple[dict[str, str], str]:
+    """From pytest's --junitxml file: node id -> passed, failed, error or skipped, and the host
+    that ran them. ({}, "") when the file is missing or unreadable."""
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
-        return {}
+        return {}, ""
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
     outcomes = {}
     for case in root.iter("testcase"):
         node_id = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
         kinds = {child.tag for child in case}
         outcomes[node_id] = next((k for k in ("error", "failure", "skipped") if k in kinds), "passed").replace("failure", "failed")
-    return outcomes
+    return outcomes, suite.get("hostname", "") if suite is not None else ""
 
 
 def log_tail(path: Path) -> str:
@@ -75,18 +77,19 @@ def read_task(task: int, expected: list[str], results: Path, log: Path) -> TaskR
         return TaskResult(task, "never ran", f"no log at {log}: cancelled, or never started")
     code = exit_file.read_text().strip()
     result = TaskResult(task, "ok")
+    outcomes, result.node = read_junit(results / f"{task}.xml")
+    result.outcomes = Counter(outcomes.get(node_id, "not run") for node_id in expected)
+    json_problem = ""
     try:
         result.data = json.loads(json_file.read_text())
         result.benchmarks = list(result.data["benchmarks"])
-        result.node = str(result.data["machine_info"].get("node", ""))
+        result.node = str(result.data["machine_info"].get("node", result.node))
         result.gpu = str(result.data["machine_info"].get("gpu", ""))
     except (OSError, ValueError, KeyError, TypeError) as e:
         result.data, result.benchmarks = None, []
-        json_problem = f"no readable {json_file.name} ({type(e).__name__})"
-    else:
-        json_problem = ""
-    outcomes = junit_outcomes(results / f"{task}.xml")
-    result.outcomes = Counter(outcomes.get(node_id, "not run") for node_id in expected)
+        # pytest-benchmark writes no file when every benchmark of the task was skipped.
+        if result.outcomes["passed"] or json_file.exists():
+            json_problem = f"no readable {json_file.name} ({type(e).__name__})"
     bad = [f"{node_id} {outcomes.get(node_id, 'not run')}" for node_id in expected if outcomes.get(node_id, "not run") not in ("passed", "skipped")]
     # Results from outside the task's row would duplicate another task's; they are dropped, loudly.
     outside = [b for b in result.benchmarks if b.get("fullname") not in set(expected)]

@@ -14,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slurm.jobs import ARRAY_ID, add_arguments as add_slurm_arguments, array_command, merge_command, options_from_args, shell_script
-from slurm.sweep import add_arguments as add_sweep_arguments, default_path, provenance, read_sweep, sweep_from_args, write_sweep
+from slurm.jobs import ARRAY_ID, array_command, merge_command, options_from_args, shell_script
+from slurm.jobs import add_arguments as add_slurm_arguments
+from slurm.sweep import add_arguments as add_sweep_arguments
+from slurm.sweep import default_path, provenance, read_sweep, sweep_from_args, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP_OPTIONS = ("--tasks", "--preset", "--tp", "--dtype", "--grid")

@@ -1,0 +1,213 @@
+"""The sweep tooling without a cluster: sweep files, task splitting, the sbatch lines, the merge verdicts.
+
+tests/test_slurm.py runs the same scripts on a real Slurm cluster.
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slurm import merge, submit
+from slurm.jobs import SlurmOptions
+from slurm.sweep import Sweep, collect, read_sweep, split, write_sweep
+from tests.benchmark_json import bench, write
+
+REPO = Path(__file__).resolve().parents[1]
+ODD_IDS = ["benchmarks/test_prefill.py::test_prefill[a b]", "benchmarks/x.py::t[it's \"quoted\" $HOME `x`]", "benchmarks/y.py::t[*]"]
+
+
+@pytest.mark.parametrize("count, tasks", [(10, 5), (10, 3), (7, 7), (1393, 8), (5, 1)])
+def test_split_is_contiguous_and_balanced(count, tasks):
+    ids = [f"id{i}" for i in range(count)]
+    chunks = split(ids, tasks)
+    assert len(chunks) == tasks and [i for chunk in chunks for i in chunk] == ids
+    assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
+
+
+@pytest.mark.parametrize("tasks, message", [(0, "at least 1"), (4, "at most 3")])
+def test_split_refuses_bad_task_counts(tasks, message):
+    with pytest.raises(ValueError, match=f"--tasks: .*{message}"):
+        split(["a", "b", "c"], tasks)
+
+
+def test_sweep_file_round_trips_through_python_and_bash(tmp_path):
+    sweep = Sweep("gpu", ["--preset=qwen3-8b", "-k", "decode and not b1"], [ODD_IDS[:2], ODD_IDS[2:]])
+    path = tmp_path / "sweep.txt"
+    write_sweep(path, sweep, "test")
+    assert read_sweep(path) == sweep
+    # The array script unquotes the same lines with bash's eval; each word must come back whole.
+    script = 'eval "common=( $(sed -n "s/^# pytest-args: //p" "$1") )"; eval "ids=( $(grep -v "^#" "$1" | sed -n 1p) )"; printf "%s\\n" "${common[@]}" "${ids[@]}"'
+    out = subprocess.run(["bash", "-c", script, "bash", path], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == sweep.pytest_args + ODD_IDS[:2]
+
+
+@pytest.mark.parametrize("text, message", [("hello\n", "not a sweep file"), ("# minivllm-sweep 1\n# grid: gpu\n# pytest-args: \n", "no tasks"), ("# minivllm-sweep 1\nx\n", "header lacks")])
+def test_read_sweep_names_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "s.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_sweep(path)
+
+
+def test_collect_lists_the_gpu_grid_from_a_cpu_machine():
+    ids = collect(["--preset=qwen3-8b", "--dtype=bf16", "-k", "prefill and flash_triton"], "gpu")
+    assert len(ids) == 12 and all("qwen3-8b-tp1-bf16" in i and i.endswith("flash_triton]") for i in ids)
+    assert any("-16384-causal-" in i for i in ids)
+
+
+@pytest.mark.parametrize("args, message", [(["--preset=nope"], "--preset: unknown"), (["-k", "no_such_benchmark"], "no benchmarks selected")])
+def test_collect_refuses_what_pytest_refuses(args, message):
+    with pytest.raises(ValueError, match=message):
+        collect(args, "cpu")
+
+
+@pytest.mark.parametrize("kwargs", [dict(gpus_per_task=-1), dict(cpus_per_task=0), dict(throttle=0)])
+def test_slurm_options_refuse_bad_values(kwargs):
+    with pytest.raises(ValueError, match="--" + next(iter(kwargs)).replace("_", "-")):
+        SlurmOptions(**kwargs)
+
+
+def fake_sbatch(bin_dir: Path, log: Path) -> None:
+    """An `sbatch` that records its arguments and answers --parsable with job ids 101, 102, ..."""
+    script = bin_dir / "sbatch"
+    script.write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >> {log}\necho $((100 + $(wc -l < {log})))";cluster1"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+def test_dry_run_prints_shell_that_chains_the_merge_to_the_array(tmp_path, capsys):
+    sweep = tmp_path / "sweep.txt"
+    write_sweep(sweep, Sweep("gpu", [], [["a"], ["b"], ["c"], ["d"], ["e"]]), "test")
+    baseline = write(tmp_path / "base.json", [bench("prefill", "flash_triton", 1e-3)])
+    argv = [f"--sweep={sweep}", "--throttle=2", "-p", "gb200", "-t", "01:00:00", "--exclusive", f"--out={tmp_path / 'r s'}", f"--baseline={baseline}", "--dry-run"]
+    assert submit.main(argv) == 0
+    script = capsys.readouterr().out.split("\n", 1)[1]
+    array_line, merge_line = script.strip().splitlines()
+    for flag in ("--array=0-4%2", "--partition=gb200", "--time=01:00:00", "--exclusive", "--gpus-per-task=1", f"MINIVLLM_PYTHON={sys.executable}"):
+        assert flag in array_line
+    assert "--account" not in array_line and "--qos" not in array_line  # unset: sbatch's environment decides
+    # Run the printed shell with a fake sbatch: the merge must wait on the id the array got.
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake_sbatch(bin_dir, log)
+    subprocess.run(["bash", "-ec", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, check=True)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and "bench_array.sbatch" in calls[0]
+    assert "--dependency=afterany:101 " in calls[1] and f"--output={tmp_path}/r s/logs/101_merge.out" in calls[1]
+    assert calls[1].endswith(f"merge.sbatch {sweep} {tmp_path}/r s 101 --baseline={baseline}")
+
+
+def test_submit_refuses_sweep_options_beside_a_sweep_file(tmp_path, capsys):
+    sweep = tmp_path / "sweep.txt"
+    write_sweep(sweep, Sweep("cpu", [], [["a"]]), "test")
+    with pytest.raises(SystemExit) as exc:
+        submit.main([f"--sweep={sweep}", "--tasks=4"])
+    assert exc.value.code == 2 and "drop ['--tasks']" in capsys.readouterr().err
+
+
+def test_submit_reports_what_sbatch_says(tmp_path, capsys, monkeypatch):
+    sweep = tmp_path / "sweep.txt"
+    write_sweep(sweep, Sweep("cpu", [], [["a"]]), "test")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    assert submit.main([f"--sweep={sweep}", f"--out={tmp_path}"]) == 1
+    assert "sbatch not found" in capsys.readouterr().err
+
+
+# --- merge: each task's files as bench_array.sbatch leaves them ---
+
+IMPLS = ("flash_triton", "sdpa_cudnn", "sdpa_flash")
+
+
+def task_row(task: int) -> list[dict]:
+    return [bench("prefill", impl, 1e-3, size=512 << task) for impl in IMPLS]
+
+
+def junit(benches: list[dict], outcome: dict[str, str], host: str) -> str:
+    cases = []
+    for b in benches:
+        module, name = b["fullname"].split("::")
+        child = {"passed": "", "failed": "<failure/>", "skipped": "<skipped/>"}[outcome.get(b["fullname"], "passed")]
+        cases.append(f'<testcase classname="{module[:-3].replace("/", ".")}" name="{name}">{child}</testcase>')
+    return f'<testsuites><testsuite hostname="{host}">{"".join(cases)}</testsuite></testsuites>'
+
+
+def finished(results: Path, task: int, code: int, benches: list[dict], host: str = "n1", outcome: dict | None = None, **machine) -> None:
+    outcome = outcome or {}
+    timed = [b for b in benches if outcome.get(b["fullname"], "passed") == "passed"]
+    write(results / f"{task}.json", timed, node=host, **machine)
+    (results / f"{task}.xml").write_text(junit(benches, outcome, host))
+    (results / f"{task}.exit").write_text(f"{code}\n")
+
+
+def merge_run(tmp_path: Path, rows: list[list[dict]], *extra: str) -> tuple[int, str, dict]:
+    sweep = tmp_path / "sweep.txt"
+    write_sweep(sweep, Sweep("gpu", ["--preset=qwen3-8b"], [[b["fullname"] for b in row] for row in rows]), "test")
+    code = merge.main([str(sweep), str(tmp_path), "77", *extra])
+    return code, (tmp_path / "77" / "report.md").read_text(), json.loads((tmp_path / "77" / "merged.json").read_text())
+
+
+def test_merge_of_a_clean_sweep_exits_0(tmp_path):
+    rows = [task_row(t) for t in range(3)]
+    results = tmp_path / "77"
+    results.mkdir()
+    for t, row in enumerate(rows):
+        finished(results, t, 0, row, host=f"n{t}", copy_gbps=3000.0 + t)
+    code, report, merged = merge_run(tmp_path, rows)
+    assert code == 0 and "3 tasks (3 ok), 9 benchmark results" in report and "all tasks ok" in report
+    assert merged["slurm"]["not_ok_tasks"] == [] and len(merged["benchmarks"]) == 9
+    assert merged["machine_info"]["copy_gbps"] == 3001.0  # the median of the tasks' ceilings
+    assert merged["machine_info"]["node"] == "mixed: n0 | n1 | n2" and merged["machine_info"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert {b["extra_info"]["node"] for b in merged["benchmarks"]} == {"n0", "n1", "n2"}
+    assert "## prefill" in report and len(list((results / "plots").glob("*.png"))) == 1
+
+
+def test_merge_names_every_task_that_went_wrong(tmp_path):
+    rows = [task_row(t) for t in range(6)]
+    results, logs = tmp_path / "77", tmp_path / "logs"
+    results.mkdir()
+    logs.mkdir()
+    finished(results, 0, 0, rows[0], outcome={rows[0][2]["fullname"]: "skipped"})
+    finished(results, 1, 1, rows[1], outcome={rows[1][1]["fullname"]: "failed"})
+    (logs / "77_1.out").write_text("E   AssertionError: sdpa_cudnn off by 3 ulp\n= 1 failed, 2 passed =\n")
+    (logs / "77_2.out").write_text("task 2 of array 77 on n1\nslurmstepd: error: *** JOB 79 ON n1 CANCELLED AT 2026-11-27 DUE TO TIME LIMIT ***\n")
+    # task 3: nothing at all, as after scancel of a pending task
+    finished(results, 4, 0, rows[4] + [bench("decode", "triton_paged", 1e-4)])  # a result from outside its row
+    finished(results, 5, 0, rows[5])
+    (results / "5.json").write_text("{truncated")
+    code, report, merged = merge_run(tmp_path, rows)
+    assert code == 1 and "NOT OK: tasks 1, 2, 3, 4, 5" in report
+    assert merged["slurm"]["not_ok_tasks"] == [1, 2, 3, 4, 5]
+    status = {t["task"]: (t["status"], t["detail"]) for t in merged["slurm"]["tasks"]}
+    assert status[0] == ("ok", "")
+    assert status[1][0] == "failed" and "pytest exit 1" in status[1][1] and "sdpa_cudnn" in status[1][1] and "1 failed, 2 passed" in status[1][1]
+    assert status[2][0] == "unfinished" and "DUE TO TIME LIMIT" in status[2][1]
+    assert status[3][0] == "never ran"
+    assert status[4][0] == "failed" and "1 results from outside its row, dropped" in status[4][1]
+    assert status[5][0] == "failed" and "no readable 5.json" in status[5][1]
+    # Kept: task 0's two timed results, task 1's two that passed, task 4's three from its row.
+    assert sorted(b["extra_info"]["slurm_task"] for b in merged["benchmarks"]) == [0, 0, 1, 1, 4, 4, 4]
+
+
+def test_merge_of_an_all_skipped_task_is_ok(tmp_path):
+    rows = [task_row(0)]
+    results = tmp_path / "77"
+    results.mkdir()
+    finished(results, 0, 0, rows[0], outcome={b["fullname"]: "skipped" for b in rows[0]})
+    (results / "0.json").unlink()  # pytest-benchmark writes none when it timed nothing
+    code, report, _ = merge_run(tmp_path, rows)
+    assert code == 0 and "3 skipped" in report and "No task produced benchmark results" in report
+
+
+@pytest.mark.parametrize("scale, expected", [(1.0, 0), (1.5, 1)])
+def test_merge_exit_follows_the_comparison_with_the_baseline(tmp_path, scale, expected):
+    rows = [task_row(0)]
+    results = tmp_path / "77"
+    results.mkdir()
+    finished(results, 0, 0, rows[0])
+    baseline = write(tmp_path / "base.json", [bench("prefill", impl, 1e-3 / scale, size=512) for impl in IMPLS])
+    code, report, _ = merge_run(tmp_path, rows, f"--baseline={baseline}", "--compare=--threshold 20%")
+    assert code == expected and f"(benchmarks.compare exit {expected})" in report
