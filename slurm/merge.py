@@ -92,9 +92,10 @@ def read_task(task: int, expected: list[str], results: Path, log: Path) -> TaskR
             json_problem = f"no readable {json_file.name} ({type(e).__name__})"
     bad = [f"{node_id} {outcomes.get(node_id, 'not run')}" for node_id in expected if outcomes.get(node_id, "not run") not in ("passed", "skipped")]
     # Results from outside the task's row would duplicate another task's; they are dropped, loudly.
-    outside = [b for b in result.benchmarks if b.get("fullname") not in set(expected)]
+    row = set(expected)
+    outside = [b for b in result.benchmarks if b.get("fullname") not in row]
     if outside:
-        result.benchmarks = [b for b in result.benchmarks if b not in outside]
+        result.benchmarks = [b for b in result.benchmarks if b.get("fullname") in row]
         bad.insert(0, f"{len(outside)} results from outside its row, dropped")
     if code != "0" or json_problem or bad:
         result.status = "failed"

@@ -135,7 +135,7 @@ def test_sweep_array_and_merge_report_every_task(slurm_env, tmp_path):
     write_sweep(broken, Sweep(sweep.grid, sweep.pytest_args, [*sweep.tasks[:2], [BROKEN_ID], *sweep.tasks[3:]]), "test: task 2 broken")
     bad_out = tmp_path / "bad"
     baseline = results / "merged.json"
-    array, merge = submit(slurm_env, f"--sweep={broken}", "--throttle=2", f"--out={bad_out}", f"--baseline={baseline}", "--compare=--threshold 1000% --allow-missing")
+    array, merge = submit(slurm_env, f"--sweep={broken}", "--throttle=2", f"--out={bad_out}", f"--baseline={baseline}", "--compare=--allow-missing")
     # With two tasks at a time, task 4 is still pending here; cancelled, it never runs.
     run(["scancel", f"{array}_4"], slurm_env)
     wait(slurm_env, array, merge)
@@ -152,7 +152,9 @@ def test_sweep_array_and_merge_report_every_task(slurm_env, tmp_path):
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if re.match(r"\|\s+\d+ \|", line)}
     assert "FAILED" in rows["2"] and "pytest exit 4" in rows["2"] and "not found" in rows["2"]
     assert "NEVER RAN" in rows["4"]
-    assert f"## Against {baseline} (benchmarks.compare exit 0)" in report
+    # Interpreter timings of concurrent CPU tasks swing by orders of magnitude, so only that the
+    # comparison ran is checked here; test_slurm_tools checks that its verdict sets the exit status.
+    assert re.search(rf"## Against {re.escape(str(baseline))} \(benchmarks.compare exit [01]\)", report) and "new/base" in report
     assert exit_code(slurm_env, merge) == 1
 
 
