@@ -174,3 +174,10 @@ def test_torchrun_template_runs_a_two_rank_job(slurm_env, tmp_path):
     log = (tmp_path / f"{job}.out").read_text()
     assert "rank 0/2" in log and "rank 1/2" in log and "distributed check: ok, 2 ranks, gloo all-reduce adds up" in log, log
     assert exit_code(slurm_env, job) == 0
+
+
+def test_partition_from_sbatch_environment_reaches_the_cluster(slurm_env, tmp_path):
+    """No partition is chosen by the tools: SBATCH_PARTITION decides, and sbatch's refusal reaches the user."""
+    env = {**slurm_env, "SBATCH_PARTITION": "no-such-partition"}
+    proc = run([sys.executable, "-m", "slurm.submit", "--grid=cpu", "--preset=tiny", "-k", "flash_triton", "--gpus-per-task=0", f"--out={tmp_path}"], env, check=False)
+    assert proc.returncode == 1 and "sbatch failed" in proc.stderr and "invalid partition" in proc.stderr.lower(), proc.stderr
