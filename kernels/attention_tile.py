@@ -5,33 +5,40 @@ import triton.language as tl
 
 
 @triton.jit
-def online_softmax_step(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr):
+def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION: tl.constexpr):
     """Fold one tile into the running (output, row sum, row max).
 
-    qk: fp32 [M, N] scores already scaled into base 2 (masked entries -inf); v: [N, D].
-    acc: fp32 [M, D] un-normalised output; l_i, m_i: fp32 [M]. m_i starts finite (-1e30) so a
-    row with every entry masked keeps alpha = 1 and p = 0 instead of NaN.
+    qk: fp32 [M, N] raw scores q·k (masked entries -inf); qk_scale > 0 takes them into base 2,
+    fused into the exponent's one multiply-add. v: [N, D]. acc: fp32 [M, D] un-normalised output,
+    which the P·V product accumulates into in place; l_i, m_i: fp32 [M]. m_i starts finite
+    (-1e30) so a row with every entry masked keeps alpha = 1 and p = 0 instead of NaN.
     """
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
-def score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, qk_scale,
+def score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Load one K/V tile and score q against it.
+    """Load one K/V tile through pointers and score q against it.
 
-    q: [M, BLOCK_D]; k_rows, v_rows: [N] element offsets of each token's row; kv_mask: [N, BLOCK_D].
-    Returns (qk fp32 [M, N] scaled into base 2, v [N, BLOCK_D]). Under the interpreter, whose
+    q: [M, BLOCK_D]; k_rows, v_rows: [N] element offsets of each token's row; kv_mask: [N, BLOCK_D]
+    or None. Returns (raw scores fp32 [M, N], v [N, BLOCK_D]). Under the interpreter, whose
     bf16 tl.dot multiplies raw bits, UPCAST moves the operands to fp32.
     """
-    k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_ptrs = k_base + k_rows[:, None] + offs_d[None, :]
+    v_ptrs = v_base + v_rows[:, None] + offs_d[None, :]
+    if kv_mask is None:  # a full tile: unmasked loads vectorise
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    return tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, v
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION), v

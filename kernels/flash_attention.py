@@ -12,6 +12,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.attention_tile import online_softmax_step, score_kv_tile
 from kernels.checks import (
@@ -33,34 +34,43 @@ from kernels.launch import dot_precision, head_dim_block, interpreting
 
 @triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, offs_m, k_len, causal_shift, qk_scale,
+    acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, lo, hi, offs_m, k_len, k_row0, kv_col, causal_shift, qk_scale,
     stride_kb, stride_kt, stride_vb, stride_vt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_len
-        if PAGED:
-            blk = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
-            k_rows = blk * stride_kb + (offs_n % PAGE) * stride_kt
-            v_rows = blk * stride_vb + (offs_n % PAGE) * stride_vt
+        if TMA:
+            # Rows past k_len belong to the next sequence (finite) or lie past the tensor (zero
+            # filled); the masked tiles below give them no weight.
+            k = K.load([k_row0 + start_n, kv_col])
+            v = V.load([k_row0 + start_n, kv_col])
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         else:
-            k_rows = offs_n.to(tl.int64) * stride_kt
-            v_rows = offs_n.to(tl.int64) * stride_vt
-        kv_mask = d_ok[None, :]
-        if MASKED:
-            kv_mask = kv_mask & n_ok[:, None]
-        qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, qk_scale, UPCAST, PRECISION)
+            if PAGED:
+                blk = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+                k_rows = blk * stride_kb + (offs_n % PAGE) * stride_kt
+                v_rows = blk * stride_vb + (offs_n % PAGE) * stride_vt
+            else:
+                k_rows = offs_n.to(tl.int64) * stride_kt
+                v_rows = offs_n.to(tl.int64) * stride_vt
+            if MASKED:
+                kv_mask = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            elif HEAD_DIM < BLOCK_D:
+                kv_mask = (offs_d < HEAD_DIM)[None, :]
+            else:
+                kv_mask = None
+            qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, UPCAST, PRECISION)
         if MASKED:
             visible = n_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
             qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)
     return acc, l_i, m_i
 
 
@@ -68,14 +78,17 @@ def _attend_tiles(
 def _flash_fwd(
     Q, K, V, O, CU_Q, CU_K, BT, qk_scale,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_btb, max_blocks, group,
+    stride_ot, stride_oh, stride_btb, max_blocks, group, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
+    # Grid (num_heads, batch, q tiles): the heads of one GQA group are neighbours, so they read
+    # their shared K/V tiles together from L2; the q-tile axis, dispatched last, runs backwards,
+    # so under causal the longest tiles start first and the short ones fill the tail.
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
     q_len = tl.load(CU_Q + seq + 1) - q_start
     k_start = tl.load(CU_K + seq)
@@ -90,6 +103,8 @@ def _flash_fwd(
         bt_row = BT + seq.to(tl.int64) * stride_btb
         k_base = K + kv_head * stride_kh
         v_base = V + kv_head * stride_vh
+    elif TMA:
+        bt_row, k_base, v_base = BT, BT, BT  # unused: the descriptors address K and V
     else:
         bt_row = BT
         k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
@@ -98,11 +113,14 @@ def _flash_fwd(
     offs_d = tl.arange(0, BLOCK_D)
 
     # One iteration when max_seqlen_q is right; striding keeps every row written if it is not.
-    for start_m in range(pid_m * BLOCK_M, q_len, tl.num_programs(0) * BLOCK_M):
+    for start_m in range(tile * BLOCK_M, q_len, tl.num_programs(2) * BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
         q_rows = (q_start + offs_m).to(tl.int64)
-        q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        if TMA:
+            q = Q.load([q_start + start_m, head * HEAD_DIM])
+        else:
+            q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
         if CAUSAL:
@@ -119,14 +137,14 @@ def _flash_fwd(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc, l_i, m_i = _attend_tiles(
-            acc, l_i, m_i, q, k_base, v_base, bt_row, 0, mid, offs_m, k_len, causal_shift, qk_scale,
-            stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, UPCAST, PRECISION,
+            acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, 0, mid, offs_m, k_len, k_start, kv_head * HEAD_DIM,
+            causal_shift, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION,
         )
         acc, l_i, m_i = _attend_tiles(
-            acc, l_i, m_i, q, k_base, v_base, bt_row, mid, hi, offs_m, k_len, causal_shift, qk_scale,
-            stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, UPCAST, PRECISION,
+            acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, mid, hi, offs_m, k_len, k_start, kv_head * HEAD_DIM,
+            causal_shift, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION,
         )
         # A row that sees no key (q_len > k_len under causal) has l_i == 0 and outputs 0.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -135,18 +153,113 @@ def _flash_fwd(
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
 
-def _tile_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), sized so the tiles of K and V in flight fit
-    shared memory and the accumulator fits registers."""
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head_dim, autotuned on the
+# GPU per (head_dim, causal, paged, TMA, dtype, seqlen bucket) on first use; each fits shared
+# memory with its K/V stages and keeps the accumulator in registers. The first is the default
+# where no tuning happens. fp32 inputs (exact but slow, for references) get small tiles only.
+TUNE_TILES = {
+    64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)),
+    128: ((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3)),
+    256: ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)),
+}
+FP32_TILES = {64: ((64, 32, 4, 2),), 128: ((64, 32, 4, 2), (32, 32, 4, 1)), 256: ((32, 32, 4, 1),)}
+INTERPRETER_TILE = (32, 16, 4, 1)
+
+
+def tiles_for(block_d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
+    """The candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles for this padded head_dim and dtype."""
+    return (FP32_TILES if dtype == torch.float32 else TUNE_TILES)[max(64, block_d)]
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Give the TMA descriptors the tile shape of the config about to run."""
+    if nargs["TMA"]:
+        nargs["Q"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_D"]]
+        nargs["K"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+        nargs["V"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+
+def _config(tile: tuple[int, int, int, int]) -> triton.Config:
+    block_m, block_n, num_warps, num_stages = tile
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_block_shapes)
+
+
+def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    wanted = set(tiles_for(kwargs["BLOCK_D"], named_args["O"].dtype))
+    return [c for c in configs if _tile_of(c) in wanted]
+
+
+_ALL_TILES = sorted({t for table in (TUNE_TILES, FP32_TILES) for tiles in table.values() for t in tiles})
+_flash_fwd_tuned = triton.autotune(
+    [_config(t) for t in _ALL_TILES],
+    key=["HEAD_DIM", "CAUSAL", "PAGED", "TMA", "seqlen_bucket"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_flash_fwd)
+
+
+def _tma_ok(t: torch.Tensor, head_dim: int, block_d: int) -> bool:
+    """Whether TMA can address t (tokens, heads, head_dim) as a 2-D (tokens, heads*head_dim)
+    tensor in whole-head tiles: Hopper or later, a power-of-two head_dim, 16-byte aligned rows."""
+    return (
+        head_dim == block_d
+        and t.dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(t.device)[0] >= 9
+        and t.stride(2) == 1
+        and t.stride(1) == head_dim
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
+
+
+def _descriptor(t: torch.Tensor) -> TensorDescriptor:
+    # The block shape is a placeholder until _set_block_shapes sets the chosen tile's.
+    return TensorDescriptor(t, shape=[t.shape[0], t.shape[1] * t.shape[2]], strides=[t.stride(0), 1], block_shape=[16, t.shape[2]])
+
+
+def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None):
+    """(kernel, grid, args, meta) for already-checked flash_attn_varlen arguments: the autotuned
+    kernel, or with `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone, and TMA
+    where it applies unless `tma` is False. benchmarks/tune_prefill.py times tiles one by one."""
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
+    batch, paged = cu_seqlens_q.shape[0] - 1, block_table is not None
+    page = k.shape[1] if paged else 1
+    block_d = head_dim_block(head_dim)
+    bt = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
+    kb, kt, kh = (k.stride(0), k.stride(1), k.stride(2)) if paged else (0, k.stride(0), k.stride(1))
+    vb, vt, vh = (v.stride(0), v.stride(1), v.stride(2)) if paged else (0, v.stride(0), v.stride(1))
+    tma = tma is not False and not interpreting() and not paged and all(_tma_ok(t, head_dim, block_d) for t in (q, k, v))
+    args = (
+        _descriptor(q) if tma else q, _descriptor(k) if tma else k, _descriptor(v) if tma else v,
+        out, cu_seqlens_q, cu_seqlens_k, bt, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), kb, kt, kh, vb, vt, vh,
+        out.stride(0), out.stride(1), bt.stride(0), block_table.shape[1] if paged else 0,
+        num_heads // num_kv_heads, min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 15),
+    )
+    meta = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), PAGED=paged, PAGE=page, TMA=tma,
+        UPCAST=interpreting(), PRECISION=dot_precision(q.dtype),
+    )
+
+    def grid(config):
+        return (num_heads, batch, max(1, triton.cdiv(max_seqlen_q, config["BLOCK_M"])))
+
     if interpreting():
-        return 32, 16, 4, 1
-    if dtype == torch.float32:
-        return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
-    if block_d <= 64:
-        return 128, 64, 4, 3
-    if block_d <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 8, 2
+        tile = INTERPRETER_TILE
+    elif tile is None and (head_dim != block_d or q.dtype == torch.float32):
+        # Autotuning compiles every candidate once per head_dim: spent on the power-of-two head
+        # dims of real models, not on odd ones or exact-fp32 reference runs.
+        tile = tiles_for(block_d, q.dtype)[0]
+    if tile is None:
+        return _flash_fwd_tuned, grid, args, meta
+    block_m, block_n, num_warps, num_stages = tile
+    if tma:
+        _set_block_shapes({"Q": args[0], "K": args[1], "V": args[2], "TMA": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d})
+    meta.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    return _flash_fwd, grid({"BLOCK_M": block_m}), args, meta
 
 
 def flash_attn_varlen(
@@ -211,20 +324,6 @@ def flash_attn_varlen(
     out = check_out(out, q)
     if q.shape[0] == 0 or batch == 0:
         return out
-    block_d = head_dim_block(head_dim)
-    block_m, block_n, num_warps, num_stages = _tile_config(block_d, q.dtype)
-    bt = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
-    kb, kt, kh = (k.stride(0), k.stride(1), k.stride(2)) if paged else (0, k.stride(0), k.stride(1))
-    vb, vt, vh = (v.stride(0), v.stride(1), v.stride(2)) if paged else (0, v.stride(0), v.stride(1))
-    grid = (max(1, triton.cdiv(max_seqlen_q, block_m)), num_heads, batch)
-    _flash_fwd[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, bt, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), kb, kt, kh, vb, vt, vh,
-        out.stride(0), out.stride(1), bt.stride(0), block_table.shape[1] if paged else 0,
-        num_heads // num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=bool(causal), PAGED=paged, PAGE=page,
-        UPCAST=interpreting(), PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    kernel, grid, args, meta = launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table)
+    kernel[grid](*args, **meta)
     return out

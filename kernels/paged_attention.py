@@ -78,9 +78,9 @@ def _paged_decode(
         v_rows = tl.reshape(blk[:, None] * stride_vb + in_page[None, :] * stride_vt, [BLOCK_N])
         n_ok = start_n + tl.arange(0, BLOCK_N) < hi
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, qk_scale, UPCAST, PRECISION)
+        qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, UPCAST, PRECISION)
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(overflow, float("nan"), acc / l_safe[:, None])
