@@ -38,10 +38,10 @@ def _attend_tiles(
     stride_kb, stride_kt, stride_vb, stride_vt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_len
         if TMA:
@@ -78,17 +78,17 @@ def _attend_tiles(
 def _flash_fwd(
     Q, K, V, O, CU_Q, CU_K, BT, qk_scale,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_btb, max_blocks, group, seqlen_bucket,
+    stride_ot, stride_oh, stride_btb, max_blocks, group, num_heads, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    # Grid (num_heads, batch, q tiles): the heads of one GQA group are neighbours, so they read
-    # their shared K/V tiles together from L2; the q-tile axis, dispatched last, runs backwards,
-    # so under causal the longest tiles start first and the short ones fill the tail.
-    head = tl.program_id(0)
-    seq = tl.program_id(1)
-    tile = tl.num_programs(2) - 1 - tl.program_id(2)
+    # Grid (q tiles, heads, batch), q tiles fastest: the programs in flight at once are the tiles
+    # of a few heads, whose K/V then stay in L2 (num_heads and seqlen_bucket only key the
+    # autotuner). Each head's tiles run backwards, so under causal its longest tiles start first.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
     q_len = tl.load(CU_Q + seq + 1) - q_start
     k_start = tl.load(CU_K + seq)
@@ -113,7 +113,7 @@ def _flash_fwd(
     offs_d = tl.arange(0, BLOCK_D)
 
     # One iteration when max_seqlen_q is right; striding keeps every row written if it is not.
-    for start_m in range(tile * BLOCK_M, q_len, tl.num_programs(2) * BLOCK_M):
+    for start_m in range(tile * BLOCK_M, q_len, tl.num_programs(0) * BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
         q_rows = (q_start + offs_m).to(tl.int64)
@@ -139,12 +139,12 @@ def _flash_fwd(
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, 0, mid, offs_m, k_len, k_start, kv_head * HEAD_DIM,
             causal_shift, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION, WARP_SPEC,
         )
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, mid, hi, offs_m, k_len, k_start, kv_head * HEAD_DIM,
             causal_shift, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION, False,
         )
         # A row that sees no key (q_len > k_len under causal) has l_i == 0 and outputs 0.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -159,7 +159,7 @@ def _flash_fwd(
 # where no tuning happens. fp32 inputs (exact but slow, for references) get small tiles only.
 TUNE_TILES = {
     64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)),
-    128: ((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3)),
+    128: ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3)),
     256: ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)),
 }
 FP32_TILES = {64: ((64, 32, 4, 2),), 128: ((64, 32, 4, 2), (32, 32, 4, 1)), 256: ((32, 32, 4, 1),)}
@@ -181,7 +181,7 @@ def _set_block_shapes(nargs: dict) -> None:
 
 def _config(tile: tuple[int, int, int, int]) -> triton.Config:
     block_m, block_n, num_warps, num_stages = tile
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_block_shapes)
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "WARP_SPEC": False}, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_block_shapes)
 
 
 def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
@@ -196,7 +196,7 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 _ALL_TILES = sorted({t for table in (TUNE_TILES, FP32_TILES) for tiles in table.values() for t in tiles})
 _flash_fwd_tuned = triton.autotune(
     [_config(t) for t in _ALL_TILES],
-    key=["HEAD_DIM", "CAUSAL", "PAGED", "TMA", "seqlen_bucket"],
+    key=["HEAD_DIM", "CAUSAL", "PAGED", "TMA", "num_heads", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": _prune},
 )(_flash_fwd)
 
@@ -220,10 +220,11 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor(t, shape=[t.shape[0], t.shape[1] * t.shape[2]], strides=[t.stride(0), 1], block_shape=[16, t.shape[2]])
 
 
-def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None):
+def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, warp_spec=False):
     """(kernel, grid, args, meta) for already-checked flash_attn_varlen arguments: the autotuned
     kernel, or with `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone, and TMA
-    where it applies unless `tma` is False. benchmarks/tune_prefill.py times tiles one by one."""
+    where it applies unless `tma` is False, and `warp_spec` asks Triton to warp-specialise the
+    unmasked key loop. benchmarks/tune_prefill.py times tiles one by one."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
     batch, paged = cu_seqlens_q.shape[0] - 1, block_table is not None
     page = k.shape[1] if paged else 1
@@ -237,7 +238,7 @@ def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         out, cu_seqlens_q, cu_seqlens_k, bt, scale * math.log2(math.e),
         q.stride(0), q.stride(1), kb, kt, kh, vb, vt, vh,
         out.stride(0), out.stride(1), bt.stride(0), block_table.shape[1] if paged else 0,
-        num_heads // num_kv_heads, min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 15),
+        num_heads // num_kv_heads, num_heads, min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 15),
     )
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), PAGED=paged, PAGE=page, TMA=tma,
@@ -245,7 +246,7 @@ def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     )
 
     def grid(config):
-        return (num_heads, batch, max(1, triton.cdiv(max_seqlen_q, config["BLOCK_M"])))
+        return (max(1, triton.cdiv(max_seqlen_q, config["BLOCK_M"])), num_heads, batch)
 
     if interpreting():
         tile = INTERPRETER_TILE
@@ -258,7 +259,7 @@ def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     block_m, block_n, num_warps, num_stages = tile
     if tma:
         _set_block_shapes({"Q": args[0], "K": args[1], "V": args[2], "TMA": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d})
-    meta.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    meta.update(BLOCK_M=block_m, BLOCK_N=block_n, WARP_SPEC=warp_spec, num_warps=num_warps, num_stages=num_stages)
     return _flash_fwd, grid({"BLOCK_M": block_m}), args, meta
 
 
