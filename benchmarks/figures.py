@@ -19,6 +19,17 @@ def prefill_counts(batch, seqlen, num_heads, num_kv_heads, head_dim, causal, dty
     return flops, nbytes
 
 
+def prefix_counts(batch, prefix_len, new_len, num_heads, num_kv_heads, head_dim, causal, dtype) -> tuple[int, int]:
+    """(FLOPs, bytes) of prefilling `new_len` tokens after a cached `prefix_len`: every new token
+    scores the whole prefix and, under causal, half the new tokens on average (the same halving
+    as prefill_counts); q and out of the new tokens, k and v of all of them, once."""
+    keys = prefix_len + (new_len / 2 if causal else new_len)
+    flops = int(4 * batch * num_heads * new_len * keys * head_dim)
+    elem = torch.finfo(dtype).bits // 8
+    nbytes = elem * batch * head_dim * (2 * new_len * num_heads + 2 * (prefix_len + new_len) * num_kv_heads)
+    return flops, nbytes
+
+
 def decode_counts(batch, context_len, num_heads, num_kv_heads, head_dim, dtype) -> tuple[int, int]:
     """(FLOPs, bytes) of one decode step: K and V of every context read once, plus q and out."""
     flops = 4 * batch * num_heads * context_len * head_dim
@@ -39,7 +50,7 @@ def record(benchmark, ceilings: dict, *, suite: str, impl: str, shard, dtype: to
     if benchmark.stats is None:  # --benchmark-disable: nothing was timed
         return
     median = benchmark.stats.stats.median
-    if suite == "prefill":
+    if suite in ("prefill", "prefix"):
         info.update(tflops=flops / median / 1e12, ceiling=PREFILL_CEILING)
         info["pct_of_ceiling"] = 100 * info["tflops"] / ceilings[PREFILL_CEILING]
     else:

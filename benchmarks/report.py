@@ -30,10 +30,11 @@ class Suite:
 
 SUITES = {
     "prefill": Suite("seqlen", "causal", "tflops", "TFLOP/s", "matmul_tflops", ("model", "tp", "dtype"), "causal"),
+    "prefix": Suite("seqlen", "causal", "tflops", "TFLOP/s", "matmul_tflops", ("model", "tp", "dtype"), "causal"),
     "decode": Suite("context_len", "block_size", "gbps", "GB/s", "copy_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
 }
 # Columns in this order; an impl not listed here goes after these, alphabetically.
-IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "triton_paged")
+IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged")
 OURS = ("naive_triton", "flash_triton", "triton_paged")
 PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_dense")
 PREFIXES = {"tp": "tp", "block_size": "block", "batch": "batch"}

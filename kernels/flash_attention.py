@@ -34,21 +34,30 @@ from kernels.launch import dot_precision, head_dim_block, interpreting
 
 @triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, lo, hi, offs_m, k_len, k_row0, kv_col, causal_shift, qk_scale,
+    acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, lo, hi, offs_m, k_len, k_row0, kv_head, causal_shift, qk_scale,
     stride_kb, stride_kt, stride_vb, stride_vt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_len
         if TMA:
-            # Rows past k_len belong to the next sequence (finite) or lie past the tensor (zero
-            # filled); the masked tiles below give them no weight.
-            k = K.load([k_row0 + start_n, kv_col])
-            v = V.load([k_row0 + start_n, kv_col])
+            if PAGED:
+                # A tile lies inside one page (PAGE % BLOCK_N == 0): one 4-D box of the cache.
+                blk = tl.load(bt_row + start_n // PAGE)
+                k = tl.reshape(K.load([blk, start_n % PAGE, kv_head, 0]), [BLOCK_N, BLOCK_D])
+                v = tl.reshape(V.load([blk, start_n % PAGE, kv_head, 0]), [BLOCK_N, BLOCK_D])
+            else:
+                k = K.load([k_row0 + start_n, kv_head * HEAD_DIM])
+                v = V.load([k_row0 + start_n, kv_head * HEAD_DIM])
+            if MASKED:
+                # Rows past k_len hold the next sequence, unwritten cache slots (anything, NaN
+                # too) or TMA's zero fill: scores are masked below, and V rows zeroed so that
+                # p = 0 times them stays 0.
+                v = tl.where(n_ok[:, None], v, tl.zeros_like(v))
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         else:
             if PAGED:
@@ -70,7 +79,11 @@ def _attend_tiles(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
             qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)
+        if SOFTMAX:
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)
+        else:  # a measurement of the two matmuls alone (tune_prefill); never a right answer
+            acc = tl.dot(qk.to(v.dtype), v, acc, input_precision=PRECISION)
+            l_i = l_i + 1.0
     return acc, l_i, m_i
 
 
@@ -81,7 +94,7 @@ def _flash_fwd(
     stride_ot, stride_oh, stride_btb, max_blocks, group, num_heads, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     # Grid (q tiles, heads, batch), q tiles fastest: the programs in flight at once are the tiles
     # of a few heads, whose K/V then stay in L2 (num_heads and seqlen_bucket only key the
@@ -101,8 +114,11 @@ def _flash_fwd(
         overflow = k_len > max_blocks * PAGE
         k_len = tl.minimum(k_len, max_blocks * PAGE)
         bt_row = BT + seq.to(tl.int64) * stride_btb
-        k_base = K + kv_head * stride_kh
-        v_base = V + kv_head * stride_vh
+        if TMA:
+            k_base, v_base = BT, BT  # unused: the descriptors address K and V
+        else:
+            k_base = K + kv_head * stride_kh
+            v_base = V + kv_head * stride_vh
     elif TMA:
         bt_row, k_base, v_base = BT, BT, BT  # unused: the descriptors address K and V
     else:
@@ -137,14 +153,14 @@ def _flash_fwd(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc, l_i, m_i = _attend_tiles(
-            acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, 0, mid, offs_m, k_len, k_start, kv_head * HEAD_DIM,
+            acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, 0, mid, offs_m, k_len, k_start, kv_head,
             causal_shift, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION, WARP_SPEC,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION, WARP_SPEC, SOFTMAX,
         )
         acc, l_i, m_i = _attend_tiles(
-            acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, mid, hi, offs_m, k_len, k_start, kv_head * HEAD_DIM,
+            acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, mid, hi, offs_m, k_len, k_start, kv_head,
             causal_shift, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION, False,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION, False, SOFTMAX,
         )
         # A row that sees no key (q_len > k_len under causal) has l_i == 0 and outputs 0.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -153,30 +169,42 @@ def _flash_fwd(
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
 
-# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head_dim, autotuned on the
-# GPU per (head_dim, causal, paged, TMA, dtype, seqlen bucket) on first use; each fits shared
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned on the GPU per
+# (head_dim, causal, paged, TMA, dtype, num_heads, seqlen bucket) on first use; each fits shared
 # memory with its K/V stages and keeps the accumulator in registers. The first is the default
-# where no tuning happens. fp32 inputs (exact but slow, for references) get small tiles only.
+# where no tuning happens. head_dim 128 past 1k tokens has one tile: on the H100 it was the
+# fastest of five in all four MHA/GQA x causal cases at 4k, and the autotuner, given all five,
+# picked one up to 10% slower (benchmarks/NOTES.md). fp32 inputs (exact but slow, for
+# references) get small tiles only.
 TUNE_TILES = {
     64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)),
-    128: ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3)),
     256: ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)),
 }
+D128_SHORT_TILES = ((64, 64, 4, 3), (128, 128, 8, 3))  # seqlen bucket <= SHORT
+D128_LONG_TILES = ((128, 128, 8, 3),)
+SHORT = 1024
 FP32_TILES = {64: ((64, 32, 4, 2),), 128: ((64, 32, 4, 2), (32, 32, 4, 1)), 256: ((32, 32, 4, 1),)}
 INTERPRETER_TILE = (32, 16, 4, 1)
 
 
-def tiles_for(block_d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
-    """The candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles for this padded head_dim and dtype."""
-    return (FP32_TILES if dtype == torch.float32 else TUNE_TILES)[max(64, block_d)]
+def tiles_for(block_d: int, dtype: torch.dtype, seqlen_bucket: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles for this padded head_dim,
+    dtype and power-of-two sequence-length bucket."""
+    if dtype == torch.float32:
+        return FP32_TILES[max(64, block_d)]
+    if block_d == 128:
+        return D128_SHORT_TILES if seqlen_bucket <= SHORT else D128_LONG_TILES
+    return TUNE_TILES[max(64, block_d)]
 
 
 def _set_block_shapes(nargs: dict) -> None:
-    """Give the TMA descriptors the tile shape of the config about to run."""
+    """Give the TMA descriptors the tile shape of the config about to run: 2-D boxes of packed
+    tokens, or for a paged cache a 4-D box of one page of one kv head."""
     if nargs["TMA"]:
         nargs["Q"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_D"]]
-        nargs["K"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
-        nargs["V"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+        kv_box = [1, nargs["BLOCK_N"], 1, nargs["BLOCK_D"]] if nargs["PAGED"] else [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+        nargs["K"].block_shape = kv_box
+        nargs["V"].block_shape = list(kv_box)
 
 
 def _config(tile: tuple[int, int, int, int]) -> triton.Config:
@@ -189,11 +217,11 @@ def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
-    wanted = set(tiles_for(kwargs["BLOCK_D"], named_args["O"].dtype))
+    wanted = set(tiles_for(kwargs["BLOCK_D"], named_args["O"].dtype, named_args["seqlen_bucket"]))
     return [c for c in configs if _tile_of(c) in wanted]
 
 
-_ALL_TILES = sorted({t for table in (TUNE_TILES, FP32_TILES) for tiles in table.values() for t in tiles})
+_ALL_TILES = sorted({t for tiles in (*TUNE_TILES.values(), *FP32_TILES.values(), D128_SHORT_TILES, D128_LONG_TILES) for t in tiles})
 _flash_fwd_tuned = triton.autotune(
     [_config(t) for t in _ALL_TILES],
     key=["HEAD_DIM", "CAUSAL", "PAGED", "TMA", "num_heads", "seqlen_bucket"],
@@ -202,29 +230,36 @@ _flash_fwd_tuned = triton.autotune(
 
 
 def _tma_ok(t: torch.Tensor, head_dim: int, block_d: int) -> bool:
-    """Whether TMA can address t (tokens, heads, head_dim) as a 2-D (tokens, heads*head_dim)
-    tensor in whole-head tiles: Hopper or later, a power-of-two head_dim, 16-byte aligned rows."""
+    """Whether TMA can address t, packed (tokens, heads, head_dim) or a paged cache (blocks,
+    page, heads, head_dim), in whole-head boxes: Hopper or later, a power-of-two head_dim,
+    contiguous heads and 16-byte aligned strides."""
     return (
         head_dim == block_d
         and t.dtype in (torch.float16, torch.bfloat16)
         and torch.cuda.get_device_capability(t.device)[0] >= 9
-        and t.stride(2) == 1
-        and t.stride(1) == head_dim
-        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.stride(-1) == 1
+        and t.stride(-2) == head_dim
+        and all((stride * t.element_size()) % 16 == 0 for stride in t.stride()[:-1])
         and t.data_ptr() % 16 == 0
     )
 
 
 def _descriptor(t: torch.Tensor) -> TensorDescriptor:
-    # The block shape is a placeholder until _set_block_shapes sets the chosen tile's.
+    """A TMA descriptor of packed (tokens, heads, head_dim) as 2-D (tokens, heads*head_dim), or
+    of a paged cache as it is. The box is a placeholder until _set_block_shapes sets the tile's."""
+    if t.dim() == 4:
+        return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=[1, 16, 1, t.shape[3]])
     return TensorDescriptor(t, shape=[t.shape[0], t.shape[1] * t.shape[2]], strides=[t.stride(0), 1], block_shape=[16, t.shape[2]])
 
 
-def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, warp_spec=False):
+def launch_plan(
+    q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, warp_spec=False, softmax=True
+):
     """(kernel, grid, args, meta) for already-checked flash_attn_varlen arguments: the autotuned
     kernel, or with `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone, and TMA
-    where it applies unless `tma` is False, and `warp_spec` asks Triton to warp-specialise the
-    unmasked key loop. benchmarks/tune_prefill.py times tiles one by one."""
+    where it applies unless `tma` is False; `warp_spec` asks Triton to warp-specialise the
+    unmasked key loop, and softmax=False leaves the softmax out (a wrong answer: it measures
+    the two matmuls alone). benchmarks/tune_prefill.py times these variants one by one."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
     batch, paged = cu_seqlens_q.shape[0] - 1, block_table is not None
     page = k.shape[1] if paged else 1
@@ -232,17 +267,20 @@ def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     bt = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
     kb, kt, kh = (k.stride(0), k.stride(1), k.stride(2)) if paged else (0, k.stride(0), k.stride(1))
     vb, vt, vh = (v.stride(0), v.stride(1), v.stride(2)) if paged else (0, v.stride(0), v.stride(1))
-    tma = tma is not False and not interpreting() and not paged and all(_tma_ok(t, head_dim, block_d) for t in (q, k, v))
+    # A paged tile must lie inside one page: every candidate's BLOCK_N (at most 128) divides it.
+    bucket = min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 15)
+    paged_tma_ok = not paged or page >= max(t[1] for t in tiles_for(block_d, q.dtype, bucket))
+    tma = tma is not False and not interpreting() and paged_tma_ok and all(_tma_ok(t, head_dim, block_d) for t in (q, k, v))
     args = (
         _descriptor(q) if tma else q, _descriptor(k) if tma else k, _descriptor(v) if tma else v,
         out, cu_seqlens_q, cu_seqlens_k, bt, scale * math.log2(math.e),
         q.stride(0), q.stride(1), kb, kt, kh, vb, vt, vh,
         out.stride(0), out.stride(1), bt.stride(0), block_table.shape[1] if paged else 0,
-        num_heads // num_kv_heads, num_heads, min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 15),
+        num_heads // num_kv_heads, num_heads, bucket,
     )
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), PAGED=paged, PAGE=page, TMA=tma,
-        UPCAST=interpreting(), PRECISION=dot_precision(q.dtype),
+        UPCAST=interpreting(), PRECISION=dot_precision(q.dtype), SOFTMAX=softmax,
     )
 
     def grid(config):
@@ -253,7 +291,7 @@ def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     elif tile is None and (head_dim != block_d or q.dtype == torch.float32):
         # Autotuning compiles every candidate once per head_dim: spent on the power-of-two head
         # dims of real models, not on odd ones or exact-fp32 reference runs.
-        tile = tiles_for(block_d, q.dtype)[0]
+        tile = tiles_for(block_d, q.dtype, bucket)[0]
     if tile is None:
         return _flash_fwd_tuned, grid, args, meta
     block_m, block_n, num_warps, num_stages = tile
