@@ -183,6 +183,7 @@ TUNE_TILES = {
 D128_SHORT_TILES = ((64, 64, 4, 3), (128, 128, 8, 3))  # seqlen bucket <= SHORT
 D128_LONG_TILES = ((128, 128, 8, 3),)
 SHORT = 1024
+TUNE_MIN_FLOPS = 1 << 34  # ~35 us of work at 500 TFLOP/s: below it, the first candidate runs untuned
 FP32_TILES = {64: ((64, 32, 4, 2),), 128: ((64, 32, 4, 2), (32, 32, 4, 1)), 256: ((32, 32, 4, 1),)}
 INTERPRETER_TILE = (32, 16, 4, 1)
 
@@ -288,15 +289,16 @@ def launch_plan(
 
     if interpreting():
         tile = INTERPRETER_TILE
-    elif tile is None and (head_dim != block_d or q.dtype == torch.float32):
-        # Autotuning compiles every candidate once per head_dim: spent on the power-of-two head
-        # dims of real models, not on odd ones or exact-fp32 reference runs.
+    elif tile is None and (head_dim != block_d or q.dtype == torch.float32 or 4 * q.shape[0] * max_seqlen_k * num_heads * head_dim < TUNE_MIN_FLOPS):
+        # Autotuning compiles every candidate once per head_dim and times each per key: spent
+        # on the power-of-two head dims of real models at sizes where a tile choice pays, not on
+        # odd ones, exact-fp32 reference runs or launches of a few microseconds.
         tile = tiles_for(block_d, q.dtype, bucket)[0]
     if tile is None:
         return _flash_fwd_tuned, grid, args, meta
     block_m, block_n, num_warps, num_stages = tile
     if tma:
-        _set_block_shapes({"Q": args[0], "K": args[1], "V": args[2], "TMA": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d})
+        _set_block_shapes({"Q": args[0], "K": args[1], "V": args[2], "TMA": True, "PAGED": paged, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d})
     meta.update(BLOCK_M=block_m, BLOCK_N=block_n, WARP_SPEC=warp_spec, num_warps=num_warps, num_stages=num_stages)
     return _flash_fwd, grid({"BLOCK_M": block_m}), args, meta
 
