@@ -1,6 +1,6 @@
 """Tables (and optional plots) of benchmark results: configuration × implementation, per suite.
 
-    python -m benchmarks.report OUT.json [more.json ...] [--suite prefill|decode] [--plot DIR]
+    python -m benchmarks.report OUT.json [more.json ...] [--suite prefill|prefix|decode] [--plot DIR]
 
 Each cell is the throughput the benchmark recorded and its % of the machine's ceiling; the speedup
 columns put each of our Triton kernels against the fastest SDPA backend measured on the same row.
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path}")
     if not shown:
-        print(f"error: no {args.suite or 'prefill or decode'} benchmarks in {', '.join(map(str, args.files))}", file=sys.stderr)
+        print(f"error: no {args.suite or 'prefill, prefix or decode'} benchmarks in {', '.join(map(str, args.files))}", file=sys.stderr)
         return 1
     return 0
 

@@ -180,7 +180,7 @@ TUNE_TILES = {
     64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)),
     256: ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)),
 }
-D128_SHORT_TILES = ((64, 64, 4, 3), (128, 128, 8, 3))  # seqlen bucket <= SHORT
+D128_SHORT_TILES = ((128, 128, 8, 3), (64, 64, 4, 3))  # seqlen bucket <= SHORT
 D128_LONG_TILES = ((128, 128, 8, 3),)
 SHORT = 1024
 TUNE_MIN_FLOPS = 1 << 34  # ~35 us of work at 500 TFLOP/s: below it, the first candidate runs untuned

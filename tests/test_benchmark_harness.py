@@ -4,7 +4,7 @@ correctness gate that keeps a wrong implementation from ever being timed."""
 import pytest
 import torch
 
-from benchmarks.figures import decode_counts, prefill_counts
+from benchmarks.figures import decode_counts, prefill_counts, prefix_counts
 from benchmarks.presets import PRESETS, select, shard
 from benchmarks.test_decode import check_decode
 from benchmarks.test_prefill import check_prefill
@@ -88,3 +88,12 @@ def test_decode_gate_passes_the_reference_and_fails_a_wrong_output():
     wrong[batch // 2] = wrong[batch // 2].flip(0)  # the middle sequence's heads swapped
     with pytest.raises(AssertionError, match="wrong"):
         check_decode(wrong, q, cache, lens, "wrong")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefix_counts_reduce_to_prefill_without_a_prefix(causal):
+    assert prefix_counts(3, 0, 1024, 32, 8, 128, causal, torch.bfloat16) == prefill_counts(3, 1024, 32, 8, 128, causal, torch.bfloat16)
+    # 2k cached + 2k new: each new token scores the 2k prefix plus on average half the new ones.
+    flops, nbytes = prefix_counts(1, 2048, 2048, 32, 8, 128, causal, torch.bfloat16)
+    assert flops == 4 * 32 * 2048 * (2048 + (1024 if causal else 2048)) * 128
+    assert nbytes == 2 * 128 * (2 * 2048 * 32 + 2 * 4096 * 8)

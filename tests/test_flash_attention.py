@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 
 from kernels import flash_attn_varlen, store_kvcache
+from kernels.flash_attention import tiles_for
 from reference import attention_ref
 from tests.cases import AttnCase, attn_cases, cu_seqlens, generator, paged_cache, randn
 from tests.tolerance import assert_within_tolerance
@@ -88,3 +89,16 @@ def test_understated_max_seqlen_q_still_writes_every_row(device):
     cu = cu_seqlens([70], device)
     out = flash_attn_varlen(q, k, v, cu, cu, 0, 70, out=torch.full_like(q, float("nan")))
     assert_within_tolerance(out, attention_ref(q, k, v, cu, cu, compute_dtype=torch.float64), attention_ref(q, k, v, cu, cu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_d", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("bucket", [1, 512, 1024, 2048, 1 << 15])
+def test_every_tile_candidate_fits_a_paged_tma_box(dtype, block_d, bucket):
+    """The wrapper uses paged TMA when the page is at least every candidate's BLOCK_N, which
+    then divides it only if both are powers of two; tl.arange needs power-of-two tiles too."""
+    tiles = tiles_for(block_d, dtype, bucket)
+    assert tiles
+    for block_m, block_n, num_warps, num_stages in tiles:
+        assert block_n <= 128 and block_n & (block_n - 1) == 0 and block_m & (block_m - 1) == 0
+        assert num_warps in (4, 8) and num_stages >= 1
