@@ -5,6 +5,11 @@ sequence's keys in BLOCK_N tiles with an online softmax in base 2. Under `causal
 split in two: tiles every query of the tile can see run without any mask, and only the tiles
 that cross the diagonal (or the end of the sequence) pay for masking. Tiles wholly above the
 diagonal are never visited.
+
+On Hopper and later, Q, K and V tiles arrive by TMA (tensor descriptors) when head_dim is a power
+of two, for a paged cache too when a page holds whole tiles; otherwise, and in the CPU
+interpreter, through pointer loads. The tile shape is autotuned per shape class on first use
+(`tiles_for` lists the candidates); benchmarks/NOTES.md has the measurements behind them.
 """
 
 import math
