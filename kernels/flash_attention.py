@@ -17,7 +17,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.attention_tile import online_softmax_step, score_kv_tile
 from kernels.checks import (
@@ -34,7 +33,7 @@ from kernels.checks import (
     check_same_shape,
     resolve_scale,
 )
-from kernels.launch import dot_precision, head_dim_block, interpreting
+from kernels.launch import dot_precision, head_dim_block, interpreting, tma_descriptor, tma_ok
 
 
 @triton.jit
@@ -235,29 +234,6 @@ _flash_fwd_tuned = triton.autotune(
 )(_flash_fwd)
 
 
-def _tma_ok(t: torch.Tensor, head_dim: int, block_d: int) -> bool:
-    """Whether TMA can address t, packed (tokens, heads, head_dim) or a paged cache (blocks,
-    page, heads, head_dim), in whole-head boxes: Hopper or later, a power-of-two head_dim,
-    contiguous heads and 16-byte aligned strides."""
-    return (
-        head_dim == block_d
-        and t.dtype in (torch.float16, torch.bfloat16)
-        and torch.cuda.get_device_capability(t.device)[0] >= 9
-        and t.stride(-1) == 1
-        and t.stride(-2) == head_dim
-        and all((stride * t.element_size()) % 16 == 0 for stride in t.stride()[:-1])
-        and t.data_ptr() % 16 == 0
-    )
-
-
-def _descriptor(t: torch.Tensor) -> TensorDescriptor:
-    """A TMA descriptor of packed (tokens, heads, head_dim) as 2-D (tokens, heads*head_dim), or
-    of a paged cache as it is. The box is a placeholder until _set_block_shapes sets the tile's."""
-    if t.dim() == 4:
-        return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=[1, 16, 1, t.shape[3]])
-    return TensorDescriptor(t, shape=[t.shape[0], t.shape[1] * t.shape[2]], strides=[t.stride(0), 1], block_shape=[16, t.shape[2]])
-
-
 def launch_plan(
     q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, warp_spec=False, softmax=True
 ):
@@ -276,9 +252,9 @@ def launch_plan(
     # A paged tile must lie inside one page: every candidate's BLOCK_N (at most 128) divides it.
     bucket = min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 15)
     paged_tma_ok = not paged or page >= max(t[1] for t in tiles_for(block_d, q.dtype, bucket))
-    tma = tma is not False and not interpreting() and paged_tma_ok and all(_tma_ok(t, head_dim, block_d) for t in (q, k, v))
+    tma = tma is not False and not interpreting() and paged_tma_ok and all(tma_ok(t, head_dim, block_d) for t in (q, k, v))
     args = (
-        _descriptor(q) if tma else q, _descriptor(k) if tma else k, _descriptor(v) if tma else v,
+        tma_descriptor(q) if tma else q, tma_descriptor(k) if tma else k, tma_descriptor(v) if tma else v,
         out, cu_seqlens_q, cu_seqlens_k, bt, scale * math.log2(math.e),
         q.stride(0), q.stride(1), kb, kt, kh, vb, vt, vh,
         out.stride(0), out.stride(1), bt.stride(0), block_table.shape[1] if paged else 0,

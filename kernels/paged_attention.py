@@ -29,7 +29,7 @@ from kernels.checks import (
     check_same_shape,
     resolve_scale,
 )
-from kernels.launch import dot_precision, head_dim_block, interpreting, parallel_slots
+from kernels.launch import dot_precision, head_dim_block, interpreting, parallel_slots, tma_descriptor, tma_ok
 
 
 @triton.jit(do_not_specialize=["max_blocks", "tokens_per_split"])
@@ -38,7 +38,7 @@ def _paged_decode(
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_oh, stride_btb, max_blocks, tokens_per_split, group,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -63,22 +63,29 @@ def _paged_decode(
     if UPCAST:
         q = q.to(tl.float32)
     bt_row = BT + seq.to(tl.int64) * stride_btb
-    k_base = K + kv_head * stride_kh
-    v_base = V + kv_head * stride_vh
 
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
-        # start_n is a multiple of BLOCK_N, so a tile spans whole pages or lies inside one.
-        page_ids = start_n // PAGE + tl.arange(0, PAGES_IN_TILE)
-        blk = tl.load(bt_row + page_ids, mask=page_ids * PAGE < hi, other=0).to(tl.int64)
-        in_page = start_n % PAGE + tl.arange(0, PAGE_IN_TILE)
-        k_rows = tl.reshape(blk[:, None] * stride_kb + in_page[None, :] * stride_kt, [BLOCK_N])
-        v_rows = tl.reshape(blk[:, None] * stride_vb + in_page[None, :] * stride_vt, [BLOCK_N])
         n_ok = start_n + tl.arange(0, BLOCK_N) < hi
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, UPCAST, PRECISION)
+        if TMA:
+            # The tile lies inside one page (PAGE % BLOCK_N == 0): one 4-D box of each cache.
+            # Slots past the context may hold anything, NaN too: V rows there are zeroed.
+            blk = tl.load(bt_row + start_n // PAGE)
+            k = tl.reshape(K.load([blk, start_n % PAGE, kv_head, 0]), [BLOCK_N, BLOCK_D])
+            v = tl.reshape(V.load([blk, start_n % PAGE, kv_head, 0]), [BLOCK_N, BLOCK_D])
+            v = tl.where(n_ok[:, None], v, tl.zeros_like(v))
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            # start_n is a multiple of BLOCK_N, so a tile spans whole pages or lies inside one.
+            page_ids = start_n // PAGE + tl.arange(0, PAGES_IN_TILE)
+            blk = tl.load(bt_row + page_ids, mask=page_ids * PAGE < hi, other=0).to(tl.int64)
+            in_page = start_n % PAGE + tl.arange(0, PAGE_IN_TILE)
+            k_rows = tl.reshape(blk[:, None] * stride_kb + in_page[None, :] * stride_kt, [BLOCK_N])
+            v_rows = tl.reshape(blk[:, None] * stride_vb + in_page[None, :] * stride_vt, [BLOCK_N])
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            qk, v = score_kv_tile(q, K + kv_head * stride_kh, V + kv_head * stride_vh, k_rows, v_rows, offs_d, kv_mask, UPCAST, PRECISION)
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)
 
@@ -135,6 +142,51 @@ def _split_policy(batch: int, num_kv_heads: int, max_context: int, block_n: int,
     return triton.cdiv(max(max_context, 1), tokens_per_split), tokens_per_split
 
 
+def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, num_splits=None, tile=None, tma=False) -> None:
+    """Launch the decode kernel (and the split merge) for already-checked arguments, writing out.
+
+    tile = (BLOCK_N, num_warps, num_stages) overrides the default tile and num_splits fixes the
+    split count. tma=True loads K/V tiles as TMA boxes where each tile lies inside one page
+    (Hopper or later): not yet the default, since no GPU has measured or checked it yet.
+    benchmarks/tune_decode.py times these variants."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    block_d = head_dim_block(head_dim)
+    block_n, num_warps, num_stages = tile or _tile_config(block_d, q.dtype)
+    # TMA boxes need the tile inside one page; the pointer path gathers tiles across pages.
+    tma = tma and not interpreting() and page % block_n == 0 and all(tma_ok(t, head_dim, block_d) for t in (q, k_cache, v_cache))
+    if num_splits is None:
+        splits, tokens_per_split = _split_policy(batch, num_kv_heads, max_context, block_n, q.device)
+    else:
+        tokens_per_split = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
+        splits = num_splits
+    group = num_heads // num_kv_heads
+    if splits > 1:
+        o_part = torch.empty(batch, num_heads, splits, block_d, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(batch, num_heads, splits, device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = out
+    k_arg, v_arg = k_cache, v_cache
+    if tma:
+        k_arg, v_arg = tma_descriptor(k_cache), tma_descriptor(v_cache)
+        k_arg.block_shape = [1, block_n, 1, block_d]
+        v_arg.block_shape = [1, block_n, 1, block_d]
+    _paged_decode[(batch, num_kv_heads, splits)](
+        q, k_arg, v_arg, out, o_part, lse_part, block_table, context_lens, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), block_table.stride(0), block_table.shape[1], tokens_per_split, group,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        PAGE=page, SPLIT=splits > 1, TMA=tma, UPCAST=interpreting(), PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits > 1:
+        _merge_splits[(batch, num_heads)](
+            out, o_part, lse_part, out.stride(0), out.stride(1), splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+        )
+
+
 def paged_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -184,33 +236,6 @@ def paged_attention_decode(
     out = check_out(out, q)
     if batch == 0:
         return out
-    block_d = head_dim_block(head_dim)
-    block_n, num_warps, num_stages = _tile_config(block_d, q.dtype)
-    capacity = block_table.shape[1] * page
-    max_context = capacity if max_context_len is None else max_context_len
-    if num_splits is None:
-        splits, tokens_per_split = _split_policy(batch, num_kv_heads, max_context, block_n, q.device)
-    else:
-        tokens_per_split = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
-        splits = num_splits
-    group = num_heads // num_kv_heads
-    if splits > 1:
-        o_part = torch.empty(batch, num_heads, splits, block_d, device=q.device, dtype=torch.float32)
-        lse_part = torch.empty(batch, num_heads, splits, device=q.device, dtype=torch.float32)
-    else:
-        o_part = lse_part = out
-    _paged_decode[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, out, o_part, lse_part, block_table, context_lens, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), block_table.stride(0), block_table.shape[1], tokens_per_split, group,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        PAGE=page, SPLIT=splits > 1, UPCAST=interpreting(), PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    if splits > 1:
-        _merge_splits[(batch, num_heads)](
-            out, o_part, lse_part, out.stride(0), out.stride(1), splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
-        )
+    max_context = block_table.shape[1] * page if max_context_len is None else max_context_len
+    launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, num_splits)
     return out

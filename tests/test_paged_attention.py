@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 
 from kernels import paged_attention_decode
+from kernels.paged_attention import launch_decode
 from reference import paged_decode_gather, paged_decode_loop
 from tests.cases import DecodeCase, decode_cases, generator, paged_cache, randn
 from tests.tolerance import assert_within_tolerance
@@ -57,3 +58,21 @@ def test_context_longer_than_table_row_is_nan_on_device(device):
         return
     out = paged_attention_decode(q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
     assert torch.isfinite(out[0]).all() and out[1].isnan().all()
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("tile", [(16, 4, 2), (32, 4, 3), (128, 8, 3)])
+def test_tuning_variants_match_the_reference(tile, tma, device):
+    """launch_decode's tile and TMA overrides (benchmarks/tune_decode.py) compute the same
+    function; TMA applies on a Hopper GPU with pages that hold whole tiles, elsewhere it is
+    ignored and the pointer path runs."""
+    gen = generator(11, device)
+    lens = (1, 200, 256, 97)
+    cache = paged_cache(lens, 128, 2, 64, torch.bfloat16, device, gen)
+    q = randn((len(lens), 8, 64), torch.bfloat16, device, gen)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
+    out = torch.full_like(q, float("nan"))
+    launch_decode(*args, out, max(lens), 64**-0.5, num_splits=2, tile=tile, tma=tma)
+    ref64 = paged_decode_gather(*args, compute_dtype=torch.float64)
+    assert_within_tolerance(out, ref64, paged_decode_gather(*args), f"tile {tile} tma={tma}")

@@ -1,0 +1,87 @@
+"""Time decode-kernel variants (tile, TMA, split count) beside SDPA over a contiguous cache.
+
+    python -m benchmarks.tune_decode [--json OUT.json]
+
+The tool for issue 7's kernel work, like tune_prefill for prefill: every variant's output is
+checked against SDPA over the same keys gathered contiguously, then timed with
+triton.testing.do_bench (CUDA events, L2 cleared per call, median). Bandwidth counts the K and V
+bytes of every context once. The suites (`pytest benchmarks`) remain the figures of record.
+"""
+
+import argparse
+import json
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from benchmarks.ceilings import ceilings
+from kernels.paged_attention import launch_decode
+from reference.paging import paged_gather
+from tests.cases import generator, paged_cache, randn
+
+# (batch, context, heads, kv_heads, block_size): issue 7's target shapes, Qwen3-8B's 32/8 and
+# the 235B preset's TP=4 shard (16/1), d=128.
+SHAPES = [
+    *((b, n, 32, 8, page) for page in (16, 256) for b, n in ((16, 1024), (16, 8192), (64, 4096), (256, 2048))),
+    *((b, n, 32, 8, page) for page in (16, 256) for b, n in ((1, 8192), (1, 32768), (4, 32768))),
+    (64, 4096, 16, 1, 256),
+    (16, 1024, 32, 8, 1),
+]
+TILES = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (16, 4, 6))  # (BLOCK_N, warps, stages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write every row here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    device, dtype, d = torch.device("cuda"), torch.bfloat16, 128
+    ceiling = ceilings(device)
+    print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}; ceilings {ceiling}", flush=True)
+    rows = []
+    for batch, ctx, heads, kv, page in SHAPES:
+        gen = generator(ctx + batch, device)
+        q = randn((batch, heads, d), dtype, device, gen)
+        cache = paged_cache([ctx] * batch, page, kv, d, dtype, device, gen)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        k = paged_gather(cache.k_cache, cache.block_table, ctx).transpose(1, 2).contiguous()
+        v = paged_gather(cache.v_cache, cache.block_table, ctx).transpose(1, 2).contiguous()
+        dense = partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=heads != kv)
+        expected = dense()[:, :, 0].float()
+        nbytes = 2 * batch * ctx * kv * d * q.element_size()
+        out = torch.empty_like(q)
+        variants = {"sdpa_dense": dense}
+        for tile in TILES:
+            for tma in (False, True) if page % tile[0] == 0 else (False,):
+                variants[f"tile {tile} tma={tma}"] = partial(launch_decode, q, cache.k_cache, cache.v_cache, cache.block_table, lens, out, ctx, d**-0.5, tile=tile, tma=tma)
+        for splits in (1, 2, 4, 8, 16, 32):
+            variants[f"default tile, {splits} splits"] = partial(launch_decode, q, cache.k_cache, cache.v_cache, cache.block_table, lens, out, ctx, d**-0.5, num_splits=splits)
+        for name, fn in variants.items():
+            try:
+                result = fn()
+                got = (result[:, :, 0] if name == "sdpa_dense" else out).float()
+                err = ((got - expected).norm() / expected.norm()).item()
+                if not err < 2e-2:
+                    raise AssertionError(f"relative error {err:.2e} against SDPA")
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            except Exception as e:  # a wrong or refused variant is reported, not timed
+                print(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+                continue
+            gbps = nbytes / ms / 1e6
+            rows.append(dict(batch=batch, context=ctx, heads=heads, kv_heads=kv, block_size=page, variant=name, ms=ms, gbps=gbps, rel_err=err))
+            print(f"b{batch:<4} ctx {ctx:<6} {heads}/{kv} block {page:<4} {name:32} {ms:8.4f} ms {gbps:7.0f} GB/s "
+                  f"({100 * gbps / ceiling['copy_gbps']:3.0f}% of copy)  err {err:.1e}", flush=True)
+        del q, cache, k, v, out, expected
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), ceilings=ceiling, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
