@@ -14,10 +14,16 @@ from pathlib import Path
 
 from benchmarks.results import DASH, ResultsError, fmt, is_interpreter, load, machine_lines, number, pipe_table
 
+# Columns in this order; an impl not listed here goes after these, alphabetically.
+IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged")
+OURS = ("naive_triton", "flash_triton", "triton_paged")
+PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_dense")
+
 
 @dataclass(frozen=True)
 class Suite:
-    """How one suite's extra_info reads: its size axis, its extra config column, its throughput and ceiling."""
+    """How one suite's extra_info reads: its size axis, its extra config column, its throughput and
+    ceiling; and which impls its speedup columns put against which ('ours vs <versus>')."""
 
     size: str
     mode: str
@@ -26,17 +32,19 @@ class Suite:
     ceiling: str
     group: tuple[str, ...]  # one figure per distinct value of these
     panel: str  # one panel of that figure per distinct value of this
+    ours: tuple[str, ...] = OURS
+    peers: tuple[str, ...] = PEERS
+    versus: str = "sdpa"
 
 
 SUITES = {
     "prefill": Suite("seqlen", "causal", "tflops", "TFLOP/s", "matmul_tflops", ("model", "tp", "dtype"), "causal"),
-    "prefix": Suite("seqlen", "causal", "tflops", "TFLOP/s", "matmul_tflops", ("model", "tp", "dtype"), "causal"),
+    "prefix": Suite(
+        "seqlen", "causal", "tflops", "TFLOP/s", "matmul_tflops", ("model", "tp", "dtype"), "causal",
+        ours=("flash_triton_paged16", "flash_triton_paged256"), peers=("flash_triton",), versus="contiguous",
+    ),
     "decode": Suite("context_len", "block_size", "gbps", "GB/s", "copy_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
 }
-# Columns in this order; an impl not listed here goes after these, alphabetically.
-IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged")
-OURS = ("naive_triton", "flash_triton", "triton_paged")
-PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_dense")
 PREFIXES = {"tp": "tp", "block_size": "block", "batch": "batch"}
 
 
@@ -71,10 +79,10 @@ def cell(bench: dict, suite: Suite) -> str:
     return fmt(throughput, 1) + (f" ({fmt(pct, 0)}%)" if pct is not None else "")
 
 
-def speedup(row: dict[str, dict], impl: str) -> str:
+def speedup(row: dict[str, dict], impl: str, suite: Suite) -> str:
     """'0.71× sdpa_cudnn': the fastest peer's median time over ours (above 1 means ours is faster)."""
     ours = number(row[impl]["stats"].get("median")) if impl in row else None
-    peers = [(number(row[p]["stats"].get("median")), p) for p in PEERS if p in row]
+    peers = [(number(row[p]["stats"].get("median")), p) for p in suite.peers if p in row]
     peers = [(t, p) for t, p in peers if t is not None]
     if not ours or not peers:
         return DASH
@@ -92,9 +100,9 @@ def suite_table(benches: list[dict], name: str, suite: Suite) -> str:
         duplicates += impl in row
         row.setdefault(impl, bench)
     impls = impl_columns({impl for row in rows.values() for impl in row})
-    ours = [i for i in OURS if i in impls]
+    ours = [i for i in suite.ours if i in impls]
     mode = "causal" if suite.mode == "causal" else "block"
-    headers = ["model", "tp", "dtype", mode, suite.size, "batch", "heads q/kv", "d", *impls, *(f"{i} vs sdpa" for i in ours)]
+    headers = ["model", "tp", "dtype", mode, suite.size, "batch", "heads q/kv", "d", *impls, *(f"{i} vs {suite.versus}" for i in ours)]
     body = []
     for key in sorted(rows, key=sort_key):
         model, tp, dtype, mode_value, size, batch, heads, kv_heads, head_dim = key
@@ -102,8 +110,8 @@ def suite_table(benches: list[dict], name: str, suite: Suite) -> str:
             mode_value = {True: "yes", False: "no"}.get(mode_value, mode_value)
         config = [fmt(v) for v in (model, tp, dtype, mode_value, size, batch)] + [f"{fmt(heads)}/{fmt(kv_heads)}", fmt(head_dim)]
         row = rows[key]
-        body.append(config + [cell(row[i], suite) if i in row else DASH for i in impls] + [speedup(row, i) for i in ours])
-    title = f"## {name}: {suite.unit} (% of ceiling); 'vs sdpa' = fastest SDPA median / ours"
+        body.append(config + [cell(row[i], suite) if i in row else DASH for i in impls] + [speedup(row, i, suite) for i in ours])
+    title = f"## {name}: {suite.unit} (% of ceiling); 'vs {suite.versus}' = fastest {suite.versus} median / ours"
     note = f"\nnote: {duplicates} benchmark(s) repeat a row and impl already shown; the first is kept" if duplicates else ""
     return f"{title}\n\n{pipe_table(headers, body, right=set(range(4, len(headers))))}{note}"
 

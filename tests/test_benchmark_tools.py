@@ -172,3 +172,14 @@ def test_report_plots_one_png_per_group(tmp_path, capsys):
 def test_report_without_shown_suite_fails(tmp_path):
     path = write(tmp_path / "engine.json", [bench("engine", "e2e", 1.0)])
     assert report.main([str(path)]) == 1
+
+
+def test_report_puts_paged_prefix_against_contiguous(tmp_path, capsys):
+    benches = [bench("prefill", impl, median) for impl, median in (("flash_triton", 1e-3), ("flash_triton_paged16", 1.25e-3), ("flash_triton_paged256", 1.05e-3))]
+    for b in benches:
+        b["extra_info"]["suite"] = "prefix"
+    assert report.main([str(write(tmp_path / "prefix.json", benches))]) == 0
+    table = capsys.readouterr().out.split("## prefix")[1]
+    assert "'vs contiguous' = fastest contiguous median / ours" in table
+    (row,) = table_rows(table)
+    assert row[-2:] == ["0.80× flash_triton", "0.95× flash_triton"]
