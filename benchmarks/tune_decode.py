@@ -9,7 +9,6 @@ bytes of every context once. The suites (`pytest benchmarks`) remain the figures
 """
 
 import argparse
-import json
 import sys
 from functools import partial
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.ceilings import ceilings
+from benchmarks.tuning import checked_median_ms, write_rows
 from kernels.paged_attention import launch_decode
 from reference.paging import paged_gather
 from tests.cases import generator, paged_cache, randn
@@ -61,16 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         for splits in (1, 2, 4, 8, 16, 32):
             variants[f"default tile, {splits} splits"] = partial(launch_decode, q, cache.k_cache, cache.v_cache, cache.block_table, lens, out, ctx, d**-0.5, num_splits=splits)
         for name, fn in variants.items():
-            try:
-                result = fn()
-                got = (result[:, :, 0] if name == "sdpa_dense" else out).float()
-                err = ((got - expected).norm() / expected.norm()).item()
-                if not err < 2e-2:
-                    raise AssertionError(f"relative error {err:.2e} against SDPA")
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            except Exception as e:  # a wrong or refused variant is reported, not timed
-                print(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+            timed = checked_median_ms(name, fn, lambda result, name=name, out=out: result[:, :, 0] if name == "sdpa_dense" else out, expected)
+            if timed is None:
                 continue
+            ms, err = timed
             gbps = nbytes / ms / 1e6
             rows.append(dict(batch=batch, context=ctx, heads=heads, kv_heads=kv, block_size=page, variant=name, ms=ms, gbps=gbps, rel_err=err))
             print(f"b{batch:<4} ctx {ctx:<6} {heads}/{kv} block {page:<4} {name:32} {ms:8.4f} ms {gbps:7.0f} GB/s "
@@ -78,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         del q, cache, k, v, out, expected
         torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), ceilings=ceiling, rows=rows), f, indent=1)
+        write_rows(args.json, ceiling, rows)
     return 0
 
 

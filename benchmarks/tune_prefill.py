@@ -9,8 +9,6 @@ before it is timed. The suites (`pytest benchmarks`) remain the figures of recor
 """
 
 import argparse
-import json
-import math
 import sys
 from functools import partial
 
@@ -20,6 +18,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.ceilings import ceilings
+from benchmarks.tuning import checked_median_ms, write_rows
 from kernels import flash_attn_varlen
 from kernels.flash_attention import launch_plan, tiles_for
 from kernels.launch import head_dim_block
@@ -103,17 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             kernel, grid, kargs, meta = launch_plan(*plan_args, tile=best, softmax=False)
             variants[f"tile {best} matmuls alone (no softmax)"] = partial(kernel[grid], *kargs, **meta)
         for name, fn in variants.items():
-            try:
-                result = fn()
-                got = (out if not name.startswith("sdpa") else result.transpose(1, 2).reshape(q.shape)).float()
-                err = ((got - expected).norm() / expected.norm()).item()
-                if "no softmax" not in name and (not math.isfinite(err) or err > 2e-2):
-                    raise AssertionError(f"relative error {err:.2e} against sdpa_flash")
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                tflops = flops / ms / 1e9
-            except Exception as e:  # a refused shape or a wrong variant is reported, not timed
-                print(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+            sdpa_layout = name.startswith("sdpa")
+            timed = checked_median_ms(
+                name, fn, lambda result, sdpa_layout=sdpa_layout, packed=q.shape, out=out: result.transpose(1, 2).reshape(packed) if sdpa_layout else out,
+                expected, check="no softmax" not in name,
+            )
+            if timed is None:
                 continue
+            ms, err = timed
+            tflops = flops / ms / 1e9
             row = dict(shape, batch=batch, variant=name, ms=ms, tflops=tflops, rel_err=err)
             rows.append(row)
             print(f"{shape['dtype']} {shape['heads']}/{shape['kv']} d{shape['d']} {batch}x{n} {'causal' if shape['causal'] else 'full':6} "
@@ -121,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         del q, k, v, kk, vv, out, expected
         torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), ceilings=ceiling, rows=rows), f, indent=1)
+        write_rows(args.json, ceiling, rows)
     return 0
 
 
