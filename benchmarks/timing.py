@@ -4,9 +4,10 @@ pytest-benchmark times a round as `timer()` after the call minus `timer()` befor
 host clock is wrong for asynchronous launches: it measures how fast Python enqueues work. On a GPU
 we hand it a clock whose readings are CUDA events, and whose difference is the elapsed device
 time, so the JSON's stats are device seconds. Before every round a buffer larger than L2 is
-rewritten (outside the timed region, in the same stream), so each round reads its inputs from
-HBM as a cold serving step would; then the device sleeps while the host enqueues the call, so
-launch latency stays out of the figure (see Prelude).
+rewritten and read back (outside the timed region, in the same stream), so each round reads its
+inputs from HBM as a cold serving step would, without paying for the flush's own dirty lines;
+then the device sleeps while the host enqueues the call, so launch latency stays out of the
+figure (see Prelude).
 """
 
 import math
@@ -43,10 +44,14 @@ class CudaEventClock:
 
 class Prelude:
     """What the device runs, untimed, before every timed round: it rewrites a buffer of
-    max(256 MiB, 4x L2) so no input survives in L2, then sleeps `cover_s` seconds so the GPU is
-    still busy when the host has finished enqueuing the call. The events then bracket device work
-    only, not the gap while Python launches it. The cover is capped at MAX_COVER_S: an
-    implementation that needs longer to launch is host-bound and is timed as such."""
+    max(256 MiB, 4x L2) so no input survives in L2, reads it back, then sleeps `cover_s` seconds
+    so the GPU is still busy when the host has finished enqueuing the call. The events then
+    bracket device work only, not the gap while Python launches it. The cover is capped at
+    MAX_COVER_S: an implementation that needs longer to launch is host-bound and is timed as such.
+
+    The read-back matters for kernels that read less than L2 holds: after a write-only flush, L2
+    is full of dirty lines, and the timed kernel's first reads pay for writing them back to HBM
+    (a third more time for decode at batch 1, 8k context, on an H100; benchmarks/NOTES.md)."""
 
     def __init__(self, device: torch.device):
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
@@ -62,6 +67,7 @@ class Prelude:
 
     def __call__(self) -> None:
         self.buffer.fill_(1)
+        self.buffer.view(torch.int64).sum()  # leaves L2 holding clean lines only
         if self.cover_s:
             torch.cuda._sleep(int(self.cover_s * self.cycles_per_s))
 
@@ -74,6 +80,34 @@ def _rounds(per_round: float, config) -> int:
     return max(min_rounds, min(MAX_ROUNDS, math.ceil(max_time / max(per_round, 1e-7))))
 
 
+def cover_launch(fn: Callable[[], object], prelude: Prelude) -> tuple[float, float]:
+    """Run `fn` ESTIMATE_ROUNDS times after the prelude and set the prelude's cover from the
+    host's enqueue time. Returns the medians (host enqueue seconds, device seconds)."""
+    clock, host, dev = CudaEventClock(), [], []
+    prelude.cover_s = 0.0
+    for _ in range(ESTIMATE_ROUNDS):
+        prelude()
+        start, t0 = clock(), time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+        dev.append(clock() - start)
+    prelude.cover_s = min(MAX_COVER_S, 2 * statistics.median(host) + 20e-6)
+    return statistics.median(host), statistics.median(dev)
+
+
+def median_device_s(fn: Callable[[], object], prelude: Prelude, rounds: int = 50) -> float:
+    """The median device time of `fn` over `rounds` calls, each after the prelude (L2 rewritten,
+    launch covered), as the suites time it. For tools outside pytest-benchmark."""
+    cover_launch(fn, prelude)
+    clock, times = CudaEventClock(), []
+    for _ in range(rounds):
+        prelude()
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
 def measure(benchmark, fn: Callable[[], object], device: torch.device, config, prelude: Prelude | None) -> None:
     """Time `fn()` into `benchmark`'s stats: device time between CUDA events after the Prelude on
     a GPU, host time on the CPU, where every op is synchronous. The caller has already run `fn`
@@ -83,20 +117,12 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, config, p
     if device.type == "cuda":
         if not hasattr(benchmark, "_timer"):
             raise RuntimeError("this pytest-benchmark has no BenchmarkFixture._timer; the CUDA event clock cannot be installed")
-        clock, host, dev = CudaEventClock(), [], []
-        prelude.cover_s = 0.0
-        for _ in range(ESTIMATE_ROUNDS):
-            prelude()
-            start, t0 = clock(), time.perf_counter()
-            fn()
-            host.append(time.perf_counter() - t0)
-            dev.append(clock() - start)
-        prelude.cover_s = min(MAX_COVER_S, 2 * statistics.median(host) + 20e-6)
-        benchmark._timer = clock
-        benchmark.pedantic(fn, setup=prelude, rounds=_rounds(statistics.median(dev), config), warmup_rounds=1)
+        host, dev = cover_launch(fn, prelude)
+        benchmark._timer = CudaEventClock()
+        benchmark.pedantic(fn, setup=prelude, rounds=_rounds(dev, config), warmup_rounds=1)
     else:
         start = time.perf_counter()
         fn()
-        host = [time.perf_counter() - start]
-        benchmark.pedantic(fn, rounds=_rounds(host[0], config), warmup_rounds=0)
-    benchmark.extra_info["host_launch_us"] = 1e6 * statistics.median(host)
+        host = time.perf_counter() - start
+        benchmark.pedantic(fn, rounds=_rounds(host, config), warmup_rounds=0)
+    benchmark.extra_info["host_launch_us"] = 1e6 * host

@@ -3,9 +3,9 @@
     python -m benchmarks.tune_prefill [--shapes main|grid|all] [--json OUT.json]
 
 The tool behind benchmarks/NOTES.md: it shows which tile the autotuner should find and how far
-each is from cuDNN and FA2 in the same run. Each figure is the median of triton.testing.do_bench
-(CUDA events, L2 cleared before every call); every variant's output is checked against SDPA's
-before it is timed. The suites (`pytest benchmarks`) remain the figures of record.
+each is from cuDNN and FA2 in the same run. Each figure is a median of CUDA-event times taken
+the way the suites take them (benchmarks/timing.py); every variant's output is checked against
+SDPA's before it is timed. The suites (`pytest benchmarks`) remain the figures of record.
 """
 
 import argparse
@@ -18,6 +18,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.ceilings import ceilings
+from benchmarks.timing import Prelude
 from benchmarks.tuning import checked_median_ms, write_rows
 from kernels import flash_attn_varlen
 from kernels.flash_attention import launch_plan, tiles_for
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     device = torch.device("cuda")
-    ceiling = ceilings(device)
+    ceiling, prelude = ceilings(device), Prelude(device)
     print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}; ceilings {ceiling}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             sdpa_layout = name.startswith("sdpa")
             timed = checked_median_ms(
                 name, fn, lambda result, sdpa_layout=sdpa_layout, packed=q.shape, out=out: result.transpose(1, 2).reshape(packed) if sdpa_layout else out,
-                expected, check="no softmax" not in name,
+                expected, prelude, check="no softmax" not in name,
             )
             if timed is None:
                 continue

@@ -29,11 +29,11 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def parallel_slots(device: torch.device) -> int:
-    """Programs needed to fill the device: two per SM on a GPU, a few under the interpreter
-    so that CPU tests still exercise split paths."""
+def parallel_slots(device: torch.device, per_sm: int) -> int:
+    """Programs the device runs at once when `per_sm` fit on one SM, or a few under the
+    interpreter so that CPU tests still exercise split paths."""
     if device.type == "cuda":
-        return 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 8
 
 

@@ -123,38 +123,52 @@ def _merge_splits(
     tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
 
-def _tile_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for one K/V tile of a decode step."""
+PROGRAMS_PER_SM = 4  # every default tile below needs under 56 KiB of shared memory, so four fit an SM
+
+
+def _tile_config(block_d: int, dtype: torch.dtype, page: int, tma: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for one K/V tile of a decode step.
+
+    A TMA tile lies inside one page. Each tile's block id is itself a load that Triton's
+    pipeliner stages ahead of the tile, so num_stages s buffers only (s - 2) // 2 tiles of K and
+    V (Triton 3.6, sm_90): eight stages keep three 16-token tiles in flight per program, six
+    stages two 32-token tiles (benchmarks/NOTES.md, issue 7, has the measurements)."""
     if interpreting():
         return 16, 4, 1
+    if tma:
+        return (16, 4, 8) if page == 16 else (32, 4, 6)
     if dtype == torch.float32 or block_d > 128:
         return 32, 4, 2
-    return 64, 4, 3
+    # Small pages put one block-table entry in every few rows; a short tile keeps that gather cheap.
+    return (16, 4, 6) if page < 16 else (64, 4, 3)
 
 
 def _split_policy(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """(num_splits, tokens_per_split) from host-side shapes only, so it needs no device sync and
-    the same choice holds inside a CUDA graph. Splits are added until the grid fills the device,
+    the same choice holds inside a CUDA graph. Splits are added while the whole grid still fits
+    in one wave of resident programs (a partial second wave would leave SMs idle at its end),
     never finer than one tile."""
     tiles = max(1, triton.cdiv(max_context, block_n))
-    num_splits = min(tiles, max(1, triton.cdiv(parallel_slots(device), batch * num_kv_heads)))
+    num_splits = min(tiles, max(1, parallel_slots(device, PROGRAMS_PER_SM) // (batch * num_kv_heads)))
     tokens_per_split = triton.cdiv(tiles, num_splits) * block_n
     return triton.cdiv(max(max_context, 1), tokens_per_split), tokens_per_split
 
 
-def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, num_splits=None, tile=None, tma=False) -> None:
+def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, num_splits=None, tile=None, tma=None) -> None:
     """Launch the decode kernel (and the split merge) for already-checked arguments, writing out.
 
     tile = (BLOCK_N, num_warps, num_stages) overrides the default tile and num_splits fixes the
-    split count. tma=True loads K/V tiles as TMA boxes where each tile lies inside one page
-    (Hopper or later): not yet the default, since no GPU has measured or checked it yet.
-    benchmarks/tune_decode.py times these variants."""
+    split count. K/V tiles load as TMA boxes (Hopper or later, fp16/bf16, head_dim a power of two
+    up to 128, pages of at least 16 tokens) unless tma=False; tma=True asks for them wherever the
+    tile fits inside one page. benchmarks/tune_decode.py times these variants."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     block_d = head_dim_block(head_dim)
-    block_n, num_warps, num_stages = tile or _tile_config(block_d, q.dtype)
-    # TMA boxes need the tile inside one page; the pointer path gathers tiles across pages.
-    tma = tma and not interpreting() and page % block_n == 0 and all(tma_ok(t, head_dim, block_d) for t in (q, k_cache, v_cache))
+    tma_able = not interpreting() and page >= 16 and all(tma_ok(t, head_dim, block_d) for t in (k_cache, v_cache))
+    tma = tma_able and (block_d <= 128 if tma is None else tma)
+    block_n, num_warps, num_stages = tile or _tile_config(block_d, q.dtype, page, tma)
+    # A TMA box must lie inside one page; the pointer path gathers tiles across pages.
+    tma = tma and page % block_n == 0
     if num_splits is None:
         splits, tokens_per_split = _split_policy(batch, num_kv_heads, max_context, block_n, q.device)
     else:
@@ -209,6 +223,7 @@ def paged_attention_decode(
     max_context_len: optional host int bounding context_lens; it sizes the splits (default: the
         block table's capacity) and is checked against that capacity.
     num_splits: optional fixed split count (default: chosen to fill the device).
+    On Hopper, K/V tiles of pages of 16 tokens or more load through TMA (see launch_decode).
     The host never reads device memory; on a GPU, a context longer than its block-table row
     yields NaN for that sequence rather than reading another row. Returns (batch, num_heads,
     head_dim) in q's dtype, written into `out` when given; accumulation is fp32.
