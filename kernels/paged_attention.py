@@ -107,23 +107,33 @@ def _merge_splits(
     O, O_PART, LSE_PART, stride_ob, stride_oh, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # Splits are folded BLOCK_S at a time with a running max, so the register tile stays
+    # [BLOCK_S, BLOCK_D] however many splits there are.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
-    lse = tl.load(LSE_PART + row + offs_s, mask=s_ok, other=float("-inf"))
-    lse_max = tl.maximum(tl.max(lse, 0), -1.0e30)
-    w = tl.math.exp2(lse - lse_max)
     d_ok = offs_d < HEAD_DIM
-    part = tl.load(O_PART + (row + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    w_sum = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    m = tl.full([BLOCK_D], -1.0e30, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = s0 + offs_s < num_splits
+        lse = tl.load(LSE_PART + row + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        part = tl.load(O_PART + (row + s0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(lse[:, None] - m_new[None, :])
+        acc = acc * alpha + tl.sum(part * w, 0)
+        w_sum = w_sum * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)
     tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
 
 PROGRAMS_PER_SM = 4  # every default tile below needs under 56 KiB of shared memory, so four fit an SM
+MAX_SPLITS = 128  # past this, the partials' writes and the merge cost more than the extra programs gain
 
 
 def _tile_config(block_d: int, dtype: torch.dtype, page: int, tma: bool) -> tuple[int, int, int]:
@@ -147,9 +157,9 @@ def _split_policy(batch: int, num_kv_heads: int, max_context: int, block_n: int,
     """(num_splits, tokens_per_split) from host-side shapes only, so it needs no device sync and
     the same choice holds inside a CUDA graph. Splits are added while the whole grid still fits
     in one wave of resident programs (a partial second wave would leave SMs idle at its end),
-    never finer than one tile."""
+    never finer than one tile nor more than MAX_SPLITS."""
     tiles = max(1, triton.cdiv(max_context, block_n))
-    num_splits = min(tiles, max(1, parallel_slots(device, PROGRAMS_PER_SM) // (batch * num_kv_heads)))
+    num_splits = min(tiles, MAX_SPLITS, max(1, parallel_slots(device, PROGRAMS_PER_SM) // (batch * num_kv_heads)))
     tokens_per_split = triton.cdiv(tiles, num_splits) * block_n
     return triton.cdiv(max(max_context, 1), tokens_per_split), tokens_per_split
 
@@ -197,7 +207,7 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
     if splits > 1:
         _merge_splits[(batch, num_heads)](
             out, o_part, lse_part, out.stride(0), out.stride(1), splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(triton.next_power_of_2(splits), 32),
         )
 
 
