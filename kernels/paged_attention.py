@@ -107,33 +107,26 @@ def _merge_splits(
     O, O_PART, LSE_PART, stride_ob, stride_oh, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # Splits are folded BLOCK_S at a time with a running max, so the register tile stays
-    # [BLOCK_S, BLOCK_D] however many splits there are.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LSE_PART + row + offs_s, mask=s_ok, other=float("-inf"))
+    lse_max = tl.maximum(tl.max(lse, 0), -1.0e30)
+    w = tl.math.exp2(lse - lse_max)
     d_ok = offs_d < HEAD_DIM
-    m = tl.full([BLOCK_D], -1.0e30, dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    w_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s_ok = s0 + offs_s < num_splits
-        lse = tl.load(LSE_PART + row + s0 + offs_s, mask=s_ok, other=float("-inf"))
-        part = tl.load(O_PART + (row + s0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        alpha = tl.math.exp2(m - m_new)
-        w = tl.math.exp2(lse[:, None] - m_new[None, :])
-        acc = acc * alpha + tl.sum(part * w, 0)
-        w_sum = w_sum * alpha + tl.sum(w, 0)
-        m = m_new
-    out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)
+    part = tl.load(O_PART + (row + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
     tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
 
 PROGRAMS_PER_SM = 4  # every default tile below needs under 56 KiB of shared memory, so four fit an SM
-MAX_SPLITS = 128  # past this, the partials' writes and the merge cost more than the extra programs gain
+# The merge holds every split's partial in one [splits, head_dim] register tile. On an H100,
+# decode with 512 splits ran at 0.32-0.38x SDPA and with 128 at SDPA's speed (benchmarks/NOTES.md).
+MAX_SPLITS = 128
 
 
 def _tile_config(block_d: int, dtype: torch.dtype, page: int, tma: bool) -> tuple[int, int, int]:
@@ -207,7 +200,7 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
     if splits > 1:
         _merge_splits[(batch, num_heads)](
             out, o_part, lse_part, out.stride(0), out.stride(1), splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(triton.next_power_of_2(splits), 32),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
         )
 
 
@@ -232,7 +225,7 @@ def paged_attention_decode(
     context_lens: int32 (batch,), tokens in each sequence's cache (the new token's K/V included).
     max_context_len: optional host int bounding context_lens; it sizes the splits (default: the
         block table's capacity) and is checked against that capacity.
-    num_splits: optional fixed split count (default: chosen to fill the device).
+    num_splits: optional fixed split count in [1, 128] (default: chosen to fill the device).
     On Hopper, K/V tiles of pages of 16 tokens or more load through TMA (see launch_decode).
     The host never reads device memory; on a GPU, a context longer than its block-table row
     yields NaN for that sequence rather than reading another row. Returns (batch, num_heads,
@@ -254,8 +247,8 @@ def paged_attention_decode(
     if max_context_len is not None:
         check_host_int("max_context_len", max_context_len)
     check_capacity("context_lens", max_context_len, context_lens, block_table, page, k_cache.shape[0])
-    if num_splits is not None and (check_host_int("num_splits", num_splits) < 1):
-        raise ValueError(f"num_splits must be at least 1, got {num_splits}")
+    if num_splits is not None and not 1 <= check_host_int("num_splits", num_splits) <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     scale = resolve_scale(softmax_scale, head_dim)
 
     out = check_out(out, q)

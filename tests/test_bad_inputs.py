@@ -124,6 +124,7 @@ BAD_CALLS = {
     "flash negative scale": (flash, lambda a: dict(softmax_scale=-1.0), "softmax_scale"),
     "decode block_size not power of two": (decode, lambda a: dict(k_cache=a["k_cache"][:, :3], v_cache=a["v_cache"][:, :3]), "block_size"),
     "decode num_splits zero": (decode, lambda a: dict(num_splits=0), "num_splits"),
+    "decode num_splits past the merge's tile": (decode, lambda a: dict(num_splits=129), r"num_splits must be in \[1, 128\]"),
 }
 
 # Caught by reading tensor contents, which the wrappers only do for CPU tensors.
