@@ -4,8 +4,10 @@ One program handles one (sequence, kv head, split): the whole GQA group of query
 share the kv head is one tile of rows (padded to 16 for tl.dot), so each K/V tile is read once
 per group. Long contexts are split across programs (flash-decoding); each split writes a partial
 output and its log-sum-exp, and a second small kernel merges them. Block ids are loaded once per
-page in a tile. The split size and the block-table width are runtime values, so new batch shapes
-and context lengths reuse the compiled kernel.
+page in a tile. On Hopper each K/V tile lies inside one page and arrives as one TMA box; elsewhere
+(and for pages under 16 tokens) tiles are gathered through pointers. The split size and the
+block-table width are runtime values, so new batch shapes and context lengths reuse the compiled
+kernel.
 """
 
 import math
