@@ -25,6 +25,7 @@ def pytest_addoption(parser):
     group.addoption("--preset", action="append", default=[], help=f"model preset, repeatable: all, {', '.join(PRESETS)}")
     group.addoption("--tp", action="append", type=int, default=[], help="tensor-parallel degree to shard each preset by, repeatable (default 1)")
     group.addoption("--dtype", action="append", choices=sorted(DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on the GPU grid, bf16 on the CPU grid)")
+    group.addoption("--hf-batch", type=int, default=64, help="sequences per transformers generate() call in the engine suite (default 64)")
 
 
 SHARDS = pytest.StashKey[tuple]()

@@ -56,3 +56,60 @@ def record(benchmark, ceilings: dict, *, suite: str, impl: str, shard, dtype: to
     else:
         info.update(gbps=nbytes / median / 1e9, ceiling=DECODE_CEILING)
         info["pct_of_ceiling"] = 100 * info["gbps"] / ceilings[DECODE_CEILING]
+
+
+def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype: torch.dtype) -> dict:
+    """What a generate() run of a dense Qwen3 `preset` must move and compute at the least.
+
+    weight_bytes: what one decode step reads: every layer's projections and norms, the final norm
+        and the (vocab, hidden) lm_head, which a tied model shares with the embedding. Embedding
+        rows gathered per token are left out.
+    decode_steps: max(output_lens) - 1. Each sequence's first token comes from its prefill; after
+        that, a schedule that decodes every sequence in the same step needs this many steps, and
+        each reads the weights once.
+    kv_bytes: each decoded token reads its whole context's K and V once; the t-th decoded token of
+        a sequence with prompt p sees p + t tokens.
+    prefill_flops: 2 x the layers' matmul parameters per prompt token, causal attention at
+        flash-attn's 2·h·s²·d per layer, and one lm_head row per sequence.
+    """
+    p = preset
+    elem = torch.finfo(dtype).bits // 8
+    q, kv = p.num_heads * p.head_dim, p.num_kv_heads * p.head_dim
+    layer_matmul = p.hidden * (q + 2 * kv) + q * p.hidden + 3 * p.hidden * p.ffn
+    layer_norms = 2 * p.hidden + 2 * p.head_dim  # input and post-attention norms, q and k norms
+    weight_bytes = elem * (p.layers * (layer_matmul + layer_norms) + p.hidden + p.vocab * p.hidden)
+    kv_per_token = elem * 2 * p.layers * kv
+    decoded_context = sum((o - 1) * pl + (o - 1) * o // 2 for pl, o in zip(prompt_lens, output_lens, strict=True))
+    prefill_flops = (
+        2 * p.layers * layer_matmul * sum(prompt_lens)
+        + 2 * p.layers * p.num_heads * p.head_dim * sum(n * n for n in prompt_lens)
+        + 2 * p.vocab * p.hidden * len(prompt_lens)
+    )
+    return dict(
+        weight_bytes=weight_bytes, decode_steps=max(output_lens) - 1, kv_bytes=kv_per_token * decoded_context, prefill_flops=prefill_flops
+    )
+
+
+def engine_floor_s(counts: dict, ceilings: dict) -> float:
+    """The workload's roofline time: bytes that must be read over the measured copy bandwidth
+    (the weights once per decode step, plus every decoded token's KV context), plus the prefill's
+    FLOPs over the measured matmul rate. Decode FLOPs and the prefill's own bytes are left out:
+    each is a small fraction of its term on a GPU."""
+    read = counts["decode_steps"] * counts["weight_bytes"] + counts["kv_bytes"]
+    return read / (ceilings[DECODE_CEILING] * 1e9) + counts["prefill_flops"] / (ceilings[PREFILL_CEILING] * 1e12)
+
+
+def record_engine(benchmark, ceilings: dict, *, impl: str, shard, dtype: torch.dtype, counts: dict, prompt_lens: list[int], output_lens: list[int], **settings) -> None:
+    """Fill benchmark.extra_info for an engine run: the workload, its roofline, and from the
+    median wall time tokens_per_s (output tokens over wall time, prefill included) and
+    pct_roofline (the floor over the wall time; also pct_of_ceiling, the field the reports read)."""
+    info = benchmark.extra_info
+    info.update(suite="engine", impl=impl, model=shard.model, tp=shard.tp, num_heads=shard.num_heads)
+    info.update(num_kv_heads=shard.num_kv_heads, head_dim=shard.head_dim, dtype=dtype_name(dtype), num_seqs=len(prompt_lens))
+    info.update(prompt_tokens=sum(prompt_lens), output_tokens=sum(output_lens), total_tokens=sum(prompt_lens) + sum(output_lens))
+    info.update(counts, floor_s=engine_floor_s(counts, ceilings), **settings)
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return
+    wall = benchmark.stats.stats.median
+    info.update(wall_s=wall, tokens_per_s=sum(output_lens) / wall, ceiling="roofline")
+    info["pct_roofline"] = info["pct_of_ceiling"] = 100 * info["floor_s"] / wall

@@ -2,7 +2,9 @@
 per-GPU shard under tensor parallelism.
 
 Numbers come from each model's published config.json (Megatron's num-query-groups is
-num_key_value_heads, kv-channels is head_dim). Only the attention-relevant fields are kept.
+num_key_value_heads, kv-channels is head_dim). The attention suites read the attention fields;
+the engine suite also builds whole dense Qwen3 models from `ffn` (intermediate_size) and `tied`
+(tie_word_embeddings). `ffn` is None where the engine cannot run the model: MoE or not Qwen3.
 """
 
 from dataclasses import dataclass
@@ -17,27 +19,29 @@ class ModelPreset:
     num_kv_heads: int
     head_dim: int
     vocab: int
+    ffn: int | None
+    tied: bool
 
     def __post_init__(self):
         assert self.num_heads % self.num_kv_heads == 0, f"{self.name}: q heads must be a multiple of kv heads"
 
 
-#                 name                layers hidden  heads kv  head_dim vocab
+#                 name                layers hidden  heads kv  head_dim vocab   ffn    tied
 PRESETS = {p.name: p for p in [
-    ModelPreset("qwen3-0.6b",          28,   1024,   16,   8,  128,  151936),
-    ModelPreset("qwen3-1.7b",          28,   2048,   16,   8,  128,  151936),
-    ModelPreset("qwen3-4b",            36,   2560,   32,   8,  128,  151936),
-    ModelPreset("qwen3-8b",            36,   4096,   32,   8,  128,  151936),
-    ModelPreset("qwen3-14b",           40,   5120,   40,   8,  128,  151936),
-    ModelPreset("qwen3-32b",           64,   5120,   64,   8,  128,  151936),
-    ModelPreset("qwen3-30b-a3b",       48,   2048,   32,   4,  128,  151936),
-    ModelPreset("qwen3-235b-a22b",     94,   4096,   64,   4,  128,  151936),
-    ModelPreset("llama-3.1-8b",        32,   4096,   32,   8,  128,  128256),
-    ModelPreset("llama-3.1-70b",       80,   8192,   64,   8,  128,  128256),
-    ModelPreset("llama-3.1-405b",     126,  16384,  128,   8,  128,  128256),
+    ModelPreset("qwen3-0.6b",          28,   1024,   16,   8,  128,  151936,  3072, True),
+    ModelPreset("qwen3-1.7b",          28,   2048,   16,   8,  128,  151936,  6144, True),
+    ModelPreset("qwen3-4b",            36,   2560,   32,   8,  128,  151936,  9728, True),
+    ModelPreset("qwen3-8b",            36,   4096,   32,   8,  128,  151936, 12288, False),
+    ModelPreset("qwen3-14b",           40,   5120,   40,   8,  128,  151936, 17408, False),
+    ModelPreset("qwen3-32b",           64,   5120,   64,   8,  128,  151936, 25600, False),
+    ModelPreset("qwen3-30b-a3b",       48,   2048,   32,   4,  128,  151936,  None, False),
+    ModelPreset("qwen3-235b-a22b",     94,   4096,   64,   4,  128,  151936,  None, False),
+    ModelPreset("llama-3.1-8b",        32,   4096,   32,   8,  128,  128256,  None, False),
+    ModelPreset("llama-3.1-70b",       80,   8192,   64,   8,  128,  128256,  None, False),
+    ModelPreset("llama-3.1-405b",     126,  16384,  128,   8,  128,  128256,  None, False),
     # Not a model: the CPU smoke shape, small enough for the Triton interpreter, with GQA and a
     # head size that is not a power of two so the padded-head path runs too.
-    ModelPreset("tiny",                 2,     96,    4,   2,   24,     256),
+    ModelPreset("tiny",                 2,     96,    4,   2,   24,     256,   192, False),
 ]}  # fmt: skip
 
 # Three GQA ratios (2, 4, 16) at head_dim 128: the small, mid and MoE-giant ends of the range.

@@ -1,6 +1,6 @@
 """Tables (and optional plots) of benchmark results: configuration × implementation, per suite.
 
-    python -m benchmarks.report OUT.json [more.json ...] [--suite prefill|prefix|decode] [--plot DIR]
+    python -m benchmarks.report OUT.json [more.json ...] [--suite prefill|prefix|decode|engine] [--plot DIR]
 
 Each cell is the throughput the benchmark recorded and its % of the machine's ceiling; the speedup
 columns put each of our Triton kernels against the fastest SDPA backend measured on the same row.
@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.results import DASH, ResultsError, fmt, is_interpreter, load, machine_lines, number, pipe_table
 
 # Columns in this order; an impl not listed here goes after these, alphabetically.
-IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged")
+IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged", "minivllm")
 OURS = ("naive_triton", "flash_triton", "triton_paged")
 PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_dense")
 
@@ -44,6 +44,11 @@ SUITES = {
         ours=("flash_triton_paged16", "flash_triton_paged256"), peers=("flash_triton",), versus="contiguous",
     ),
     "decode": Suite("context_len", "block_size", "gbps", "GB/s", "copy_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
+    # The engine's "% of ceiling" is of the workload's roofline time (benchmarks/figures.py, engine_floor_s).
+    "engine": Suite(
+        "num_seqs", "max_len", "tokens_per_s", "tok/s", "roofline", ("model", "tp", "dtype"), "num_seqs",
+        ours=("minivllm",), peers=("hf_transformers",), versus="transformers",
+    ),
 }
 PREFIXES = {"tp": "tp", "block_size": "block", "batch": "batch"}
 
@@ -101,7 +106,7 @@ def suite_table(benches: list[dict], name: str, suite: Suite) -> str:
         row.setdefault(impl, bench)
     impls = impl_columns({impl for row in rows.values() for impl in row})
     ours = [i for i in suite.ours if i in impls]
-    mode = "causal" if suite.mode == "causal" else "block"
+    mode = {"causal": "causal", "block_size": "block"}.get(suite.mode, suite.mode)
     headers = ["model", "tp", "dtype", mode, suite.size, "batch", "heads q/kv", "d", *impls, *(f"{i} vs {suite.versus}" for i in ours)]
     body = []
     for key in sorted(rows, key=sort_key):
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path}")
     if not shown:
-        print(f"error: no {args.suite or 'prefill, prefix or decode'} benchmarks in {', '.join(map(str, args.files))}", file=sys.stderr)
+        print(f"error: no {args.suite or 'prefill, prefix, decode or engine'} benchmarks in {', '.join(map(str, args.files))}", file=sys.stderr)
         return 1
     return 0
 

@@ -118,9 +118,15 @@ class ModelRunner:
             ids, positions, meta = self.prepare_decode(seqs)
             hidden = self._decode(ids, positions, meta)
         logits = self.model.compute_logits(hidden)
-        temps = self._tensor([s.temperature for s in seqs], torch.float32)
-        top_ks = self._tensor([s.top_k for s in seqs], torch.long)
-        top_ps = self._tensor([s.top_p for s in seqs], torch.float32)
+        # The host knows every row's sampling parameters, so the sampler skips what no row needs
+        # (sampling when all are greedy, the vocabulary sort when none filters) without a sync.
+        temps = top_ks = top_ps = None
+        if any(s.temperature > 0 for s in seqs):
+            temps = self._tensor([s.temperature for s in seqs], torch.float32)
+        if any(s.top_k > 0 for s in seqs):
+            top_ks = self._tensor([s.top_k for s in seqs], torch.long)
+        if any(s.top_p < 1 for s in seqs):
+            top_ps = self._tensor([s.top_p for s in seqs], torch.float32)
         return sample(logits, temps, top_ks, top_ps).tolist()
 
     def _decode(self, ids, positions, meta: AttentionMetadata) -> torch.Tensor:

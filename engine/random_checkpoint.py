@@ -127,6 +127,7 @@ def write_random_qwen3(
     num_kv_heads: int = 2,
     head_dim: int = 32,
     intermediate_size: int = 128,
+    vocab_size: int | None = None,
     tie_word_embeddings: bool = False,
     init_std: float = DEFAULT_INIT_STD,
     rope_theta: float = 10000.0,
@@ -138,7 +139,8 @@ def write_random_qwen3(
     """Write a random-weight Qwen3 checkpoint (and, if asked, a toy tokenizer) into `path`.
 
     init_std scales every linear layer relative to 1/sqrt(fan_in) (see DEFAULT_INIT_STD).
-    vocab_size is the tokenizer's length rounded up to a multiple of 64, or 256 without one.
+    vocab_size defaults to the tokenizer's length rounded up to a multiple of 64, or 256 without
+    one; a real model's (151936 for Qwen3) gives its embedding and lm_head their true shape.
     Returns `path` as a Path.
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -153,12 +155,16 @@ def write_random_qwen3(
 
     if with_tokenizer:
         tokenizer = _build_tokenizer()
-        vocab_size = -(-len(tokenizer) // 64) * 64
+        least = len(tokenizer)
         eos_id = bos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     else:
         tokenizer = None
-        vocab_size = NO_TOKENIZER_VOCAB_SIZE
+        least = 1
         eos_id = bos_id = None
+    if vocab_size is None:
+        vocab_size = -(-least // 64) * 64 if tokenizer is not None else NO_TOKENIZER_VOCAB_SIZE
+    elif vocab_size < least:
+        raise ValueError(f"vocab_size ({vocab_size}) must hold the tokenizer's {least} tokens")
 
     config = Qwen3Config(
         vocab_size=vocab_size,

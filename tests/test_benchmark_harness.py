@@ -4,7 +4,7 @@ correctness gate that keeps a wrong implementation from ever being timed."""
 import pytest
 import torch
 
-from benchmarks.figures import decode_counts, prefill_counts, prefix_counts
+from benchmarks.figures import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts
 from benchmarks.presets import PRESETS, select, shard
 from benchmarks.test_decode import check_decode
 from benchmarks.test_prefill import check_prefill
@@ -97,3 +97,30 @@ def test_prefix_counts_reduce_to_prefill_without_a_prefix(causal):
     flops, nbytes = prefix_counts(1, 2048, 2048, 32, 8, 128, causal, torch.bfloat16)
     assert flops == 4 * 32 * 2048 * (2048 + (1024 if causal else 2048)) * 128
     assert nbytes == 2 * 128 * (2 * 2048 * 32 + 2 * 4096 * 8)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_engine_counts_weights_match_a_real_checkpoint_and_kv_sums_contexts(tmp_path, tied):
+    """Weight bytes per decode step equal the parameters transformers builds for the preset's
+    shape (less the embedding when an untied lm_head is what a step reads); the KV term sums
+    each decoded token's context; the floor adds the two ceilings' times."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from engine.random_checkpoint import write_random_qwen3
+
+    p = replace(PRESETS["tiny"], tied=tied)
+    path = write_random_qwen3(
+        tmp_path, num_layers=p.layers, hidden_size=p.hidden, num_heads=p.num_heads, num_kv_heads=p.num_kv_heads,
+        head_dim=p.head_dim, intermediate_size=p.ffn, vocab_size=p.vocab, tie_word_embeddings=tied, with_tokenizer=False,
+    )
+    model = AutoModelForCausalLM.from_pretrained(path)
+    params = sum(t.numel() for t in model.parameters()) - (0 if tied else p.vocab * p.hidden)
+    counts = engine_counts(p, [2, 5], [3, 1], torch.bfloat16)
+    assert counts["weight_bytes"] == 2 * params
+    assert counts["decode_steps"] == 2
+    # The first sequence decodes two tokens over contexts of 3 and 4; the second decodes none.
+    assert counts["kv_bytes"] == (3 + 4) * 2 * 2 * p.layers * p.num_kv_heads * p.head_dim
+    floor = engine_floor_s(counts, {"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    assert floor == pytest.approx((2 * counts["weight_bytes"] + counts["kv_bytes"]) / 1e9 + counts["prefill_flops"] / 1e12)

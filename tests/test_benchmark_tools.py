@@ -113,7 +113,7 @@ def known_report(tmp_path: Path, **machine) -> Path:
         bench("decode", "triton_paged", 2.4e-5, size=2048),
         bench("decode", "sdpa_dense", 1.4e-5, size=2048),
         bench("decode", "triton_paged", 4.4e-5, size=4096),
-        bench("engine", "e2e", 1.0),
+        bench("sampling", "e2e", 1.0),
     ]
     return write(tmp_path / "out.json", benches, **machine)
 
@@ -135,7 +135,7 @@ def test_report_table_cells_and_speedups(tmp_path, capsys):
     assert rows["4096"][8:] == ["400.0 (50%)", "266.7 (33%)", "500.0 (62%)", "0.80× sdpa_cudnn"]
     assert rows["1024"][8:] == ["100.0 (12%)", "–", "–", "–"]  # no SDPA in that row, so no speedup either
     assert "0.58× sdpa_dense" in decode and "triton_paged vs sdpa" in decode
-    assert "engine (1 benchmarks)" in out and "INTERPRETER" not in out
+    assert "sampling (1 benchmarks)" in out and "INTERPRETER" not in out
 
 
 def test_report_shows_a_dash_for_missing_keys(tmp_path, capsys):
@@ -170,8 +170,21 @@ def test_report_plots_one_png_per_group(tmp_path, capsys):
 
 
 def test_report_without_shown_suite_fails(tmp_path):
-    path = write(tmp_path / "engine.json", [bench("engine", "e2e", 1.0)])
+    path = write(tmp_path / "sampling.json", [bench("sampling", "e2e", 1.0)])
     assert report.main([str(path)]) == 1
+
+
+def test_report_puts_the_engine_against_transformers(tmp_path, capsys):
+    benches = []
+    for impl, wall, pct in (("minivllm", 8.0, 70.0), ("hf_transformers", 100.0, 5.6)):
+        b = bench("engine", impl, wall)
+        b["extra_info"].update(num_seqs=256, max_len=1024, tokens_per_s=143_000 / wall, pct_of_ceiling=pct)
+        benches.append(b)
+    assert report.main([str(write(tmp_path / "engine.json", benches))]) == 0
+    table = capsys.readouterr().out.split("## engine")[1]
+    (row,) = table_rows(table)  # both impls share one row: the block size is not part of it
+    assert row[3:5] == ["1024", "256"]
+    assert row[-3:] == ["17875.0 (70%)", "1430.0 (5.6%)", "12.50× hf_transformers"]
 
 
 def test_report_puts_paged_prefix_against_contiguous(tmp_path, capsys):

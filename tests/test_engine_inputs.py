@@ -111,6 +111,19 @@ def test_sampler_filters():
     assert greedy.tolist() == [0, 3]
 
 
+def test_sampler_paths_without_filters():
+    """No filter tensors: no sort, the same distribution; no temperatures: argmax; a greedy row
+    beside sampled rows stays argmax."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(4000, 1)
+    half = torch.full((4000,), 0.5)
+    freq = torch.bincount(sample(logits, half, generator=gen), minlength=4).float() / 4000
+    assert torch.allclose(freq, (logits[0] / 0.5).softmax(-1), atol=0.03)
+    assert sample(logits[:3] * torch.tensor([[1.0], [-1.0], [1.0]]), None).tolist() == [0, 3, 0]
+    mixed = sample(-logits[:500], torch.cat([torch.zeros(1), torch.ones(499)]), generator=gen)
+    assert mixed[0] == 3 and len(set(mixed[1:].tolist())) == 4
+
+
 def test_sharded_checkpoint_and_text_prompts(tmp_path):
     """Weights split over several safetensors files load the same; text prompts go through the
     checkpoint's tokenizer and come back as text; stop ids from generation_config.json count."""

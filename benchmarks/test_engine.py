@@ -1,0 +1,140 @@
+"""Engine throughput end to end: nano-vllm's benchmark workload through our engine and through
+transformers' `generate`, on the same random weights in a real model's shapes.
+
+Workload: NUM_SEQS sequences whose prompt and output lengths are drawn uniformly from
+[MIN_LEN, MAX_LEN] with seed 0, prompts of random token ids, ignore_eos, temperature 0.6 and no
+top-k or top-p. The model is a dense Qwen3 preset (default qwen3-0.6b on the GPU, `tiny` on the
+CPU, `--preset` for others) written with seeded random weights by transformers' save_pretrained,
+in the run's dtype (bf16 unless `--dtype` asks for others).
+
+Each implementation runs the workload once, timed by the wall clock from the first prompt to the
+last token (prefill included), after a warm-up run of a workload drawn the same way with two
+output tokens, so JIT compilation, autotuning and CUDA graph capture stay out of the figure.
+Every sequence must come back with exactly its requested number of tokens, each a valid id.
+
+- minivllm: `LLM(...).generate` with one SamplingParams per sequence.
+- hf_transformers: `generate` in batches of `--hf-batch` sequences (default 64), grouped by
+  requested output length so that a batch wastes little decoding past its shorter members,
+  left-padded, with transformers' default dynamic KV cache and SDPA attention. A batch runs to
+  its longest output; only the requested tokens count.
+
+extra_info (benchmarks/figures.py, record_engine) holds tokens_per_s, the token totals, the
+workload's roofline time (engine_counts, engine_floor_s) and pct_roofline.
+"""
+
+import random
+from functools import partial
+
+import pytest
+import torch
+
+from benchmarks.figures import dtype_name, engine_counts, record_engine
+from benchmarks.grid import GPU_GRID
+from benchmarks.presets import PRESETS
+from engine import LLM, SamplingParams
+from engine.random_checkpoint import write_random_qwen3
+
+IMPLS = ("minivllm", "hf_transformers")
+NUM_SEQS, MIN_LEN, MAX_LEN = (256, 100, 1024) if GPU_GRID else (4, 3, 9)
+MAX_TOKEN_ID = 10000  # prompt ids are drawn from [0, min(this, vocab - 1)], as nano-vllm's benchmark does
+TEMPERATURE = 0.6
+ROPE_THETA = 1e6  # every Qwen3 model's
+
+
+def workload(seed: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """(prompts, output lengths) of NUM_SEQS sequences drawn with `seed`."""
+    rng = random.Random(seed)
+    top = min(MAX_TOKEN_ID, vocab - 1)
+    prompts = [[rng.randint(0, top) for _ in range(rng.randint(MIN_LEN, MAX_LEN))] for _ in range(NUM_SEQS)]
+    return prompts, [rng.randint(MIN_LEN, MAX_LEN) for _ in range(NUM_SEQS)]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """A random-weight checkpoint per (preset, dtype), written on first use."""
+    built = {}
+
+    def get(preset, dtype: torch.dtype):
+        key = (preset.name, dtype)
+        if key not in built:
+            built[key] = write_random_qwen3(
+                tmp_path_factory.mktemp(preset.name), num_layers=preset.layers, hidden_size=preset.hidden,
+                num_heads=preset.num_heads, num_kv_heads=preset.num_kv_heads, head_dim=preset.head_dim,
+                intermediate_size=preset.ffn, vocab_size=preset.vocab, tie_word_embeddings=preset.tied,
+                rope_theta=ROPE_THETA, max_position_embeddings=2 * MAX_LEN, dtype=dtype, with_tokenizer=False,
+            )
+        return built[key]
+
+    return get
+
+
+def run_minivllm(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> list[list[int]]:
+    params = [SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True) for n in output_lens]
+    return [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def run_hf(model, prompts: list[list[int]], output_lens: list[int], batch: int) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: output_lens[i])
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch):
+        rows = order[start : start + batch]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]) :] = 1
+        new = max(output_lens[i] for i in rows)
+        config = GenerationConfig(
+            do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+            eos_token_id=None, pad_token_id=0,
+        )
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for r, i in enumerate(rows):
+            outputs[i] = generated[r, width : width + output_lens[i]].tolist()
+    return outputs
+
+
+def check_outputs(outputs: list[list[int]], output_lens: list[int], vocab: int, impl: str) -> None:
+    """No request lost or cut short: every sequence has its requested length in valid ids."""
+    got = [len(o) for o in outputs]
+    assert got == output_lens, f"{impl}: output lengths {got[:8]}... differ from the requested {output_lens[:8]}..."
+    assert all(0 <= t < vocab for o in outputs for t in o), f"{impl}: a token id outside [0, {vocab})"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, impl):
+    preset = PRESETS[shard.model]
+    if preset.ffn is None:
+        pytest.skip(f"{preset.name}: the engine runs dense Qwen3 models only")
+    if shard.tp != 1:
+        pytest.skip("tensor parallelism is not in the engine yet (issue 9)")
+    if dtype != torch.bfloat16 and not request.config.getoption("dtype"):
+        pytest.skip("the engine suite runs bf16 unless --dtype asks for more")
+    path = checkpoints(preset, dtype)
+    prompts, output_lens = workload(0, preset.vocab)
+    warm_prompts, _ = workload(1, preset.vocab)
+    settings = dict(min_len=MIN_LEN, max_len=MAX_LEN)
+    if impl == "minivllm":
+        llm = LLM(str(path), max_model_len=2 * MAX_LEN, dtype=dtype, device=device)
+        settings.update(block_size=llm.config.kvcache_block_size, num_kvcache_blocks=llm.config.num_kvcache_blocks)
+        run_minivllm(llm, warm_prompts, [2] * NUM_SEQS)
+        fn = partial(run_minivllm, llm, prompts, output_lens)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf_batch = request.config.getoption("hf_batch")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        settings.update(hf_batch=hf_batch, hf_cache="dynamic")
+        run_hf(model, warm_prompts[:hf_batch], [2] * min(hf_batch, NUM_SEQS), hf_batch)
+        fn = partial(run_hf, model, prompts, output_lens, hf_batch)
+
+    benchmark.group = f"engine {shard.id} {dtype_name(dtype)} {NUM_SEQS} seqs"
+    with torch.inference_mode():
+        outputs = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+    check_outputs(outputs, output_lens, preset.vocab, impl)
+    counts = engine_counts(preset, [len(p) for p in prompts], output_lens, dtype)
+    record_engine(benchmark, ceiling, impl=impl, shard=shard, dtype=dtype, counts=counts, prompt_lens=[len(p) for p in prompts], output_lens=output_lens, **settings)
