@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="triton: our kernels; torch: the PyTorch references (default: triton)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-model-len", type=int, default=1024, help="longest sequence, prompt plus completion (default: 1024)")
+    p.add_argument("--profile", action="store_true", help="print where each step's time went: scheduling, input building, model run, bookkeeping")
     return p.parse_args(argv)
 
 
@@ -72,6 +73,11 @@ def main(argv=None) -> None:
     for prompt, out in zip(prompts, outputs, strict=True):
         completion = out["text"] if out["text"] is not None else str(out["token_ids"])
         print(f"\nPrompt:     {prompt!r}\nCompletion: {completion!r}")
+    if args.profile:
+        from engine.step_profile import format_summary
+
+        print("\nStep profile (median per step; host % = scheduling, input building and bookkeeping over all step time):")
+        print(format_summary(llm.step_records))
     generated = sum(len(out["token_ids"]) for out in outputs)
     print(f"\n{generated} tokens generated for {len(prompts)} prompts in {seconds:.2f} s: {generated / seconds:.1f} tokens/s "
           f"(device {llm.config.device}, {args.attention_backend} attention)")

@@ -19,7 +19,8 @@ Every sequence must come back with exactly its requested number of tokens, each 
   its longest output; only the requested tokens count.
 
 extra_info (benchmarks/figures.py, record_engine) holds tokens_per_s, the token totals, the
-workload's roofline time (engine_counts, engine_floor_s) and pct_roofline.
+workload's roofline time (engine_counts, engine_floor_s) and pct_roofline; for minivllm also
+`steps`, the engine's step-time breakdown (engine/step_profile.py, summarize).
 """
 
 import random
@@ -33,6 +34,7 @@ from benchmarks.grid import GPU_GRID
 from benchmarks.presets import PRESETS
 from engine import LLM, SamplingParams
 from engine.random_checkpoint import write_random_qwen3
+from engine.step_profile import summarize
 
 IMPLS = ("minivllm", "hf_transformers")
 NUM_SEQS, MIN_LEN, MAX_LEN = (256, 100, 1024) if GPU_GRID else (4, 3, 9)
@@ -136,5 +138,7 @@ def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, 
     with torch.inference_mode():
         outputs = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
     check_outputs(outputs, output_lens, preset.vocab, impl)
+    if impl == "minivllm":
+        settings["steps"] = summarize(llm.step_records)
     counts = engine_counts(preset, [len(p) for p in prompts], output_lens, dtype)
     record_engine(benchmark, ceiling, impl=impl, shard=shard, dtype=dtype, counts=counts, prompt_lens=[len(p) for p in prompts], output_lens=output_lens, **settings)

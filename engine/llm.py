@@ -14,6 +14,7 @@ from engine.qwen3 import Qwen3ForCausalLM
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.step_profile import StepRecord
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -24,6 +25,7 @@ class LLM:
     `config` takes the fields of engine.config.Config: max_num_batched_tokens, max_num_seqs,
     max_model_len, gpu_memory_utilization, kvcache_block_size, num_kvcache_blocks, enforce_eager,
     tensor_parallel_size, dtype, device, attention_backend, cpu_kvcache_bytes.
+    After generate(), `step_records` holds one engine.step_profile.StepRecord per step it ran.
     """
 
     def __init__(self, model: str, **config):
@@ -52,6 +54,7 @@ class LLM:
                 self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.runner = ModelRunner(self.config, self.model, self.dtype)
         self.scheduler = Scheduler(self.config)
+        self.step_records: list[StepRecord] = []
 
     def _sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         if isinstance(prompt, str):
@@ -91,11 +94,17 @@ class LLM:
             self.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
+        self.step_records = []  # the last call's steps only
         while not self.scheduler.is_finished():
             start = time.perf_counter()
             batch, is_prefill = self.scheduler.schedule()
             tokens = sum(len(s) - s.num_cached_tokens for s in batch) if is_prefill else len(batch)
-            finished = self.scheduler.postprocess(batch, self.runner.run(batch, is_prefill), self.eos_token_ids)
+            record = StepRecord(is_prefill, len(batch), tokens, sum(len(s) for s in batch), schedule_s=time.perf_counter() - start)
+            sampled = self.runner.run(batch, is_prefill, record)
+            done_running = time.perf_counter()
+            finished = self.scheduler.postprocess(batch, sampled, self.eos_token_ids)
+            record.postprocess_s = time.perf_counter() - done_running
+            self.step_records.append(record)
             rate = tokens / (time.perf_counter() - start)
             prefill_tps, decode_tps = (rate, decode_tps) if is_prefill else (prefill_tps, rate)
             bar.set_postfix(prefill=f"{prefill_tps:.0f} tok/s", decode=f"{decode_tps:.0f} tok/s")

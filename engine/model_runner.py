@@ -1,6 +1,8 @@
 """Runs the model for one scheduled step: owns the KV cache, turns sequences into packed kernel
 inputs, replays CUDA graphs for decode, and samples the next tokens."""
 
+import time
+
 import torch
 
 from engine.attention import AttentionMetadata
@@ -8,6 +10,7 @@ from engine.config import Config
 from engine.qwen3 import Qwen3ForCausalLM
 from engine.sampler import sample
 from engine.sequence import Sequence
+from engine.step_profile import StepRecord
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -109,13 +112,18 @@ class ModelRunner:
         return self._tensor([s.last_token for s in seqs], torch.long), self._tensor([len(s) - 1 for s in seqs], torch.long), meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One step for `seqs`: the next token of each."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, record: StepRecord | None = None) -> list[int]:
+        """One step for `seqs`: the next token of each. `record` gets the host time spent building
+        the inputs (prepare_s) and the rest, model run to sampled tokens on the host (execute_s)."""
+        start = time.perf_counter()
         if is_prefill:
             ids, positions, meta, last = self.prepare_prefill(seqs)
-            hidden = self.model(ids, positions, self.kv_caches, meta)[last]
         else:
             ids, positions, meta = self.prepare_decode(seqs)
+        prepared = time.perf_counter()
+        if is_prefill:
+            hidden = self.model(ids, positions, self.kv_caches, meta)[last]
+        else:
             hidden = self._decode(ids, positions, meta)
         logits = self.model.compute_logits(hidden)
         # The host knows every row's sampling parameters, so the sampler skips what no row needs
@@ -127,7 +135,10 @@ class ModelRunner:
             top_ks = self._tensor([s.top_k for s in seqs], torch.long)
         if any(s.top_p < 1 for s in seqs):
             top_ps = self._tensor([s.top_p for s in seqs], torch.float32)
-        return sample(logits, temps, top_ks, top_ps).tolist()
+        tokens = sample(logits, temps, top_ks, top_ps).tolist()
+        if record is not None:
+            record.prepare_s, record.execute_s = prepared - start, time.perf_counter() - prepared
+        return tokens
 
     def _decode(self, ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         batch = ids.shape[0]

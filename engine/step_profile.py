@@ -1,0 +1,64 @@
+"""Where an engine step's time goes: host scheduling and input building against the model run.
+
+LLM.generate records one StepRecord per step into `LLM.step_records`. The clock is the host's:
+a step's `execute_s` runs from the first kernel launch to the sampled tokens reaching the host,
+so it holds the device time plus whatever launch overhead the device did not hide. The rest of a
+step (`schedule_s`, `prepare_s`, `postprocess_s`) is Python the device waits through.
+"""
+
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass
+class StepRecord:
+    prefill: bool
+    batch: int  # sequences in the step
+    new_tokens: int  # tokens the step computes
+    context_tokens: int  # tokens of K/V the step's attention reads, its new tokens included
+    schedule_s: float = 0.0
+    prepare_s: float = 0.0  # packing positions, slots, block tables and copying them to the device
+    execute_s: float = 0.0
+    postprocess_s: float = 0.0
+
+    @property
+    def host_s(self) -> float:
+        return self.schedule_s + self.prepare_s + self.postprocess_s
+
+    @property
+    def total_s(self) -> float:
+        return self.host_s + self.execute_s
+
+
+def batch_bucket(batch: int) -> int:
+    """The power of two at or above `batch`: decode steps are summarised per bucket."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+def summarize(records: list[StepRecord]) -> list[dict]:
+    """One row per (phase, batch bucket): step count, total seconds, and the median milliseconds
+    of each part of a step. Prefill steps form one row (bucket 0)."""
+    groups: dict[tuple[str, int], list[StepRecord]] = {}
+    for r in records:
+        key = ("prefill", 0) if r.prefill else ("decode", batch_bucket(r.batch))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (phase, bucket), rs in sorted(groups.items()):
+        row = dict(phase=phase, batch_up_to=bucket or max(r.batch for r in rs), steps=len(rs), total_s=sum(r.total_s for r in rs))
+        for part in ("schedule_s", "prepare_s", "execute_s", "postprocess_s", "host_s", "total_s"):
+            row[f"median_{part[:-2]}_ms"] = 1e3 * statistics.median(getattr(r, part) for r in rs)
+        row["host_share"] = sum(r.host_s for r in rs) / row["total_s"] if row["total_s"] else 0.0
+        rows.append(row)
+    return rows
+
+
+def format_summary(records: list[StepRecord]) -> str:
+    """summarize() as an aligned text table."""
+    header = f"{'phase':8} {'batch<=':>7} {'steps':>6} {'total s':>8} {'sched ms':>9} {'prep ms':>8} {'exec ms':>8} {'post ms':>8} {'host %':>7}"
+    lines = [header]
+    for row in summarize(records):
+        lines.append(
+            f"{row['phase']:8} {row['batch_up_to']:>7} {row['steps']:>6} {row['total_s']:>8.3f} {row['median_schedule_ms']:>9.3f} "
+            f"{row['median_prepare_ms']:>8.3f} {row['median_execute_ms']:>8.3f} {row['median_postprocess_ms']:>8.3f} {100 * row['host_share']:>6.1f}%"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""The engine's per-step time records and their summary."""
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.random_checkpoint import write_random_qwen3
+from engine.step_profile import StepRecord, batch_bucket, format_summary, summarize
+
+
+def test_generate_records_every_step(tmp_path):
+    """Prefill records count the prompt tokens, decode records one token per sequence, and every
+    part of a step is timed."""
+    llm = LLM(str(write_random_qwen3(tmp_path, with_tokenizer=False)), max_model_len=64, device="cpu", attention_backend="torch")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 2)]
+    llm.generate(prompts, params, use_tqdm=False)
+    prefill = [r for r in llm.step_records if r.prefill]
+    decode = [r for r in llm.step_records if not r.prefill]
+    assert sum(r.new_tokens for r in prefill) == 8
+    # The first token of each comes from the prefill: 3 + 1 decode tokens, over 3 steps.
+    assert [r.batch for r in decode] == [2, 1, 1] and all(r.new_tokens == r.batch for r in decode)
+    assert decode[0].context_tokens == 4 + 6  # both prompts plus their first token
+    assert all(r.schedule_s > 0 and r.prepare_s > 0 and r.execute_s > 0 and r.postprocess_s > 0 for r in llm.step_records)
+    rows = summarize(llm.step_records)
+    assert [(r["phase"], r["batch_up_to"], r["steps"]) for r in rows] == [("decode", 1, 2), ("decode", 2, 1), ("prefill", 2, 1)]
+    assert 0 < rows[0]["host_share"] < 1
+    llm.generate([[9, 9]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(llm.step_records) == 2  # the last call's steps only
+
+
+@pytest.mark.parametrize("batch, bucket", [(1, 1), (2, 2), (3, 4), (64, 64), (65, 128), (256, 256)])
+def test_batch_bucket(batch, bucket):
+    assert batch_bucket(batch) == bucket
+
+
+def test_summary_medians_and_host_share():
+    records = [StepRecord(False, 4, 4, 100, 0.001, 0.002, 0.010, 0.001) for _ in range(3)]
+    records.append(StepRecord(False, 4, 4, 100, 0.001, 0.002, 0.030, 0.001))
+    (row,) = summarize(records)
+    assert row["median_execute_ms"] == pytest.approx(10.0) and row["median_host_ms"] == pytest.approx(4.0)
+    assert row["host_share"] == pytest.approx(0.016 / (0.016 + 0.060))
+    assert "decode" in format_summary(records).splitlines()[1]
