@@ -78,6 +78,9 @@ def paged_decode_gather(
     v = paged_gather(v_cache, block_table, max_ctx).to(dtype)
     positions = torch.arange(max_ctx, device=q.device)
     valid = positions[None, :] < context_lens[:, None].to(q.device)  # (batch, max_ctx)
+    # Slots past a context are whatever the cache held, NaN included; a masked score gives them
+    # probability 0, but 0 x NaN is NaN, so their values are cleared (in place: v is a fresh gather).
+    v.masked_fill_(~valid[:, :, None, None], 0.0)
 
     out = dense_attention(
         q[:, :, None].to(dtype),  # (batch, H, 1, D)

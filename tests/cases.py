@@ -125,21 +125,29 @@ def cu_seqlens(lens, device) -> torch.Tensor:
 
 @dataclass
 class PagedCache:
-    k_cache: torch.Tensor  # (num_blocks, block_size, num_kv_heads, head_dim), random everywhere
+    k_cache: torch.Tensor  # (num_blocks, block_size, num_kv_heads, head_dim): random where owned, NaN elsewhere
     v_cache: torch.Tensor
     block_table: torch.Tensor  # int32 (batch, max_blocks_per_seq), scattered, -1 padded
 
 
 def paged_cache(lens, block_size, num_kv_heads, head_dim, dtype, device, gen, spare_blocks=3) -> PagedCache:
     """A cache holding sequences of `lens` tokens in scattered blocks, with spare blocks that no
-    sequence owns and one padding column of -1 in the table."""
+    sequence owns and one padding column of -1 in the table. Every slot no sequence owns (spare
+    blocks, the tail of each last block) is NaN, as an engine's never-cleared cache may be: an
+    implementation that lets one reach its output fails."""
     blocks_per_seq = [-(-n // block_size) for n in lens]
     num_blocks = sum(blocks_per_seq) + spare_blocks
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     ids = torch.randperm(num_blocks, device=device, generator=gen).to(torch.int32)
     table = torch.full((len(lens), max(blocks_per_seq) + 1), -1, dtype=torch.int32, device=device)
     used = 0
-    for b, n in enumerate(blocks_per_seq):
+    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=device)
+    for b, (n, length) in enumerate(zip(blocks_per_seq, lens, strict=True)):
         table[b, :n] = ids[used : used + n]
+        owned[ids[used : used + n].long()] = True
+        if length % block_size:
+            owned[ids[used + n - 1].long(), length % block_size :] = False
         used += n
-    return PagedCache(randn(shape, dtype, device, gen), randn(shape, dtype, device, gen), table)
+    k, v = randn(shape, dtype, device, gen), randn(shape, dtype, device, gen)
+    k[~owned] = v[~owned] = float("nan")
+    return PagedCache(k, v, table)
