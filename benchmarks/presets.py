@@ -9,6 +9,8 @@ the engine suite also builds whole dense Qwen3 models from `ffn` (intermediate_s
 
 from dataclasses import dataclass
 
+from engine.parallel import head_shard
+
 
 @dataclass(frozen=True)
 class ModelPreset:
@@ -66,15 +68,13 @@ class Shard:
 
 def shard(preset: ModelPreset, tp: int) -> Shard:
     """q heads split evenly over `tp` GPUs; kv heads split too, or replicated (one per GPU) once
-    tp exceeds their count, as vLLM does. Raises ValueError where the heads do not divide."""
-    if tp < 1:
-        raise ValueError(f"tp must be a positive int, got {tp}")
-    if preset.num_heads % tp:
-        raise ValueError(f"tp={tp} does not divide {preset.name}'s {preset.num_heads} q heads")
-    kv = preset.num_kv_heads
-    if (kv % tp) if tp <= kv else (tp % kv):
-        raise ValueError(f"tp={tp} neither divides nor is a multiple of {preset.name}'s {kv} kv heads")
-    return Shard(preset.name, tp, preset.num_heads // tp, max(1, kv // tp), preset.head_dim)
+    tp exceeds their count, as the engine shards them (engine.parallel.head_shard). Raises
+    ValueError, naming the model, where the heads do not divide."""
+    try:
+        heads, kv_heads = head_shard(preset.num_heads, preset.num_kv_heads, tp)
+    except ValueError as e:
+        raise ValueError(f"{preset.name}: {e}") from None
+    return Shard(preset.name, tp, heads, kv_heads, preset.head_dim)
 
 
 def select(names: list[str], tps: list[int], on_gpu: bool) -> tuple[list[Shard], list[str]]:

@@ -1,5 +1,6 @@
 """Reading a Hugging Face Qwen3 checkpoint directory: config.json into ModelArgs, and the
-safetensors shards (one or many) into the model's fused projections."""
+safetensors shards (one or many) into the model's fused projections. Under tensor parallelism a
+rank reads only its slice of each tensor (safetensors slices), so its memory scales with 1/N."""
 
 import json
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import DTYPES
+from engine.parallel import TPGroup
 from engine.qwen3 import ModelArgs, Qwen3ForCausalLM
 
 # Checkpoint projection name -> (fused parameter name, shard index).
@@ -75,9 +77,9 @@ def _ids(value) -> list[int]:
 
 
 def load_weights(model: Qwen3ForCausalLM, model_dir: str | Path) -> None:
-    """Copy every safetensors tensor into `model`, splitting q/k/v and gate/up into the fused
-    projections. ValueError on a tensor the model has no place for, a shape mismatch, or a
-    parameter the checkpoint does not provide."""
+    """Copy every safetensors tensor (this rank's slice of it) into `model`, splitting q/k/v and
+    gate/up into the fused projections. ValueError on a tensor the model has no place for, a shape
+    mismatch, or a parameter the checkpoint does not provide."""
     params = dict(model.named_parameters())
     unset = set(params)
     tied = model.args.tie_word_embeddings
@@ -91,9 +93,11 @@ def load_weights(model: Qwen3ForCausalLM, model_dir: str | Path) -> None:
                     raise ValueError(f"{file.name}: tensor {name!r} has no place in the Qwen3 model")
                 dest = params[target]
                 if fused:
-                    rows = _fused_rows(model.args, fused)
+                    rows = _fused_rows(model, fused)
                     dest = dest.narrow(0, sum(rows[:shard]), rows[shard])
-                tensor = f.get_tensor(name)
+                tensor = _read_slice(f.get_slice(name), name, model.args, model.tp)
+                if target in ("embed_tokens.weight", "lm_head.weight"):
+                    dest = dest.narrow(0, 0, min(tensor.shape[0], dest.shape[0]))  # the last rank's rows are padded
                 if dest.shape != tensor.shape:
                     raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(dest.shape)}")
                 with torch.no_grad():
@@ -105,6 +109,28 @@ def load_weights(model: Qwen3ForCausalLM, model_dir: str | Path) -> None:
         raise ValueError(f"checkpoint {str(model_dir)!r} lacks {sorted(unset)[:5]}{' …' if len(unset) > 5 else ''}")
 
 
+def _read_slice(sl, name: str, args: ModelArgs, tp: TPGroup) -> torch.Tensor:
+    """This rank's part of checkpoint tensor `name`: output rows of column-parallel projections
+    and of the vocabulary, input columns of row-parallel ones, all of everything else."""
+    if tp.size == 1:
+        return sl[:]
+    d = args.head_dim
+    heads = {"q_proj": tp.q_heads, "k_proj": tp.kv_heads, "v_proj": tp.kv_heads, "o_proj": tp.q_heads}
+    for part, pick in heads.items():
+        if f".{part}." in name:
+            r = pick(args.num_heads, args.num_kv_heads)
+            rows = slice(r.start * d, r.stop * d)
+            return sl[:, rows] if part == "o_proj" else sl[rows]
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        if f".{part}." in name:
+            r = tp.split(args.intermediate_size, "FFN columns (intermediate_size)")
+            return sl[:, r.start : r.stop] if part == "down_proj" else sl[r.start : r.stop]
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        r = tp.vocab(args.vocab_size)
+        return sl[r.start : r.stop]
+    return sl[:]
+
+
 def _target(name: str) -> tuple[str, str | None, int]:
     """(model parameter, fused projection or None, shard index) for a checkpoint tensor name."""
     name = name.removeprefix("model.")
@@ -114,8 +140,11 @@ def _target(name: str) -> tuple[str, str | None, int]:
     return name, None, 0
 
 
-def _fused_rows(args: ModelArgs, fused: str) -> list[int]:
-    """Output rows of each shard stacked in a fused projection, in FUSED's shard order."""
+def _fused_rows(model: Qwen3ForCausalLM, fused: str) -> list[int]:
+    """Output rows of each shard stacked in this rank's fused projection, in FUSED's shard order."""
     if fused == "qkv_proj":
-        return [args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim, args.num_kv_heads * args.head_dim]
-    return [args.intermediate_size, args.intermediate_size]
+        attn = model.layers[0].self_attn
+        q, kv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        return [q, kv, kv]
+    width = model.layers[0].mlp.down_proj.in_features
+    return [width, width]

@@ -22,12 +22,13 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         if config.num_kvcache_blocks == -1:
-            config.num_kvcache_blocks = self._blocks_that_fit()
+            # Each rank sizes its own cache; the schedule is shared, so all take the smallest.
+            config.num_kvcache_blocks = model.tp.min(self._blocks_that_fit())
         config.check_cache_holds_one_sequence()
         a = model.args
         # One allocation, (2, layers, blocks, block_size, kv_heads, head_dim): layer i reads [0, i], [1, i].
         self.kv_cache = torch.empty(
-            2, a.num_layers, config.num_kvcache_blocks, self.block_size, a.num_kv_heads, a.head_dim, dtype=dtype, device=self.device
+            2, a.num_layers, config.num_kvcache_blocks, self.block_size, model.num_kv_heads, a.head_dim, dtype=dtype, device=self.device
         )
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
         self.graphs = {}
@@ -36,7 +37,7 @@ class ModelRunner:
 
     def _block_bytes(self) -> int:
         a = self.model.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * a.num_layers * self.block_size * self.model.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
 
     def _blocks_that_fit(self) -> int:
         """Blocks for what is left of gpu_memory_utilization x total memory once the weights and
@@ -57,7 +58,7 @@ class ModelRunner:
         c, a = self.config, self.model.args
         lens = [c.max_model_len] * max(1, min(c.max_num_seqs, c.max_num_batched_tokens // c.max_model_len))
         tokens = sum(lens)
-        cache = torch.empty(1, self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
+        cache = torch.empty(1, self.block_size, self.model.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
         cu = torch.tensor([0, *lens], device=self.device).cumsum(0).to(torch.int32)
         meta = AttentionMetadata(
             True, torch.full((tokens,), -1, dtype=torch.int32, device=self.device), cu, cu, max(lens), max(lens)
@@ -135,7 +136,8 @@ class ModelRunner:
             top_ks = self._tensor([s.top_k for s in seqs], torch.long)
         if any(s.top_p < 1 for s in seqs):
             top_ps = self._tensor([s.top_p for s in seqs], torch.float32)
-        tokens = sample(logits, temps, top_ks, top_ps).tolist()
+        # Ranks sample from the same logits but with their own random streams: rank 0's choice holds.
+        tokens = self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps)).tolist()
         if record is not None:
             record.prepare_s, record.execute_s = prepared - start, time.perf_counter() - prepared
         return tokens

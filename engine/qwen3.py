@@ -2,6 +2,9 @@
 
 Layers take packed (num_tokens, hidden) activations, as the kernels do: no padding, no batch
 dimension. Projections are fused (qkv, gate_up); the loader splits checkpoint weights into them.
+Under tensor parallelism (engine/parallel.py) each rank holds its share: qkv and gate_up split by
+output rows (heads, FFN columns), o_proj and down_proj by input columns with a sum over ranks
+after them, and the embedding and lm_head by vocabulary rows.
 """
 
 from dataclasses import dataclass
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, attend
+from engine.parallel import TPGroup
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, args: ModelArgs, backend: str):
+    def __init__(self, args: ModelArgs, backend: str, tp: TPGroup):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        self.backend = backend
+        self.num_heads = len(tp.q_heads(args.num_heads, args.num_kv_heads))
+        self.num_kv_heads = len(tp.kv_heads(args.num_heads, args.num_kv_heads))
+        self.head_dim, self.backend, self.tp = args.head_dim, backend, tp
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
@@ -79,27 +84,47 @@ class Qwen3Attention(nn.Module):
         k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_cache[0], kv_cache[1], meta, self.backend)
-        return self.o_proj(out.flatten(1))
+        return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TPGroup):
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.tp = tp
+        width = len(tp.split(args.intermediate_size, "FFN columns (intermediate_size)"))
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, args.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+
+
+class VocabEmbedding(nn.Module):
+    """The embedding's rows of this rank's vocabulary share (all of it on one rank); a token
+    another rank holds embeds to zeros here, and the sum over ranks completes every row."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup):
+        super().__init__()
+        self.tp, self.rows = tp, tp.vocab(vocab_size)
+        self.weight = nn.Parameter(torch.zeros(-(-vocab_size // tp.size), hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.rows.start
+        mine = (local >= 0) & (local < len(self.rows))
+        x = F.embedding(torch.where(mine, local, 0), self.weight) * mine[:, None].to(self.weight.dtype)
+        return self.tp.all_reduce(x)
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, backend: str):
+    def __init__(self, args: ModelArgs, backend: str, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Qwen3Attention(args, backend)
+        self.self_attn = Qwen3Attention(args, backend, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = Qwen3MLP(args)
+        self.mlp = Qwen3MLP(args, tp)
 
     def forward(self, x, cos, sin, kv_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
@@ -108,16 +133,18 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3ForCausalLM(nn.Module):
     """forward(input_ids, positions, kv_caches, meta) -> hidden states (num_tokens, hidden);
-    compute_logits(hidden) -> fp32 logits (rows, vocab). kv_caches[i] is layer i's (k_cache,
-    v_cache) pair, each (num_blocks, block_size, num_kv_heads, head_dim)."""
+    compute_logits(hidden) -> fp32 logits (rows, vocab), on every rank. kv_caches[i] is layer
+    i's (k_cache, v_cache) pair, each (num_blocks, block_size, num_kv_heads, head_dim) with this
+    rank's `num_kv_heads`."""
 
-    def __init__(self, args: ModelArgs, backend: str = "triton"):
+    def __init__(self, args: ModelArgs, backend: str = "triton", tp: TPGroup | None = None):
         super().__init__()
-        self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(args, backend) for _ in range(args.num_layers))
+        self.args, self.tp = args, tp or TPGroup()
+        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, self.tp)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(args, backend, self.tp) for _ in range(args.num_layers))
+        self.num_kv_heads = self.layers[0].self_attn.num_kv_heads
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.hidden_size, self.embed_tokens.weight.shape[0], bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -129,4 +156,4 @@ class Qwen3ForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.tp.gather_last(self.lm_head(hidden).float())[:, : self.args.vocab_size]
