@@ -51,6 +51,8 @@ class LLM:
         else:
             rank, local = 0, 0
             if size > 1:
+                if torch.distributed.is_initialized():
+                    raise RuntimeError("another tensor-parallel LLM is open in this process; close() it first")
                 self.workers = parallel.Workers(size, str(model), config)
         if self.config.device.type == "cuda" and size > 1:
             self.config.device = torch.device("cuda", local)

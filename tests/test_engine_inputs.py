@@ -54,7 +54,8 @@ def test_bad_sampling_params(kwargs, match):
         (dict(max_model_len=128, max_num_batched_tokens=64), "max_num_batched_tokens"),
         (dict(attention_backend="cuda"), "attention_backend"),
         (dict(dtype="float64"), "dtype"),
-        (dict(tensor_parallel_size=2), "tensor_parallel_size"),
+        (dict(tensor_parallel_size=0), "tensor_parallel_size"),
+        (dict(tensor_parallel_size=2.0), "tensor_parallel_size"),
         (dict(num_kvcache_blocks=0), "num_kvcache_blocks"),
     ],
 )

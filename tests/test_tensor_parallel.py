@@ -1,0 +1,113 @@
+"""Tensor parallelism on the CPU: two ranks over gloo, spawned by the engine or started by
+torchrun, must generate exactly what one rank and transformers do (float32, greedy), with GQA
+heads split and an MQA kv head replicated, through prefix-cache hits and preemption; a failing
+worker's error must reach the caller and leave no process behind."""
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import SamplingParams
+from engine.random_checkpoint import write_random_qwen3
+from tests.engine_cases import CONFIGS, GREEDY, PROMPT_LENS, engine, prompts, transformers_greedy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", params=["gqa-d32", "mqa-d64-tied"])
+def checkpoint(request, tmp_path_factory):
+    return write_random_qwen3(tmp_path_factory.mktemp(request.param), with_tokenizer=False, seed=7, **CONFIGS[request.param])
+
+
+@pytest.fixture
+def tp2(checkpoint, device):
+    """A factory of two-rank engines over `checkpoint`, each closed after the test."""
+    if device.type == "cuda":
+        pytest.skip("the CPU tests run gloo; the GPU run uses the nvidia-h100-x2 device kind")
+    made = []
+
+    def make(backend="triton", **config):
+        llm = engine(checkpoint, backend, tensor_parallel_size=2, **config)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.close()
+    assert not multiprocessing.active_children(), "a worker outlived its LLM"
+
+
+def test_two_ranks_equal_one_rank_and_transformers(checkpoint, tp2, device):
+    batch = prompts(PROMPT_LENS)
+    one = [o["token_ids"] for o in engine(checkpoint, "triton").generate(batch, GREEDY, use_tqdm=False)]
+    llm = tp2()
+    assert llm.model.num_kv_heads == (1 if "mqa" in checkpoint.name else CONFIGS["gqa-d32"]["num_kv_heads"] // 2)
+    two = [o["token_ids"] for o in llm.generate(batch, GREEDY, use_tqdm=False)]
+    hf = transformers_greedy(checkpoint, device)
+    assert two == one == [hf(p, GREEDY.max_tokens) for p in batch]
+
+
+def test_prefix_cache_and_preemption_hold_on_two_ranks(checkpoint, tp2, device):
+    hf = transformers_greedy(checkpoint, device)
+    shared = prompts([40], seed=1)[0]
+    first, second = (shared + tail for tail in prompts([3, 9], seed=2))
+    llm = tp2("torch")
+    llm.generate([first], GREEDY, use_tqdm=False)
+    out = llm.generate([second, first], GREEDY, use_tqdm=False)
+    assert llm.scheduler.block_manager.num_cache_hit_blocks >= 2 * (40 // 16)
+    assert [o["token_ids"] for o in out] == [hf(second, GREEDY.max_tokens), hf(first, GREEDY.max_tokens)]
+    with pytest.raises(RuntimeError, match="another tensor-parallel LLM is open"):
+        tp2("torch")
+    llm.close()
+
+    small = tp2("torch", num_kvcache_blocks=6)
+    batch = prompts([20, 23, 26], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    out = small.generate(batch, params, use_tqdm=False)
+    assert small.scheduler.num_preemptions > 0
+    assert [o["token_ids"] for o in out] == [hf(p, params.max_tokens) for p in batch]
+
+
+class BreaksInWorkers(SamplingParams):
+    """Sampling parameters that unpickle everywhere but in a spawned worker."""
+
+    def __setstate__(self, state):
+        if multiprocessing.parent_process() is not None:
+            raise RuntimeError("boom: these sampling parameters cannot be read on this rank")
+        self.__dict__.update(state)
+
+
+def test_a_failing_worker_surfaces_its_error_and_leaves_no_process(checkpoint, tp2):
+    llm = tp2("torch")
+    workers = [p for p in multiprocessing.active_children()]
+    assert len(workers) == 1
+    with pytest.raises(RuntimeError, match=r"(?s)tensor-parallel worker 1 failed:.*boom: these sampling parameters"):
+        llm.generate(prompts([5]), BreaksInWorkers(temperature=0, max_tokens=3), use_tqdm=False)
+    workers[0].join(10)
+    assert not workers[0].is_alive()
+    with pytest.raises(RuntimeError, match="closed|failed"):
+        llm.generate(prompts([5]), GREEDY, use_tqdm=False)
+
+
+def test_unshardable_heads_are_refused_before_any_process_starts(checkpoint):
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the 4 query heads"):
+        engine(checkpoint, "torch", tensor_parallel_size=3)
+    assert not multiprocessing.active_children()
+
+
+def test_torchrun_ranks_join_the_launchers_group(checkpoint, tmp_path, device):
+    if device.type == "cuda":
+        pytest.skip("the CPU tests run gloo")
+    out = tmp_path / "tokens.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "tp_launched.py"), str(checkpoint), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    one = [o["token_ids"] for o in engine(checkpoint, "triton").generate(prompts(PROMPT_LENS), GREEDY, use_tqdm=False)]
+    assert result == dict(world=2, tokens=one)
