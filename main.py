@@ -3,6 +3,8 @@
     python main.py                                   # tiny random-weight Qwen3, built once, no network
     python main.py --model /path/to/Qwen3-0.6B       # a real Hugging Face Qwen3 checkpoint directory
     python main.py --model DIR "Why is the sky blue?" "Write a haiku about GPUs."
+    python main.py --model DIR --tensor-parallel-size 4          # spawns 3 workers, one per GPU
+    torchrun --nproc-per-node 4 main.py --model DIR              # or let a launcher start the ranks
 
 Without --model it runs a tiny Qwen3 with random weights (cached under ~/.cache/minivllm), so its
 completions are gibberish; it shows the engine working end to end, even on a CPU without network.
@@ -38,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="triton: our kernels; torch: the PyTorch references (default: triton)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-model-len", type=int, default=1024, help="longest sequence, prompt plus completion (default: 1024)")
+    p.add_argument("--tensor-parallel-size", type=int,
+                   help="ranks to shard the model over (default: the launcher's WORLD_SIZE under torchrun or srun, else 1)")
     p.add_argument("--profile", action="store_true", help="print where each step's time went: scheduling, input building, model run, bookkeeping")
     return p.parse_args(argv)
 
@@ -52,8 +56,10 @@ def main(argv=None) -> None:
 
     model = args.model or str(default_checkpoint())
     max_tokens = args.max_tokens or (256 if args.model else 16)
+    tp = args.tensor_parallel_size or int(os.environ.get("WORLD_SIZE", 1))
     llm = LLM(model, max_model_len=args.max_model_len, max_num_batched_tokens=max(16384, args.max_model_len),
-              dtype=args.dtype, device=args.device, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
+              dtype=args.dtype, device=args.device, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=tp)
     params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens, ignore_eos=args.ignore_eos,
                             top_k=args.top_k, top_p=args.top_p)
     prompts = args.prompts or DEMO_PROMPTS
@@ -69,6 +75,10 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=True)
     seconds = time.perf_counter() - start
+    rank = llm.tp.rank
+    llm.close()
+    if rank != 0:  # under a launcher every rank generated the same tokens; rank 0 reports them
+        return
 
     for prompt, out in zip(prompts, outputs, strict=True):
         completion = out["text"] if out["text"] is not None else str(out["token_ids"])
@@ -80,7 +90,7 @@ def main(argv=None) -> None:
         print(format_summary(llm.step_records))
     generated = sum(len(out["token_ids"]) for out in outputs)
     print(f"\n{generated} tokens generated for {len(prompts)} prompts in {seconds:.2f} s: {generated / seconds:.1f} tokens/s "
-          f"(device {llm.config.device}, {args.attention_backend} attention)")
+          f"(device {llm.config.device}, {args.attention_backend} attention, tensor parallel {tp})")
     if not args.model:
         print(f"\nNote: {model} holds a tiny Qwen3 with RANDOM weights, so these completions are gibberish;"
               " it only shows the engine running end to end.\nFor real text, point it at a Hugging Face Qwen3 checkpoint:"

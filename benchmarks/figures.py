@@ -90,13 +90,14 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
     )
 
 
-def engine_floor_s(counts: dict, ceilings: dict) -> float:
+def engine_floor_s(counts: dict, ceilings: dict, tp: int = 1) -> float:
     """The workload's roofline time: bytes that must be read over the measured copy bandwidth
     (the weights once per decode step, plus every decoded token's KV context), plus the prefill's
-    FLOPs over the measured matmul rate. Decode FLOPs and the prefill's own bytes are left out:
-    each is a small fraction of its term on a GPU."""
+    FLOPs over the measured matmul rate, on `tp` GPUs that share both evenly. Decode FLOPs, the
+    prefill's own bytes and the ranks' all-reduce traffic are left out: each is a small fraction
+    of its term on a GPU."""
     read = counts["decode_steps"] * counts["weight_bytes"] + counts["kv_bytes"]
-    return read / (ceilings[DECODE_CEILING] * 1e9) + counts["prefill_flops"] / (ceilings[PREFILL_CEILING] * 1e12)
+    return (read / (ceilings[DECODE_CEILING] * 1e9) + counts["prefill_flops"] / (ceilings[PREFILL_CEILING] * 1e12)) / tp
 
 
 def record_engine(benchmark, ceilings: dict, *, impl: str, shard, dtype: torch.dtype, counts: dict, prompt_lens: list[int], output_lens: list[int], **settings) -> None:
@@ -107,7 +108,7 @@ def record_engine(benchmark, ceilings: dict, *, impl: str, shard, dtype: torch.d
     info.update(suite="engine", impl=impl, model=shard.model, tp=shard.tp, num_heads=shard.num_heads)
     info.update(num_kv_heads=shard.num_kv_heads, head_dim=shard.head_dim, dtype=dtype_name(dtype), num_seqs=len(prompt_lens))
     info.update(prompt_tokens=sum(prompt_lens), output_tokens=sum(output_lens), total_tokens=sum(prompt_lens) + sum(output_lens))
-    info.update(counts, floor_s=engine_floor_s(counts, ceilings), **settings)
+    info.update(counts, floor_s=engine_floor_s(counts, ceilings, shard.tp), **settings)
     if benchmark.stats is None:  # --benchmark-disable: nothing was timed
         return
     wall = benchmark.stats.stats.median

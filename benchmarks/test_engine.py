@@ -12,11 +12,11 @@ last token (prefill included), after a warm-up run of a workload drawn the same 
 output tokens, so JIT compilation, autotuning and CUDA graph capture stay out of the figure.
 Every sequence must come back with exactly its requested number of tokens, each a valid id.
 
-- minivllm: `LLM(...).generate` with one SamplingParams per sequence.
+- minivllm: `LLM(...).generate` with one SamplingParams per sequence, over `--tp` GPUs.
 - hf_transformers: `generate` in batches of `--hf-batch` sequences (default 64), grouped by
   requested output length so that a batch wastes little decoding past its shorter members,
   left-padded, with transformers' default dynamic KV cache and SDPA attention. A batch runs to
-  its longest output; only the requested tokens count.
+  its longest output; only the requested tokens count. One GPU: it runs only at --tp 1.
 
 extra_info (benchmarks/figures.py, record_engine) holds tokens_per_s, the token totals, the
 workload's roofline time (engine_counts, engine_floor_s) and pct_roofline; for minivllm also
@@ -112,8 +112,8 @@ def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, 
     preset = PRESETS[shard.model]
     if preset.ffn is None:
         pytest.skip(f"{preset.name}: the engine runs dense Qwen3 models only")
-    if shard.tp != 1:
-        pytest.skip("tensor parallelism is not in the engine yet (issue 9)")
+    if impl == "hf_transformers" and shard.tp != 1:
+        pytest.skip("transformers' generate runs on one GPU: its row is the --tp 1 one")
     if dtype != torch.bfloat16 and not request.config.getoption("dtype"):
         pytest.skip("the engine suite runs bf16 unless --dtype asks for more")
     path = checkpoints(preset, dtype)
@@ -121,7 +121,8 @@ def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, 
     warm_prompts, _ = workload(1, preset.vocab)
     settings = dict(min_len=MIN_LEN, max_len=MAX_LEN)
     if impl == "minivllm":
-        llm = LLM(str(path), max_model_len=2 * MAX_LEN, dtype=dtype, device=device)
+        llm = LLM(str(path), max_model_len=2 * MAX_LEN, dtype=dtype, device=device, tensor_parallel_size=shard.tp)
+        request.addfinalizer(llm.close)
         settings.update(block_size=llm.config.kvcache_block_size, num_kvcache_blocks=llm.config.num_kvcache_blocks)
         run_minivllm(llm, warm_prompts, [2] * NUM_SEQS)
         fn = partial(run_minivllm, llm, prompts, output_lens)

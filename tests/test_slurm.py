@@ -177,6 +177,17 @@ def test_torchrun_template_runs_a_two_rank_job(slurm_env, tmp_path):
     assert exit_code(slurm_env, job) == 0
 
 
+def test_srun_template_runs_the_engine_on_two_ranks(slurm_env, tmp_path):
+    """srun's tasks become torch.distributed ranks; main.py shards the demo model over both."""
+    env = {**slurm_env, "MINIVLLM_PYTHON": sys.executable}
+    cmd = ["sbatch", "--parsable", "--ntasks=2", f"--output={tmp_path}/%j.out", "slurm/srun_ranks.sbatch", "main.py", "--device", "cpu", "--max-tokens", "4", "Hello"]
+    job = run(cmd, env).stdout.strip()
+    wait(slurm_env, job)
+    log = (tmp_path / f"{job}.out").read_text()
+    assert "2 ranks on 1 node(s)" in log and log.count("Completion:") == 1 and "tensor parallel 2" in log, log
+    assert exit_code(slurm_env, job) == 0
+
+
 def test_partition_from_sbatch_environment_reaches_the_cluster(slurm_env, tmp_path):
     """No partition is chosen by the tools: SBATCH_PARTITION decides, and sbatch's refusal reaches the user."""
     env = {**slurm_env, "SBATCH_PARTITION": "no-such-partition"}
