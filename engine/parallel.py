@@ -137,10 +137,10 @@ class Workers:
     def __init__(self, size: int, model: str, config: dict):
         ctx = mp.get_context("spawn")
         self.errors = ctx.Queue()
-        fd, path = tempfile.mkstemp(prefix="minivllm-tp-")
+        fd, self.path = tempfile.mkstemp(prefix="minivllm-tp-")
         os.close(fd)
-        os.unlink(path)  # the file store creates it; it must not exist beforehand
-        self.init = f"file://{path}"
+        os.unlink(self.path)  # the file store creates it; it must not exist beforehand
+        self.init = f"file://{self.path}"
         os.environ[INIT_VAR] = self.init
         self.procs = [
             ctx.Process(target=serve_worker, args=(rank, size, self.init, model, config, self.errors), daemon=True, name=f"minivllm-tp{rank}")
@@ -171,6 +171,8 @@ class Workers:
                 p.terminate()
                 p.join(timeout)
         os.environ.pop(INIT_VAR, None)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 def serve_worker(rank: int, size: int, init: str, model: str, config: dict, errors) -> None:

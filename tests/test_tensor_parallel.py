@@ -11,8 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from engine import SamplingParams
+from engine.loader import load_model_args, load_weights
+from engine.parallel import TPGroup
+from engine.qwen3 import Qwen3ForCausalLM
 from engine.random_checkpoint import write_random_qwen3
 from tests.engine_cases import CONFIGS, GREEDY, PROMPT_LENS, engine, prompts, transformers_greedy
 
@@ -111,3 +116,30 @@ def test_torchrun_ranks_join_the_launchers_group(checkpoint, tmp_path, device):
     result = json.loads(out.read_text())
     one = [o["token_ids"] for o in engine(checkpoint, "triton").generate(prompts(PROMPT_LENS), GREEDY, use_tqdm=False)]
     assert result == dict(world=2, tokens=one)
+
+
+def test_a_rank_loads_only_its_slices(checkpoint):
+    """Rank 1 of 2 holds the second half of q heads, its kv heads, FFN columns and vocabulary rows,
+    copied from exactly those rows or columns of the checkpoint; nothing else is materialised."""
+    args = load_model_args(checkpoint)
+    tp = TPGroup(1, 2)
+    model = Qwen3ForCausalLM(args, "torch", tp)
+    load_weights(model, checkpoint)
+    full = {k.removeprefix("model."): v for f in checkpoint.glob("*.safetensors") for k, v in load_file(f).items()}
+    d = args.head_dim
+    q, kv = tp.q_heads(args.num_heads, args.num_kv_heads), tp.kv_heads(args.num_heads, args.num_kv_heads)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    wq, wk, wv = attn.qkv_proj.weight.split(attn.split)
+    assert torch.equal(wq, full["layers.0.self_attn.q_proj.weight"][q.start * d : q.stop * d])
+    assert torch.equal(wk, full["layers.0.self_attn.k_proj.weight"][kv.start * d : kv.stop * d])
+    assert torch.equal(wv, full["layers.0.self_attn.v_proj.weight"][kv.start * d : kv.stop * d])
+    assert torch.equal(attn.o_proj.weight, full["layers.0.self_attn.o_proj.weight"][:, q.start * d : q.stop * d])
+    cols = tp.split(args.intermediate_size, "FFN columns")
+    gate, up = mlp.gate_up_proj.weight.chunk(2)
+    assert torch.equal(gate, full["layers.0.mlp.gate_proj.weight"][cols.start : cols.stop])
+    assert torch.equal(up, full["layers.0.mlp.up_proj.weight"][cols.start : cols.stop])
+    assert torch.equal(mlp.down_proj.weight, full["layers.0.mlp.down_proj.weight"][:, cols.start : cols.stop])
+    rows = tp.vocab(args.vocab_size)
+    assert torch.equal(model.embed_tokens.weight[: len(rows)], full["embed_tokens.weight"][rows.start : rows.stop])
+    held = sum(p.numel() for p in model.parameters())
+    assert held < 0.6 * sum(t.numel() for name, t in full.items() if not (args.tie_word_embeddings and name == "lm_head.weight"))
