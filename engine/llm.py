@@ -86,19 +86,26 @@ class LLM:
         self.step_records: list[StepRecord] = []
 
     def _failed(self, cause: Exception) -> Exception:
-        """What to raise after `cause` on rank 0: a spawned worker's own error when one failed."""
+        """What to raise after `cause` on rank 0: a spawned worker's own error when one failed.
+        The workers are stopped and the group left, so the LLM is closed."""
         if self.workers is None:
             return cause
         workers, self.workers = self.workers, None
-        return workers.failure(cause)
+        error = workers.failure(cause)
+        self._leave_group()
+        return error
 
     def close(self) -> None:
-        """Stop the spawned workers and leave the process group; the LLM cannot generate after."""
-        if self.tp.size > 1:
-            if self.workers is not None:
-                self.tp.broadcast_object(("stop", None))
-                self.workers.stop()
-                self.workers = None
+        """Stop the spawned workers and leave the process group; a tensor-parallel LLM cannot
+        generate after (a one-rank LLM holds nothing to release)."""
+        if self.workers is not None:
+            self.tp.broadcast_object(("stop", None))
+            self.workers.stop()
+            self.workers = None
+        self._leave_group()
+
+    def _leave_group(self) -> None:
+        if getattr(self, "tp", parallel.TPGroup()).size > 1:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
             self.tp = parallel.TPGroup(size=0)
