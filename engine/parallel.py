@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 INIT_VAR = "MINIVLLM_TP_INIT"  # the rendezvous a spawned worker joins
 TIMEOUT = timedelta(minutes=10)  # a collective waiting on a rank that died
 WORKER_ERROR_WAIT_S = 10  # how long rank 0 waits for a failed worker's report
