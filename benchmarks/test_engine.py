@@ -37,6 +37,7 @@ from engine.random_checkpoint import write_random_qwen3
 from engine.step_profile import summarize
 
 IMPLS = ("minivllm", "hf_transformers")
+DEFAULT_MODELS = ("qwen3-0.6b", "tiny")  # the suite's models when --preset names none: nano-vllm's, and the CPU smoke shape
 NUM_SEQS, MIN_LEN, MAX_LEN = (256, 100, 1024) if GPU_GRID else (4, 3, 9)
 MAX_TOKEN_ID = 10000  # prompt ids are drawn from [0, min(this, vocab - 1)], as nano-vllm's benchmark does
 TEMPERATURE = 0.6
@@ -112,6 +113,8 @@ def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, 
     preset = PRESETS[shard.model]
     if preset.ffn is None:
         pytest.skip(f"{preset.name}: the engine runs dense Qwen3 models only")
+    if preset.name not in DEFAULT_MODELS and not request.config.getoption("preset"):
+        pytest.skip(f"the engine suite runs {DEFAULT_MODELS[0]} unless --preset names others")
     if impl == "hf_transformers" and shard.tp != 1:
         pytest.skip("transformers' generate runs on one GPU: its row is the --tp 1 one")
     if dtype != torch.bfloat16 and not request.config.getoption("dtype"):
