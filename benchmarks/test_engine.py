@@ -23,6 +23,7 @@ workload's roofline time (engine_counts, engine_floor_s) and pct_roofline; for m
 `steps`, the engine's step-time breakdown (engine/step_profile.py, summarize).
 """
 
+import gc
 import random
 from functools import partial
 
@@ -132,6 +133,10 @@ def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, 
     else:
         from transformers import AutoModelForCausalLM
 
+        # The engine before this row sized its KV cache to most of the GPU: make sure it is gone.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         hf_batch = request.config.getoption("hf_batch")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         settings.update(hf_batch=hf_batch, hf_cache="dynamic")
