@@ -38,12 +38,17 @@ def decode_counts(batch, context_len, num_heads, num_kv_heads, head_dim, dtype) 
     return flops, nbytes
 
 
+def _configuration(info: dict, suite: str, impl: str, shard, dtype: torch.dtype) -> None:
+    """The fields every suite's extra_info starts with: what ran, on which shard, in which dtype."""
+    info.update(suite=suite, impl=impl, model=shard.model, tp=shard.tp, num_heads=shard.num_heads)
+    info.update(num_kv_heads=shard.num_kv_heads, head_dim=shard.head_dim, dtype=dtype_name(dtype))
+
+
 def record(benchmark, ceilings: dict, *, suite: str, impl: str, shard, dtype: torch.dtype, flops: int, nbytes: int, **shape) -> None:
     """Fill benchmark.extra_info: the configuration, the counts, and the throughput from the median
     time as a percentage of the run's measured ceiling (TFLOP/s for prefill, GB/s for decode)."""
     info = benchmark.extra_info
-    info.update(suite=suite, impl=impl, model=shard.model, tp=shard.tp, num_heads=shard.num_heads)
-    info.update(num_kv_heads=shard.num_kv_heads, head_dim=shard.head_dim, dtype=dtype_name(dtype))
+    _configuration(info, suite, impl, shard, dtype)
     info.update(shape, flops=flops, bytes=nbytes)
     info.setdefault("causal", None)
     info.setdefault("block_size", None)
@@ -105,8 +110,8 @@ def record_engine(benchmark, ceilings: dict, *, impl: str, shard, dtype: torch.d
     median wall time tokens_per_s (output tokens over wall time, prefill included) and
     pct_roofline (the floor over the wall time; also pct_of_ceiling, the field the reports read)."""
     info = benchmark.extra_info
-    info.update(suite="engine", impl=impl, model=shard.model, tp=shard.tp, num_heads=shard.num_heads)
-    info.update(num_kv_heads=shard.num_kv_heads, head_dim=shard.head_dim, dtype=dtype_name(dtype), num_seqs=len(prompt_lens))
+    _configuration(info, "engine", impl, shard, dtype)
+    info.update(num_seqs=len(prompt_lens))
     info.update(prompt_tokens=sum(prompt_lens), output_tokens=sum(output_lens), total_tokens=sum(prompt_lens) + sum(output_lens))
     info.update(counts, floor_s=engine_floor_s(counts, ceilings, shard.tp), **settings)
     if benchmark.stats is None:  # --benchmark-disable: nothing was timed
