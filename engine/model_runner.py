@@ -3,6 +3,7 @@ inputs, replays CUDA graphs for decode, and samples the next tokens."""
 
 import time
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
@@ -32,6 +33,7 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
         self.graphs = {}
+        self._packed: torch.Tensor | None = None
         if self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton":
             self._capture_decode_graphs()
 
@@ -75,9 +77,6 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         return self._tensor([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     def prepare_prefill(self, seqs: list[Sequence]):
         """Only tokens past each sequence's cached prefix are computed; the keys span the whole
         sequence, read from the paged cache when any prefix was cached."""
@@ -85,14 +84,15 @@ class ModelRunner:
         for seq in seqs:
             start = seq.num_cached_tokens
             ids += seq.token_ids[start:]
-            positions += range(start, len(seq))
-            slots += [self._slot(seq, p) for p in range(start, len(seq))]
+            pos = np.arange(start, len(seq))
+            positions.append(pos)
+            slots.append(np.asarray(seq.block_table, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size)
             cu_q.append(cu_q[-1] + len(seq) - start)
             cu_k.append(cu_k[-1] + len(seq))
         cached = any(s.num_cached_tokens for s in seqs)
         meta = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=self._tensor(slots, torch.int32),
+            slot_mapping=self._tensor(np.concatenate(slots), torch.int32),
             cu_seqlens_q=self._tensor(cu_q, torch.int32),
             cu_seqlens_k=self._tensor(cu_k, torch.int32),
             max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:], strict=False)),
@@ -100,17 +100,39 @@ class ModelRunner:
             block_tables=self._block_tables(seqs) if cached else None,
         )
         last = self._tensor([n - 1 for n in cu_q[1:]], torch.long)
-        return self._tensor(ids, torch.long), self._tensor(positions, torch.long), meta, last
+        return self._tensor(ids, torch.long), self._tensor(np.concatenate(positions), torch.long), meta, last
 
-    def prepare_decode(self, seqs: list[Sequence]):
+    def pack_decode(self, seqs: list[Sequence], rows: int) -> torch.Tensor:
+        """A decode step's host inputs in one int32 buffer of `rows` >= len(seqs) rows, so that one
+        copy moves them: [ids (rows), context_lens (rows), block tables (rows x max_blocks_per_seq)],
+        padding rows holding token 0, context 0 and a table of -1. Pinned on a GPU; each call
+        reuses the buffer, which is safe because every step waits for its sampled tokens."""
+        width = self.max_blocks_per_seq
+        if self._packed is None or self._packed.shape[0] < rows * (2 + width):
+            self._packed = torch.empty(rows * (2 + width), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        flat = []
+        for seq in seqs:
+            flat += seq.block_table
+            flat += [-1] * (width - len(seq.block_table))
+        packed = self._packed[: rows * (2 + width)].numpy()
+        pad = rows - len(seqs)
+        packed[: 2 * rows] = [s.last_token for s in seqs] + [0] * pad + [len(s) for s in seqs] + [0] * pad
+        packed[2 * rows :] = flat + [-1] * (pad * width)
+        return self._packed[: rows * (2 + width)]
+
+    def decode_inputs(self, packed: torch.Tensor, rows: int, max_context_len: int):
+        """(ids, positions, meta) on the device from a pack_decode buffer already there. Each row's
+        position and cache slot follow from its context length and block table, so they are
+        computed here, inside the CUDA graph, not on the host; padding rows get slot -1."""
+        ids, context_lens = packed[:rows], packed[rows : 2 * rows]
+        block_tables = packed[2 * rows :].view(rows, self.max_blocks_per_seq)
+        positions = (context_lens - 1).clamp_min(0)
+        blocks = block_tables.gather(1, (positions // self.block_size).long()[:, None]).squeeze(1)
+        slots = torch.where(context_lens > 0, blocks * self.block_size + positions % self.block_size, -1)
         meta = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=self._tensor([self._slot(s, len(s) - 1) for s in seqs], torch.int32),
-            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
-            max_context_len=max(len(s) for s in seqs),
-            block_tables=self._block_tables(seqs),
+            is_prefill=False, slot_mapping=slots, context_lens=context_lens, max_context_len=max_context_len, block_tables=block_tables
         )
-        return self._tensor([s.last_token for s in seqs], torch.long), self._tensor([len(s) - 1 for s in seqs], torch.long), meta
+        return ids, positions, meta
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, record: StepRecord | None = None) -> list[int]:
@@ -119,13 +141,13 @@ class ModelRunner:
         start = time.perf_counter()
         if is_prefill:
             ids, positions, meta, last = self.prepare_prefill(seqs)
-        else:
-            ids, positions, meta = self.prepare_decode(seqs)
-        prepared = time.perf_counter()
-        if is_prefill:
+            prepared = time.perf_counter()
             hidden = self.model(ids, positions, self.kv_caches, meta)[last]
         else:
-            hidden = self._decode(ids, positions, meta)
+            graph_rows = next((b for b in GRAPH_BATCH_SIZES if b >= len(seqs) and b in self.graphs), None)
+            packed = self.pack_decode(seqs, graph_rows or len(seqs))
+            prepared = time.perf_counter()
+            hidden = self._decode(packed, len(seqs), graph_rows, max(len(s) for s in seqs))
         logits = self.model.compute_logits(hidden)
         # The host knows every row's sampling parameters, so the sampler skips what no row needs
         # (sampling when all are greedy, the vocabulary sort when none filters) without a sync.
@@ -137,55 +159,38 @@ class ModelRunner:
         if any(s.top_p < 1 for s in seqs):
             top_ps = self._tensor([s.top_p for s in seqs], torch.float32)
         # Ranks sample from the same logits but with their own random streams: rank 0's choice holds.
-        tokens = self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps)).tolist()
+        tokens = self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.config.attention_backend)).tolist()
         if record is not None:
             record.prepare_s, record.execute_s = prepared - start, time.perf_counter() - prepared
         return tokens
 
-    def _decode(self, ids, positions, meta: AttentionMetadata) -> torch.Tensor:
-        batch = ids.shape[0]
-        size = next((b for b in GRAPH_BATCH_SIZES if b >= batch and b in self.graphs), None)
-        if size is None:
+    def _decode(self, packed: torch.Tensor, batch: int, graph_rows: int | None, max_context_len: int) -> torch.Tensor:
+        """Hidden states of a decode step's `batch` rows: the captured graph of `graph_rows` rows
+        replayed over the packed inputs, or the model run eagerly when no graph fits."""
+        if graph_rows is None:
+            ids, positions, meta = self.decode_inputs(packed.to(self.device, non_blocking=True), batch, max_context_len)
             return self.model(ids, positions, self.kv_caches, meta)
-        graph, io = self.graphs[size]
-        # Padding rows write nowhere (slot -1) and read nothing (context 0, table row of -1).
-        io["slot_mapping"].fill_(-1)
-        io["context_lens"].zero_()
-        io["block_tables"].fill_(-1)
-        io["ids"][:batch] = ids
-        io["positions"][:batch] = positions
-        io["slot_mapping"][:batch] = meta.slot_mapping
-        io["context_lens"][:batch] = meta.context_lens
-        io["block_tables"][:batch, : meta.block_tables.shape[1]] = meta.block_tables
+        graph, io = self.graphs[graph_rows]
+        io["packed"].copy_(packed, non_blocking=True)
         graph.replay()
         return io["hidden"][:batch]
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
-        """One graph per batch size bucket up to max_num_seqs, over static buffers; max_context_len is
-        fixed at max_model_len so the kernel's split count does not depend on the batch."""
+        """One graph per batch size bucket up to max_num_seqs, each reading its inputs from one static
+        packed buffer (pack_decode) and computing positions and slots itself (decode_inputs)."""
         top = min(self.config.max_num_seqs, GRAPH_BATCH_SIZES[-1])
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= top] or [1]
         pool = None
         for size in reversed(sizes):
-            io = {
-                "ids": torch.zeros(size, dtype=torch.long, device=self.device),
-                "positions": torch.zeros(size, dtype=torch.long, device=self.device),
-                "slot_mapping": torch.full((size,), -1, dtype=torch.int32, device=self.device),
-                "context_lens": torch.zeros(size, dtype=torch.int32, device=self.device),
-                "block_tables": torch.full((size, self.max_blocks_per_seq), -1, dtype=torch.int32, device=self.device),
-            }
-            meta = AttentionMetadata(
-                is_prefill=False,
-                slot_mapping=io["slot_mapping"],
-                context_lens=io["context_lens"],
-                max_context_len=self.config.max_model_len,
-                block_tables=io["block_tables"],
-            )
-            self.model(io["ids"], io["positions"], self.kv_caches, meta)  # warm-up: compile outside capture
+            io = {"packed": self.pack_decode([], size).to(self.device)}
+            # max_context_len is fixed at max_model_len so the kernel's split count does not depend on the batch.
+            ids, positions, meta = self.decode_inputs(io["packed"], size, self.config.max_model_len)
+            self.model(ids, positions, self.kv_caches, meta)  # warm-up: compile outside capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                io["hidden"] = self.model(io["ids"], io["positions"], self.kv_caches, meta)
+                ids, positions, meta = self.decode_inputs(io["packed"], size, self.config.max_model_len)
+                io["hidden"] = self.model(ids, positions, self.kv_caches, meta)
             pool = graph.pool()
             self.graphs[size] = (graph, io)
         torch.cuda.synchronize(self.device)

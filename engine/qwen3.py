@@ -15,6 +15,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, attend
 from engine.parallel import TPGroup
+from kernels import qk_norm_rope, rms_norm, silu_and_mul
+from reference import qk_norm_rope_ref, rms_norm_ref, rope_cos_sin, silu_and_mul_ref
 
 
 @dataclass(frozen=True)
@@ -38,31 +40,16 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """forward(x) -> normalised x; forward(x, residual) -> (normalised x + residual, x + residual),
+    the residual add fused into the norm that follows it."""
+
+    def __init__(self, dim: int, eps: float, backend: str):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fn = eps, rms_norm if backend == "triton" else rms_norm_ref
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in fp32 and cast back before the weight, as the checkpoint was trained.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (num_tokens, 1, head_dim) for the rotate-half convention; computed once per
-    step and shared by every layer."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return self.fn(x, self.weight, self.eps, residual)
 
 
 class Qwen3Attention(nn.Module):
@@ -75,29 +62,31 @@ class Qwen3Attention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.attention_bias)
-        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        # The per-head norms are applied with the rotary embedding in one pass (kernels.qk_norm_rope).
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, backend)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, backend)
+        self.norm_rope = qk_norm_rope if backend == "triton" else qk_norm_rope_ref
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.norm_rope(
+            q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
+            self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps,
+        )
         out = attend(q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_cache[0], kv_cache[1], meta, self.backend)
         return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TPGroup):
+    def __init__(self, args: ModelArgs, backend: str, tp: TPGroup):
         super().__init__()
-        self.tp = tp
+        self.tp, self.act = tp, silu_and_mul if backend == "triton" else silu_and_mul_ref
         width = len(tp.split(args.intermediate_size, "FFN columns (intermediate_size)"))
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * width, bias=False)
         self.down_proj = nn.Linear(width, args.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class VocabEmbedding(nn.Module):
@@ -121,14 +110,18 @@ class VocabEmbedding(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, backend: str, tp: TPGroup):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
         self.self_attn = Qwen3Attention(args, backend, tp)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = Qwen3MLP(args, tp)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
+        self.mlp = Qwen3MLP(args, backend, tp)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
+        """x: the previous layer's MLP output, not yet added to `residual` (None before the first
+        layer, where x is the embedding): each residual add is fused into the norm after it.
+        Returns this layer's (MLP output, residual)."""
+        x, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, meta), residual)
+        return self.mlp(x), residual
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -143,7 +136,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, self.tp)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(args, backend, self.tp) for _ in range(args.num_layers))
         self.num_kv_heads = self.layers[0].self_attn.num_kv_heads
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
         self.lm_head = nn.Linear(args.hidden_size, self.embed_tokens.weight.shape[0], bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -151,9 +144,10 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.tp.gather_last(self.lm_head(hidden).float())[:, : self.args.vocab_size]

@@ -2,6 +2,9 @@
 
 import torch
 
+from kernels import sample_tokens
+from reference import sample_ref
+
 
 def sample(
     logits: torch.Tensor,
@@ -9,25 +12,27 @@ def sample(
     top_ks: torch.Tensor | None = None,
     top_ps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
     """Pick one token per row.
 
     logits: fp32 (batch, vocab). temperatures: fp32 (batch,), 0 means greedy (argmax); None means
     every row is greedy. top_ks: int (batch,), 0 keeps every token; top_ps: fp32 (batch,), 1.0
     keeps every token; both None (the caller knows no row filters) skips the vocabulary sort that
-    filtering needs. Returns int64 (batch,). Sampling draws argmax(p / E) with E ~ Exp(1), which
-    picks token i with probability p_i; nothing here reads device memory on the host.
+    filtering needs. generator: a CPU generator for the draw's seed (default: torch's global one).
+    backend "triton" draws in one pass over the logits (kernels.sample_tokens), "torch" with
+    reference.sample_ref. Returns int64 (batch,); nothing here reads device memory on the host.
     """
-    greedy = logits.argmax(dim=-1)
     if temperatures is None:
-        return greedy
-    scaled = logits / temperatures.clamp_min(1e-6)[:, None]
+        return logits.argmax(dim=-1)
     if top_ks is not None or top_ps is not None:
-        scaled = _filter(scaled, top_ks, top_ps)
-    probs = scaled.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(temperatures == 0, greedy, sampled)
+        # Filtering keeps each row's argmax, so greedy rows are unchanged by it; sampled rows then
+        # draw from the kept tokens at temperature 1, the scaling being done.
+        logits = _filter(logits / temperatures.clamp_min(1e-6)[:, None], top_ks, top_ps)
+        temperatures = (temperatures > 0).float()
+    if backend == "torch":
+        return sample_ref(logits, temperatures, generator)
+    return sample_tokens(logits, temperatures, int(torch.randint(2**31 - 1, (1,), generator=generator)))
 
 
 def _filter(scaled: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:

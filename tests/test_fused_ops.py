@@ -1,0 +1,119 @@
+"""The model's fused elementwise kernels and the sampling kernel against their PyTorch references.
+
+Norms, SiLU-and-mul and q/k norm + rotary follow flash-attn's rule against a float64 run of the
+reference; sampling is checked for its distribution, its greedy rows and its determinism.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels import qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
+from reference import qk_norm_rope_ref, rms_norm_ref, rope_cos_sin, silu_and_mul_ref
+from tests.cases import DTYPES, generator, randn
+from tests.tolerance import assert_within_tolerance
+
+EPS = 1e-6
+ROWS = st.integers(1, 37)
+
+
+def check(kernel_out, ref_fn, inputs, what):
+    """kernel_out against ref_fn on the inputs in float64 and in their own dtype."""
+    fp64 = ref_fn(*[t.double() for t in inputs])
+    same = ref_fn(*inputs)
+    for i, (out, ref64, ref) in enumerate(zip(*(x if isinstance(x, tuple) else (x,) for x in (kernel_out, fp64, same)), strict=True)):
+        assert out.dtype == inputs[0].dtype
+        assert_within_tolerance(out, ref64, ref, f"{what} output {i}")
+
+
+@given(rows=ROWS, dim=st.sampled_from([16, 59, 128, 1000, 1024]), dtype=st.sampled_from(DTYPES),
+       residual=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_rms_norm(rows, dim, dtype, residual, seed, device):
+    gen = generator(seed, device)
+    # Rows of different scales, as hidden states are; a strided view, as the model passes.
+    x = (randn((rows, dim + 3), dtype, device, gen) * 4)[:, :dim]
+    weight = randn((dim,), dtype, device, gen)
+    if residual:
+        res = randn((rows, dim), dtype, device, gen)
+        check(rms_norm(x, weight, EPS, res), lambda a, w, r: rms_norm_ref(a, w, EPS, r), (x, weight, res), "add + rms_norm")
+    else:
+        check(rms_norm(x, weight, EPS), lambda a, w: rms_norm_ref(a, w, EPS), (x, weight), "rms_norm")
+
+
+@given(rows=ROWS, width=st.sampled_from([1, 17, 1000, 1536]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_silu_and_mul(rows, width, dtype, seed, device):
+    x = randn((rows, 2 * width), dtype, device, generator(seed, device)) * 3
+    check(silu_and_mul(x), silu_and_mul_ref, (x,), "silu_and_mul")
+
+
+@given(tokens=ROWS, heads=st.sampled_from([(1, 1), (8, 2), (6, 3), (16, 8), (5, 1)]), head_dim=st.sampled_from([16, 34, 64, 128]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_qk_norm_rope(tokens, heads, head_dim, dtype, seed, device):
+    gen = generator(seed, device)
+    h, hkv = heads
+    # q and k as views into a fused qkv projection, as the model produces them.
+    qkv = randn((tokens, (h + 2 * hkv) * head_dim), dtype, device, gen) * 3
+    q = qkv[:, : h * head_dim].view(tokens, h, head_dim)
+    k = qkv[:, h * head_dim : (h + hkv) * head_dim].view(tokens, hkv, head_dim)
+    qw, kw = randn((head_dim,), dtype, device, gen), randn((head_dim,), dtype, device, gen)
+    positions = torch.randint(0, 40000, (tokens,), device=device, generator=gen)
+    cos, sin = rope_cos_sin(positions, head_dim, 1e6, torch.float64)
+    inputs = (q, k, qw, kw, cos.to(dtype), sin.to(dtype))
+    check(qk_norm_rope(*inputs, EPS), lambda *a: qk_norm_rope_ref(*a, EPS), inputs, "qk_norm_rope")
+
+
+def frequencies(draws: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.bincount(draws.cpu(), minlength=vocab).double() / draws.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_distribution(dtype, device):
+    """1000 draws of one row at temperature 0.7 land within 4.5 standard deviations of the
+    softmax, token by token."""
+    draws = 1000
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, 1.5], device=device).to(dtype)
+    probs = (logits.double() / 0.7).softmax(-1).cpu()
+    out = sample_tokens(logits.repeat(draws, 1), torch.full((draws,), 0.7, device=device), seed=11)
+    assert out.dtype == torch.long
+    assert (frequencies(out, 6) - probs).abs().max() <= 4.5 * (probs * (1 - probs) / draws).sqrt().max()
+
+
+def test_sampling_greedy_rows_seeds_and_long_rows(device):
+    """Temperature 0 is argmax wherever the maximum lies in a long row (split over programs);
+    one seed repeats its draws and another changes them; a peaked row samples its peak."""
+    gen = generator(5, device)
+    vocab = 151_936 if device.type == "cuda" else 5000
+    logits = randn((6, vocab), torch.float32, device, gen)
+    spots = torch.tensor([0, vocab - 1, 4097, 2048, 2047, vocab // 2], device=device)
+    logits[torch.arange(6, device=device), spots] = 50.0
+    zeros = torch.zeros(6, device=device)
+    assert sample_tokens(logits, zeros, seed=0).tolist() == spots.tolist()
+    assert sample_tokens(logits, torch.full((6,), 0.5, device=device), seed=3).tolist() == spots.tolist()
+    flat = randn((8, vocab), torch.float32, device, gen) * 0.1
+    temps = torch.ones(8, device=device)
+    first, again, other = (sample_tokens(flat, temps, seed=s) for s in (7, 7, 8))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert ((first >= 0) & (first < vocab)).all()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d: rms_norm(torch.ones(2, 8, device=d), torch.ones(7, device=d), EPS), "weight must be"),
+        (lambda d: rms_norm(torch.ones(2, 8, device=d), torch.ones(8, device=d), EPS, torch.ones(3, 8, device=d)), "same shape"),
+        (lambda d: rms_norm(torch.ones(2, 8, device=d), torch.ones(8, device=d, dtype=torch.float16), EPS), "dtype"),
+        (lambda d: rms_norm(torch.ones(2, 8, device=d), torch.ones(8, device=d), 0.0), "eps"),
+        (lambda d: silu_and_mul(torch.ones(2, 7, device=d)), "even number"),
+        (lambda d: qk_norm_rope(torch.ones(2, 4, 6, device=d), torch.ones(2, 2, 6, device=d), torch.ones(6, device=d),
+                                torch.ones(6, device=d), torch.ones(3, 6, device=d), torch.ones(3, 6, device=d), EPS), "cos must have shape"),
+        (lambda d: qk_norm_rope(torch.ones(2, 4, 5, device=d), torch.ones(2, 2, 5, device=d), torch.ones(5, device=d),
+                                torch.ones(5, device=d), torch.ones(2, 5, device=d), torch.ones(2, 5, device=d), EPS), "even"),
+        (lambda d: sample_tokens(torch.ones(2, 8, device=d), torch.ones(3, device=d), 0), "temperatures must be"),
+        (lambda d: sample_tokens(torch.ones(2, 8, device=d), torch.ones(2, device=d), -1), "seed"),
+        (lambda d: sample_tokens(torch.ones(2, 8, device=d).t(), torch.ones(8, device=d), 0), "contiguous"),
+    ],
+)
+def test_bad_inputs_raise(call, match, device):
+    with pytest.raises(ValueError, match=match):
+        call(device)
