@@ -124,6 +124,10 @@ def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, 
     prompts, output_lens = workload(0, preset.vocab)
     warm_prompts, _ = workload(1, preset.vocab)
     settings = dict(min_len=MIN_LEN, max_len=MAX_LEN)
+    # The engine of the row before sized its KV cache to most of the GPU: make sure it is gone.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if impl == "minivllm":
         llm = LLM(str(path), max_model_len=2 * MAX_LEN, dtype=dtype, device=device, tensor_parallel_size=shard.tp)
         request.addfinalizer(llm.close)
@@ -133,10 +137,6 @@ def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, 
     else:
         from transformers import AutoModelForCausalLM
 
-        # The engine before this row sized its KV cache to most of the GPU: make sure it is gone.
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         hf_batch = request.config.getoption("hf_batch")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         settings.update(hf_batch=hf_batch, hf_cache="dynamic")

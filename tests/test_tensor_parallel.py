@@ -1,7 +1,8 @@
-"""Tensor parallelism on the CPU: two ranks over gloo, spawned by the engine or started by
-torchrun, must generate exactly what one rank and transformers do (float32, greedy), with GQA
-heads split and an MQA kv head replicated, through prefix-cache hits and preemption; a failing
-worker's error must reach the caller and leave no process behind."""
+"""Tensor parallelism: two ranks, over gloo on the CPU or NCCL on two GPUs (with decode CUDA
+graphs holding the all-reduces), spawned by the engine or started by torchrun, must generate
+exactly what one rank and transformers do (float32, greedy), with GQA heads split and an MQA kv
+head replicated, through prefix-cache hits and preemption; a failing worker's error must reach
+the caller and leave no process behind (CPU only: see test_a_failing_worker...)."""
 
 import json
 import multiprocessing
@@ -29,11 +30,15 @@ def checkpoint(request, tmp_path_factory):
     return write_random_qwen3(tmp_path_factory.mktemp(request.param), with_tokenizer=False, seed=7, **CONFIGS[request.param])
 
 
+def skip_without_two_gpus(device):
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("two ranks on a GPU machine need two GPUs")
+
+
 @pytest.fixture
 def tp2(checkpoint, device):
     """A factory of two-rank engines over `checkpoint`, each closed after the test."""
-    if device.type == "cuda":
-        pytest.skip("the CPU tests run gloo; the GPU run uses the nvidia-h100-x2 device kind")
+    skip_without_two_gpus(device)
     made = []
 
     def make(backend="triton", **config):
@@ -87,7 +92,11 @@ class BreaksInWorkers(SamplingParams):
         self.__dict__.update(state)
 
 
-def test_a_failing_worker_surfaces_its_error_and_leaves_no_process(checkpoint, tp2):
+def test_a_failing_worker_surfaces_its_error_and_leaves_no_process(checkpoint, tp2, device):
+    if device.type == "cuda":
+        # gloo fails the moment a peer's socket closes; an NCCL collective waits for the dead peer
+        # until the group's timeout (parallel.TIMEOUT), so this is not yet handled on GPUs.
+        pytest.skip("a dead NCCL peer is detected only by the group timeout")
     llm = tp2("torch")
     workers = [p for p in multiprocessing.active_children()]
     assert len(workers) == 1
@@ -106,8 +115,7 @@ def test_unshardable_heads_are_refused_before_any_process_starts(checkpoint):
 
 
 def test_torchrun_ranks_join_the_launchers_group(checkpoint, tmp_path, device):
-    if device.type == "cuda":
-        pytest.skip("the CPU tests run gloo")
+    skip_without_two_gpus(device)
     out = tmp_path / "tokens.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "tp_launched.py"), str(checkpoint), str(out)]

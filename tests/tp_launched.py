@@ -8,10 +8,8 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from engine import LLM  # noqa: E402
-from tests.engine_cases import GREEDY, PROMPT_LENS, engine, prompts  # noqa: E402
+from engine import LLM
+from tests.engine_cases import GREEDY, PROMPT_LENS, engine, prompts
 
 if __name__ == "__main__":
     llm: LLM = engine(sys.argv[1], "triton", tensor_parallel_size=int(os.environ["WORLD_SIZE"]))
