@@ -110,7 +110,7 @@ def check_outputs(outputs: list[list[int]], output_lens: list[int], vocab: int, 
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, impl):
+def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard, dtype, impl):
     preset = PRESETS[shard.model]
     if preset.ffn is None:
         pytest.skip(f"{preset.name}: the engine runs dense Qwen3 models only")
@@ -151,3 +151,9 @@ def test_engine(benchmark, request, device, ceiling, checkpoints, shard, dtype, 
         settings["steps"] = summarize(llm.step_records)
     counts = engine_counts(preset, [len(p) for p in prompts], output_lens, dtype)
     record_engine(benchmark, ceiling, impl=impl, shard=shard, dtype=dtype, counts=counts, prompt_lens=[len(p) for p in prompts], output_lens=output_lens, **settings)
+    info = benchmark.extra_info
+    if "tokens_per_s" in info:
+        # Printed as each row ends, so a run cut short by a time limit still shows what it measured.
+        with capsys.disabled():
+            print(f"\n{request.node.name}: {info['tokens_per_s']:.0f} output tok/s, {info['wall_s']:.2f} s, "
+                  f"{info['pct_roofline']:.1f}% of the {info['floor_s']:.2f} s roofline")
