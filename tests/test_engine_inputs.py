@@ -97,6 +97,33 @@ def test_eos_stops_a_sequence_unless_ignored(checkpoint):
     assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]["token_ids"] == free
 
 
+def test_packed_decode_inputs(llm):
+    """One packed buffer carries a decode step: each row's position is its length - 1 and its slot
+    the block table's entry for that position, across block edges; padding rows up to the graph's
+    size read nothing (context 0) and write nowhere (slot -1)."""
+    from engine.sequence import Sequence
+
+    block = llm.config.kvcache_block_size
+    lens = [5, block, block + 1, 2 * block - 1]
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randperm(llm.config.num_kvcache_blocks, generator=gen).tolist()
+    seqs = []
+    for i, n in enumerate(lens):
+        seq = Sequence(torch.randint(0, 256, (n,), generator=gen).tolist(), SamplingParams(), block)
+        seq.block_table = blocks[2 * i : 2 * i + -(-n // block)]
+        seqs.append(seq)
+    rows = len(seqs) + 3
+    ids, positions, meta = llm.runner.decode_inputs(llm.runner.pack_decode(seqs, rows), rows, max(lens))
+    pad = [0] * 3
+    assert ids.tolist() == [s.last_token for s in seqs] + pad
+    assert meta.context_lens.tolist() == lens + pad
+    assert positions[: len(seqs)].tolist() == [n - 1 for n in lens]
+    want = [s.block_table[(n - 1) // block] * block + (n - 1) % block for s, n in zip(seqs, lens, strict=True)]
+    assert meta.slot_mapping.tolist() == want + [-1] * 3
+    width = meta.block_tables.shape[1]
+    assert meta.block_tables.tolist() == [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs] + [[-1] * width] * 3
+
+
 DRAWS = 1000  # rows of one call; at p = 0.84 a frequency's standard deviation is 0.012
 
 
