@@ -58,7 +58,7 @@ class LLM:
             self.config.device = torch.device("cuda", local)
             torch.cuda.set_device(self.config.device)
         try:
-            self.tp = parallel.init_group(rank, size, self.config.device)
+            self.tp = parallel.init_group(rank, size, self.config.device, self.workers.check if self.workers else None)
             self._build(model, args)
         except Exception as e:
             raise self._failed(e) from e
@@ -92,7 +92,7 @@ class LLM:
             return cause
         workers, self.workers = self.workers, None
         error = workers.failure(cause)
-        self._leave_group()
+        self._leave_group(failed=True)
         return error
 
     def close(self) -> None:
@@ -104,10 +104,9 @@ class LLM:
             self.workers = None
         self._leave_group()
 
-    def _leave_group(self) -> None:
+    def _leave_group(self, failed: bool = False) -> None:
         if getattr(self, "tp", parallel.TPGroup()).size > 1:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            parallel.leave_group(failed)
             self.tp = parallel.TPGroup(size=0)
 
     def serve(self) -> None:

@@ -68,7 +68,7 @@ class ModelRunner:
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
         pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
         self.model.compute_logits(self.model(ids, pos, [(cache, cache)] * a.num_layers, meta)[cu[1:] - 1])
-        torch.cuda.synchronize(self.device)
+        self.model.tp.wait(self.device)
 
     def _tensor(self, values, dtype) -> torch.Tensor:
         t = torch.as_tensor(values, dtype=dtype)
@@ -160,7 +160,7 @@ class ModelRunner:
         if any(s.top_p < 1 for s in seqs):
             top_ps = self._tensor([s.top_p for s in seqs], torch.float32)
         # Ranks sample from the same logits but with their own random streams: rank 0's choice holds.
-        tokens = self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.config.attention_backend)).tolist()
+        tokens = self.model.tp.to_host(self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.config.attention_backend)))
         if record is not None:
             record.prepare_s, record.execute_s = prepared - start, time.perf_counter() - prepared
         return tokens
@@ -194,4 +194,4 @@ class ModelRunner:
                 io["hidden"] = self.model(ids, positions, self.kv_caches, meta)
             pool = graph.pool()
             self.graphs[size] = (graph, io)
-        torch.cuda.synchronize(self.device)
+        self.model.tp.wait(self.device)

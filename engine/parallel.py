@@ -12,7 +12,9 @@ the pickled commands.
 
 import os
 import tempfile
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -23,6 +25,7 @@ import torch.multiprocessing as mp
 INIT_VAR = "MINIVLLM_TP_INIT"  # the rendezvous a spawned worker joins
 TIMEOUT = timedelta(minutes=10)  # a collective waiting on a rank that died
 WORKER_ERROR_WAIT_S = 10  # how long rank 0 waits for a failed worker's report
+WATCH_EVERY_S = 0.05  # how often rank 0, waiting for a step on a GPU, checks that its workers live
 
 
 def head_shard(num_heads: int, num_kv_heads: int, size: int) -> tuple[int, int]:
@@ -53,6 +56,7 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     control: object = field(default=None, compare=False, repr=False)  # the gloo group for pickled commands
+    watch: Callable[[], None] | None = field(default=None, compare=False, repr=False)  # raises once a spawned worker stopped
 
     def q_heads(self, num_heads: int, num_kv_heads: int) -> range:
         q, _ = head_shard(num_heads, num_kv_heads, self.size)
@@ -104,6 +108,28 @@ class TPGroup:
             dist.broadcast(x, 0)
         return x
 
+    def wait(self, device: torch.device) -> None:
+        """Wait for the work queued on `device`. On a GPU rank 0 with spawned workers it polls and
+        checks the workers in between: an NCCL collective whose peer died never completes, so a
+        plain wait would last until the group's timeout and the worker's error would not be seen."""
+        if device.type != "cuda":
+            return
+        if self.watch is None:
+            torch.cuda.synchronize(device)
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
+        checked = time.monotonic()
+        while not done.query():
+            if time.monotonic() - checked > WATCH_EVERY_S:
+                self.watch()
+                checked = time.monotonic()
+
+    def to_host(self, x: torch.Tensor) -> list:
+        """x.tolist(), after wait()."""
+        self.wait(x.device)
+        return x.tolist()
+
     def broadcast_object(self, obj=None):
         """Rank 0's obj (picklable) on every rank; the others pass None."""
         if self.size == 1:
@@ -120,13 +146,26 @@ def launcher_rank() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
 
 
-def init_group(rank: int, size: int, device: torch.device) -> TPGroup:
-    """Join the process group: the launcher's (env://) or the engine's own rendezvous file."""
+def init_group(rank: int, size: int, device: torch.device, watch: Callable[[], None] | None = None) -> TPGroup:
+    """Join the process group: the launcher's (env://) or the engine's own rendezvous file.
+    `watch` (rank 0 of spawned workers: Workers.check) raises once a worker has stopped."""
     if size == 1:
         return TPGroup()
     init = os.environ.get(INIT_VAR, "env://")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank, world_size=size, timeout=TIMEOUT)
-    return TPGroup(rank, size, dist.new_group(backend="gloo", timeout=TIMEOUT))
+    return TPGroup(rank, size, dist.new_group(backend="gloo", timeout=TIMEOUT), watch)
+
+
+def leave_group(failed: bool) -> None:
+    """Leave the process group. After a failure NCCL's communicators are aborted instead, since a
+    collective still waiting for a dead peer would keep an orderly shutdown waiting too."""
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if failed and abort is not None and dist.get_backend() == "nccl":
+        abort()
+    else:
+        dist.destroy_process_group()
 
 
 class Workers:
@@ -147,6 +186,11 @@ class Workers:
         ]
         for p in self.procs:
             p.start()
+
+    def check(self) -> None:
+        """RuntimeError once a worker has exited or reported an error; failure() then says which."""
+        if not self.errors.empty() or not all(p.is_alive() for p in self.procs):
+            raise RuntimeError("a tensor-parallel worker stopped")
 
     def failure(self, cause: BaseException) -> RuntimeError:
         """The error to raise on rank 0 after `cause`: a worker's own report when one failed."""

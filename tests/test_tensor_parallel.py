@@ -1,8 +1,8 @@
 """Tensor parallelism: two ranks, over gloo on the CPU or NCCL on two GPUs (with decode CUDA
 graphs holding the all-reduces), spawned by the engine or started by torchrun, must generate
 exactly what one rank and transformers do (float32, greedy), with GQA heads split and an MQA kv
-head replicated, through prefix-cache hits and preemption; a failing worker's error must reach
-the caller and leave no process behind (CPU only: see test_a_failing_worker...)."""
+head replicated, through prefix-cache hits and preemption; a failing or killed worker must be
+reported to the caller and leave no process behind."""
 
 import json
 import multiprocessing
@@ -92,11 +92,9 @@ class BreaksInWorkers(SamplingParams):
         self.__dict__.update(state)
 
 
-def test_a_failing_worker_surfaces_its_error_and_leaves_no_process(checkpoint, tp2, device):
-    if device.type == "cuda":
-        # gloo fails the moment a peer's socket closes; an NCCL collective waits for the dead peer
-        # until the group's timeout (parallel.TIMEOUT), so this is not yet handled on GPUs.
-        pytest.skip("a dead NCCL peer is detected only by the group timeout")
+def test_a_failing_worker_surfaces_its_error_and_leaves_no_process(checkpoint, tp2):
+    """The worker fails after rank 0 has moved on into the step's collectives: gloo notices the
+    closed peer; over NCCL rank 0's polling wait (TPGroup.wait) notices the stopped worker."""
     llm = tp2("torch")
     workers = [p for p in multiprocessing.active_children()]
     assert len(workers) == 1
@@ -106,6 +104,21 @@ def test_a_failing_worker_surfaces_its_error_and_leaves_no_process(checkpoint, t
     assert not workers[0].is_alive()
     with pytest.raises(RuntimeError, match="this LLM was closed"):
         llm.generate(prompts([5]), GREEDY, use_tqdm=False)
+
+
+def test_a_killed_worker_is_noticed_and_reported(checkpoint, tp2):
+    """A worker killed outright sends no report: Workers.check sees it gone, and the next generate
+    raises rank 0's own error, stops the group and leaves no process."""
+    llm = tp2("torch")
+    worker = multiprocessing.active_children()[0]
+    llm.workers.check()
+    worker.kill()
+    worker.join(10)
+    with pytest.raises(RuntimeError, match="worker stopped"):
+        llm.workers.check()
+    with pytest.raises(RuntimeError, match="tensor parallelism failed on rank 0"):
+        llm.generate(prompts([5]), GREEDY, use_tqdm=False)
+    assert not multiprocessing.active_children()
 
 
 def test_unshardable_heads_are_refused_before_any_process_starts(checkpoint):
