@@ -23,12 +23,12 @@ def online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION: tl.constexpr)
 
 @triton.jit
 def score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
     """Load one K/V tile through pointers and score q against it.
 
     q: [M, BLOCK_D]; k_rows, v_rows: [N] element offsets of each token's row; kv_mask: [N, BLOCK_D]
     or None. Returns (raw scores fp32 [M, N], v [N, BLOCK_D]). Under the interpreter, whose
-    bf16 tl.dot multiplies raw bits, UPCAST moves the operands to fp32.
+    bf16 tl.dot multiplies raw bits, INTERPRETER moves the operands to fp32.
     """
     k_ptrs = k_base + k_rows[:, None] + offs_d[None, :]
     v_ptrs = v_base + v_rows[:, None] + offs_d[None, :]
@@ -38,7 +38,7 @@ def score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask,
     else:
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    if UPCAST:
+    if INTERPRETER:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     return tl.dot(q, tl.trans(k), input_precision=PRECISION), v

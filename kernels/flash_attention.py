@@ -8,8 +8,9 @@ diagonal are never visited.
 
 On Hopper and later, Q, K and V tiles arrive by TMA (tensor descriptors) when head_dim is a power
 of two, for a paged cache too when a page holds whole tiles; otherwise, and in the CPU
-interpreter, through pointer loads. The tile shape is autotuned per shape class on first use
-(`tiles_for` lists the candidates); benchmarks/NOTES.md has the measurements behind them.
+interpreter, through pointer loads. The tile comes from the device's tuning table
+(kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one autotunes
+among `tiles_for`'s candidates on first use.
 """
 
 import math
@@ -34,6 +35,7 @@ from kernels.checks import (
     resolve_scale,
 )
 from kernels.launch import dot_precision, head_dim_block, interpreting, tma_descriptor, tma_ok
+from kernels.tuning_table import bucket, lookup
 
 
 @triton.jit
@@ -42,10 +44,10 @@ def _attend_tiles(
     stride_kb, stride_kt, stride_vb, stride_vt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, SOFTMAX: tl.constexpr,
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     offs_d = tl.arange(0, BLOCK_D)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_len
         if TMA:
@@ -77,7 +79,7 @@ def _attend_tiles(
                 kv_mask = (offs_d < HEAD_DIM)[None, :]
             else:
                 kv_mask = None
-            qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, UPCAST, PRECISION)
+            qk, v = score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask, INTERPRETER, PRECISION)
         if MASKED:
             visible = n_ok[None, :]
             if CAUSAL:
@@ -85,7 +87,7 @@ def _attend_tiles(
             qk = tl.where(visible, qk, float("-inf"))
         if SOFTMAX:
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)
-        else:  # a measurement of the two matmuls alone (tune_prefill); never a right answer
+        else:  # a measurement of the two matmuls alone (benchmarks.tune); never a right answer
             acc = tl.dot(qk.to(v.dtype), v, acc, input_precision=PRECISION)
             l_i = l_i + 1.0
     return acc, l_i, m_i
@@ -98,7 +100,7 @@ def _flash_fwd(
     stride_ot, stride_oh, stride_btb, max_blocks, group, num_heads, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, SOFTMAX: tl.constexpr,
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
     # Grid (q tiles, heads, batch), q tiles fastest: the programs in flight at once are the tiles
     # of a few heads, whose K/V then stay in L2 (num_heads and seqlen_bucket only key the
@@ -141,7 +143,7 @@ def _flash_fwd(
             q = Q.load([q_start + start_m, head * HEAD_DIM])
         else:
             q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        if UPCAST:
+        if INTERPRETER:  # the interpreter's bf16 tl.dot multiplies raw bits
             q = q.to(tl.float32)
         if CAUSAL:
             # Bottom-right alignment: query i sees keys j <= i + causal_shift.
@@ -159,12 +161,12 @@ def _flash_fwd(
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, 0, mid, offs_m, k_len, k_start, kv_head,
             causal_shift, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION, WARP_SPEC, SOFTMAX,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PAGED, PAGE, TMA, INTERPRETER, PRECISION, SOFTMAX,
         )
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, q, K, V, k_base, v_base, bt_row, mid, hi, offs_m, k_len, k_start, kv_head,
             causal_shift, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, TMA, UPCAST, PRECISION, False, SOFTMAX,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PAGED, PAGE, TMA, INTERPRETER, PRECISION, SOFTMAX,
         )
         # A row that sees no key (q_len > k_len under causal) has l_i == 0 and outputs 0.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -173,33 +175,24 @@ def _flash_fwd(
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
 
-# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned on the GPU per
-# (head_dim, causal, paged, TMA, dtype, num_heads, seqlen bucket) on first use; each fits shared
-# memory with its K/V stages and keeps the accumulator in registers. The first is the default
-# where no tuning happens. head_dim 128 past 1k tokens has one tile: on the H100 it was the
-# fastest of five in all four MHA/GQA x causal cases at 4k, and the autotuner, given all five,
-# picked one up to 10% slower (benchmarks/NOTES.md). fp32 inputs (exact but slow, for
-# references) get small tiles only.
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) for a device without a tuning table,
+# autotuned on first use per (head_dim, causal, paged, TMA, dtype, num_heads, seqlen bucket); each
+# fits shared memory with its K/V stages and keeps the accumulator in registers. The first is
+# the choice where no autotuning happens. fp32 inputs (exact but slow, for references) get small
+# tiles only. `python -m benchmarks.tune` times these and more per device and writes the winner.
 TUNE_TILES = {
     64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)),
+    128: ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
     256: ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)),
 }
-D128_SHORT_TILES = ((128, 128, 8, 3), (64, 64, 4, 3))  # seqlen bucket <= SHORT
-D128_LONG_TILES = ((128, 128, 8, 3),)
-SHORT = 1024
-TUNE_MIN_FLOPS = 1 << 34  # ~35 us of work at 500 TFLOP/s: below it, the first candidate runs untuned
+TUNE_MIN_FLOPS = 1 << 34  # tens of microseconds of work: below it, the first candidate runs untuned
 FP32_TILES = {64: ((64, 32, 4, 2),), 128: ((64, 32, 4, 2), (32, 32, 4, 1)), 256: ((32, 32, 4, 1),)}
 INTERPRETER_TILE = (32, 16, 4, 1)
 
 
-def tiles_for(block_d: int, dtype: torch.dtype, seqlen_bucket: int) -> tuple[tuple[int, int, int, int], ...]:
-    """The candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles for this padded head_dim,
-    dtype and power-of-two sequence-length bucket."""
-    if dtype == torch.float32:
-        return FP32_TILES[max(64, block_d)]
-    if block_d == 128:
-        return D128_SHORT_TILES if seqlen_bucket <= SHORT else D128_LONG_TILES
-    return TUNE_TILES[max(64, block_d)]
+def tiles_for(block_d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
+    """The candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles for this padded head_dim and dtype."""
+    return (FP32_TILES if dtype == torch.float32 else TUNE_TILES)[max(64, block_d)]
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -214,7 +207,7 @@ def _set_block_shapes(nargs: dict) -> None:
 
 def _config(tile: tuple[int, int, int, int]) -> triton.Config:
     block_m, block_n, num_warps, num_stages = tile
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "WARP_SPEC": False}, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_block_shapes)
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_block_shapes)
 
 
 def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
@@ -222,11 +215,11 @@ def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
-    wanted = set(tiles_for(kwargs["BLOCK_D"], named_args["O"].dtype, named_args["seqlen_bucket"]))
+    wanted = set(tiles_for(kwargs["BLOCK_D"], named_args["O"].dtype))
     return [c for c in configs if _tile_of(c) in wanted]
 
 
-_ALL_TILES = sorted({t for tiles in (*TUNE_TILES.values(), *FP32_TILES.values(), D128_SHORT_TILES, D128_LONG_TILES) for t in tiles})
+_ALL_TILES = sorted({t for tiles in (*TUNE_TILES.values(), *FP32_TILES.values()) for t in tiles})
 _flash_fwd_tuned = triton.autotune(
     [_config(t) for t in _ALL_TILES],
     key=["HEAD_DIM", "CAUSAL", "PAGED", "TMA", "num_heads", "seqlen_bucket"],
@@ -234,54 +227,60 @@ _flash_fwd_tuned = triton.autotune(
 )(_flash_fwd)
 
 
-def launch_plan(
-    q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, warp_spec=False, softmax=True
-):
-    """(kernel, grid, args, meta) for already-checked flash_attn_varlen arguments: the autotuned
-    kernel, or with `tile` = (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone, and TMA
-    where it applies unless `tma` is False; `warp_spec` asks Triton to warp-specialise the
-    unmasked key loop, and softmax=False leaves the softmax out (a wrong answer: it measures
-    the two matmuls alone). benchmarks/tune_prefill.py times these variants one by one."""
+def prefill_config(q: torch.Tensor, k: torch.Tensor, max_seqlen_k: int, causal: bool, paged: bool) -> tuple[dict | None, str]:
+    """(config, source) of a flash_attn_varlen call: the device's tuning-table entry for (dtype,
+    head_dim, page or 0 for contiguous keys, key-length bucket, causal), as
+    {"tile": [BLOCK_M, BLOCK_N, num_warps, num_stages], "tma": bool}, or (None, 'heuristic')."""
+    page = k.shape[1] if paged else 0
+    return lookup("prefill", q.device, q.dtype, q.shape[-1], page, (bucket(max_seqlen_k), bool(causal)))
+
+
+def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True):
+    """(kernel, grid, kwargs) for already-checked flash_attn_varlen arguments: with `tile` =
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone (a tuner's candidate), else the
+    device's tuning-table tile, else the autotuned kernel. TMA is used where it applies unless
+    `tma` (or the table) says False; softmax=False leaves the softmax out (a wrong answer: it
+    measures the two matmuls alone)."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
     batch, paged = cu_seqlens_q.shape[0] - 1, block_table is not None
     page = k.shape[1] if paged else 1
     block_d = head_dim_block(head_dim)
+    if tile is None:
+        found, _ = prefill_config(q, k, max_seqlen_k, causal, paged)
+        if found is not None:
+            tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
     bt = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
-    kb, kt, kh = (k.stride(0), k.stride(1), k.stride(2)) if paged else (0, k.stride(0), k.stride(1))
-    vb, vt, vh = (v.stride(0), v.stride(1), v.stride(2)) if paged else (0, v.stride(0), v.stride(1))
-    # A paged tile must lie inside one page: every candidate's BLOCK_N (at most 128) divides it.
-    bucket = min(triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)), 1 << 15)
-    paged_tma_ok = not paged or page >= max(t[1] for t in tiles_for(block_d, q.dtype, bucket))
-    tma = tma is not False and not interpreting() and paged_tma_ok and all(tma_ok(t, head_dim, block_d) for t in (q, k, v))
-    args = (
-        tma_descriptor(q) if tma else q, tma_descriptor(k) if tma else k, tma_descriptor(v) if tma else v,
-        out, cu_seqlens_q, cu_seqlens_k, bt, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), kb, kt, kh, vb, vt, vh,
-        out.stride(0), out.stride(1), bt.stride(0), block_table.shape[1] if paged else 0,
-        num_heads // num_kv_heads, num_heads, bucket,
-    )
-    meta = dict(
+    # A paged TMA tile must lie inside one page.
+    widest_n = tile[1] if tile else max(t[1] for t in tiles_for(block_d, q.dtype))
+    tma = tma is not False and not interpreting() and (not paged or page >= widest_n) and all(tma_ok(t, head_dim, block_d) for t in (q, k, v))
+    kwargs = dict(
+        Q=tma_descriptor(q) if tma else q, K=tma_descriptor(k) if tma else k, V=tma_descriptor(v) if tma else v,
+        O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=bt, qk_scale=scale * math.log2(math.e),
+        stride_qt=q.stride(0), stride_qh=q.stride(1),
+        stride_kb=k.stride(0) if paged else 0, stride_kt=k.stride(-3), stride_kh=k.stride(-2),
+        stride_vb=v.stride(0) if paged else 0, stride_vt=v.stride(-3), stride_vh=v.stride(-2),
+        stride_ot=out.stride(0), stride_oh=out.stride(1), stride_btb=bt.stride(0), max_blocks=block_table.shape[1] if paged else 0,
+        group=num_heads // num_kv_heads, num_heads=num_heads, seqlen_bucket=bucket(max(max_seqlen_q, max_seqlen_k, 1)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), PAGED=paged, PAGE=page, TMA=tma,
-        UPCAST=interpreting(), PRECISION=dot_precision(q.dtype), SOFTMAX=softmax,
+        INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype), SOFTMAX=softmax,
     )
 
     def grid(config):
         return (max(1, triton.cdiv(max_seqlen_q, config["BLOCK_M"])), num_heads, batch)
 
-    if interpreting():
+    if tile is None and interpreting():
         tile = INTERPRETER_TILE
     elif tile is None and (head_dim != block_d or q.dtype == torch.float32 or 4 * q.shape[0] * max_seqlen_k * num_heads * head_dim < TUNE_MIN_FLOPS):
         # Autotuning compiles every candidate once per head_dim and times each per key: spent
         # on the power-of-two head dims of real models at sizes where a tile choice pays, not on
         # odd ones, exact-fp32 reference runs or launches of a few microseconds.
-        tile = tiles_for(block_d, q.dtype, bucket)[0]
+        tile = tiles_for(block_d, q.dtype)[0]
     if tile is None:
-        return _flash_fwd_tuned, grid, args, meta
+        return _flash_fwd_tuned, grid, kwargs
     block_m, block_n, num_warps, num_stages = tile
-    if tma:
-        _set_block_shapes({"Q": args[0], "K": args[1], "V": args[2], "TMA": True, "PAGED": paged, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d})
-    meta.update(BLOCK_M=block_m, BLOCK_N=block_n, WARP_SPEC=warp_spec, num_warps=num_warps, num_stages=num_stages)
-    return _flash_fwd, grid({"BLOCK_M": block_m}), args, meta
+    kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    _set_block_shapes(kwargs)
+    return _flash_fwd, grid({"BLOCK_M": block_m}), kwargs
 
 
 def flash_attn_varlen(
@@ -346,6 +345,6 @@ def flash_attn_varlen(
     out = check_out(out, q)
     if q.shape[0] == 0 or batch == 0:
         return out
-    kernel, grid, args, meta = launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table)
-    kernel[grid](*args, **meta)
+    kernel, grid, kwargs = launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table)
+    kernel[grid](**kwargs)
     return out

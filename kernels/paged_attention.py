@@ -3,20 +3,25 @@
 One program handles one (sequence, kv head, split): the whole GQA group of query heads that
 share the kv head is one tile of rows (padded to 16 for tl.dot), so each K/V tile is read once
 per group. Long contexts are split across programs (flash-decoding); each split writes a partial
-output and its log-sum-exp, and a second small kernel merges them. Block ids are loaded once per
-page in a tile. On Hopper each K/V tile lies inside one page and arrives as one TMA box; elsewhere
-(and for pages under 16 tokens) tiles are gathered through pointers. The split size and the
-block-table width are runtime values, so new batch shapes and context lengths reuse the compiled
-kernel.
+output and its log-sum-exp, and a second small kernel merges them.
+
+Two ways to fetch a K/V tile, chosen per device by its tuning table (kernels/tuning_table.py):
+- `tma`: the tile lies inside one page and arrives as one TMA box (Hopper or later);
+- `gather`: pointer loads with one block id per token, so a tile may span many pages; the
+  loads are unmasked along the tile (tokens past the context read block 0, then masked out),
+  which lets Triton pipeline them like a contiguous load.
+The split size and the block-table width are runtime values, so new batch shapes and context
+lengths reuse the compiled kernel.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_tile import online_softmax_step, score_kv_tile
+from kernels.attention_tile import online_softmax_step
 from kernels.checks import (
     check_block_size,
     check_block_table,
@@ -32,6 +37,7 @@ from kernels.checks import (
     resolve_scale,
 )
 from kernels.launch import dot_precision, head_dim_block, interpreting, parallel_slots, tma_descriptor, tma_ok
+from kernels.tuning_table import bucket, lookup
 
 
 @triton.jit(do_not_specialize=["max_blocks", "tokens_per_split"])
@@ -40,14 +46,12 @@ def _paged_decode(
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_oh, stride_btb, max_blocks, tokens_per_split, group,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    PAGE_IN_TILE: tl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
-    PAGES_IN_TILE: tl.constexpr = BLOCK_N // PAGE_IN_TILE
 
     ctx = tl.load(CTX + seq)
     # A context longer than its block-table row would read the next row: clamp and poison.
@@ -62,32 +66,42 @@ def _paged_decode(
     d_ok = offs_d < HEAD_DIM
     q_mask = (offs_g < group)[:, None] & d_ok[None, :]
     q = tl.load(Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    if UPCAST:
+    if INTERPRETER:  # the interpreter's bf16 tl.dot multiplies raw bits
         q = q.to(tl.float32)
     bt_row = BT + seq.to(tl.int64) * stride_btb
+    k_head = K + kv_head * stride_kh
+    v_head = V + kv_head * stride_vh
 
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
-        n_ok = start_n + tl.arange(0, BLOCK_N) < hi
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
         if TMA:
             # The tile lies inside one page (PAGE % BLOCK_N == 0): one 4-D box of each cache.
-            # Slots past the context may hold anything, NaN too: V rows there are zeroed.
             blk = tl.load(bt_row + start_n // PAGE)
             k = tl.reshape(K.load([blk, start_n % PAGE, kv_head, 0]), [BLOCK_N, BLOCK_D])
             v = tl.reshape(V.load([blk, start_n % PAGE, kv_head, 0]), [BLOCK_N, BLOCK_D])
-            v = tl.where(n_ok[:, None], v, tl.zeros_like(v))
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         else:
-            # start_n is a multiple of BLOCK_N, so a tile spans whole pages or lies inside one.
-            page_ids = start_n // PAGE + tl.arange(0, PAGES_IN_TILE)
-            blk = tl.load(bt_row + page_ids, mask=page_ids * PAGE < hi, other=0).to(tl.int64)
-            in_page = start_n % PAGE + tl.arange(0, PAGE_IN_TILE)
-            k_rows = tl.reshape(blk[:, None] * stride_kb + in_page[None, :] * stride_kt, [BLOCK_N])
-            v_rows = tl.reshape(blk[:, None] * stride_vb + in_page[None, :] * stride_vt, [BLOCK_N])
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            qk, v = score_kv_tile(q, K + kv_head * stride_kh, V + kv_head * stride_vh, k_rows, v_rows, offs_d, kv_mask, UPCAST, PRECISION)
+            # Rows past hi read block 0, a real block: masking only the block ids keeps the
+            # K/V loads unmasked along the tile, hence vectorised and pipelined.
+            blk = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            k_rows = blk * stride_kb + (offs_n % PAGE) * stride_kt
+            v_rows = blk * stride_vb + (offs_n % PAGE) * stride_vt
+            if HEAD_DIM < BLOCK_D:
+                k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            else:
+                k = tl.load(k_head + k_rows[:, None] + offs_d[None, :])
+                v = tl.load(v_head + v_rows[:, None] + offs_d[None, :])
+            if INTERPRETER:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+        # Slots past the context may hold anything, NaN too: V rows there are zeroed so that
+        # p = 0 times them stays 0.
+        v = tl.where(n_ok[:, None], v, tl.zeros_like(v))
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)
 
@@ -125,57 +139,81 @@ def _merge_splits(
     tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
 
-PROGRAMS_PER_SM = 4  # the default tiles below need 23-46 KiB of shared memory at head_dim 128 (Triton 3.6, sm_90): four fit an SM
-# The merge holds every split's partial in one [splits, head_dim] register tile. On an H100,
-# decode with 512 splits ran at 0.32-0.38x SDPA and with 128 at SDPA's speed (benchmarks/NOTES.md).
+# The merge holds every split's partial in one [splits, head_dim] register tile; past a few
+# hundred splits that tile no longer fits in registers (benchmarks/NOTES.md measures it).
 MAX_SPLITS = 128
 
 
-def _tile_config(block_d: int, dtype: torch.dtype, page: int, tma: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for one K/V tile of a decode step.
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How one decode launch runs: the fetch scheme ('tma' or 'gather'), the K/V tile (tokens,
+    warps, pipeline stages), the programs the split policy packs onto each SM, and which source
+    chose it ('table', 'family', 'heuristic', or 'override' for a tuner's explicit choice)."""
 
-    A TMA tile lies inside one page. Each tile's block id is itself a load that Triton's
-    pipeliner stages ahead of the tile, so num_stages s buffers only (s - 2) // 2 tiles of K and
-    V (Triton 3.6, sm_90): eight stages keep three 16-token tiles in flight per program, six
-    stages two 32-token tiles (benchmarks/NOTES.md, issue 7, has the measurements)."""
+    fetch: str
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
+    source: str = "heuristic"
+
+    def as_dict(self) -> dict:
+        return dict(fetch=self.fetch, block_n=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages, programs_per_sm=self.programs_per_sm)
+
+
+def _tma_able(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> bool:
+    """TMA boxes of whole 16-token page tiles or larger, whole heads, up to head_dim 128."""
+    block_d = head_dim_block(head_dim)
+    return not interpreting() and k_cache.shape[1] >= 16 and block_d <= 128 and all(tma_ok(t, head_dim, block_d) for t in (k_cache, v_cache))
+
+
+def _heuristic(page: int, block_d: int, dtype: torch.dtype, tma: bool) -> DecodeConfig:
+    """The untuned choice, reasoned rather than measured. Triton's pipeliner stages each TMA
+    tile's block-id load too, so s stages buffer (s - 2) // 2 tiles: 6 double-buffers. Gathered
+    tiles span pages, so they can be long; fp32 or wide heads halve them to keep registers."""
     if interpreting():
-        return 16, 4, 1
+        return DecodeConfig("gather", 16, 4, 1, 2)
     if tma:
-        return (16, 4, 8) if page == 16 else (32, 4, 6)
-    if dtype == torch.float32 or block_d > 128:
-        return 32, 4, 2
-    # Small pages put one block-table entry in every few rows; a short tile keeps that gather cheap.
-    return (16, 4, 6) if page < 16 else (64, 4, 3)
+        return DecodeConfig("tma", min(page, 32), 4, 6, 2)
+    return DecodeConfig("gather", 32 if dtype == torch.float32 or block_d > 128 else 64, 4, 3, 2)
 
 
-def _split_policy(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> tuple[int, int]:
+def decode_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, max_context: int) -> DecodeConfig:
+    """The config a paged_attention_decode call with these tensors launches with: the device's
+    tuning table for (dtype, head_dim, page, batch x kv_heads, context), else the heuristic.
+    A table's TMA choice falls back to gathering where TMA cannot address these caches."""
+    head_dim, page = q.shape[-1], k_cache.shape[1]
+    tma = _tma_able(k_cache, v_cache, head_dim)
+    found, source = lookup("decode", q.device, q.dtype, head_dim, page, (bucket(q.shape[0] * k_cache.shape[2]), bucket(max_context)))
+    if found is None:
+        return _heuristic(page, head_dim_block(head_dim), q.dtype, tma)
+    config = DecodeConfig(source=source, **found)
+    if config.fetch == "tma" and not (tma and page % config.block_n == 0):
+        return DecodeConfig("gather", config.block_n, config.num_warps, config.num_stages, config.programs_per_sm, source)
+    return config
+
+
+def split_policy(batch: int, num_kv_heads: int, max_context: int, block_n: int, programs_per_sm: int, device: torch.device) -> tuple[int, int]:
     """(num_splits, tokens_per_split) from host-side shapes only, so it needs no device sync and
     the same choice holds inside a CUDA graph. Splits are added while the whole grid still fits
-    in one wave of resident programs (a partial second wave would leave SMs idle at its end),
-    never finer than one tile nor more than MAX_SPLITS."""
+    in one wave of `programs_per_sm` programs per SM (a partial second wave would leave SMs idle
+    at its end), never finer than one tile nor more than MAX_SPLITS."""
     tiles = max(1, triton.cdiv(max_context, block_n))
-    num_splits = min(tiles, MAX_SPLITS, max(1, parallel_slots(device, PROGRAMS_PER_SM) // (batch * num_kv_heads)))
+    num_splits = min(tiles, MAX_SPLITS, max(1, parallel_slots(device, programs_per_sm) // (batch * num_kv_heads)))
     tokens_per_split = triton.cdiv(tiles, num_splits) * block_n
     return triton.cdiv(max(max_context, 1), tokens_per_split), tokens_per_split
 
 
-def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, num_splits=None, tile=None, tma=None) -> None:
-    """Launch the decode kernel (and the split merge) for already-checked arguments, writing out.
-
-    tile = (BLOCK_N, num_warps, num_stages) overrides the default tile and num_splits fixes the
-    split count. K/V tiles load as TMA boxes (Hopper or later, fp16/bf16, head_dim a power of two
-    up to 128, pages of at least 16 tokens) unless tma=False; tma=True asks for them wherever the
-    tile fits inside one page. benchmarks/tune_decode.py times these variants."""
+def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, config: DecodeConfig, num_splits=None) -> None:
+    """Launch the decode kernel (and the split merge) for already-checked arguments with
+    `config` (decode_config's, or a tuner's candidate), writing out; num_splits fixes the split
+    count instead of the policy's."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
-    block_d = head_dim_block(head_dim)
-    tma_able = not interpreting() and page >= 16 and all(tma_ok(t, head_dim, block_d) for t in (k_cache, v_cache))
-    tma = tma_able and (block_d <= 128 if tma is None else tma)
-    block_n, num_warps, num_stages = tile or _tile_config(block_d, q.dtype, page, tma)
-    # A TMA box must lie inside one page; the pointer path gathers tiles across pages.
-    tma = tma and page % block_n == 0
+    block_d, block_n = head_dim_block(head_dim), config.block_n
+    tma = config.fetch == "tma"
     if num_splits is None:
-        splits, tokens_per_split = _split_policy(batch, num_kv_heads, max_context, block_n, q.device)
+        splits, tokens_per_split = split_policy(batch, num_kv_heads, max_context, block_n, config.programs_per_sm, q.device)
     else:
         tokens_per_split = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
         splits = num_splits
@@ -191,17 +229,20 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
         k_arg.block_shape = [1, block_n, 1, block_d]
         v_arg.block_shape = [1, block_n, 1, block_d]
     _paged_decode[(batch, num_kv_heads, splits)](
-        q, k_arg, v_arg, out, o_part, lse_part, block_table, context_lens, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), block_table.stride(0), block_table.shape[1], tokens_per_split, group,
+        Q=q, K=k_arg, V=v_arg, O=out, O_PART=o_part, LSE_PART=lse_part, BT=block_table, CTX=context_lens,
+        qk_scale=scale * math.log2(math.e),
+        stride_qb=q.stride(0), stride_qh=q.stride(1),
+        stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1), stride_kh=k_cache.stride(2),
+        stride_vb=v_cache.stride(0), stride_vt=v_cache.stride(1), stride_vh=v_cache.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_btb=block_table.stride(0),
+        max_blocks=block_table.shape[1], tokens_per_split=tokens_per_split, group=group,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        PAGE=page, SPLIT=splits > 1, TMA=tma, UPCAST=interpreting(), PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        PAGE=page, SPLIT=splits > 1, TMA=tma, INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
         _merge_splits[(batch, num_heads)](
-            out, o_part, lse_part, out.stride(0), out.stride(1), splits,
+            O=out, O_PART=o_part, LSE_PART=lse_part, stride_ob=out.stride(0), stride_oh=out.stride(1), num_splits=splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
         )
 
@@ -228,7 +269,7 @@ def paged_attention_decode(
     max_context_len: optional host int bounding context_lens; it sizes the splits (default: the
         block table's capacity) and is checked against that capacity.
     num_splits: optional fixed split count in [1, 128] (default: chosen to fill the device).
-    On Hopper, K/V tiles of pages of 16 tokens or more load through TMA (see launch_decode).
+    The tile, fetch scheme and split policy come from the device's tuning table (decode_config).
     The host never reads device memory; on a GPU, a context longer than its block-table row
     yields NaN for that sequence rather than reading another row. Returns (batch, num_heads,
     head_dim) in q's dtype, written into `out` when given; accumulation is fp32.
@@ -257,5 +298,5 @@ def paged_attention_decode(
     if batch == 0:
         return out
     max_context = block_table.shape[1] * page if max_context_len is None else max_context_len
-    launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, num_splits)
+    launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, decode_config(q, k_cache, v_cache, max_context), num_splits)
     return out

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 
 from kernels import paged_attention_decode
-from kernels.paged_attention import launch_decode
+from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
 from reference import paged_decode_gather, paged_decode_loop
 from tests.cases import DecodeCase, decode_cases, generator, paged_cache, randn
 from tests.tolerance import assert_within_tolerance
@@ -60,20 +60,28 @@ def test_context_longer_than_table_row_is_nan_on_device(device):
     assert torch.isfinite(out[0]).all() and out[1].isnan().all()
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("tile", [(16, 4, 2), (32, 4, 3), (128, 8, 3)])
-def test_tuning_variants_match_the_reference(tile, tma, device):
-    """launch_decode's tile and TMA overrides (benchmarks/tune_decode.py) compute the same
-    function; TMA applies on a Hopper GPU with pages that hold whole tiles, elsewhere it is
-    ignored and the pointer path runs."""
+@pytest.mark.parametrize("page", [16, 128])
+@pytest.mark.parametrize(
+    "config",
+    [DecodeConfig("gather", 16, 4, 2, 2), DecodeConfig("gather", 64, 4, 3, 4), DecodeConfig("gather", 128, 8, 3, 1),
+     DecodeConfig("tma", 16, 4, 6, 4), DecodeConfig("tma", 32, 4, 6, 2)],
+    ids=lambda c: f"{c.fetch}-{c.block_n}-{c.num_warps}-{c.num_stages}-{c.programs_per_sm}",
+)
+def test_tuning_candidates_match_the_reference(config, page, device):
+    """Every candidate the tuner may put in a table computes the same function: gathered tiles
+    longer than a page (spanning scattered pages) or within one, and TMA boxes where the device
+    has TMA; contexts end mid-tile, mid-page and on a page edge."""
+    head_dim = 64
+    if config.fetch == "tma" and not (_tma_able(*(torch.empty(1, page, 2, head_dim, dtype=torch.bfloat16, device=device),) * 2, head_dim) and page % config.block_n == 0):
+        pytest.skip("TMA needs a Hopper-class GPU and pages holding whole tiles")
     gen = generator(11, device)
     lens = (1, 200, 256, 97)
-    cache = paged_cache(lens, 128, 2, 64, torch.bfloat16, device, gen)
-    q = randn((len(lens), 8, 64), torch.bfloat16, device, gen)
+    cache = paged_cache(lens, page, 2, head_dim, torch.bfloat16, device, gen)
+    q = randn((len(lens), 8, head_dim), torch.bfloat16, device, gen)
     ctx = torch.tensor(lens, dtype=torch.int32, device=device)
     args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
-    out = torch.full_like(q, float("nan"))
-    launch_decode(*args, out, max(lens), 64**-0.5, num_splits=2, tile=tile, tma=tma)
     ref64 = paged_decode_gather(*args, compute_dtype=torch.float64)
-    assert_within_tolerance(out, ref64, paged_decode_gather(*args), f"tile {tile} tma={tma}")
-
+    for splits in (None, 3):
+        out = torch.full_like(q, float("nan"))
+        launch_decode(*args, out, max(lens), head_dim**-0.5, config, num_splits=splits)
+        assert_within_tolerance(out, ref64, paged_decode_gather(*args), f"{config}, splits {splits}")

@@ -1,0 +1,133 @@
+"""Per-device tuning tables: which tile, fetch scheme and split policy a kernel launches with.
+
+A table is `kernels/configs/<device slug>.json` (or in the directory named by
+MINIVLLM_KERNEL_CONFIGS), written by `python -m benchmarks.tune`:
+
+    {"provenance": {"gpu": ..., "compute_capability": [9, 0], "sm_count": ..., ...},
+     "entries": [{"kernel": "decode", "dtype": "bfloat16", "head_dim": 128, "page": 16,
+                  "bucket": [rows, context], "config": {...}, "margin": 0.04}, ...]}
+
+The key is (kernel, dtype, head_dim, page, bucket). Buckets are powers of two: for decode
+(batch x kv_heads, max context), for prefill (max key length, causal); page is 0 for contiguous
+keys. A shape whose bucket the table lacks takes the nearest tuned bucket of the same kernel,
+dtype, head_dim and page. A device is looked up as itself, then as its family (a table of the
+same name stem, as an H100 NVL falls back to the H100's, else of the same compute capability),
+then the kernels' own heuristics; the answer says which (`table`, `family`, `heuristic`).
+Lookups are cached, so a launch pays one dict access; under a CUDA graph it happens at capture.
+"""
+
+import functools
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+DEFAULT_DIR = Path(__file__).parent / "configs"
+ENV_DIR = "MINIVLLM_KERNEL_CONFIGS"
+MAX_BUCKET = 1 << 15
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get(ENV_DIR) or DEFAULT_DIR)
+
+
+def device_slug(device: torch.device) -> str:
+    """'nvidia-h200', 'nvidia-h100-80gb-hbm3': the device's name in lower case, words joined by
+    '-'; 'cpu' for the interpreter."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def bucket(n: int) -> int:
+    """n rounded up to a power of two, in [1, MAX_BUCKET]."""
+    return min(MAX_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+def entry_key(kernel: str, dtype: str, head_dim: int, page: int) -> tuple:
+    return kernel, dtype, int(head_dim), int(page)
+
+
+def read_table(path: Path) -> dict:
+    """A table file, checked enough that a malformed one fails here, naming the file."""
+    try:
+        table = json.loads(path.read_text())
+        for e in table["entries"]:
+            entry_key(e["kernel"], e["dtype"], e["head_dim"], e["page"]), tuple(e["bucket"]), dict(e["config"])
+        dict(table["provenance"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"tuning table {path} is malformed: {type(e).__name__}: {e}") from None
+    return table
+
+
+def _index(table: dict) -> dict[tuple, dict[tuple, dict]]:
+    """{(kernel, dtype, head_dim, page): {bucket: config}}."""
+    index: dict[tuple, dict[tuple, dict]] = {}
+    for e in table["entries"]:
+        index.setdefault(entry_key(e["kernel"], e["dtype"], e["head_dim"], e["page"]), {})[tuple(e["bucket"])] = e["config"]
+    return index
+
+
+def _family_stem(slug: str) -> str:
+    """'nvidia-h100' of 'nvidia-h100-nvl': vendor and model, without memory or form factor."""
+    return "-".join(slug.split("-")[:2])
+
+
+@functools.cache
+def _tables_for(slug: str, capability: tuple[int, int] | None, directory: Path) -> tuple[str, dict]:
+    """(source, index) for a device: its own table, else its family's, else no entries."""
+    own = directory / f"{slug}.json"
+    if own.is_file():
+        return "table", _index(read_table(own))
+    others = sorted(p for p in directory.glob("*.json") if p.is_file())
+    stem = _family_stem(slug)
+    for path in others:
+        if path.stem.startswith(stem + "-") or path.stem == stem:
+            return "family", _index(read_table(path))
+    for path in others:
+        table = read_table(path)
+        if capability is not None and tuple(table["provenance"].get("compute_capability") or ()) == capability:
+            return "family", _index(table)
+    return "heuristic", {}
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+
+
+@functools.cache
+def _nearest(buckets: tuple[tuple, ...], want: tuple) -> tuple:
+    """The tuned bucket closest to `want` in log2 distance, summed over the bucket's axes (a
+    mismatch of a non-numeric axis, such as causal, counts more than any distance)."""
+
+    def distance(b: tuple) -> float:
+        d = 0.0
+        for have, need in zip(b, want, strict=True):
+            if isinstance(need, bool) or isinstance(have, bool):
+                d += 0 if bool(have) == bool(need) else 1e6
+            else:
+                d += abs(math.log2(max(have, 1)) - math.log2(max(need, 1)))
+        return d
+
+    return min(buckets, key=distance)
+
+
+@functools.cache
+def lookup(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, page: int, want: tuple) -> tuple[dict | None, str]:
+    """(config, source) for one launch: the config the device's table (or its family's) holds
+    for this key and the nearest tuned bucket to `want` (power-of-two buckets), or
+    (None, 'heuristic'). Cached: callers pass bucketed shapes, so the cache stays small."""
+    source, index = _tables_for(device_slug(device), _capability(device), config_dir())
+    group = index.get(entry_key(kernel, str(dtype).removeprefix("torch."), head_dim, page))
+    if not group:
+        return None, "heuristic"
+    return group[_nearest(tuple(group), tuple(want))], source
+
+
+def clear_cache() -> None:
+    """Forget loaded tables: after the tuner rewrites one, or a test points ENV_DIR elsewhere."""
+    _tables_for.cache_clear()
+    lookup.cache_clear()
