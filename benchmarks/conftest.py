@@ -1,10 +1,10 @@
 """Options, parametrization and machine_info for the benchmark suites.
 
 `--preset` (repeatable, or `all`) and `--tp` pick the model shards; `--dtype` the element types.
-The root conftest has already chosen the device and, without a GPU, the Triton interpreter.
+The root conftest has already chosen the device and, without a GPU, set TRITON_INTERPRET, so
+triton may be imported here; whether the kernels are interpreted is kernels.launch.interpreting(),
+the predicate the kernels themselves use.
 """
-
-import os
 
 import pytest
 import torch
@@ -13,9 +13,9 @@ from benchmarks.ceilings import ceilings, machine_facts
 from benchmarks.grid import GPU_GRID
 from benchmarks.presets import PRESETS, select
 from benchmarks.timing import Prelude
+from kernels.launch import interpreting
 
 HAS_CUDA = torch.cuda.is_available()
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INTERPRETER_NOTE = "Triton INTERPRETER timings on CPU: a smoke run of every implementation, NOT kernel performance"
 
@@ -42,7 +42,7 @@ def pytest_configure(config):
 def pytest_report_header(config):
     shards, notes = config.stash[SHARDS]
     lines = [f"minivllm benchmarks: shards {', '.join(s.id for s in shards)}", *notes]
-    if INTERPRETER:
+    if interpreting():
         lines.append(INTERPRETER_NOTE)
     elif HAS_CUDA:
         lines.append("timing: CUDA events around each call after an L2 flush and a launch cover (benchmarks/timing.py); the timer named above is not used")
@@ -61,7 +61,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def ceiling(device) -> dict:
-    """The run's measured copy and matmul ceilings."""
+    """The run's measured ceilings (benchmarks/ceilings.py): copy, read and matmul."""
     return ceilings(device)
 
 
@@ -81,9 +81,9 @@ def free_bytes(device) -> int:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info.update(machine_facts(torch.device("cuda" if HAS_CUDA else "cpu"), INTERPRETER))
+    machine_info.update(machine_facts(torch.device("cuda" if HAS_CUDA else "cpu"), interpreting()))
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    if INTERPRETER:
+    if interpreting():
         terminalreporter.write_sep("=", INTERPRETER_NOTE, yellow=True, bold=True)

@@ -1,8 +1,13 @@
-"""FLOP and byte counts, and the extra_info every benchmark records beside its timings."""
+"""FLOP and byte counts, and the extra_info every benchmark records beside its timings.
+
+Prefill and prefix figures are a percentage of matmul_tflops; decode figures, of read_gbps, the
+rate of a kernel that only reads (decode reads K and V and writes next to nothing), not of
+copy_gbps, which a read-only kernel can beat. benchmarks/ceilings.py measures both.
+"""
 
 import torch
 
-PREFILL_CEILING, DECODE_CEILING = "matmul_tflops", "copy_gbps"
+PREFILL_CEILING, DECODE_CEILING = "matmul_tflops", "read_gbps"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -46,7 +51,8 @@ def _configuration(info: dict, suite: str, impl: str, shard, dtype: torch.dtype)
 
 def record(benchmark, ceilings: dict, *, suite: str, impl: str, shard, dtype: torch.dtype, flops: int, nbytes: int, **shape) -> None:
     """Fill benchmark.extra_info: the configuration, the counts, and the throughput from the median
-    time as a percentage of the run's measured ceiling (TFLOP/s for prefill, GB/s for decode)."""
+    time as a percentage of the run's measured ceiling, named in extra_info["ceiling"]: TFLOP/s
+    of matmul_tflops for prefill and prefix, GB/s of read_gbps for decode."""
     info = benchmark.extra_info
     _configuration(info, suite, impl, shard, dtype)
     info.update(shape, flops=flops, bytes=nbytes)
@@ -96,11 +102,13 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
 
 
 def engine_floor_s(counts: dict, ceilings: dict, tp: int = 1) -> float:
-    """The workload's roofline time: bytes that must be read over the measured copy bandwidth
+    """The workload's roofline time: bytes that must be read over the measured read bandwidth
     (the weights once per decode step, plus every decoded token's KV context), plus the prefill's
-    FLOPs over the measured matmul rate, on `tp` GPUs that share both evenly. Decode FLOPs, the
-    prefill's own bytes and the ranks' all-reduce traffic are left out: each is a small fraction
-    of its term on a GPU."""
+    FLOPs over the measured matmul rate, on `tp` GPUs that share both evenly. Both byte terms
+    are reads, so read_gbps bounds them as it bounds the decode suite, not copy_gbps, which a
+    read-only step can beat. Decode FLOPs, the prefill's own bytes, the few bytes written per
+    step and the ranks' all-reduce traffic are left out: each is a small fraction of its term on
+    a GPU."""
     read = counts["decode_steps"] * counts["weight_bytes"] + counts["kv_bytes"]
     return (read / (ceilings[DECODE_CEILING] * 1e9) + counts["prefill_flops"] / (ceilings[PREFILL_CEILING] * 1e12)) / tp
 

@@ -2,13 +2,22 @@
 
     python -m benchmarks.report OUT.json [more.json ...] [--suite prefill|prefix|decode|engine] [--plot DIR]
 
-Each cell is the throughput the benchmark recorded and its % of the machine's ceiling; the speedup
-columns put each of our Triton kernels against the fastest SDPA backend measured on the same row.
+Each cell is the throughput the benchmark recorded and its % of the machine's ceiling, the one its
+extra_info["ceiling"] names (decode: read_gbps; files from before that ceiling existed recorded
+copy_gbps, and the table's title says which); the speedup columns put each of our Triton kernels
+against the fastest SDPA backend measured on the same row.
+
+Triton benchmarks record extra_info["config_source"]: "table" when the launch configs came from
+this GPU's tuning table, "family" when from a related card's table, "heuristic" when from the
+kernels' defaults. A cell that ran untuned is marked [F] or [H], each table ends with the count
+per source, and a file with any untuned benchmark opens with a warning. Files from before the
+tables, and non-Triton impls, record none and show none.
 """
 
 import argparse
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +27,10 @@ from benchmarks.results import DASH, ResultsError, fmt, is_interpreter, load, ma
 IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged", "minivllm")
 OURS = ("naive_triton", "flash_triton", "triton_paged")
 PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_dense")
+# config_source values in the order shown; "table" is the tuned case, so only the others mark a cell.
+CONFIG_SOURCES = ("table", "family", "heuristic")
+UNTUNED_MARKS = {"family": "F", "heuristic": "H"}
+UNTUNED_MEANING = {"family": "another card's table", "heuristic": "the kernels' defaults"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,7 @@ SUITES = {
         "seqlen", "causal", "tflops", "TFLOP/s", "matmul_tflops", ("model", "tp", "dtype"), "causal",
         ours=("flash_triton_paged16", "flash_triton_paged256"), peers=("flash_triton",), versus="contiguous",
     ),
-    "decode": Suite("context_len", "block_size", "gbps", "GB/s", "copy_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
+    "decode": Suite("context_len", "block_size", "gbps", "GB/s", "read_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
     # The engine's "% of ceiling" is of the workload's roofline time (benchmarks/figures.py, engine_floor_s).
     "engine": Suite(
         "num_seqs", "max_len", "tokens_per_s", "tok/s", "roofline", ("model", "tp", "dtype"), "num_seqs",
@@ -76,12 +89,57 @@ def impl_columns(impls: set[str]) -> list[str]:
 
 
 def cell(bench: dict, suite: Suite) -> str:
-    """'452.1 (56%)': the recorded throughput and its recorded % of ceiling."""
+    """'452.1 (56%)': the recorded throughput and its recorded % of ceiling, then ' [H]' or ' [F]'
+    when its configs came from the heuristics or another card's table."""
     extra = bench["extra_info"]
     throughput, pct = number(extra.get(suite.throughput)), number(extra.get("pct_of_ceiling"))
     if throughput is None:
         return DASH
-    return fmt(throughput, 1) + (f" ({fmt(pct, 0)}%)" if pct is not None else "")
+    mark = UNTUNED_MARKS.get(extra.get("config_source"))
+    return fmt(throughput, 1) + (f" ({fmt(pct, 0)}%)" if pct is not None else "") + (f" [{mark}]" if mark else "")
+
+
+def ceiling_names(benches: list[dict], suite: Suite) -> str:
+    """The ceiling(s) the benchmarks' % figures are of, as they recorded them ('read_gbps'; an old
+    file's decode says 'copy_gbps'), or the suite's own when none recorded one."""
+    names = dict.fromkeys(str(b["extra_info"]["ceiling"]) for b in benches if b["extra_info"].get("ceiling"))
+    return ", ".join(names) or suite.ceiling
+
+
+def source_counts(benches: list[dict]) -> dict[str, Counter]:
+    """{impl: Counter of config_source} over the benchmarks that recorded one."""
+    counts: dict[str, Counter] = {}
+    for bench in benches:
+        source = bench["extra_info"].get("config_source")
+        if source is not None:
+            counts.setdefault(impl_of(bench), Counter())[str(source)] += 1
+    return counts
+
+
+def ordered(counts: Counter) -> str:
+    """'table 10, heuristic 2': in CONFIG_SOURCES order, any other value after, alphabetically."""
+    keys = [s for s in CONFIG_SOURCES if s in counts] + sorted(set(counts) - set(CONFIG_SOURCES))
+    return ", ".join(f"{s} {counts[s]}" for s in keys)
+
+
+def config_line(benches: list[dict]) -> str:
+    """'config source: flash_triton table 10, heuristic 2; triton_paged table 12', or '' when no
+    benchmark recorded a source."""
+    counts = source_counts(benches)
+    if not counts:
+        return ""
+    parts = [f"{impl} {ordered(counts[impl])}" for impl in impl_columns(set(counts))]
+    present = {source for c in counts.values() for source in c}
+    legend = "; ".join(f"[{mark}] {source}: {UNTUNED_MEANING[source]}" for source, mark in UNTUNED_MARKS.items() if source in present)
+    return "config source: " + "; ".join(parts) + (f" ({legend})" if legend else "")
+
+
+def untuned(benches: list[dict]) -> str:
+    """'3 of 14 Triton benchmarks (family 1, heuristic 2)': those whose configs were not tuned on
+    this GPU, or '' when there are none."""
+    sources = sum(source_counts(benches).values(), Counter())
+    bad = Counter({s: n for s, n in sources.items() if s != "table"})
+    return f"{bad.total()} of {sources.total()} Triton benchmarks ({ordered(bad)})" if bad else ""
 
 
 def speedup(row: dict[str, dict], impl: str, suite: Suite) -> str:
@@ -116,9 +174,11 @@ def suite_table(benches: list[dict], name: str, suite: Suite) -> str:
         config = [fmt(v) for v in (model, tp, dtype, mode_value, size, batch)] + [f"{fmt(heads)}/{fmt(kv_heads)}", fmt(head_dim)]
         row = rows[key]
         body.append(config + [cell(row[i], suite) if i in row else DASH for i in impls] + [speedup(row, i, suite) for i in ours])
-    title = f"## {name}: {suite.unit} (% of ceiling); 'vs {suite.versus}' = fastest {suite.versus} median / ours"
-    note = f"\nnote: {duplicates} benchmark(s) repeat a row and impl already shown; the first is kept" if duplicates else ""
-    return f"{title}\n\n{pipe_table(headers, body, right=set(range(4, len(headers))))}{note}"
+    title = f"## {name}: {suite.unit} (% of {ceiling_names(benches, suite)}); 'vs {suite.versus}' = fastest {suite.versus} median / ours"
+    lines = [f"{title}\n", pipe_table(headers, body, right=set(range(4, len(headers)))), config_line(benches)]
+    if duplicates:
+        lines.append(f"note: {duplicates} benchmark(s) repeat a row and impl already shown; the first is kept")
+    return "\n".join(filter(None, lines))
 
 
 def size_label(size: float) -> str:
@@ -199,6 +259,8 @@ def plot_suite(benches: list[dict], name: str, suite: Suite, machine: dict, outd
         title = f"{name}: {' '.join(parts)} on {machine.get('gpu', 'unknown GPU')}"
         if is_interpreter(machine):
             title += "\nTRITON INTERPRETER ON CPU: not kernel performance"
+        if untuned(groups[key]):
+            title += f"\nUNTUNED CONFIGS: {untuned(groups[key])}"
         path = outdir / ("_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p) for p in [*prefix, name, *parts]) + ".png")
         figure(groups[key], suite, machine, title).savefig(path, dpi=110)
         written.append(path)
@@ -228,17 +290,21 @@ def main(argv: list[str] | None = None) -> int:
     shown, written = 0, []
     for (path, data), prefix in zip(loaded, file_prefixes(args.files), strict=True):
         machine = data["machine_info"]
-        print("\n".join(machine_lines(str(path), machine)) + "\n")
         by_suite: dict[str, list[dict]] = {}
         for bench in data["benchmarks"]:
             by_suite.setdefault(str(bench["extra_info"].get("suite")), []).append(bench)
-        for name, suite in SUITES.items():
-            if by_suite.get(name) and args.suite in (None, name):
-                print(suite_table(by_suite[name], name, suite) + "\n")
-                shown += 1
-                if args.plot:
-                    args.plot.mkdir(parents=True, exist_ok=True)
-                    written += plot_suite(by_suite[name], name, suite, machine, args.plot, prefix)
+        chosen = [name for name in SUITES if by_suite.get(name) and args.suite in (None, name)]
+        print("\n".join(machine_lines(str(path), machine)))
+        warning = untuned([b for name in chosen for b in by_suite[name]])
+        if warning:
+            print(f"!!! UNTUNED TRITON CONFIGS: {warning} ran without this GPU's tuning table (marked [F]/[H] below) !!!")
+        print()
+        for name in chosen:
+            print(suite_table(by_suite[name], name, SUITES[name]) + "\n")
+            shown += 1
+            if args.plot:
+                args.plot.mkdir(parents=True, exist_ok=True)
+                written += plot_suite(by_suite[name], name, SUITES[name], machine, args.plot, prefix)
         unknown = {name: len(b) for name, b in by_suite.items() if name not in SUITES}
         if unknown and args.suite is None:
             print("note: no table for suite(s) " + ", ".join(f"{n} ({c} benchmarks)" for n, c in sorted(unknown.items())) + "\n")

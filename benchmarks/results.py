@@ -11,8 +11,11 @@ from pathlib import Path
 
 DASH = "–"
 
+# The machine_info keys holding a measured ceiling (benchmarks/ceilings.py). Files written before
+# read_gbps existed lack it; readers show a dash.
+CEILING_KEYS = ("copy_gbps", "read_gbps", "matmul_tflops")
 # The machine_info keys our conftest adds, in the order a header shows them.
-MACHINE_KEYS = ("gpu", "torch", "triton", "driver", "copy_gbps", "matmul_tflops")
+MACHINE_KEYS = ("gpu", "torch", "triton", "driver", *CEILING_KEYS)
 
 
 class ResultsError(Exception):
@@ -67,7 +70,7 @@ def is_interpreter(machine_info: dict) -> bool:
 
 def machine_lines(label: str, machine_info: dict) -> list[str]:
     """A one-line description of the machine a file was measured on, plus a loud line for interpreter runs."""
-    parts = [f"{key}={fmt(machine_info.get(key), 1 if key in ('copy_gbps', 'matmul_tflops') else None)}" for key in MACHINE_KEYS]
+    parts = [f"{key}={fmt(machine_info.get(key), 1 if key in CEILING_KEYS else None)}" for key in MACHINE_KEYS]
     lines = [f"{label}: " + ", ".join(parts)]
     if is_interpreter(machine_info):
         lines.append("!!! TRITON INTERPRETER TIMINGS ON CPU: these are NOT kernel performance figures !!!")

@@ -16,6 +16,7 @@ from benchmarks.figures import decode_counts, dtype_name, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import paged_attention_decode
+from kernels.paged_attention import decode_config
 from reference import paged_decode_gather, paged_decode_loop
 from reference.paging import paged_gather
 from tests.cases import generator, paged_cache, randn
@@ -88,4 +89,7 @@ def test_decode(benchmark, request, device, ceiling, prelude, free_bytes, shard,
     benchmark.group = f"decode {shard.id} {dtype_name(dtype)} block={block_size} b={batch} ctx={context_len}"
     measure(benchmark, fn, device, request.config, prelude)
     flops, nbytes = decode_counts(batch, context_len, shard.num_heads, shard.num_kv_heads, shard.head_dim, dtype)
-    record(benchmark, ceiling, suite="decode", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, context_len=context_len, block_size=block_size)
+    # Which source chose our kernel's config (tuning table, its family's, or the heuristic), so
+    # a reader sees when a GPU ran untuned.
+    source = {"config_source": decode_config(q, cache.k_cache, cache.v_cache, context_len).source} if impl == "triton_paged" else {}
+    record(benchmark, ceiling, suite="decode", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, context_len=context_len, block_size=block_size, **source)

@@ -17,6 +17,7 @@ from benchmarks.figures import dtype_name, prefill_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import flash_attn_varlen, naive_attention
+from kernels.flash_attention import prefill_config
 from kernels.launch import head_dim_block
 from kernels.naive_attention import NAIVE_MAX_SEQLEN
 from reference import attention_ref
@@ -125,4 +126,5 @@ def test_prefill(benchmark, request, device, ceiling, prelude, free_bytes, shard
     benchmark.group = f"prefill {shard.id} {dtype_name(dtype)} {'causal' if causal else 'full'} b={batch} s={seqlen}"
     measure(benchmark, fn, device, request.config, prelude)
     flops, nbytes = prefill_counts(batch, seqlen, shard.num_heads, shard.num_kv_heads, shard.head_dim, causal, dtype)
-    record(benchmark, ceiling, suite="prefill", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, seqlen=seqlen, causal=causal)
+    source = {"config_source": prefill_config(q, k, seqlen, causal, paged=False)[1]} if impl == "flash_triton" else {}
+    record(benchmark, ceiling, suite="prefill", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, seqlen=seqlen, causal=causal, **source)

@@ -13,6 +13,7 @@ from benchmarks.figures import dtype_name, prefix_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import flash_attn_varlen
+from kernels.flash_attention import prefill_config
 from reference import attention_ref
 from reference.paging import paged_gather
 from tests.cases import cu_seqlens, generator, paged_cache, randn
@@ -54,6 +55,7 @@ def test_prefix(benchmark, request, device, ceiling, prelude, shard, dtype, seql
     k = paged_gather(cache.k_cache, cache.block_table, seqlen).reshape(batch * seqlen, shard.num_kv_heads, shard.head_dim)
     v = paged_gather(cache.v_cache, cache.block_table, seqlen).reshape(batch * seqlen, shard.num_kv_heads, shard.head_dim)
     cu_q, cu_k = cu_seqlens([new] * batch, device), cu_seqlens([seqlen] * batch, device)
+    source = prefill_config(q, cache.k_cache if IMPLS[impl] else k, seqlen, causal, paged=IMPLS[impl] is not None)[1]
     if IMPLS[impl] is None:
         del cache  # only the contiguous copy is read
         fn = lambda: flash_attn_varlen(q, k, v, cu_q, cu_k, new, seqlen, causal=causal)  # noqa: E731
@@ -64,4 +66,4 @@ def test_prefix(benchmark, request, device, ceiling, prelude, shard, dtype, seql
     benchmark.group = f"prefix {shard.id} {dtype_name(dtype)} {'causal' if causal else 'full'} b={batch} s={seqlen}"
     measure(benchmark, fn, device, request.config, prelude)
     flops, nbytes = prefix_counts(batch, prefix, new, shard.num_heads, shard.num_kv_heads, shard.head_dim, causal, dtype)
-    record(benchmark, ceiling, suite="prefix", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, seqlen=seqlen, causal=causal, block_size=IMPLS[impl])
+    record(benchmark, ceiling, suite="prefix", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, seqlen=seqlen, causal=causal, block_size=IMPLS[impl], config_source=source)

@@ -19,9 +19,11 @@ def sample(
     logits: fp32 (batch, vocab). temperatures: fp32 (batch,), 0 means greedy (argmax); None means
     every row is greedy. top_ks: int (batch,), 0 keeps every token; top_ps: fp32 (batch,), 1.0
     keeps every token; both None (the caller knows no row filters) skips the vocabulary sort that
-    filtering needs. generator: a CPU generator for the draw's seed (default: torch's global one).
-    backend "triton" draws in one pass over the logits (kernels.sample_tokens), "torch" with
-    reference.sample_ref. Returns int64 (batch,); nothing here reads device memory on the host.
+    filtering needs. All tensors live on logits' device. backend "triton" draws in one pass over
+    the logits (kernels.sample_tokens) with a seed drawn on the host, so `generator` is a CPU one;
+    "torch" draws noise on the logits' device with reference.sample_ref, so `generator` lives
+    there (default, either way: torch's global one). Returns int64 (batch,); nothing here reads
+    device memory on the host.
     """
     if temperatures is None:
         return logits.argmax(dim=-1)

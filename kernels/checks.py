@@ -7,6 +7,8 @@ when the tensor already lives on the CPU.
 
 import torch
 
+from kernels.launch import interpreting
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 256
@@ -24,8 +26,20 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def check_kernel_device(**tensors: torch.Tensor) -> None:
+    """Every tensor is on a CUDA device unless Triton runs in its interpreter: a compiled kernel
+    cannot address host memory, and Triton's own error names no argument."""
+    if interpreting():
+        return
+    for name, t in tensors.items():
+        if t.device.type != "cuda":
+            raise ValueError(f"{name} is on {t.device} but Triton compiles for cuda here; pass CUDA tensors "
+                             "(or run under TRITON_INTERPRET=1)")
+
+
 def check_float_inputs(**tensors: torch.Tensor) -> None:
-    """All tensors share one floating dtype (fp16, bf16 or fp32) and one device."""
+    """All tensors share one floating dtype (fp16, bf16 or fp32) and one device, which Triton can
+    launch on (check_kernel_device). Int tensors checked against that device need no check of their own."""
     (first_name, first), *rest = tensors.items()
     if first.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{first_name} must be float16, bfloat16 or float32, got {first.dtype}")
@@ -34,6 +48,7 @@ def check_float_inputs(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
+    check_kernel_device(**tensors)
     for name, t in tensors.items():
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")

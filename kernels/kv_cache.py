@@ -74,10 +74,10 @@ def store_kvcache(
         return
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
     _store_kv[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, num_slots,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        KEY=key, VALUE=value, K_CACHE=k_cache, V_CACHE=v_cache, SLOTS=slot_mapping, num_slots=num_slots,
+        stride_kt=key.stride(0), stride_kh=key.stride(1), stride_vt=value.stride(0), stride_vh=value.stride(1),
+        stride_kcb=k_cache.stride(0), stride_kct=k_cache.stride(1), stride_kch=k_cache.stride(2),
+        stride_vcb=v_cache.stride(0), stride_vct=v_cache.stride(1), stride_vch=v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=head_dim_block(head_dim), PAGE=k_cache.shape[1],
     )

@@ -36,7 +36,7 @@ def _naive_attn(
     Q, K, V, O, CU, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, group,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -53,7 +53,8 @@ def _naive_attn(
     rows_l = (start + offs_l).to(tl.int64)
     k = tl.load(K + rows_l[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + rows_l[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
+    # The interpreter's bf16 tl.dot multiplies raw bits; fp32 operands give the true products.
+    if INTERPRETER:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     # Striding over query tiles covers every row even if the caller under-states max_seqlen;
@@ -63,7 +64,7 @@ def _naive_attn(
         q_mask = (offs_m < seq_len)[:, None] & d_ok
         rows_m = (start + offs_m).to(tl.int64)
         q = tl.load(Q + rows_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        if UPCAST:
+        if INTERPRETER:
             q = q.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         visible = (offs_l < seq_len)[None, :]
@@ -118,11 +119,12 @@ def naive_attention(
         return out
     grid = (max(1, triton.cdiv(max_seqlen, _BLOCK_M)), num_heads, batch)
     _naive_attn[grid](
-        q, k, v, out, cu_seqlens, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), num_heads // num_kv_heads,
+        Q=q, K=k, V=v, O=out, CU=cu_seqlens, qk_scale=scale * math.log2(math.e),
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        group=num_heads // num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_BLOCK_M, BLOCK_L=max(16, triton.next_power_of_2(max_seqlen)),
-        CAUSAL=bool(causal), UPCAST=interpreting(), PRECISION=dot_precision(q.dtype),
+        CAUSAL=bool(causal), INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=1,
     )
     return out

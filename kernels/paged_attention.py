@@ -8,8 +8,8 @@ output and its log-sum-exp, and a second small kernel merges them.
 Two ways to fetch a K/V tile, chosen per device by its tuning table (kernels/tuning_table.py):
 - `tma`: the tile lies inside one page and arrives as one TMA box (Hopper or later);
 - `gather`: pointer loads with one block id per token, so a tile may span many pages; the
-  loads are unmasked along the tile (tokens past the context read block 0, then masked out),
-  which lets Triton pipeline them like a contiguous load.
+  loads are unmasked (tokens past the split re-read its last one, then their scores are
+  masked), which lets Triton vectorise and pipeline them like a contiguous load.
 The split size and the block-table width are runtime values, so new batch shapes and context
 lengths reuse the compiled kernel.
 """
@@ -69,8 +69,6 @@ def _paged_decode(
     if INTERPRETER:  # the interpreter's bf16 tl.dot multiplies raw bits
         q = q.to(tl.float32)
     bt_row = BT + seq.to(tl.int64) * stride_btb
-    k_head = K + kv_head * stride_kh
-    v_head = V + kv_head * stride_vh
 
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -83,12 +81,19 @@ def _paged_decode(
             blk = tl.load(bt_row + start_n // PAGE)
             k = tl.reshape(K.load([blk, start_n % PAGE, kv_head, 0]), [BLOCK_N, BLOCK_D])
             v = tl.reshape(V.load([blk, start_n % PAGE, kv_head, 0]), [BLOCK_N, BLOCK_D])
+            # Slots past the context may hold anything, NaN too: V rows there are zeroed so
+            # that p = 0 times them stays 0.
+            v = tl.where(n_ok[:, None], v, tl.zeros_like(v))
         else:
-            # Rows past hi read block 0, a real block: masking only the block ids keeps the
-            # K/V loads unmasked along the tile, hence vectorised and pipelined.
-            blk = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
-            k_rows = blk * stride_kb + (offs_n % PAGE) * stride_kt
-            v_rows = blk * stride_vb + (offs_n % PAGE) * stride_vt
+            # Rows past hi re-read the split's last token, which is real data: their scores are
+            # masked and p = 0 times finite V is 0, so neither the loads nor V need a mask, and
+            # unmasked loads vectorise and pipeline like a contiguous tile.
+            k_head = K + kv_head * stride_kh
+            v_head = V + kv_head * stride_vh
+            tok = tl.minimum(offs_n, hi - 1)
+            blk = tl.load(bt_row + tok // PAGE).to(tl.int64)
+            k_rows = blk * stride_kb + (tok % PAGE) * stride_kt
+            v_rows = blk * stride_vb + (tok % PAGE) * stride_vt
             if HEAD_DIM < BLOCK_D:
                 k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
@@ -98,9 +103,6 @@ def _paged_decode(
             if INTERPRETER:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-        # Slots past the context may hold anything, NaN too: V rows there are zeroed so that
-        # p = 0 times them stays 0.
-        v = tl.where(n_ok[:, None], v, tl.zeros_like(v))
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)

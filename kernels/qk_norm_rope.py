@@ -13,7 +13,7 @@ from kernels.rounding import round_to
 @triton.jit
 def _norm_rope_heads(X, stride_h, W, O, stride_oh, heads, c1, c2, s1, s2, eps,
                      HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                     INTERPRET: tl.constexpr):
+                     INTERPRETER: tl.constexpr):
     """One token's `heads` heads of X: normalise each over HEAD_DIM, then rotate (x[i], x[i+HALF])."""
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -25,10 +25,10 @@ def _norm_rope_heads(X, stride_h, W, O, stride_oh, heads, c1, c2, s1, s2, eps,
     w2 = tl.load(W + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
     dtype = O.dtype.element_ty
     # Rounded to the model dtype after the norm and after the weight, as the unfused model is.
-    n1 = round_to(round_to(x1 * rstd, dtype, INTERPRET).to(tl.float32) * w1, dtype, INTERPRET).to(tl.float32)
-    n2 = round_to(round_to(x2 * rstd, dtype, INTERPRET).to(tl.float32) * w2, dtype, INTERPRET).to(tl.float32)
-    tl.store(O + offs_h * stride_oh + offs_d, round_to(n1 * c1 - n2 * s1, dtype, INTERPRET), mask=mask)
-    tl.store(O + offs_h * stride_oh + HALF + offs_d, round_to(n2 * c2 + n1 * s2, dtype, INTERPRET), mask=mask)
+    n1 = round_to(round_to(x1 * rstd, dtype, INTERPRETER).to(tl.float32) * w1, dtype, INTERPRETER).to(tl.float32)
+    n2 = round_to(round_to(x2 * rstd, dtype, INTERPRETER).to(tl.float32) * w2, dtype, INTERPRETER).to(tl.float32)
+    tl.store(O + offs_h * stride_oh + offs_d, round_to(n1 * c1 - n2 * s1, dtype, INTERPRETER), mask=mask)
+    tl.store(O + offs_h * stride_oh + HALF + offs_d, round_to(n2 * c2 + n1 * s2, dtype, INTERPRETER), mask=mask)
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _qk_norm_rope(
     Q, K, QW, KW, COS, SIN, QO, KO, num_heads, num_kv_heads, eps,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st, stride_qot, stride_qoh, stride_kot, stride_koh,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)[None, :]
@@ -46,9 +46,9 @@ def _qk_norm_rope(
     s1 = tl.load(SIN + t * stride_st + offs, mask=ok, other=0.0).to(tl.float32)
     s2 = tl.load(SIN + t * stride_st + HALF + offs, mask=ok, other=0.0).to(tl.float32)
     _norm_rope_heads(Q + t * stride_qt, stride_qh, QW, QO + t * stride_qot, stride_qoh, num_heads, c1, c2, s1, s2, eps,
-                     HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF, INTERPRET)
+                     HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF, INTERPRETER)
     _norm_rope_heads(K + t * stride_kt, stride_kh, KW, KO + t * stride_kot, stride_koh, num_kv_heads, c1, c2, s1, s2, eps,
-                     HEAD_DIM, HALF, BLOCK_HKV, BLOCK_HALF, INTERPRET)
+                     HEAD_DIM, HALF, BLOCK_HKV, BLOCK_HALF, INTERPRETER)
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +79,13 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float) -> tuple[torch.
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if tokens:
         _qk_norm_rope[(tokens,)](
-            q, k, q_weight, k_weight, cos, sin, q_out, k_out, q.shape[1], k.shape[1], eps,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            Q=q, K=k, QW=q_weight, KW=k_weight, COS=cos, SIN=sin, QO=q_out, KO=k_out,
+            num_heads=q.shape[1], num_kv_heads=k.shape[1], eps=eps,
+            stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+            stride_ct=cos.stride(0), stride_st=sin.stride(0),
+            stride_qot=q_out.stride(0), stride_qoh=q_out.stride(1), stride_kot=k_out.stride(0), stride_koh=k_out.stride(1),
             HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(q.shape[1]),
-            BLOCK_HKV=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=triton.next_power_of_2(head_dim // 2), INTERPRET=interpreting(), num_warps=4,
+            BLOCK_HKV=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            INTERPRETER=interpreting(), num_warps=4,
         )
     return q_out, k_out

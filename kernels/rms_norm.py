@@ -14,7 +14,7 @@ from kernels.rounding import round_to
 def _rms_norm(
     X, RES, W, OUT, RES_OUT, dim, eps,
     stride_x, stride_r, stride_o, stride_ro,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     dtype = OUT.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
@@ -24,14 +24,14 @@ def _rms_norm(
     if HAS_RESIDUAL:
         res = tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
         # The sum is rounded to the model dtype, as the unfused `x + residual` is.
-        x = round_to(x.to(tl.float32) + res.to(tl.float32), dtype, INTERPRET)
+        x = round_to(x.to(tl.float32) + res.to(tl.float32), dtype, INTERPRETER)
         tl.store(RES_OUT + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / dim + eps)
     # Rounded to the model dtype before the weight, the checkpoint's convention.
-    normed = round_to(xf * rstd, dtype, INTERPRET).to(tl.float32)
+    normed = round_to(xf * rstd, dtype, INTERPRETER).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, round_to(normed * w, dtype, INTERPRET), mask=mask)
+    tl.store(OUT + row * stride_o + cols, round_to(normed * w, dtype, INTERPRETER), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -58,8 +58,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         block = triton.next_power_of_2(x.shape[1])
         res = residual if residual is not None else x
         _rms_norm[(x.shape[0],)](
-            x, res, weight, out, res_out, x.shape[1], eps,
-            x.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, INTERPRET=interpreting(), num_warps=max(1, min(8, block // 256)),
+            X=x, RES=res, W=weight, OUT=out, RES_OUT=res_out, dim=x.shape[1], eps=eps,
+            stride_x=x.stride(0), stride_r=res.stride(0), stride_o=out.stride(0), stride_ro=res_out.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, INTERPRETER=interpreting(),
+            num_warps=max(1, min(8, block // 256)),
         )
     return out if residual is None else (out, res_out)

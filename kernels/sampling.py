@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_rank
+from kernels.checks import check_kernel_device, check_rank
 from kernels.launch import parallel_slots
 
 BLOCK = 2048
@@ -56,6 +56,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -
     """
     check_rank("logits", logits, 2, "(batch, vocab)")
     check_rank("temperatures", temperatures, 1, "(batch,)")
+    check_kernel_device(logits=logits, temperatures=temperatures)
     if logits.stride(1) != 1:
         raise ValueError("logits must be contiguous in its last (vocab) dimension")
     batch, vocab = logits.shape
@@ -74,6 +75,8 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -
     splits = triton.cdiv(vocab, per_split)
     best = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(batch, splits, dtype=torch.int32, device=logits.device)
-    _gumbel_max[(batch, splits)](logits, temperatures, best, best_idx, vocab, logits.stride(0), per_split, seed, splits,
-                                 BLOCK=BLOCK, num_warps=8)
+    _gumbel_max[(batch, splits)](
+        LOGITS=logits, TEMPS=temperatures, BEST=best, BEST_IDX=best_idx, vocab=vocab, stride_row=logits.stride(0),
+        per_split=per_split, seed=seed, num_splits=splits, BLOCK=BLOCK, num_warps=8,
+    )
     return best_idx.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1).long()

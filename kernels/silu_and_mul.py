@@ -12,7 +12,7 @@ BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul(X, OUT, width, stride_x, stride_o, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _silu_and_mul(X, OUT, width, stride_x, stride_o, BLOCK: tl.constexpr, INTERPRETER: tl.constexpr):
     dtype = OUT.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -20,8 +20,8 @@ def _silu_and_mul(X, OUT, width, stride_x, stride_o, BLOCK: tl.constexpr, INTERP
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + width + cols, mask=mask, other=0.0).to(tl.float32)
     # The SiLU is rounded to the model dtype before the product, as F.silu(gate) * up is.
-    act = round_to(gate * tl.sigmoid(gate), dtype, INTERPRET).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, round_to(act * up, dtype, INTERPRET), mask=mask)
+    act = round_to(gate * tl.sigmoid(gate), dtype, INTERPRETER).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, round_to(act * up, dtype, INTERPRETER), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -34,5 +34,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     width = x.shape[1] // 2
     out = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
     if x.shape[0] and width:
-        _silu_and_mul[(x.shape[0], triton.cdiv(width, BLOCK))](x, out, width, x.stride(0), out.stride(0), BLOCK=BLOCK, INTERPRET=interpreting(), num_warps=4)
+        _silu_and_mul[(x.shape[0], triton.cdiv(width, BLOCK))](
+            x, out, width, x.stride(0), out.stride(0), BLOCK=BLOCK, INTERPRETER=interpreting(), num_warps=4,
+        )
     return out

@@ -23,10 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import compare, report
-from benchmarks.results import pipe_table
+from benchmarks.results import CEILING_KEYS, pipe_table
 from slurm.sweep import Sweep, read_sweep
 
-CEILING_KEYS = ("copy_gbps", "matmul_tflops")
 LOG_TAIL = 3  # log lines quoted for a task that went wrong
 
 

@@ -2,8 +2,20 @@
 
 import pytest
 import torch
+import triton
 
-from kernels import flash_attn_varlen, naive_attention, paged_attention_decode, store_kvcache
+import kernels
+import kernels.checks
+from kernels import (
+    flash_attn_varlen,
+    naive_attention,
+    paged_attention_decode,
+    qk_norm_rope,
+    rms_norm,
+    sample_tokens,
+    silu_and_mul,
+    store_kvcache,
+)
 from tests.cases import cu_seqlens, generator, paged_cache, randn
 
 F16 = torch.float16
@@ -44,6 +56,28 @@ def store_args(device):
                 slot_mapping=torch.tensor([0, -1, 5], dtype=torch.int32, device=device))
 
 
+def norm_rope_args(device):
+    gen = generator(0, device)
+    return dict(q=randn((3, 4, 16), F16, device, gen), k=randn((3, 2, 16), F16, device, gen),
+                q_weight=randn((16,), F16, device, gen), k_weight=randn((16,), F16, device, gen),
+                cos=randn((3, 16), F16, device, gen), sin=randn((3, 16), F16, device, gen), eps=1e-6)
+
+
+def rms_args(device):
+    gen = generator(0, device)
+    return dict(x=randn((3, 32), F16, device, gen), weight=randn((32,), F16, device, gen), eps=1e-6,
+                residual=randn((3, 32), F16, device, gen))
+
+
+def sample_args(device):
+    return dict(logits=randn((2, 16), torch.float32, device, generator(0, device)),
+                temperatures=torch.ones(2, device=device), seed=0)
+
+
+def silu_args(device):
+    return dict(x=randn((3, 32), F16, device, generator(0, device)))
+
+
 def flash(device, **bad):
     return flash_attn_varlen(**{**flash_args(device), **bad})
 
@@ -62,6 +96,22 @@ def decode(device, **bad):
 
 def store(device, **bad):
     return store_kvcache(**{**store_args(device), **bad})
+
+
+def norm_rope(device, **bad):
+    return qk_norm_rope(**{**norm_rope_args(device), **bad})
+
+
+def rms(device, **bad):
+    return rms_norm(**{**rms_args(device), **bad})
+
+
+def sample(device, **bad):
+    return sample_tokens(**{**sample_args(device), **bad})
+
+
+def silu(device, **bad):
+    return silu_and_mul(**{**silu_args(device), **bad})
 
 
 def half(t):
@@ -131,7 +181,20 @@ BAD_CALLS = {
 READS_DEVICE_DATA = {"decode context over capacity"}
 
 ARG_BUILDERS = {flash: flash_args, flash_paged: lambda d: flash_args(d, paged=True), naive: naive_args,
-                decode: decode_args, store: store_args}
+                decode: decode_args, store: store_args, norm_rope: norm_rope_args, rms: rms_args,
+                sample: sample_args, silu: silu_args}
+
+# Every public kernel, called validly but with host tensors, and the argument its error names.
+HOST_TENSOR_CALLS = {
+    "flash_attn_varlen": (flash, "q"),
+    "naive_attention": (naive, "q"),
+    "paged_attention_decode": (decode, "q"),
+    "qk_norm_rope": (norm_rope, "q"),
+    "rms_norm": (rms, "x"),
+    "sample_tokens": (sample, "logits"),
+    "silu_and_mul": (silu, "x"),
+    "store_kvcache": (store, "key"),
+}
 
 
 @pytest.mark.parametrize("name", BAD_CALLS)
@@ -147,3 +210,23 @@ def test_bad_input_raises_value_error(name, device):
 def test_valid_baseline_calls_pass(call, device):
     """The unmutated arguments are valid, so each failure above is due to its one mutation."""
     call(device)
+
+
+def test_host_tensor_calls_cover_every_public_kernel():
+    assert sorted(HOST_TENSOR_CALLS) == sorted(kernels.__all__)
+
+
+def refuse_launch(kernel, grid):
+    raise AssertionError(f"{kernel} was launched; the device check must come first")
+
+
+@pytest.mark.parametrize("name", HOST_TENSOR_CALLS)
+def test_host_tensors_are_refused_where_triton_compiles_for_a_gpu(name, monkeypatch):
+    """Where Triton compiles for a GPU (played here by turning the interpreter off for the checks),
+    CPU tensors raise ValueError naming the argument, not Triton's 'cpu tensor?' error, and no
+    kernel is launched. The arguments are otherwise valid (test_valid_baseline_calls_pass)."""
+    call, arg = HOST_TENSOR_CALLS[name]
+    monkeypatch.setattr(kernels.checks, "interpreting", lambda: False)
+    monkeypatch.setattr(triton.KernelInterface, "__getitem__", refuse_launch)
+    with pytest.raises(ValueError, match=rf"^{arg} is on cpu but Triton compiles for cuda"):
+        call(torch.device("cpu"))

@@ -1,10 +1,14 @@
-"""The benchmark suites' own machinery: presets and their TP shards, FLOP/byte counts, and the
-correctness gate that keeps a wrong implementation from ever being timed."""
+"""The benchmark suites' own machinery: presets and their TP shards, FLOP/byte counts, the
+ceilings and the % of them each benchmark records, and the correctness gate that keeps a wrong
+implementation from ever being timed."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from benchmarks.figures import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts
+from benchmarks import ceilings
+from benchmarks.figures import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts, record
 from benchmarks.presets import PRESETS, select, shard
 from benchmarks.test_decode import check_decode
 from benchmarks.test_prefill import check_prefill
@@ -103,7 +107,8 @@ def test_prefix_counts_reduce_to_prefill_without_a_prefix(causal):
 def test_engine_counts_weights_match_a_real_checkpoint_and_kv_sums_contexts(tmp_path, tied):
     """Weight bytes per decode step equal the parameters transformers builds for the preset's
     shape (less the embedding when an untied lm_head is what a step reads); the KV term sums
-    each decoded token's context; the floor adds the two ceilings' times."""
+    each decoded token's context; the floor adds the bytes' time at the read ceiling to the
+    FLOPs' at the matmul ceiling."""
     from dataclasses import replace
 
     from transformers import AutoModelForCausalLM
@@ -122,5 +127,56 @@ def test_engine_counts_weights_match_a_real_checkpoint_and_kv_sums_contexts(tmp_
     assert counts["decode_steps"] == 2
     # The first sequence decodes two tokens over contexts of 3 and 4; the second decodes none.
     assert counts["kv_bytes"] == (3 + 4) * 2 * 2 * p.layers * p.num_kv_heads * p.head_dim
-    floor = engine_floor_s(counts, {"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    # The bytes are all reads: the floor takes them at read_gbps, not at the copy rate.
+    floor = engine_floor_s(counts, {"copy_gbps": 1000.0, "read_gbps": 1.0, "matmul_tflops": 1.0})
     assert floor == pytest.approx((2 * counts["weight_bytes"] + counts["kv_bytes"]) / 1e9 + counts["prefill_flops"] / 1e12)
+
+
+def recorded(suite: str, median: float, machine: dict) -> dict:
+    """The extra_info `record` writes for a benchmark of `suite` whose median is `median`
+    seconds, on a machine of ceilings `machine`; 1 GFLOP and 1 GB of work."""
+    bench = SimpleNamespace(extra_info={}, stats=SimpleNamespace(stats=SimpleNamespace(median=median)))
+    s = shard(PRESETS["tiny"], 1)
+    record(bench, machine, suite=suite, impl="x", shard=s, dtype=torch.bfloat16, flops=10**9, nbytes=10**9, batch=1)
+    return bench.extra_info
+
+
+def test_decode_pct_is_of_the_read_ceiling_and_prefill_of_matmul():
+    machine = {"copy_gbps": 3000.0, "read_gbps": 4000.0, "matmul_tflops": 800.0}
+    decode = recorded("decode", 1e-3 / 3.6, machine)  # 3600 GB/s: past the copy rate, 90% of reading
+    assert decode["ceiling"] == "read_gbps" and decode["gbps"] == pytest.approx(3600.0)
+    assert decode["pct_of_ceiling"] == pytest.approx(90.0)
+    prefill = recorded("prefill", 1 / 400e3, machine)  # 400 TFLOP/s
+    assert prefill["ceiling"] == "matmul_tflops" and prefill["pct_of_ceiling"] == pytest.approx(50.0)
+
+
+def test_read_kernel_sums_each_programs_chunk():
+    """The streaming kernel (interpreted here, as it never is when measuring on the CPU) reads
+    every float of its chunk once: each partial is its chunk's sum."""
+    block, steps, programs = 16, 3, 4
+    src = torch.arange(programs * block * steps, dtype=torch.float32)
+    partial = torch.empty(programs)
+    ceilings._read_kernel[(programs,)](src, partial, BLOCK=block, STEPS=steps)
+    torch.testing.assert_close(partial, src.view(programs, -1).sum(1))
+
+
+def test_read_ceiling_on_the_cpu_uses_torch_alone():
+    assert set(ceilings._read_methods(torch.zeros(1 << 16))) == {"torch.sum", "torch.amax"}
+    gbps, method = ceilings._read_gbps(torch.device("cpu"), 4 << 20, reps=3)
+    assert gbps > 0 and method in ("torch.sum", "torch.amax")
+
+
+@pytest.mark.gpu
+def test_read_ceiling_on_a_gpu_tries_the_streaming_kernel_and_beats_the_copy():
+    device = torch.device("cuda")
+    src = ceilings._random(device, 1 << 20, 3)
+    methods = ceilings._read_methods(src)
+    assert len(methods) == 2 + len(ceilings.READ_TILES)
+    for name, launch in methods.items():
+        if name.startswith("triton"):
+            launch()
+            partials = launch.args[1]  # the kernel's (src, partial) arguments
+            assert partials.double().sum().item() == pytest.approx(src.double().sum().item(), abs=1e-5 * src.abs().sum().item())
+    facts = ceilings.ceilings(device)
+    # A copy counts read and written bytes, each at about the read rate; reading alone is no slower.
+    assert facts["read_gbps"] > 0.95 * facts["copy_gbps"]

@@ -1,5 +1,6 @@
 """benchmarks.report and benchmarks.compare on small synthetic pytest-benchmark JSON files."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import compare, report
-from tests.benchmark_json import H100, bench, write
+from tests.benchmark_json import H100, MACHINE, bench, write
 
 ROOT = Path(__file__).parents[1]
 def runs(
@@ -196,3 +197,84 @@ def test_report_puts_paged_prefix_against_contiguous(tmp_path, capsys):
     assert "'vs contiguous' = fastest contiguous median / ours" in table
     (row,) = table_rows(table)
     assert row[-2:] == ["0.80× flash_triton", "0.95× flash_triton"]
+
+
+def test_report_names_the_read_ceiling_of_decode_and_draws_it(tmp_path, capsys):
+    benches = [bench("decode", "triton_paged", 2.4e-5, size=2048), bench("decode", "sdpa_dense", 1.4e-5, size=2048)]
+    path = write(tmp_path / "decode.json", benches)
+    assert report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "read_gbps=3200.0" in out and "## decode: GB/s (% of read_gbps)" in out
+    (row,) = table_rows(out.split("## decode")[1])
+    gbps = benches[1]["extra_info"]["gbps"]
+    assert row[-2] == f"{gbps:.1f} ({100 * gbps / 3200:.0f}%)"
+    fig = report.figure(benches, report.SUITES["decode"], json.loads(path.read_text())["machine_info"], "t")
+    (line,) = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label().startswith("ceiling")]
+    assert line.get_label() == "ceiling (read_gbps)" and list(line.get_ydata()) == [3200.0, 3200.0]
+
+
+def test_report_of_a_file_from_before_the_read_ceiling(tmp_path, capsys):
+    """Old files recorded decode against copy_gbps and have no read_gbps: the title and the plot
+    say copy_gbps, the header a dash; a figure whose ceiling is missing draws no line."""
+    old = bench("decode", "triton_paged", 2.4e-5)
+    old["extra_info"].update(ceiling="copy_gbps", pct_of_ceiling=50.0)
+    machine = {k: v for k, v in MACHINE.items() if k != "read_gbps"}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(dict(machine_info=machine, benchmarks=[old])))
+    assert report.main([str(path), "--plot", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "read_gbps=–" in out and "(% of copy_gbps)" in out and "(50%)" in out
+    fig = report.figure([old], report.SUITES["decode"], machine, "t")
+    assert [ln.get_label() for ax in fig.axes for ln in ax.get_lines()][-1] == "ceiling (copy_gbps)"
+    new = bench("decode", "triton_paged", 2.4e-5)  # records read_gbps, which this machine lacks
+    fig = report.figure([new], report.SUITES["decode"], machine, "t")
+    assert not [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label().startswith("ceiling")]
+
+
+def sourced(suite: str, impl: str, median: float, source: str | None, **kw) -> dict:
+    b = bench(suite, impl, median, **kw)
+    if source is not None:
+        b["extra_info"]["config_source"] = source
+    return b
+
+
+def test_report_shows_where_triton_configs_came_from(tmp_path, capsys):
+    benches = [
+        sourced("prefill", "flash_triton", 1e-3, "table", size=1024),
+        sourced("prefill", "flash_triton", 1e-3, "family", size=2048),
+        sourced("prefill", "flash_triton", 1e-3, "heuristic", size=4096),
+        sourced("prefill", "sdpa_cudnn", 1e-3, None, size=4096),
+        sourced("decode", "triton_paged", 2e-5, "table", size=2048),
+        sourced("decode", "triton_paged", 2e-5, "table", size=4096),
+    ]
+    assert report.main([str(write(tmp_path / "mixed.json", benches))]) == 0
+    out = capsys.readouterr().out
+    banner = "!!! UNTUNED TRITON CONFIGS: 2 of 5 Triton benchmarks (family 1, heuristic 1) ran without this GPU's tuning table"
+    assert banner in out and out.index(banner) < out.index("## prefill")
+    prefill, decode = out.split("## prefill")[1].split("## decode")
+    cells = {row[4]: row[8] for row in table_rows(prefill)}
+    assert cells["1024"].endswith("%)") and cells["2048"].endswith("%) [F]") and cells["4096"].endswith("%) [H]")
+    assert "config source: flash_triton table 1, family 1, heuristic 1 ([F] family" in prefill
+    assert "config source: triton_paged table 2\n" in decode + "\n" and "[F]" not in decode and "[H]" not in decode
+    assert report.main([str(tmp_path / "mixed.json"), "--suite", "decode"]) == 0
+    assert "UNTUNED" not in capsys.readouterr().out  # the untuned benchmarks are all in the suite not shown
+
+
+def test_report_says_nothing_of_config_sources_none_recorded(tmp_path, capsys):
+    assert report.main([str(known_report(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "config source" not in out and "UNTUNED" not in out and "[H]" not in out
+
+
+def test_report_plot_titles_an_untuned_group(tmp_path, monkeypatch):
+    titles = []
+    real = report.figure
+
+    def spy(members, suite, machine, title):
+        titles.append(title)
+        return real(members, suite, machine, title)
+
+    monkeypatch.setattr(report, "figure", spy)
+    benches = [sourced("decode", "triton_paged", 2e-5, "heuristic", block_size=16), sourced("decode", "triton_paged", 2e-5, "table", block_size=256)]
+    report.plot_suite(benches, "decode", report.SUITES["decode"], MACHINE, tmp_path, [])
+    assert [t.count("UNTUNED CONFIGS: 1 of 1 Triton benchmarks (heuristic 1)") for t in titles] == [1, 0]

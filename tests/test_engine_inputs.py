@@ -127,33 +127,43 @@ def test_packed_decode_inputs(llm):
 DRAWS = 1000  # rows of one call; at p = 0.84 a frequency's standard deviation is 0.012
 
 
+def sampler_generator(seed: int, backend: str, device: torch.device) -> torch.Generator:
+    """The triton backend draws its kernel's seed on the host; the torch backend draws its noise
+    on the logits' device."""
+    return torch.Generator(device if backend == "torch" else "cpu").manual_seed(seed)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_sampler_filters(backend):
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(DRAWS, 1)
-    ones = torch.ones(DRAWS)
-    draws = sample(logits, ones, torch.zeros(DRAWS, dtype=torch.long), ones, gen, backend)
+def test_sampler_filters(backend, device):
+    gen = sampler_generator(0, backend, device)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]], device=device).repeat(DRAWS, 1)
+    ones = torch.ones(DRAWS, device=device)
+    no_k = torch.zeros(DRAWS, dtype=torch.long, device=device)
+    draws = sample(logits, ones, no_k, ones, gen, backend)
     freq = torch.bincount(draws, minlength=4).float() / DRAWS
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.05)  # plain temperature-1 sampling
-    top2 = sample(logits, ones, torch.full((DRAWS,), 2), ones, gen, backend)
+    top2 = sample(logits, ones, torch.full((DRAWS,), 2, device=device), ones, gen, backend)
     assert set(top2.tolist()) == {0, 1}
     # p = 0.6: token 0 holds ~0.61 of the mass, so it alone is kept.
-    assert set(sample(logits, ones, torch.zeros(DRAWS, dtype=torch.long), torch.full((DRAWS,), 0.6), gen, backend).tolist()) == {0}
-    greedy = sample(logits[:2] * torch.tensor([[1.0], [-1.0]]), torch.zeros(2), torch.zeros(2, dtype=torch.long), torch.ones(2), gen, backend)
+    assert set(sample(logits, ones, no_k, torch.full((DRAWS,), 0.6, device=device), gen, backend).tolist()) == {0}
+    signs = torch.tensor([[1.0], [-1.0]], device=device)
+    greedy = sample(logits[:2] * signs, torch.zeros(2, device=device), no_k[:2], ones[:2], gen, backend)
     assert greedy.tolist() == [0, 3]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_sampler_paths_without_filters(backend):
+def test_sampler_paths_without_filters(backend, device):
     """No filter tensors: no sort, the same distribution; no temperatures: argmax; a greedy row
     beside sampled rows stays argmax."""
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(DRAWS, 1)
-    half = torch.full((DRAWS,), 0.5)
+    gen = sampler_generator(1, backend, device)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]], device=device).repeat(DRAWS, 1)
+    half = torch.full((DRAWS,), 0.5, device=device)
     freq = torch.bincount(sample(logits, half, generator=gen, backend=backend), minlength=4).float() / DRAWS
     assert torch.allclose(freq, (logits[0] / 0.5).softmax(-1), atol=0.05)
-    assert sample(logits[:3] * torch.tensor([[1.0], [-1.0], [1.0]]), None, backend=backend).tolist() == [0, 3, 0]
-    mixed = sample(-logits[:200], torch.cat([torch.zeros(1), torch.ones(199)]), generator=gen, backend=backend)
+    signs = torch.tensor([[1.0], [-1.0], [1.0]], device=device)
+    assert sample(logits[:3] * signs, None, backend=backend).tolist() == [0, 3, 0]
+    temps = torch.cat([torch.zeros(1, device=device), torch.ones(199, device=device)])
+    mixed = sample(-logits[:200], temps, generator=gen, backend=backend)
     assert mixed[0] == 3 and len(set(mixed[1:].tolist())) == 4
 
 

@@ -155,11 +155,12 @@ def test_merge_of_a_clean_sweep_exits_0(tmp_path):
     results = tmp_path / "77"
     results.mkdir()
     for t, row in enumerate(rows):
-        finished(results, t, 0, row, host=f"n{t}", copy_gbps=3000.0 + t)
+        finished(results, t, 0, row, host=f"n{t}", copy_gbps=3000.0 + t, read_gbps=4000.0 - t)
     code, report, merged = merge_run(tmp_path, rows)
     assert code == 0 and "3 tasks (3 ok), 9 benchmark results" in report and "all tasks ok" in report
     assert merged["slurm"]["not_ok_tasks"] == [] and len(merged["benchmarks"]) == 9
     assert merged["machine_info"]["copy_gbps"] == 3001.0  # the median of the tasks' ceilings
+    assert merged["machine_info"]["read_gbps"] == 3999.0
     assert merged["machine_info"]["node"] == "mixed: n0 | n1 | n2" and merged["machine_info"]["gpu"] == "NVIDIA H100 80GB HBM3"
     assert {b["extra_info"]["node"] for b in merged["benchmarks"]} == {"n0", "n1", "n2"}
     assert "## prefill" in report and len(list((results / "plots").glob("*.png"))) == 1

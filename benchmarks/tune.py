@@ -1,0 +1,299 @@
+"""Tune the Triton kernels for this device and write its tuning table.
+
+    python -m benchmarks.tune [--kernel decode|prefill] [--bucket TEXT] [--dtype bf16|fp16]
+                              [--out DIR] [--budget-s 540] [--no-peers] [--json ROWS.json]
+
+For each bucket of the table's key (kernels/tuning_table.py) it builds one representative shape,
+checks every candidate config's output against the float64 reference (the suites' checks), times
+the ones that pass the way the suites time (benchmarks/timing.py: CUDA events, L2 rewritten and
+the launch covered before each call, median), and writes the fastest into
+`<out>/<device slug>.json` with its margin over the runner-up, keeping the table's other entries.
+The table records where it came from: GPU, driver, torch, Triton, date and commit. The run stops
+starting buckets once --budget-s has passed and says which it left out. Without a GPU it runs
+under the interpreter with tiny shapes and a two-candidate set, so CI exercises it end to end.
+SDPA's time for the same shape is printed beside each winner unless --no-peers.
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from benchmarks.ceilings import driver_version
+from benchmarks.test_decode import check_decode
+from benchmarks.test_prefill import check_prefill
+from benchmarks.test_prefix import check_prefix
+from benchmarks.timing import Prelude, median_device_s
+from kernels.flash_attention import launch_plan
+from kernels.launch import interpreting
+from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
+from kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, read_table
+from reference.paging import paged_gather
+from tests.cases import cu_seqlens, generator, paged_cache, randn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CACHE_LIMIT = 9 << 30  # bytes of K+V a decode representative may hold
+ROUNDS = 20
+
+
+@dataclass
+class Bucket:
+    """One table key and the representative shape it is tuned on."""
+
+    kernel: str
+    dtype: str
+    head_dim: int
+    page: int
+    key: tuple
+    shape: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel} {self.dtype} d{self.head_dim} page{self.page} " + " ".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
+    """Decode: Qwen3-8B's 32/8 heads at batch 1..256 and context 2k..32k, pages of 16 and 256.
+    Prefill: 16k tokens at seqlen 512..16k, causal or not, and the prefix suite's 4 x (2k cached
+    + 2k new) over pages of 16 and 256. Head dim 128, as in every preset model."""
+    out = []
+    if not on_gpu:
+        for name in dtypes:
+            out.append(Bucket("decode", name, 16, 16, (bucket(2 * 2), bucket(40)), dict(batch=2, context=40, heads=4, kv=2)))
+            out.append(Bucket("prefill", name, 16, 0, (bucket(40), True), dict(batch=2, seqlen=40, new=40, heads=4, kv=2, causal=True)))
+        return out
+    for name in dtypes:
+        for page in (16, 256):
+            for batch in (1, 4, 16, 64, 256):
+                for ctx in (2048, 8192, 32768):
+                    if 2 * batch * ctx * 8 * 128 * 2 <= CACHE_LIMIT:
+                        out.append(Bucket("decode", name, 128, page, (bucket(batch * 8), bucket(ctx)), dict(batch=batch, context=ctx, heads=32, kv=8)))
+    for name in dtypes:
+        for causal in (False, True):
+            for n in (512, 1024, 2048, 4096, 8192, 16384):
+                out.append(Bucket("prefill", name, 128, 0, (bucket(n), causal), dict(batch=16384 // n, seqlen=n, new=n, heads=32, kv=8, causal=causal)))
+            for page in (16, 256):
+                out.append(Bucket("prefill", name, 128, page, (bucket(4096), causal), dict(batch=4, seqlen=4096, new=2048, heads=32, kv=8, causal=causal)))
+    # The shapes that stand for many first, so that a run cut short by its budget still covers
+    # every key coarsely (lookups take the nearest tuned bucket); stable within each pass.
+    return sorted(out, key=lambda b: 0 if b.shape.get("batch") in (16, 64) and b.shape.get("context") in (2048, 8192) or b.shape.get("seqlen") in (1024, 4096) else 1)
+
+
+def decode_candidates(page: int, tma: bool, on_gpu: bool) -> list[DecodeConfig]:
+    """TMA boxes (one page-tile each) and gathered tiles spanning pages, each at several
+    programs per SM; programs per SM changes only the split count, so costs no compile. Triton
+    3.6's pipeliner stages each tile's block ids too: a gathered tile is double-buffered from 5
+    stages, a TMA tile from 6."""
+    if not on_gpu:
+        return [DecodeConfig("gather", 16, 4, 1, 2), DecodeConfig("gather", 32, 4, 1, 4)]
+    tiles = [("gather", 32, 4, 3), ("gather", 32, 4, 5), ("gather", 64, 4, 3), ("gather", 64, 4, 5), ("gather", 128, 4, 3), ("gather", 128, 8, 3)]
+    if tma:
+        tiles += [("tma", 16, 4, 6), ("tma", 16, 4, 8)] + ([("tma", 32, 4, 6), ("tma", 64, 4, 6)] if page >= 64 else [])
+    return [DecodeConfig(*t, pps) for t in tiles for pps in (2, 4, 8)]
+
+
+def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
+    """(tile, tma) pairs: (BLOCK_M, BLOCK_N, num_warps, num_stages), TMA where it applies."""
+    if not on_gpu:
+        return [((32, 16, 4, 1), False), ((16, 16, 4, 1), False)]
+    tiles = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
+    return [(t, True) for t in tiles] + [((128, 64, 8, 3), False)]
+
+
+def _timer(device: torch.device, prelude: Prelude | None):
+    if device.type == "cuda":
+        return lambda fn: 1e3 * median_device_s(fn, prelude, rounds=ROUNDS)
+    # The interpreter: wall time of a few calls, only so that the table's machinery runs.
+    return lambda fn: 1e3 * statistics.median(_wall(fn) for _ in range(3))
+
+
+def _wall(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
+    """(candidates {name: (config, fn)}, the output they write, check(what), SDPA's fn or None)
+    for a decode bucket."""
+    s, dtype = b.shape, DTYPES[b.dtype]
+    q = randn((s["batch"], s["heads"], b.head_dim), dtype, device, gen)
+    cache = paged_cache([s["context"]] * s["batch"], b.page, s["kv"], b.head_dim, dtype, device, gen)
+    lens = torch.full((s["batch"],), s["context"], dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    args = (q, cache.k_cache, cache.v_cache, cache.block_table, lens, out, s["context"], b.head_dim**-0.5)
+    tma = _tma_able(cache.k_cache, cache.v_cache, b.head_dim)
+    candidates = {f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}": (c.as_dict(), partial(launch_decode, *args, c))
+                  for c in decode_candidates(b.page, tma, device.type == "cuda") if c.fetch == "gather" or b.page % c.block_n == 0}
+    peer = None
+    if peers:
+        k, v = (paged_gather(c, cache.block_table, s["context"]).transpose(1, 2).contiguous() for c in (cache.k_cache, cache.v_cache))
+        peer = partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=s["heads"] != s["kv"])
+    return candidates, out, lambda what: check_decode(out, q, cache, lens, what), peer
+
+
+def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
+    """The same for a prefill bucket: contiguous keys (page 0) or a paged prefix."""
+    s, dtype = b.shape, DTYPES[b.dtype]
+    batch, n, new, causal = s["batch"], s["seqlen"], s["new"], s["causal"]
+    q = randn((batch * new, s["heads"], b.head_dim), dtype, device, gen)
+    k, v = (randn((batch * n, s["kv"], b.head_dim), dtype, device, gen) for _ in "kv")
+    out = torch.empty_like(q)
+    cu_q, cu_k = cu_seqlens([new] * batch, device), cu_seqlens([n] * batch, device)
+    if b.page:
+        cache = paged_cache([n] * batch, b.page, s["kv"], b.head_dim, dtype, device, gen)
+        k, v = (paged_gather(c, cache.block_table, n).reshape(batch * n, s["kv"], b.head_dim) for c in (cache.k_cache, cache.v_cache))
+        kk, vv, table = cache.k_cache, cache.v_cache, cache.block_table
+    else:
+        kk, vv, table = k, v, None
+    candidates = {}
+    for tile, tma in prefill_candidates(device.type == "cuda"):
+        kernel, grid, kwargs = launch_plan(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma)
+        candidates[f"tile {tile} tma={kwargs['TMA']}"] = (dict(tile=list(tile), tma=kwargs["TMA"]), partial(kernel[grid], **kwargs))
+
+    def check(what):
+        if b.page:
+            check_prefix(out, q, k, v, batch, n - new, new, causal, what)
+        else:
+            check_prefill(out, q, k, v, batch, n, causal, what)
+
+    peer = None
+    if peers and not b.page:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        q4, k4, v4 = (t.view(batch, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+
+        def peer():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q4, k4, v4, is_causal=causal, enable_gqa=s["heads"] != s["kv"])
+
+    return candidates, out, check, peer
+
+
+def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool) -> tuple[list[dict], float | None]:
+    """Every candidate of the bucket as {name, config, ms or None, error}, fastest first, and
+    the peer's ms. A candidate that raises or fails the float64 check is never timed."""
+    gen = generator(b.head_dim + b.page + sum(b.shape.values()), device)
+    build = _decode_variants if b.kernel == "decode" else _prefill_variants
+    candidates, out, check, peer = build(b, device, gen, peers)
+    rows = []
+    for name, (config, fn) in candidates.items():
+        try:
+            out.fill_(float("nan"))  # a candidate that leaves rows unwritten fails the check
+            fn()
+            check(name)
+            rows.append(dict(name=name, config=config, ms=time_ms(fn), error=None))
+        except Exception as e:  # a config the compiler or the check refuses is reported, not fatal
+            rows.append(dict(name=name, config=config, ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+    peer_ms = None
+    if peer is not None:
+        try:
+            peer()
+            peer_ms = time_ms(peer)
+        except RuntimeError as e:
+            print(f"  peer refused: {str(e).splitlines()[0][:120]}", flush=True)
+    rows.sort(key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
+    return rows, peer_ms
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def provenance(device: torch.device) -> dict:
+    """The card and software a table's figures were measured with."""
+    on_gpu = device.type == "cuda"
+    return dict(
+        gpu=torch.cuda.get_device_name(device) if on_gpu else "none (CPU)", driver=driver_version() if on_gpu else None,
+        cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__, interpreter=interpreting(),
+        compute_capability=list(torch.cuda.get_device_capability(device)) if on_gpu else None,
+        sm_count=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else None,
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), commit=_commit(), tool="python -m benchmarks.tune",
+    )
+
+
+def write_table(path: Path, prov: dict, winners: list[dict]) -> dict:
+    """Merge `winners` into the table at `path` (a new one if absent): an entry of the same key
+    and bucket is replaced, the rest kept. Each entry names the run that measured it."""
+    table = read_table(path) if path.is_file() else {"provenance": {}, "runs": [], "entries": []}
+    table.setdefault("runs", []).append(prov)
+    run = len(table["runs"]) - 1
+    table["provenance"] = dict(prov, note="the latest run; `runs` lists every run, and each entry names its own")
+    fresh = {(w["kernel"], w["dtype"], w["head_dim"], w["page"], tuple(w["bucket"])) for w in winners}
+    kept = [e for e in table["entries"] if (e["kernel"], e["dtype"], e["head_dim"], e["page"], tuple(e["bucket"])) not in fresh]
+    table["entries"] = sorted(kept + [dict(w, run=run) for w in winners], key=lambda e: (e["kernel"], e["dtype"], e["head_dim"], e["page"], json.dumps(e["bucket"])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", action="append", choices=("decode", "prefill"), help="only this kernel's buckets; repeatable")
+    parser.add_argument("--bucket", action="append", help="only buckets whose name contains this text; repeatable")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only this dtype; repeatable (default bf16 and fp16; bf16 on the CPU)")
+    parser.add_argument("--out", type=Path, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or kernels/configs)")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="start no bucket after this many seconds (default 540)")
+    parser.add_argument("--no-peers", action="store_true", help="do not time SDPA beside each bucket")
+    parser.add_argument("--json", help="also write every candidate's row here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    chosen = [b for b in buckets(on_gpu, args.dtype or (["bf16", "fp16"] if on_gpu else ["bf16"]))
+              if (not args.kernel or b.kernel in args.kernel) and (not args.bucket or any(t in b.name for t in args.bucket))]
+    if not chosen:
+        parser.error("no bucket matches --kernel/--bucket")
+    path = (args.out or config_dir()) / f"{device_slug(device)}.json"
+    prov = provenance(device)
+    print(f"{prov['gpu']}: torch {prov['torch']}, triton {prov['triton']}; {len(chosen)} buckets -> {path}", flush=True)
+    time_ms = _timer(device, Prelude(device) if on_gpu else None)
+    start, winners, rows, left_out = time.monotonic(), [], [], []
+    for b in chosen:
+        if time.monotonic() - start > args.budget_s:
+            left_out.append(b.name)
+            continue
+        ranked, peer_ms = tune_bucket(b, device, time_ms, peers=on_gpu and not args.no_peers)
+        rows += [dict(r, bucket=b.name, peer_ms=peer_ms) for r in ranked]
+        for r in ranked:
+            if r["error"]:
+                print(f"  {b.name}: {r['name']} not timed: {r['error']}", flush=True)
+        timed = [r for r in ranked if r["ms"] is not None]
+        if not timed:
+            print(f"{b.name}: no candidate passed; left as it was", flush=True)
+            continue
+        best = timed[0]
+        margin = timed[1]["ms"] / best["ms"] - 1 if len(timed) > 1 else None
+        winners.append(dict(kernel=b.kernel, dtype=str(DTYPES[b.dtype]).removeprefix("torch."), head_dim=b.head_dim, page=b.page, bucket=list(b.key),
+                            config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape))
+        versus = f"  peer {peer_ms:.4f} ms (ours {peer_ms / best['ms']:.2f}x)" if peer_ms else ""
+        print(f"{b.name}: {best['name']} {best['ms']:.4f} ms, margin {100 * (margin or 0):.1f}% over {winners[-1]['runner_up']}{versus}", flush=True)
+        if on_gpu:
+            torch.cuda.empty_cache()
+    if winners:
+        write_table(path, prov, winners)
+        clear_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(provenance=prov, rows=rows), indent=1))
+    print(f"wrote {len(winners)} entries to {path} in {time.monotonic() - start:.0f} s", flush=True)
+    if left_out:
+        print(f"budget of {args.budget_s:.0f} s spent; {len(left_out)} buckets left out: " + "; ".join(left_out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

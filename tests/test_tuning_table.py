@@ -1,0 +1,120 @@
+"""Per-device tuning tables: the lookup order, nearest buckets, the tuner that writes them, and
+the committed tables' validity."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import tune
+from kernels import flash_attn_varlen, paged_attention_decode
+from kernels.flash_attention import prefill_config
+from kernels.paged_attention import DecodeConfig, decode_config
+from kernels.tuning_table import DEFAULT_DIR, ENV_DIR, _tables_for, bucket, clear_cache, lookup, read_table
+from reference import attention_ref, paged_decode_gather
+from tests.cases import cu_seqlens, generator, paged_cache, randn
+from tests.tolerance import assert_within_tolerance
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch) -> Path:
+    """An empty table directory that the kernels read instead of kernels/configs."""
+    monkeypatch.setenv(ENV_DIR, str(tmp_path))
+    clear_cache()
+    yield tmp_path
+    clear_cache()
+
+
+def _table(path: Path, capability, entries) -> None:
+    path.write_text(json.dumps(dict(provenance=dict(gpu=path.stem, compute_capability=capability), runs=[], entries=entries)))
+
+
+def _decode_entry(page, bucket_, block_n, dtype="bfloat16", head_dim=128):
+    config = dict(fetch="gather", block_n=block_n, num_warps=4, num_stages=3, programs_per_sm=2)
+    return dict(kernel="decode", dtype=dtype, head_dim=head_dim, page=page, bucket=list(bucket_), config=config)
+
+
+def test_lookup_order_own_table_then_family_by_name_then_by_capability(table_dir):
+    _table(table_dir / "nvidia-h100-80gb-hbm3.json", [9, 0], [_decode_entry(16, (128, 8192), 64)])
+    _table(table_dir / "nvidia-a100-sxm4-80gb.json", [8, 0], [_decode_entry(16, (128, 8192), 32)])
+    assert _tables_for("nvidia-h100-80gb-hbm3", (9, 0), table_dir)[0] == "table"
+    source, index = _tables_for("nvidia-h100-nvl", (9, 0), table_dir)  # same name stem
+    assert source == "family" and index[("decode", "bfloat16", 128, 16)][(128, 8192)]["block_n"] == 64
+    source, index = _tables_for("nvidia-a100-pcie-40gb", (9, 0), table_dir)  # the stem wins over capability
+    assert source == "family" and index[("decode", "bfloat16", 128, 16)][(128, 8192)]["block_n"] == 32
+    assert _tables_for("nvidia-h800", (9, 0), table_dir)[0] == "family"  # same compute capability
+    assert _tables_for("nvidia-gb200", (10, 0), table_dir) == ("heuristic", {})
+
+
+def test_nearest_bucket_and_missing_keys(table_dir):
+    _table(table_dir / "cpu.json", None, [_decode_entry(16, (8, 2048), 16), _decode_entry(16, (512, 32768), 32)])
+    cpu = torch.device("cpu")
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096))[0]["block_n"] == 16
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (1024, 16384)) == (_decode_entry(16, (512, 32768), 32)["config"], "table")
+    assert lookup("decode", cpu, torch.bfloat16, 128, 256, (16, 4096)) == (None, "heuristic")  # other page
+    assert lookup("decode", cpu, torch.float16, 128, 16, (16, 4096)) == (None, "heuristic")  # other dtype
+    assert [bucket(n) for n in (0, 1, 3, 4, 5, 1 << 20)] == [1, 1, 4, 4, 8, 1 << 15]
+
+
+def test_malformed_table_names_the_file(table_dir):
+    (table_dir / "cpu.json").write_text('{"entries": [{"kernel": "decode"}]}')
+    with pytest.raises(ValueError, match="cpu.json"):
+        lookup("decode", torch.device("cpu"), torch.bfloat16, 16, 16, (4, 64))
+
+
+def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
+    """The tuner's CPU run (interpreter, tiny candidates) or a GPU's: it writes this device's
+    table, a second run of one bucket replaces that entry and keeps the rest, and the wrappers
+    then launch with the table's choice and compute the right answer."""
+    if device.type == "cuda":
+        pytest.skip("the tuner's GPU run takes minutes; tests exercise its CPU run")
+    assert tune.main(["--budget-s", "600"]) == 0
+    path = table_dir / "cpu.json"
+    first = read_table(path)
+    assert {e["kernel"] for e in first["entries"]} == {"decode", "prefill"}
+    assert first["provenance"]["torch"] == torch.__version__ and first["provenance"]["commit"]
+    assert all(e["margin"] is not None and e["margin"] >= 0 for e in first["entries"])
+
+    assert tune.main(["--kernel", "decode"]) == 0
+    second = read_table(path)
+    assert len(second["entries"]) == 2 and len(second["runs"]) == 2
+    runs = {e["kernel"]: e["run"] for e in second["entries"]}
+    assert runs == {"decode": 1, "prefill": 0}
+
+    entry = next(e for e in second["entries"] if e["kernel"] == "decode")
+    gen = generator(3, device)
+    lens = [40, 17]
+    cache = paged_cache(lens, 16, 2, 16, torch.bfloat16, device, gen)
+    q = randn((2, 4, 16), torch.bfloat16, device, gen)
+    config = decode_config(q, cache.k_cache, cache.v_cache, 40)
+    assert config == DecodeConfig(source="table", **entry["config"])
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
+    out = paged_attention_decode(*args, max_context_len=40)
+    assert_within_tolerance(out, paged_decode_gather(*args, compute_dtype=torch.float64), paged_decode_gather(*args))
+
+    qp, kp, vp = (randn((40, h, 16), torch.bfloat16, device, gen) for h in (4, 2, 2))
+    assert prefill_config(qp, kp, 40, True, False) == (next(e for e in second["entries"] if e["kernel"] == "prefill")["config"], "table")
+    cu = cu_seqlens([40], device)
+    out = flash_attn_varlen(qp, kp, vp, cu, cu, 40, 40)
+    assert_within_tolerance(out, attention_ref(qp, kp, vp, cu, cu, compute_dtype=torch.float64), attention_ref(qp, kp, vp, cu, cu))
+
+
+@pytest.mark.parametrize("path", sorted(DEFAULT_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_committed_tables_hold_valid_configs(path):
+    """Every committed table parses, says where it came from, and holds configs the kernels
+    accept: decode's fetch scheme and power-of-two tiles, prefill's tiles."""
+    table = read_table(path)
+    prov = table["provenance"]
+    assert prov["gpu"] and prov["torch"] and prov["triton"] and prov["date"] and prov["commit"] and prov["compute_capability"]
+    for e in table["entries"]:
+        c = e["config"]
+        if e["kernel"] == "decode":
+            config = DecodeConfig(**c)
+            assert config.fetch in ("tma", "gather") and config.programs_per_sm >= 1
+            assert config.block_n & (config.block_n - 1) == 0 and (config.fetch == "gather" or e["page"] % config.block_n == 0)
+        else:
+            assert e["kernel"] == "prefill" and isinstance(c["tma"], bool)
+            block_m, block_n, num_warps, num_stages = c["tile"]
+            assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0 and num_warps in (4, 8) and num_stages >= 1
