@@ -215,7 +215,9 @@ def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
-    wanted = set(tiles_for(kwargs["BLOCK_D"], named_args["O"].dtype))
+    # The autotuner's named_args hold only positional arguments; launches pass keywords.
+    out = kwargs["O"] if "O" in kwargs else named_args["O"]
+    wanted = set(tiles_for(kwargs["BLOCK_D"], out.dtype))
     return [c for c in configs if _tile_of(c) in wanted]
 
 

@@ -150,12 +150,12 @@ def test_decode_pct_is_of_the_read_ceiling_and_prefill_of_matmul():
     assert prefill["ceiling"] == "matmul_tflops" and prefill["pct_of_ceiling"] == pytest.approx(50.0)
 
 
-def test_read_kernel_sums_each_programs_chunk():
-    """The streaming kernel (interpreted here, as it never is when measuring on the CPU) reads
-    every float of its chunk once: each partial is its chunk's sum."""
+def test_read_kernel_sums_each_programs_chunk(device):
+    """The streaming kernel (interpreted on the CPU, compiled on a GPU) reads every float of its
+    chunk once: each partial is its chunk's sum."""
     block, steps, programs = 16, 3, 4
-    src = torch.arange(programs * block * steps, dtype=torch.float32)
-    partial = torch.empty(programs)
+    src = torch.arange(programs * block * steps, dtype=torch.float32, device=device)
+    partial = torch.empty(programs, device=device)
     ceilings._read_kernel[(programs,)](src, partial, BLOCK=block, STEPS=steps)
     torch.testing.assert_close(partial, src.view(programs, -1).sum(1))
 

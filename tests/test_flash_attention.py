@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 
 from kernels import flash_attn_varlen, store_kvcache
-from kernels.flash_attention import tiles_for
+from kernels.flash_attention import _flash_fwd_tuned, _prune, _tile_of, tiles_for
 from reference import attention_ref
 from tests.cases import AttnCase, attn_cases, cu_seqlens, generator, paged_cache, randn
 from tests.tolerance import assert_within_tolerance
@@ -101,3 +101,11 @@ def test_every_tile_candidate_fits_a_paged_tma_box(dtype, block_d):
     for block_m, block_n, num_warps, num_stages in tiles:
         assert block_n <= 128 and block_n & (block_n - 1) == 0 and block_m & (block_m - 1) == 0
         assert num_warps in (4, 8) and num_stages >= 1
+
+
+def test_autotune_prune_reads_keyword_launch_arguments():
+    """Launches pass every argument by keyword, and Triton's autotuner then hands the prune hook
+    an empty named_args: the hook must find the output's dtype among the keywords."""
+    out = torch.empty(1, 1, 128, dtype=torch.bfloat16)
+    kept = _prune(list(_flash_fwd_tuned.configs), {}, O=out, BLOCK_D=128)
+    assert sorted(_tile_of(c) for c in kept) == sorted(tiles_for(128, torch.bfloat16))
