@@ -25,8 +25,8 @@ from kernels.checks import (
 from kernels.launch import dot_precision, head_dim_block, interpreting
 
 # Longest sequence per padded head_dim (head_dim rounded up to a power of two, at least 16):
-# the K and V tiles hold 16384 elements each, 128 KiB together in fp32, under an H100's 227 KiB
-# of shared memory.
+# the K and V tiles hold 16384 elements each, 128 KiB together in fp32, which fits the shared
+# memory of every datacenter GPU since the A100 (164 KiB and up).
 NAIVE_MAX_SEQLEN = {16: 1024, 32: 512, 64: 256, 128: 128, 256: 64}
 _BLOCK_M = 16
 

@@ -169,15 +169,14 @@ def _tma_able(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> bo
     return not interpreting() and k_cache.shape[1] >= 16 and block_d <= 128 and all(tma_ok(t, head_dim, block_d) for t in (k_cache, v_cache))
 
 
-def _heuristic(page: int, block_d: int, dtype: torch.dtype, tma: bool) -> DecodeConfig:
-    """The untuned choice, reasoned rather than measured. Triton's pipeliner stages each TMA
-    tile's block-id load too, so s stages buffer (s - 2) // 2 tiles: 6 double-buffers. Gathered
-    tiles span pages, so they can be long; fp32 or wide heads halve them to keep registers."""
+def _heuristic(block_d: int, dtype: torch.dtype) -> DecodeConfig:
+    """The untuned choice: gathered tiles, whose unmasked pointer loads every GPU since Ampere
+    pipelines through cp.async (3 stages buffer one tile ahead), spanning pages so that each
+    step moves tens of KB; fp32 or wide heads halve the tile to keep registers. TMA is left to
+    tables that measured it winning."""
     if interpreting():
         return DecodeConfig("gather", 16, 4, 1, 2)
-    if tma:
-        return DecodeConfig("tma", min(page, 32), 4, 6, 2)
-    return DecodeConfig("gather", 32 if dtype == torch.float32 or block_d > 128 else 64, 4, 3, 2)
+    return DecodeConfig("gather", 32 if dtype == torch.float32 or block_d > 128 else 64, 4, 3, 4)
 
 
 def decode_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, max_context: int) -> DecodeConfig:
@@ -185,12 +184,11 @@ def decode_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     tuning table for (dtype, head_dim, page, batch x kv_heads, context), else the heuristic.
     A table's TMA choice falls back to gathering where TMA cannot address these caches."""
     head_dim, page = q.shape[-1], k_cache.shape[1]
-    tma = _tma_able(k_cache, v_cache, head_dim)
     found, source = lookup("decode", q.device, q.dtype, head_dim, page, (bucket(q.shape[0] * k_cache.shape[2]), bucket(max_context)))
     if found is None:
-        return _heuristic(page, head_dim_block(head_dim), q.dtype, tma)
+        return _heuristic(head_dim_block(head_dim), q.dtype)
     config = DecodeConfig(source=source, **found)
-    if config.fetch == "tma" and not (tma and page % config.block_n == 0):
+    if config.fetch == "tma" and not (_tma_able(k_cache, v_cache, head_dim) and page % config.block_n == 0):
         return DecodeConfig("gather", config.block_n, config.num_warps, config.num_stages, config.programs_per_sm, source)
     return config
 
