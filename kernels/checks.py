@@ -2,7 +2,9 @@
 
 Every check raises ValueError naming the argument and what was expected. None of them reads
 device memory, so the wrappers never synchronise with the host; contents are only checked
-when the tensor already lives on the CPU.
+when the tensor already lives on the CPU. The checks of index tensors (cu_seqlens, block tables,
+context lengths, slot mappings) return them contiguous, since the kernels index them densely: a
+strided view is copied on the way in (a device copy, no sync) rather than misread.
 """
 
 import torch
@@ -76,7 +78,8 @@ def check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size (dim 1 of the cache) must be a power of two in [1, {MAX_BLOCK_SIZE}], got {block_size}")
 
 
-def check_int_vector(name: str, t: torch.Tensor, length: int, device: torch.device, dtypes=(torch.int32,)) -> None:
+def check_int_vector(name: str, t: torch.Tensor, length: int, device: torch.device, dtypes=(torch.int32,)) -> torch.Tensor:
+    """A 1-D index tensor of `length` entries in one of `dtypes` on `device`, returned contiguous."""
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != length:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{name} must be a 1-D tensor of length {length}, got {shape}")
@@ -84,23 +87,26 @@ def check_int_vector(name: str, t: torch.Tensor, length: int, device: torch.devi
         raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but must be on {device} with the other inputs")
+    return t.contiguous()
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: int | None) -> int:
-    """Returns the batch size. Contents are checked only for CPU tensors (no host sync); `total`,
-    when known, is the length of the packed tensor the prefix sums index."""
+def check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: int | None) -> torch.Tensor:
+    """cu_seqlens returned contiguous; the batch is its length - 1. Contents are checked only for
+    CPU tensors (no host sync); `total`, when known, is the length of the packed tensor the
+    prefix sums index."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.shape[0] < 2:
         shape = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
         raise ValueError(f"{name} must be a 1-D int32 tensor of shape (batch+1,), got {shape}")
-    check_int_vector(name, cu, cu.shape[0], device)
+    cu = check_int_vector(name, cu, cu.shape[0], device)
     if cu.device.type == "cpu":
         ends_right = total is None or int(cu[-1]) == total
         if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or not ends_right:
             raise ValueError(f"{name} must be non-decreasing prefix sums from 0 to {total}, got {cu.tolist()}")
-    return cu.shape[0] - 1
+    return cu
 
 
-def check_block_table(block_table: torch.Tensor, batch: int, device: torch.device) -> None:
+def check_block_table(block_table: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """An int32 (batch, max_blocks_per_seq) block table on `device`, returned contiguous."""
     check_rank("block_table", block_table, 2, "(batch, max_blocks_per_seq)")
     if block_table.shape[0] != batch:
         raise ValueError(f"block_table has {block_table.shape[0]} rows but the batch has {batch} sequences")
@@ -108,6 +114,27 @@ def check_block_table(block_table: torch.Tensor, batch: int, device: torch.devic
         raise ValueError(f"block_table must have dtype torch.int32, got {block_table.dtype}")
     if block_table.device != device:
         raise ValueError(f"block_table is on {block_table.device} but must be on {device} with the other inputs")
+    return block_table.contiguous()
+
+
+def check_context_lens(context_lens: torch.Tensor, max_context_len: int | None) -> None:
+    """On the CPU, where they can be read without a sync: every context is >= 0 and at most
+    max_context_len, which sizes the kernel's splits (a longer one would be cut short)."""
+    if context_lens.device.type != "cpu" or context_lens.numel() == 0:
+        return
+    low, high = int(context_lens.min()), int(context_lens.max())
+    if low < 0:
+        raise ValueError(f"context_lens must be >= 0, got {low}")
+    if max_context_len is not None and high > max_context_len:
+        raise ValueError(f"context_lens holds a context of {high} tokens but max_context_len is {max_context_len}; "
+                         "max_context_len must bound every context")
+
+
+def check_bool(name: str, value) -> bool:
+    """A real bool: a string such as "no" would otherwise read as True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def check_capacity(name: str, max_len: int | None, lens: torch.Tensor | None, block_table: torch.Tensor,
@@ -128,8 +155,12 @@ def check_capacity(name: str, max_len: int | None, lens: torch.Tensor | None, bl
 
 
 def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
+    """softmax_scale as a float, head_dim**-0.5 when None; anything but a positive finite real
+    number (a string, a bool, a tensor) is refused rather than coerced."""
     if softmax_scale is None:
         return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, int | float):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
     scale = float(softmax_scale)
     if not (scale > 0 and scale != float("inf")):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")

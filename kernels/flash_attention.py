@@ -23,6 +23,7 @@ from kernels.attention_tile import online_softmax_step, score_kv_tile
 from kernels.checks import (
     check_block_size,
     check_block_table,
+    check_bool,
     check_capacity,
     check_cu_seqlens,
     check_float_inputs,
@@ -326,20 +327,22 @@ def flash_attn_varlen(
     head_dim = check_head_dim({"q": q.shape[-1], "k": k.shape[-1], "v": v.shape[-1]})
     num_heads, num_kv_heads = q.shape[1], k.shape[-2]
     check_heads(num_heads, num_kv_heads)
+    causal = check_bool("causal", causal)
     max_seqlen_q, max_seqlen_k = check_host_int("max_seqlen_q", max_seqlen_q), check_host_int("max_seqlen_k", max_seqlen_k)
-    batch = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+    cu_seqlens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+    batch = cu_seqlens_q.shape[0] - 1
     if paged:
         # With a paged cache the key total is not k.shape[0]; only the shape is checked here.
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, None)
+        cu_seqlens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, None)
     else:
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+        cu_seqlens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
     if cu_seqlens_k.shape[0] != batch + 1:
         raise ValueError(f"cu_seqlens_k has shape {tuple(cu_seqlens_k.shape)} but cu_seqlens_q implies ({batch + 1},)")
     page = 1
     if paged:
         page = k.shape[1]
         check_block_size(page)
-        check_block_table(block_table, batch, q.device)
+        block_table = check_block_table(block_table, batch, q.device)
         k_lens = cu_seqlens_k.diff() if cu_seqlens_k.device.type == "cpu" else None
         check_capacity("max_seqlen_k", max_seqlen_k, k_lens, block_table, page, k.shape[0])
     scale = resolve_scale(softmax_scale, head_dim)

@@ -63,7 +63,7 @@ def store_kvcache(
     check_float_inputs(key=key, value=value, k_cache=k_cache, v_cache=v_cache)
     check_block_size(k_cache.shape[1])
     num_tokens = key.shape[0]
-    check_int_vector("slot_mapping", slot_mapping, num_tokens, key.device, (torch.int32, torch.int64))
+    slot_mapping = check_int_vector("slot_mapping", slot_mapping, num_tokens, key.device, (torch.int32, torch.int64))
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     if slot_mapping.device.type == "cpu" and num_tokens and (
         int(slot_mapping.min()) < -1 or int(slot_mapping.max()) >= num_slots

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import (
+    check_bool,
     check_cu_seqlens,
     check_float_inputs,
     check_head_dim,
@@ -104,7 +105,9 @@ def naive_attention(
     head_dim = check_head_dim({"q": q.shape[-1], "k": k.shape[-1], "v": v.shape[-1]})
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     check_heads(num_heads, num_kv_heads)
-    batch = check_cu_seqlens("cu_seqlens", cu_seqlens, q.device, q.shape[0])
+    causal = check_bool("causal", causal)
+    cu_seqlens = check_cu_seqlens("cu_seqlens", cu_seqlens, q.device, q.shape[0])
+    batch = cu_seqlens.shape[0] - 1
     check_host_int("max_seqlen", max_seqlen)
     block_d = head_dim_block(head_dim)
     limit = NAIVE_MAX_SEQLEN[block_d]
@@ -124,7 +127,7 @@ def naive_attention(
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         group=num_heads // num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_BLOCK_M, BLOCK_L=max(16, triton.next_power_of_2(max_seqlen)),
-        CAUSAL=bool(causal), INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
+        CAUSAL=causal, INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=1,
     )
     return out

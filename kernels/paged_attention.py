@@ -26,6 +26,7 @@ from kernels.checks import (
     check_block_size,
     check_block_table,
     check_capacity,
+    check_context_lens,
     check_float_inputs,
     check_head_dim,
     check_heads,
@@ -285,11 +286,12 @@ def paged_attention_decode(
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     check_heads(num_heads, num_kv_heads)
     check_block_size(page)
-    check_block_table(block_table, batch, q.device)
-    check_int_vector("context_lens", context_lens, batch, q.device)
+    block_table = check_block_table(block_table, batch, q.device)
+    context_lens = check_int_vector("context_lens", context_lens, batch, q.device)
     if max_context_len is not None:
         check_host_int("max_context_len", max_context_len)
     check_capacity("context_lens", max_context_len, context_lens, block_table, page, k_cache.shape[0])
+    check_context_lens(context_lens, max_context_len)
     if num_splits is not None and not 1 <= check_host_int("num_splits", num_splits) <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     scale = resolve_scale(softmax_scale, head_dim)

@@ -57,6 +57,7 @@ class AttnCase:
     causal: bool
     block_size: int | None  # None: contiguous K/V; else a paged cache
     seed: int
+    layout: str = "contiguous"  # how every input tensor lies in memory (as_layout)
 
 
 @st.composite
@@ -76,6 +77,7 @@ def attn_cases(draw, paged: bool) -> AttnCase:
         causal=draw(st.booleans()),
         block_size=draw(st.sampled_from(BLOCK_SIZES)) if paged else None,
         seed=draw(st.integers(0, 2**31 - 1)),
+        layout=draw(LAYOUTS),
     )
 
 
@@ -89,6 +91,7 @@ class DecodeCase:
     block_size: int
     num_splits: int | None
     seed: int
+    layout: str = "contiguous"
 
 
 @st.composite
@@ -105,7 +108,29 @@ def decode_cases(draw) -> DecodeCase:
         block_size=draw(st.sampled_from(BLOCK_SIZES)),
         num_splits=draw(st.sampled_from([None, None, 1, 2, 5])),
         seed=draw(st.integers(0, 2**31 - 1)),
+        layout=draw(LAYOUTS),
     )
+
+
+# "padded": rows (or, for 1-D tensors, elements) sit apart in a larger buffer whose gaps hold
+# poison; "transposed": the first two dims are swapped in memory. Both are views equal to the
+# tensor, so a kernel that ignores strides reads the wrong elements or the poison.
+LAYOUTS = st.sampled_from(["contiguous", "contiguous", "padded", "transposed"])
+
+
+def as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """An equal view of t laid out as `layout` (see LAYOUTS); float gaps hold NaN, int gaps -7.
+    The last dim of a 2-D-or-more tensor stays contiguous, as the kernels require for features."""
+    if layout == "contiguous":
+        return t
+    poison = float("nan") if t.is_floating_point() else -7
+    if layout == "padded" or t.dim() == 1:
+        wide = torch.full((*t.shape, 2) if t.dim() == 1 else (*t.shape[:-1], t.shape[-1] + 3), poison, dtype=t.dtype, device=t.device)
+        view = wide[..., 0] if t.dim() == 1 else wide[..., : t.shape[-1]]
+    else:
+        view = torch.full((t.shape[1], t.shape[0], *t.shape[2:]), poison, dtype=t.dtype, device=t.device).transpose(0, 1)
+    view.copy_(t)
+    return view
 
 
 def generator(seed: int, device: torch.device) -> torch.Generator:

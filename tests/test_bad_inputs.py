@@ -16,7 +16,7 @@ from kernels import (
     silu_and_mul,
     store_kvcache,
 )
-from tests.cases import cu_seqlens, generator, paged_cache, randn
+from tests.cases import as_layout, cu_seqlens, generator, paged_cache, randn
 
 F16 = torch.float16
 
@@ -175,10 +175,18 @@ BAD_CALLS = {
     "decode block_size not power of two": (decode, lambda a: dict(k_cache=a["k_cache"][:, :3], v_cache=a["v_cache"][:, :3]), "block_size"),
     "decode num_splits zero": (decode, lambda a: dict(num_splits=0), "num_splits"),
     "decode num_splits past the merge's tile": (decode, lambda a: dict(num_splits=129), r"num_splits must be in \[1, 128\]"),
+    # flags and scales that Python would coerce
+    "flash causal string": (flash, lambda a: dict(causal="no"), "causal must be a bool"),
+    "naive causal int": (naive, lambda a: dict(causal=1), "causal must be a bool"),
+    "flash scale string": (flash, lambda a: dict(softmax_scale="abc"), "softmax_scale must be a positive finite number"),
+    "decode scale bool": (decode, lambda a: dict(softmax_scale=True), "softmax_scale must be a positive finite number"),
+    # context lengths the host can read: negative, or past the max_context_len that sizes splits
+    "decode negative context": (decode, lambda a: dict(context_lens=torch.tensor([-1, 12], dtype=torch.int32, device=a["q"].device)), "context_lens must be >= 0"),
+    "decode max_context_len below contexts": (decode, lambda a: dict(max_context_len=4), "max_context_len is 4"),
 }
 
 # Caught by reading tensor contents, which the wrappers only do for CPU tensors.
-READS_DEVICE_DATA = {"decode context over capacity"}
+READS_DEVICE_DATA = {"decode context over capacity", "decode negative context", "decode max_context_len below contexts"}
 
 ARG_BUILDERS = {flash: flash_args, flash_paged: lambda d: flash_args(d, paged=True), naive: naive_args,
                 decode: decode_args, store: store_args, norm_rope: norm_rope_args, rms: rms_args,
@@ -230,3 +238,40 @@ def test_host_tensors_are_refused_where_triton_compiles_for_a_gpu(name, monkeypa
     monkeypatch.setattr(triton.KernelInterface, "__getitem__", refuse_launch)
     with pytest.raises(ValueError, match=rf"^{arg} is on cpu but Triton compiles for cuda"):
         call(torch.device("cpu"))
+
+
+def strided(t):
+    """t as a view whose elements (1-D) or rows' columns (2-D) are not adjacent in memory."""
+    return as_layout(t, "padded" if t.dim() == 1 else "transposed")
+
+
+@pytest.mark.parametrize("name", ["cu_seqlens_q", "cu_seqlens_k"])
+def test_strided_cu_seqlens_read_as_their_values(name, device):
+    """A strided view (t[:, 0] of a 2-D tensor) once aborted the process or misread the offsets."""
+    args = flash_args(device)
+    expected = flash_attn_varlen(**args)
+    assert torch.equal(flash_attn_varlen(**{**args, name: strided(args[name])}), expected)
+    n_args = naive_args(device)
+    assert torch.equal(naive_attention(**{**n_args, "cu_seqlens": strided(n_args["cu_seqlens"])}), naive_attention(**n_args))
+
+
+@pytest.mark.parametrize("name", ["block_table", "context_lens"])
+def test_strided_decode_index_tensors_read_as_their_values(name, device):
+    """A transposed block table or strided context lengths once gave decode errors near 1."""
+    args = decode_args(device)
+    assert not strided(args[name]).is_contiguous()
+    assert torch.equal(paged_attention_decode(**{**args, name: strided(args[name])}), paged_attention_decode(**args))
+
+
+def test_transposed_block_table_in_paged_prefill(device):
+    args = flash_args(device, paged=True)
+    assert torch.equal(flash_attn_varlen(**{**args, "block_table": strided(args["block_table"])}), flash_attn_varlen(**args))
+
+
+def test_strided_slot_mapping_writes_the_slots_it_holds(device):
+    """A strided slot_mapping once wrote slot 100 where it held slot 2."""
+    dense, view = store_args(device), store_args(device)
+    store_kvcache(**dense)
+    store_kvcache(**{**view, "slot_mapping": strided(view["slot_mapping"])})
+    assert torch.equal(dense["k_cache"].nan_to_num(0), view["k_cache"].nan_to_num(0))
+    assert torch.equal(dense["k_cache"].isnan(), view["k_cache"].isnan())

@@ -7,7 +7,7 @@ from hypothesis import given
 from kernels import flash_attn_varlen, store_kvcache
 from kernels.flash_attention import _flash_fwd_tuned, _prune, _tile_of, tiles_for
 from reference import attention_ref
-from tests.cases import AttnCase, attn_cases, cu_seqlens, generator, paged_cache, randn
+from tests.cases import AttnCase, as_layout, attn_cases, cu_seqlens, generator, paged_cache, randn
 from tests.tolerance import assert_within_tolerance
 
 
@@ -22,6 +22,8 @@ def run_case(case, device):
     else:
         cache = paged_cache(case.k_lens, case.block_size, case.num_kv_heads, case.head_dim, case.dtype, device, gen)
         k, v, table = cache.k_cache, cache.v_cache, cache.block_table
+    q, k, v, cu_q, cu_k = (as_layout(t, case.layout) for t in (q, k, v, cu_q, cu_k))
+    table = None if table is None else as_layout(table, case.layout)
     out = torch.full_like(q, float("nan"))
     flash_attn_varlen(q, k, v, cu_q, cu_k, max(case.q_lens), max(case.k_lens), causal=case.causal, block_table=table, out=out)
     ref = dict(causal=case.causal, block_table=table)

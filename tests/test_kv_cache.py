@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from kernels import store_kvcache
 from reference import store_kvcache_ref
-from tests.cases import BLOCK_SIZES, DTYPES, HEAD_DIMS, generator, randn
+from tests.cases import BLOCK_SIZES, DTYPES, HEAD_DIMS, LAYOUTS, as_layout, generator, randn
 
 
 @st.composite
@@ -21,7 +21,7 @@ def store_cases(draw):
     return dict(block_size=block_size, num_blocks=num_blocks, slots=slots,
                 num_kv_heads=draw(st.sampled_from([1, 2, 3, 8])), head_dim=draw(st.sampled_from(HEAD_DIMS)),
                 dtype=draw(st.sampled_from(DTYPES)), slot_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
-                seed=draw(st.integers(0, 2**31 - 1)))
+                seed=draw(st.integers(0, 2**31 - 1)), layout=draw(LAYOUTS))
 
 
 @given(case=store_cases())
@@ -35,7 +35,7 @@ def test_store_matches_reference(case, device):
     k_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device=device)
     v_cache = torch.full(cache_shape, float("nan"), dtype=dtype, device=device)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    slots = torch.tensor(case["slots"], dtype=case["slot_dtype"], device=device)
+    slots = as_layout(torch.tensor(case["slots"], dtype=case["slot_dtype"], device=device), case["layout"])
     store_kvcache(key, value, k_cache, v_cache, slots)
     store_kvcache_ref(key, value, k_ref, v_ref, slots)
     # equal_nan: untouched slots must still hold the poison; written ones must be bit-exact.

@@ -8,16 +8,16 @@ from kernels import naive_attention
 from kernels.launch import head_dim_block
 from kernels.naive_attention import NAIVE_MAX_SEQLEN
 from reference import attention_ref
-from tests.cases import attn_cases, cu_seqlens, generator, randn
+from tests.cases import as_layout, attn_cases, cu_seqlens, generator, randn
 from tests.tolerance import assert_within_tolerance
 
 
-def run_naive(lens, num_heads, num_kv_heads, head_dim, dtype, causal, seed, device, max_seqlen=None):
+def run_naive(lens, num_heads, num_kv_heads, head_dim, dtype, causal, seed, device, max_seqlen=None, layout="contiguous"):
     gen = generator(seed, device)
     q = randn((sum(lens), num_heads, head_dim), dtype, device, gen)
     k = randn((sum(lens), num_kv_heads, head_dim), dtype, device, gen)
     v = randn((sum(lens), num_kv_heads, head_dim), dtype, device, gen)
-    cu = cu_seqlens(lens, device)
+    q, k, v, cu = (as_layout(t, layout) for t in (q, k, v, cu_seqlens(lens, device)))
     out = torch.full_like(q, float("nan"))
     naive_attention(q, k, v, cu, max_seqlen or max(lens), causal=causal, out=out)
     ref64 = attention_ref(q, k, v, cu, cu, causal=causal, compute_dtype=torch.float64)
@@ -28,7 +28,7 @@ def run_naive(lens, num_heads, num_kv_heads, head_dim, dtype, causal, seed, devi
 def test_naive_matches_reference(case, device):
     limit = NAIVE_MAX_SEQLEN[head_dim_block(case.head_dim)]
     assume(max(case.q_lens) <= limit)
-    run_naive(case.q_lens, case.num_heads, case.num_kv_heads, case.head_dim, case.dtype, case.causal, case.seed, device)
+    run_naive(case.q_lens, case.num_heads, case.num_kv_heads, case.head_dim, case.dtype, case.causal, case.seed, device, layout=case.layout)
 
 
 @pytest.mark.parametrize("head_dim", [16, 59, 128, 256])

@@ -7,7 +7,7 @@ from hypothesis import given
 from kernels import paged_attention_decode
 from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
 from reference import paged_decode_gather, paged_decode_loop
-from tests.cases import DecodeCase, decode_cases, generator, paged_cache, randn
+from tests.cases import DecodeCase, as_layout, decode_cases, generator, paged_cache, randn
 from tests.tolerance import assert_within_tolerance
 
 
@@ -16,7 +16,7 @@ def run_case(case, device, *, max_context_len=None):
     cache = paged_cache(case.context_lens, case.block_size, case.num_kv_heads, case.head_dim, case.dtype, device, gen)
     q = randn((len(case.context_lens), case.num_heads, case.head_dim), case.dtype, device, gen)
     ctx = torch.tensor(case.context_lens, dtype=torch.int32, device=device)
-    args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
+    args = tuple(as_layout(t, case.layout) for t in (q, cache.k_cache, cache.v_cache, cache.block_table, ctx))
     out = torch.full_like(q, float("nan"))
     paged_attention_decode(*args, num_splits=case.num_splits, max_context_len=max_context_len, out=out)
     ref64 = paged_decode_gather(*args, compute_dtype=torch.float64)
