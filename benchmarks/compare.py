@@ -5,8 +5,10 @@
 
 Benchmarks pair by fullname (name when a file lacks it). The verdict is pytest-benchmark's own
 PercentageRegressionCheck, the one behind `--benchmark-compare-fail`. Exit status: 0 no regression;
-1 a regression, or a baseline benchmark missing from NEW; 2 unreadable input, or runs from different
-GPUs (or interpreter against compiled) without --allow-different-gpu.
+1 a regression, or a baseline benchmark missing from NEW; 2 a refusal: unreadable input, runs from
+different GPUs (or interpreter against compiled) without --allow-different-gpu, an --impl that
+neither file holds, or no benchmark in both files (after --impl), since a gate that compared
+nothing has passed nothing.
 """
 
 import argparse
@@ -62,9 +64,27 @@ def mismatch(base: dict, new: dict) -> list[str]:
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the pairwise comparison; return 0, 1 (regression or missing benchmark) or 2 (bad or mismatched input)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
+def unknown_impls(wanted: list[str], *runs: dict) -> str | None:
+    """Why `wanted` (--impl) cannot gate these runs: the names no benchmark of any run has, with
+    those present; None when every name is present somewhere. A typo would otherwise filter
+    everything out and pass."""
+    impls = (bench["extra_info"].get("impl") for data in runs for bench in data["benchmarks"])
+    present = sorted({impl for impl in impls if isinstance(impl, str)})
+    unknown = [name for name in wanted if name not in present]
+    if not unknown:
+        return None
+    return f"--impl {', '.join(map(repr, unknown))}: no benchmark in either file has that implementation; present: {', '.join(present) or 'none'}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """compare's command line; slurm.submit checks its --compare options with this same parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description=__doc__.splitlines()[0],
+        epilog="exit status: 0 no regression; 1 a regression, or a baseline benchmark missing from NEW; "
+        "2 a refusal: unreadable input, different GPUs (without --allow-different-gpu), an --impl neither file has, "
+        "or nothing compared",
+    )
     parser.add_argument("baseline", help="pytest-benchmark JSON of the reference run")
     parser.add_argument("new", help="pytest-benchmark JSON of the run under test")
     parser.add_argument(
@@ -86,11 +106,21 @@ def main(argv: list[str] | None = None) -> int:
         "--impl",
         action="append",
         default=[],
-        help="gate only this implementation (extra_info impl), repeatable; host-bound references are noisy, see README",
+        help="gate only this implementation (extra_info impl), repeatable; host-bound references are noisy, see README; "
+        "one that neither file holds is refused (exit 2)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the pairwise comparison; return 0, 1 (regression or missing benchmark) or 2 (bad or
+    mismatched input, or nothing to compare)."""
+    args = build_parser().parse_args(argv)
     try:
         base, new = load(args.baseline), load(args.new)
+        problem = unknown_impls(args.impl, base, new)
+        if problem:
+            raise ResultsError(problem)
         base_stats, new_stats = (by_key(path, data, args.field, args.impl) for path, data in ((args.baseline, base), (args.new, new)))
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -138,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nOK: no {args.field} slower than baseline by more than {args.threshold}% ({len(rows)} compared)")
     if banner:
         print("\n" + banner)
+    if not rows:
+        filtered = f" with --impl {' '.join(args.impl)}" if args.impl else ""
+        print(f"error: nothing compared: no benchmark{filtered} appears in both {args.baseline} and {args.new}", file=sys.stderr)
+        return 2
     return 1 if regressions or (missing and not args.allow_missing) else 0
 
 

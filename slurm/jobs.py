@@ -6,6 +6,7 @@ SBATCH_ACCOUNT, SBATCH_TIMELIMIT, SBATCH_QOS), else from the cluster's defaults.
 """
 
 import argparse
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -14,6 +15,16 @@ from pathlib import Path
 SLURM_DIR = Path(__file__).resolve().parent
 REPO = SLURM_DIR.parent
 ARRAY_ID = "@ARRAY_JOB_ID@"  # stands for the array's job id until sbatch has given it
+# sbatch's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or no limit.
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:unlimited|infinite)")
+TIME_FORMATS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED"
+
+
+def check_time(flag: str, value: str | None) -> None:
+    """ValueError naming `flag` when `value` is not a Slurm time limit. Checked here, since sbatch
+    would refuse it only after the sweep is written, or, for the merge job, after the array ran."""
+    if value is not None and not SLURM_TIME.fullmatch(value):
+        raise ValueError(f"{flag}: expected a Slurm time limit ({TIME_FORMATS}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,8 @@ class SlurmOptions:
             raise ValueError(f"--cpus-per-task: expected at least 1, got {self.cpus_per_task}")
         if self.throttle is not None and self.throttle < 1:
             raise ValueError(f"--throttle: expected at least 1 task at once, got {self.throttle}")
+        check_time("--time", self.time)
+        check_time("--merge-time", self.merge_time)
 
 
 def _common(opts: SlurmOptions, time: str | None) -> list[str]:
@@ -79,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Slurm (unset: sbatch's SBATCH_* environment, then the cluster's defaults)")
     group.add_argument("-p", "--partition")
     group.add_argument("-A", "--account")
-    group.add_argument("-t", "--time", help="time limit of each array task, e.g. 01:00:00")
+    group.add_argument("-t", "--time", help=f"time limit of each array task, e.g. 01:00:00 ({TIME_FORMATS})")
     group.add_argument("-q", "--qos")
     group.add_argument("--gpus-per-task", type=int, default=1, help="GPUs per array task, bound by Slurm (CUDA_VISIBLE_DEVICES); 0 for a CPU sweep")
     group.add_argument("--cpus-per-task", type=int)

@@ -3,9 +3,12 @@
     python -m slurm.submit --preset qwen3-8b --tp 1 --tasks 8 --throttle 4 -p gpu -A myacct -t 01:00:00 \\
         [--baseline benchmarks/baselines/B.json] [--out results] [--dry-run] [-- --benchmark-max-time=0.05]
 
-`--sweep FILE` submits an existing sweep file instead of generating one. `--dry-run` prints the
-sbatch lines, as shell to paste, and submits nothing. Otherwise it prints the job ids and where
-the results, logs and merged report will land.
+`--sweep FILE` submits an existing sweep file instead of generating one. `--dry-run` writes no
+file and submits nothing: it prints, as shell to paste, what a submission would do (create the
+logs directory, write the generated sweep file, and the two sbatch lines). Otherwise it writes the
+sweep file to OUT/sweeps/ and prints the job ids and where the results, logs and merged report
+will land. Bad options (a --time Slurm would refuse, --compare options benchmarks.compare would
+refuse) stop it before anything is written.
 """
 
 import argparse
@@ -14,13 +17,48 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import compare
 from slurm.jobs import ARRAY_ID, array_command, merge_command, options_from_args, shell_script
 from slurm.jobs import add_arguments as add_slurm_arguments
 from slurm.sweep import add_arguments as add_sweep_arguments
-from slurm.sweep import default_path, provenance, read_sweep, sweep_from_args, write_sweep
+from slurm.sweep import default_path, provenance, read_sweep, sweep_from_args, sweep_text, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP_OPTIONS = ("--tasks", "--preset", "--tp", "--dtype", "--grid")
+HEREDOC_END = "MINIVLLM_SWEEP_EOF"
+
+
+def check_compare_options(text: str) -> None:
+    """ValueError when benchmarks.compare would refuse `text`: otherwise the merge job would find
+    out only after the whole array ran."""
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise ValueError(f"--compare: cannot split {text!r} into options: {e}") from None
+    parser = compare.build_parser()
+
+    def refuse(message: str):
+        raise ValueError(f"--compare: benchmarks.compare refuses {text!r}: {message}")
+
+    parser.error = refuse  # argparse would print its usage and exit, as if the whole command were compare
+    try:
+        parser.parse_args(["BASELINE.json", "NEW.json", *words])
+    except SystemExit:  # -h or --version: compare printed and would exit; the merge job would do no comparing
+        raise ValueError(f"--compare: {text!r} asks benchmarks.compare for help, not a comparison") from None
+
+
+def dry_run_script(path: Path, text: str | None, out: Path, array_cmd: list[str], merge_cmd: list[str]) -> str:
+    """The shell a submission runs, for --dry-run to print instead: make the logs directory, write
+    the sweep file when `text` (a generated sweep) is given, submit the array and its merge job."""
+    lines = [f"mkdir -p {shlex.quote(str(out.resolve() / 'logs'))}"]
+    if text is not None:
+        # Quoted, so the shell expands nothing in the node ids; no sweep line can read HEREDOC_END,
+        # as each is a '#' header or node ids, which start with 'benchmarks/'.
+        where = path.resolve()
+        lines.append(f"mkdir -p {shlex.quote(str(where.parent))} && cat > {shlex.quote(str(where))} <<'{HEREDOC_END}'")
+        lines.append(text + HEREDOC_END)
+    lines.append(shell_script(array_cmd, merge_cmd))
+    return "\n".join(lines)
 
 
 def sbatch(cmd: list[str]) -> str:
@@ -42,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "results", help="results root: sweeps/, logs/ and <array id>/ go here (default results/)")
     parser.add_argument("--baseline", type=Path, help="the merge job compares the merged results with this pytest-benchmark JSON")
     parser.add_argument("--compare", default="", help="options for benchmarks.compare, one string, e.g. '--threshold 5%% --impl flash_triton'")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch lines; submit nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write no file and submit nothing: print, as shell, the sweep file and the sbatch lines a submission would use")
     args = parser.parse_args(argv)
+    text = None  # the generated sweep's file text, which a dry run prints instead of writing
     try:
         opts = options_from_args(args)
         if args.baseline and not args.baseline.is_file():
             raise ValueError(f"--baseline: {args.baseline} is not a file")
+        check_compare_options(args.compare)
         if args.sweep:
             chosen = [name for name in SWEEP_OPTIONS if getattr(args, name.lstrip("-").replace("-", "_")) != parser.get_default(name.lstrip("-").replace("-", "_"))]
             if chosen or args.pytest_extra or args.keyword or args.markexpr:
@@ -55,15 +96,19 @@ def main(argv: list[str] | None = None) -> int:
             path, sweep = args.sweep, read_sweep(args.sweep)
         else:
             path, sweep = default_path(args.out), sweep_from_args(args)
-            write_sweep(path, sweep, provenance())
+            if args.dry_run:
+                text = sweep_text(sweep, provenance())
+            else:
+                write_sweep(path, sweep, provenance())
     except ValueError as e:
         parser.error(str(e))
     merge_args = ([f"--baseline={args.baseline.resolve()}"] if args.baseline else []) + ([f"--compare={args.compare}"] if args.compare else [])
     array_cmd = array_command(path, len(sweep.tasks), args.out, opts)
     count = sum(map(len, sweep.tasks))
-    print(f"sweep  {path}: {count} benchmarks in {len(sweep.tasks)} tasks, {sweep.grid} grid, pytest args {shlex.join(sweep.pytest_args) or '(none)'}")
+    unwritten = " (dry run: not written; the shell below writes it)" if text is not None else ""
+    print(f"sweep  {path}{unwritten}: {count} benchmarks in {len(sweep.tasks)} tasks, {sweep.grid} grid, pytest args {shlex.join(sweep.pytest_args) or '(none)'}")
     if args.dry_run:
-        print(shell_script(array_cmd, merge_command(path, args.out, ARRAY_ID, opts, merge_args)))
+        print(dry_run_script(path, text, args.out, array_cmd, merge_command(path, args.out, ARRAY_ID, opts, merge_args)))
         return 0
     # Slurm opens log files before a job starts and does not create their directory.
     (args.out / "logs").mkdir(parents=True, exist_ok=True)

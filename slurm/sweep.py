@@ -69,8 +69,8 @@ def split(ids: list[str], tasks: int) -> list[list[str]]:
     return [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def write_sweep(path: Path, sweep: Sweep, provenance: str) -> None:
-    """Write `sweep` to `path` (atomically: a reader sees the old file or the whole new one)."""
+def sweep_text(sweep: Sweep, provenance: str) -> str:
+    """The sweep file's text for `sweep`, as `write_sweep` writes it and `read_sweep` reads it."""
     for ids in sweep.tasks:
         for node_id in ids:
             if "\n" in node_id:
@@ -84,9 +84,15 @@ def write_sweep(path: Path, sweep: Sweep, provenance: str) -> None:
         f"# pytest-args: {shlex.join(sweep.pytest_args)}",
         *(shlex.join(ids) for ids in sweep.tasks),
     ]
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(path: Path, sweep: Sweep, provenance: str) -> None:
+    """Write `sweep` to `path` (atomically: a reader sees the old file or the whole new one)."""
+    text = sweep_text(sweep, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 

@@ -38,6 +38,23 @@ def test_compare_gates_only_the_named_impls(tmp_path, capsys):
     assert compare.main([*runs(tmp_path, {"sdpa_flash": 1.5}), "--impl", "sdpa_flash"]) == 1
 
 
+def test_compare_refuses_an_impl_neither_file_has(tmp_path, capsys):
+    """A typo in --impl once filtered every benchmark out and passed the gate."""
+    assert compare.main([*runs(tmp_path, {}), "--impl", "flash_triton", "--impl", "flash_trton"]) == 2
+    err = capsys.readouterr().err
+    assert "--impl 'flash_trton'" in err and "present: flash_triton, sdpa_cudnn, sdpa_flash" in err
+
+
+@pytest.mark.parametrize("extra", [[], ["--allow-missing"], ["--impl", "triton_paged"], ["--impl", "triton_paged", "--allow-missing"]])
+def test_compare_refuses_when_nothing_is_compared(tmp_path, capsys, extra):
+    """Disjoint runs (or an --impl only one file has) compare nothing, which is no pass."""
+    base = str(runs(tmp_path, {})[0])
+    new = str(write(tmp_path / "decode.json", [bench("decode", "triton_paged", 1e-4)]))
+    assert compare.main([base, new, *extra]) == 2
+    out, err = capsys.readouterr()
+    assert "no benchmark appears in both files" in out and "error: nothing compared" in err
+
+
 @pytest.mark.parametrize("scale", [1.03, 0.97, 0.5])
 def test_compare_passes_wobble_and_speedups(tmp_path, capsys, scale):
     assert compare.main([*runs(tmp_path, {"flash_triton": scale}), "--threshold", "10"]) == 0

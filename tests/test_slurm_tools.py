@@ -5,6 +5,7 @@ tests/test_slurm.py runs the same scripts on a real Slurm cluster.
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -86,7 +87,8 @@ def test_dry_run_prints_shell_that_chains_the_merge_to_the_array(tmp_path, capsy
     argv = [f"--sweep={sweep}", "--throttle=2", "-p", "gb200", "-t", "01:00:00", "--exclusive", f"--out={tmp_path / 'r s'}", f"--baseline={baseline}", "--dry-run"]
     assert submit.main(argv) == 0
     script = capsys.readouterr().out.split("\n", 1)[1]
-    array_line, merge_line = script.strip().splitlines()
+    mkdir_line, array_line, merge_line = script.strip().splitlines()
+    assert mkdir_line == f"mkdir -p '{tmp_path}/r s/logs'"  # Slurm does not create its log directory
     for flag in ("--array=0-4%2", "--partition=gb200", "--time=01:00:00", "--exclusive", "--gpus-per-task=1", f"MINIVLLM_PYTHON={sys.executable}"):
         assert flag in array_line
     assert "--account" not in array_line and "--qos" not in array_line  # unset: sbatch's environment decides
@@ -96,9 +98,68 @@ def test_dry_run_prints_shell_that_chains_the_merge_to_the_array(tmp_path, capsy
     fake_sbatch(bin_dir, log)
     subprocess.run(["bash", "-ec", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, check=True)
     calls = log.read_text().splitlines()
-    assert len(calls) == 2 and "bench_array.sbatch" in calls[0]
+    assert len(calls) == 2 and "bench_array.sbatch" in calls[0] and (tmp_path / "r s" / "logs").is_dir()
     assert "--dependency=afterany:101 " in calls[1] and f"--output={tmp_path}/r s/logs/101_merge.out" in calls[1]
     assert calls[1].endswith(f"merge.sbatch {sweep} {tmp_path}/r s 101 --baseline={baseline}")
+
+
+def test_dry_run_writes_nothing_and_prints_the_sweep_it_would_write(tmp_path, capsys):
+    """The printed shell, run, writes the very sweep a real submission would; the dry run itself writes no file."""
+    out = tmp_path / "out"
+    selection = ["--preset=tiny", "-k", "flash_triton"]
+    assert submit.main(["--grid=cpu", *selection, f"--out={out}", "--dry-run"]) == 0
+    assert not out.exists()
+    header, script = capsys.readouterr().out.split("\n", 1)
+    assert "dry run: not written" in header
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake_sbatch(bin_dir, log)
+    subprocess.run(["bash", "-ec", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, check=True)
+    (sweep_path,) = (out / "sweeps").glob("*.txt")
+    assert [i for row in read_sweep(sweep_path).tasks for i in row] == collect(selection, "cpu")
+    assert str(sweep_path) in log.read_text().splitlines()[0] and (out / "logs").is_dir()
+
+
+@pytest.mark.parametrize("time", ["60", "5:30", "01:00:00", "2-12", "2-12:30", "2-12:30:00", "UNLIMITED", "infinite"])
+def test_slurm_options_take_slurms_time_formats(time):
+    assert SlurmOptions(time=time, merge_time=time).time == time
+
+
+@pytest.mark.parametrize("flag, time", [("--time", "banana"), ("--time", "1:2:3:4"), ("--time", "1h"), ("--merge-time", "-5"), ("--merge-time", "")])
+def test_slurm_options_refuse_other_times(flag, time):
+    with pytest.raises(ValueError, match=f"{flag}: expected a Slurm time limit .* got '{time}'"):
+        SlurmOptions(**{flag.lstrip("-").replace("-", "_"): time})
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--time=banana", "--time: expected a Slurm time limit"),
+        ("--merge-time=soon", "--merge-time: expected a Slurm time limit"),
+        ("--compare=--threshold abc", "--compare: benchmarks.compare refuses '--threshold abc': argument --threshold: invalid threshold 'abc'"),
+        ("--compare=--field max", "--compare: .*invalid choice: 'max'"),
+        ("--compare=--no-such-option", "--compare: .*unrecognized arguments: --no-such-option"),
+        ("--compare=--impl 'flash", "--compare: cannot split"),
+        ("--compare=--help", "--compare: '--help' asks benchmarks.compare for help"),
+    ],
+)
+def test_submit_refuses_bad_options_before_writing_anything(tmp_path, capsys, monkeypatch, option, message):
+    """Refused before the sweep is collected or written, with or without --dry-run; no sbatch on PATH
+    guards against a submission should the check be missing."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    out = tmp_path / "out"
+    for dry_run in ([], ["--dry-run"]):
+        with pytest.raises(SystemExit) as exc:
+            submit.main(["--grid=cpu", "--preset=tiny", "-k", "flash_triton", f"--out={out}", option, *dry_run])
+        assert exc.value.code == 2 and re.search(message, capsys.readouterr().err)
+        assert not out.exists()
+
+
+def test_submit_passes_good_compare_options_to_the_merge_job(tmp_path, capsys):
+    sweep = tmp_path / "sweep.txt"
+    write_sweep(sweep, Sweep("cpu", [], [["a"]]), "test")
+    assert submit.main([f"--sweep={sweep}", "--compare=--threshold 5% --impl flash_triton --allow-missing", "--dry-run"]) == 0
+    assert "'--compare=--threshold 5% --impl flash_triton --allow-missing'" in capsys.readouterr().out
 
 
 def test_submit_refuses_sweep_options_beside_a_sweep_file(tmp_path, capsys):
