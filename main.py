@@ -24,12 +24,23 @@ DEMO_PROMPTS = [
 ]
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: an int >= 1, so 0 is refused rather than taken for "unset"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="prompts to complete (default: a handful of demo prompts)")
     p.add_argument("--model", help="Hugging Face Qwen3 checkpoint directory (default: the tiny random-weight demo checkpoint)")
-    p.add_argument("--max-tokens", type=int, help="tokens to generate per prompt (default: 16 for the demo checkpoint, 256 with --model)")
+    p.add_argument("--max-tokens", type=positive_int, help="tokens to generate per prompt (default: 16 for the demo checkpoint, 256 with --model)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy (default: 0.6)")
     p.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens; 0 is off (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 is off (default: 1.0)")
@@ -39,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-backend", choices=["triton", "torch"], default="triton",
                    help="triton: our kernels; torch: the PyTorch references (default: triton)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--max-model-len", type=int, default=1024, help="longest sequence, prompt plus completion (default: 1024)")
-    p.add_argument("--tensor-parallel-size", type=int,
+    p.add_argument("--max-model-len", type=positive_int, default=1024, help="longest sequence, prompt plus completion (default: 1024)")
+    p.add_argument("--tensor-parallel-size", type=positive_int,
                    help="ranks to shard the model over (default: the launcher's WORLD_SIZE under torchrun or srun, else 1)")
     p.add_argument("--profile", action="store_true", help="print where each step's time went: scheduling, input building, model run, bookkeeping")
     return p.parse_args(argv)
@@ -54,14 +65,16 @@ def main(argv=None) -> None:
     from engine import LLM, SamplingParams
     from engine.random_checkpoint import default_checkpoint
 
+    # `is None`, not `or`: an explicit value is never swapped for the default.
+    max_tokens = args.max_tokens if args.max_tokens is not None else (256 if args.model else 16)
+    # Built first so a bad sampling option is refused before any checkpoint is written or loaded.
+    params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens, ignore_eos=args.ignore_eos,
+                            top_k=args.top_k, top_p=args.top_p)
+    tp = args.tensor_parallel_size if args.tensor_parallel_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     model = args.model or str(default_checkpoint())
-    max_tokens = args.max_tokens or (256 if args.model else 16)
-    tp = args.tensor_parallel_size or int(os.environ.get("WORLD_SIZE", 1))
     llm = LLM(model, max_model_len=args.max_model_len, max_num_batched_tokens=max(16384, args.max_model_len),
               dtype=args.dtype, device=args.device, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
               tensor_parallel_size=tp)
-    params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens, ignore_eos=args.ignore_eos,
-                            top_k=args.top_k, top_p=args.top_p)
     prompts = args.prompts or DEMO_PROMPTS
     tok = llm.tokenizer
     if tok is None:  # no tokenizer: feed UTF-8 bytes as token ids (the random checkpoints without one have 256)

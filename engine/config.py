@@ -6,6 +6,45 @@ import torch
 
 BACKENDS = ("triton", "torch")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE_TYPES = ("cpu", "cuda")  # the kernels run compiled on CUDA, interpreted on the CPU
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The torch.device the engine runs on; ValueError, in the user's terms, for a device that is
+    malformed, of a kind the engine does not run on, or not on this machine. None picks cuda when
+    available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str | torch.device):
+        raise ValueError(f"device must be a str such as 'cpu', 'cuda' or 'cuda:1', a torch.device or None, got {device!r}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        # torch's own message lists every backend it knows, most of which the engine cannot use.
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if parsed.type not in DEVICE_TYPES:
+        raise ValueError(f"device {str(device)!r} is not supported: the engine runs on 'cpu' or 'cuda' ('cuda:N')")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            visible = f" (cuda:0 to cuda:{count - 1})" if count else ""
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} CUDA devices{visible}")
+    return parsed
+
+
+def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The compute dtype as a torch.dtype (None: the checkpoint's); ValueError for one the kernels
+    do not take, before any kernel meets it."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(
+        f"dtype must be one of {sorted(DTYPES)} (a name or the torch dtype) or None (the checkpoint's): "
+        f"the kernels take no other; got {dtype!r}"
+    )
 
 
 @dataclass
@@ -16,8 +55,10 @@ class Config:
         and 16 on the CPU, where the interpreter makes every block visit cost.
     num_kvcache_blocks: -1 sizes the cache from free GPU memory times gpu_memory_utilization, or on
         the CPU from cpu_kvcache_bytes.
-    dtype: None keeps the checkpoint's torch_dtype; else "float32", "float16" or "bfloat16".
-    device: None picks cuda when available, else cpu.
+    dtype: None keeps the checkpoint's torch_dtype; else "float32", "float16" or "bfloat16" (or
+        the torch dtype): the kernels take no other.
+    device: None picks cuda when available, else cpu; else "cpu", "cuda" or "cuda:N" of a GPU
+        this machine has.
     attention_backend: "triton" (our kernels) or "torch" (the PyTorch references).
     """
 
@@ -36,7 +77,7 @@ class Config:
     attention_backend: str = "triton"
 
     def __post_init__(self):
-        self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = check_device(self.device)
         if self.kvcache_block_size is None:
             self.kvcache_block_size = 256 if self.device.type == "cuda" else 16
         bs = self.kvcache_block_size
@@ -60,10 +101,7 @@ class Config:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} are visible")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
-        if isinstance(self.dtype, str):
-            if self.dtype not in DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None (the checkpoint's), got {self.dtype!r}")
-            self.dtype = DTYPES[self.dtype]
+        self.dtype = check_dtype(self.dtype)
 
     def check_cache_holds_one_sequence(self) -> None:
         """Once the cache is sized: a lone sequence of max_model_len tokens must fit, or the scheduler

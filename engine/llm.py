@@ -8,8 +8,9 @@ import torch
 from tqdm.auto import tqdm
 
 from engine import parallel
+from engine.checkpoint_config import load_model_args
 from engine.config import Config
-from engine.loader import load_model_args, load_weights
+from engine.loader import load_weights
 from engine.model_runner import ModelRunner
 from engine.qwen3 import ModelArgs, Qwen3ForCausalLM
 from engine.sampling_params import SamplingParams
@@ -30,8 +31,10 @@ class LLM:
 
     tensor_parallel_size N > 1 shards the model over N ranks (engine/parallel.py): under a
     launcher every rank's script builds its LLM and calls generate() alike, and rank 0's inputs
-    count; otherwise this process is rank 0 and spawns the other N - 1. close() stops them; an
-    error in any rank reaches the caller of the call that met it.
+    count; otherwise this process is rank 0 and spawns the other N - 1 (so a script must build it
+    under `if __name__ == "__main__":`). close() stops them; an error in any rank reaches the
+    caller of the call that met it, and any exception on rank 0, KeyboardInterrupt too, also stops
+    them and closes the LLM.
     """
 
     def __init__(self, model: str, **config):
@@ -54,14 +57,17 @@ class LLM:
                 if torch.distributed.is_initialized():
                     raise RuntimeError("another tensor-parallel LLM is open in this process; close() it first")
                 self.workers = parallel.Workers(size, str(model), config)
-        if self.config.device.type == "cuda" and size > 1:
-            self.config.device = torch.device("cuda", local)
-            torch.cuda.set_device(self.config.device)
         try:
+            if self.config.device.type == "cuda" and size > 1:
+                self.config.device = torch.device("cuda", local)
+                torch.cuda.set_device(self.config.device)
+            if self.workers is not None:
+                self.workers.await_join()
             self.tp = parallel.init_group(rank, size, self.config.device, self.workers.check if self.workers else None)
             self._build(model, args)
-        except Exception as e:
-            raise self._failed(e) from e
+        except BaseException as e:
+            self._fail(e)
+            raise
 
     def _build(self, model: str, args: ModelArgs) -> None:
         self.dtype = self.config.dtype or args.torch_dtype
@@ -85,22 +91,28 @@ class LLM:
         self.scheduler = Scheduler(self.config)
         self.step_records: list[StepRecord] = []
 
-    def _failed(self, cause: Exception) -> Exception:
-        """What to raise after `cause` on rank 0: a spawned worker's own error when one failed.
-        The workers are stopped and the group left, so the LLM is closed."""
+    def _fail(self, cause: BaseException) -> None:
+        """After `cause` (any exception, KeyboardInterrupt too) on rank 0, stop the spawned workers
+        and leave the group, so the LLM is closed. Raises a spawned worker's own error, from
+        `cause`, when one failed; otherwise returns for the caller to re-raise `cause`."""
         if self.workers is None:
-            return cause
+            return
         workers, self.workers = self.workers, None
         error = workers.failure(cause)
         self._leave_group(failed=True)
-        return error
+        if error is not cause:
+            raise error from cause
 
     def close(self) -> None:
         """Stop the spawned workers and leave the process group; a tensor-parallel LLM cannot
         generate after (a one-rank LLM holds nothing to release)."""
         if self.workers is not None:
-            self.tp.broadcast_object(("stop", None))
-            self.workers.stop()
+            try:
+                self.tp.broadcast_object(("stop", None))
+            except BaseException as e:
+                self._fail(e)
+                raise
+            self.workers.stop(parallel.STOP_WAIT_S)
             self.workers = None
         self._leave_group()
 
@@ -117,20 +129,43 @@ class LLM:
                 return
             self._run([Sequence(ids, params, self.config.kvcache_block_size) for ids, params in requests], use_tqdm=False)
 
-    def _sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+    @staticmethod
+    def _prompt_list(prompts) -> list:
+        """`prompts` as a list of prompts: a str or one flat list of token ids is a single prompt,
+        as in vLLM; ValueError for anything else, which iterating would silently split up."""
+        if isinstance(prompts, str):
+            return [prompts]
+        if not isinstance(prompts, list | tuple):
+            raise ValueError(
+                f"prompts must be a str, a list of token ids, or a list of those, got {type(prompts).__name__}"
+            )
+        if prompts and not any(isinstance(p, str | list | tuple) for p in prompts):
+            return [list(prompts)]  # no element is a prompt, so the list is one prompt's ids
+        return list(prompts)
+
+    def _sequence(self, prompt: str | list[int], params: SamplingParams, index: int = 0) -> Sequence:
+        """The request for prompt `index` of generate's `prompts`; ValueError naming that prompt
+        when it or its sampling parameters cannot run."""
+        where = f"prompts[{index}]"
+        vocab = self.model.args.vocab_size
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompts: a text prompt needs a tokenizer, and this checkpoint has none; pass token ids")
+                raise ValueError(f"{where}: a text prompt needs a tokenizer, and this checkpoint has none; pass token ids")
             token_ids = self.tokenizer.encode(prompt)
-        else:
+        elif isinstance(prompt, list | tuple):
             token_ids = list(prompt)
-            if not all(isinstance(t, int) and 0 <= t < self.model.args.vocab_size for t in token_ids):
-                raise ValueError(f"prompts: token ids must be ints in [0, {self.model.args.vocab_size})")
+            for pos, t in enumerate(token_ids):
+                # bool is an int subclass, but True as a token id is a mistake, not token 1.
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(f"{where}: token ids must be ints in [0, {vocab}), got {t!r} at position {pos}")
+        else:
+            mixed = " (a list mixing token ids and prompts is neither one prompt nor a list of them)" if isinstance(prompt, int) else ""
+            raise ValueError(f"{where}: expected a str or a list of token ids, got {type(prompt).__name__}{mixed}")
         if not token_ids:
-            raise ValueError("prompts: a prompt is empty")
+            raise ValueError(f"{where}: the prompt is empty")
         if len(token_ids) >= self.config.max_model_len:
             raise ValueError(
-                f"prompts: a prompt of {len(token_ids)} tokens leaves no room to generate within max_model_len "
+                f"{where}: a prompt of {len(token_ids)} tokens leaves no room to generate within max_model_len "
                 f"({self.config.max_model_len})"
             )
         if not isinstance(params, SamplingParams):
@@ -139,28 +174,31 @@ class LLM:
 
     def generate(
         self,
-        prompts: list[str] | list[list[int]],
+        prompts: str | list[int] | list[str] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams],
         use_tqdm: bool = True,
     ) -> list[dict]:
         """Generate for every prompt (strings or token-id lists); one {"text", "token_ids"} per prompt,
-        in input order. "text" is None when the checkpoint has no tokenizer."""
+        in input order. A single prompt, a str or one list of token ids, gets a list of one.
+        "text" is None when the checkpoint has no tokenizer."""
         if self.tp.size == 0:
             raise RuntimeError("this LLM was closed")
+        prompts = self._prompt_list(prompts)
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
         # Every request is checked before any runs, so bad input never leaves work half done.
-        seqs = [self._sequence(p, sp) for p, sp in zip(prompts, sampling_params, strict=True)]
+        seqs = [self._sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, sampling_params, strict=True))]
         try:
             if self.tp.size > 1:
                 # Rank 0's requests are the ones every rank runs.
                 requests = self.tp.broadcast_object(("generate", [(s.token_ids, sp) for s, sp in zip(seqs, sampling_params, strict=True)]))[1]
                 seqs = [Sequence(ids, sp, self.config.kvcache_block_size) for ids, sp in requests]
             self._run(seqs, use_tqdm and self.tp.rank == 0)
-        except Exception as e:
-            raise self._failed(e) from e
+        except BaseException as e:
+            self._fail(e)
+            raise
         return [
             {
                 "text": self.tokenizer.decode(s.completion_token_ids, skip_special_tokens=True) if self.tokenizer else None,

@@ -8,12 +8,20 @@ processes that build the same engine and serve rank 0's commands. Either way the
 same schedule in lockstep (SPMD): rank 0 broadcasts each generate() call's inputs and each
 step's sampled tokens. NCCL carries tensors on GPUs, gloo on CPUs; a gloo group always carries
 the pickled commands.
+
+Spawned workers end with their LLM: close() tells them to stop; any error or interrupt on rank 0
+terminates them at once (they wait in a collective rank 0 will not join), and interpreter exit
+without close() does too. The rendezvous file goes with them.
 """
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,11 +29,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm.std import tqdm
 
 INIT_VAR = "MINIVLLM_TP_INIT"  # the rendezvous a spawned worker joins
 TIMEOUT = timedelta(minutes=10)  # a collective waiting on a rank that died
-WORKER_ERROR_WAIT_S = 10  # how long rank 0 waits for a failed worker's report
-WATCH_EVERY_S = 0.05  # how often rank 0, waiting for a step on a GPU, checks that its workers live
+WATCH_EVERY_S = 0.05  # how often rank 0, waiting for a step on a GPU or for its workers to join, checks that they live
+STOP_WAIT_S = 10.0  # how long close() lets the told-to-stop workers exit before terminating them
+KILL_AFTER_S = 5.0  # how long a terminated worker gets before it is killed
+
+# Set in a spawned worker: tells rank 0 (Workers.await_join) that this rank is entering the rendezvous.
+_on_join: Callable[[], None] | None = None
 
 
 def head_shard(num_heads: int, num_kv_heads: int, size: int) -> tuple[int, int]:
@@ -153,6 +166,8 @@ def init_group(rank: int, size: int, device: torch.device, watch: Callable[[], N
     if size == 1:
         return TPGroup()
     init = os.environ.get(INIT_VAR, "env://")
+    if _on_join is not None:
+        _on_join()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank, world_size=size, timeout=TIMEOUT)
     return TPGroup(rank, size, dist.new_group(backend="gloo", timeout=TIMEOUT), watch)
 
@@ -171,59 +186,129 @@ def leave_group(failed: bool) -> None:
 
 class Workers:
     """Ranks 1..size-1 as spawned processes, each running `serve_worker`; their failures come back
-    through a queue. Daemonic, so none outlives the process that spawned it."""
+    through a queue. However rank 0 ends (close(), an error, or interpreter exit without either),
+    they are stopped and the rendezvous file removed: see stop()."""
 
     def __init__(self, size: int, model: str, config: dict):
         ctx = mp.get_context("spawn")
         self.errors = ctx.Queue()
+        self.joining = [ctx.Event() for _ in range(1, size)]
         fd, self.path = tempfile.mkstemp(prefix="minivllm-tp-")
         os.close(fd)
         os.unlink(self.path)  # the file store creates it; it must not exist beforehand
         self.init = f"file://{self.path}"
         os.environ[INIT_VAR] = self.init
-        self.procs = [
-            ctx.Process(target=serve_worker, args=(rank, size, self.init, model, config, self.errors), daemon=True, name=f"minivllm-tp{rank}")
-            for rank in range(1, size)
-        ]
-        for p in self.procs:
+        self.procs = []
+        # Runs at garbage collection or interpreter exit unless stop() ran first; it holds the list
+        # itself, so a start failing part way still ends the workers already started.
+        self._end = weakref.finalize(self, end_workers, self.procs, self.init)
+        for rank, joining in enumerate(self.joining, 1):
+            args = (rank, size, self.init, model, config, self.errors, joining)
+            p = ctx.Process(target=serve_worker, args=args, daemon=True, name=f"minivllm-tp{rank}")
             p.start()
+            self.procs.append(p)
+
+    def await_join(self, timeout: timedelta = TIMEOUT) -> None:
+        """Return once every worker is entering the rendezvous. RuntimeError as soon as one has
+        exited instead (init_process_group would wait out its timeout for it), or after `timeout`."""
+        deadline = time.monotonic() + timeout.total_seconds()
+        for rank, (p, joining) in enumerate(zip(self.procs, self.joining, strict=True), 1):
+            while not joining.wait(WATCH_EVERY_S):
+                if p.exitcode is not None:
+                    raise RuntimeError(died_before_join(rank, p.exitcode))
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"tensor-parallel worker {rank} did not join the process group within {timeout}")
 
     def check(self) -> None:
         """RuntimeError once a worker has exited or reported an error; failure() then says which."""
         if not self.errors.empty() or not all(p.is_alive() for p in self.procs):
             raise RuntimeError("a tensor-parallel worker stopped")
 
-    def failure(self, cause: BaseException) -> RuntimeError:
-        """The error to raise on rank 0 after `cause`: a worker's own report when one failed."""
+    def failure(self, cause: BaseException) -> BaseException:
+        """Stop the workers at once after `cause` on rank 0, and return what to raise: the failed
+        workers' own reports for an Exception, else `cause` itself (a KeyboardInterrupt stays one)
+        with a note of any worker that had exited and that the LLM is closed.
+
+        A worker that failed reported before it exited, and rank 0 only meets a worker's failure
+        once it has exited, so the reports are already here: none is waited for."""
         reports = []
-        try:
-            reports.append(self.errors.get(timeout=WORKER_ERROR_WAIT_S))
-            while not self.errors.empty():
-                reports.append(self.errors.get_nowait())
-        except Exception:  # noqa: BLE001 - no report came: rank 0's own error stands
-            pass
+        while not self.errors.empty():
+            reports.append(self.errors.get())
+        exits = [f"worker {rank} {exit_status(p.exitcode)}" for rank, p in enumerate(self.procs, 1) if p.exitcode is not None]
         self.stop()
-        if not reports:
-            return RuntimeError(f"tensor parallelism failed on rank 0 ({type(cause).__name__}: {cause}); the workers were stopped")
-        return RuntimeError("\n".join(f"tensor-parallel worker {rank} failed:\n{text}" for rank, text in reports))
+        if reports and isinstance(cause, Exception):
+            return RuntimeError("\n".join(f"tensor-parallel worker {rank} failed:\n{text}" for rank, text in reports))
+        cause.add_note("tensor parallelism: " + "; ".join([*exits, "the workers were stopped and this LLM is closed"]))
+        return cause
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Wait for the workers to exit, then terminate any that did not."""
-        for p in self.procs:
-            p.join(timeout)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout)
-        os.environ.pop(INIT_VAR, None)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+    def stop(self, wait_s: float = 0.0) -> None:
+        """End the workers, giving them wait_s to exit by themselves (as they do once told to
+        stop), and remove the rendezvous file; later calls do nothing."""
+        if self._end.detach() is not None:
+            end_workers(self.procs, self.init, wait_s)
 
 
-def serve_worker(rank: int, size: int, init: str, model: str, config: dict, errors) -> None:
+def end_workers(procs: list, init: str, wait_s: float = 0.0) -> None:
+    """Let `procs` exit for up to wait_s, then terminate those left (a worker waiting in a
+    collective never exits by itself), killing any that outlast KILL_AFTER_S; then remove the
+    rendezvous file of `init`, which no live process uses any more."""
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(KILL_AFTER_S)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    remove_rendezvous(init)
+
+
+def remove_rendezvous(init: str) -> None:
+    """Remove the file behind the file:// rendezvous `init`, and rank 0's pointer to it."""
+    if os.environ.get(INIT_VAR) == init:
+        del os.environ[INIT_VAR]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(init.removeprefix("file://"))
+
+
+def exit_status(exitcode: int) -> str:
+    """How a process ended, from its multiprocessing exit code."""
+    if exitcode >= 0:
+        return f"exited with status {exitcode}"
+    names = {s.value: s.name for s in signal.Signals}
+    return f"was killed by {names.get(-exitcode, f'signal {-exitcode}')}"
+
+
+def died_before_join(rank: int, exitcode: int) -> str:
+    """The error for a worker that ended before joining the group, with the likely cause."""
+    message = f"tensor-parallel worker {rank} {exit_status(exitcode)} before joining the process group"
+    if exitcode < 0:
+        return message
+    # A worker failing in serve_worker reports its traceback, which failure() raises instead of
+    # this; one that ends without a report got no further than spawn's re-import of the main module.
+    return (
+        f"{message}, most likely on re-importing the main module: a spawned worker imports the script first, so "
+        'a script must build a tensor-parallel LLM under `if __name__ == "__main__":` (the worker\'s own traceback went '
+        "to stderr)"
+    )
+
+
+def serve_worker(rank: int, size: int, init: str, model: str, config: dict, errors, joining) -> None:
     """A spawned rank: build the engine's shard, then run rank 0's commands until told to stop.
     Any error is reported to rank 0 with its traceback, and the process exits, which fails the
-    collective rank 0 is waiting in."""
+    collective rank 0 is waiting in. A worker whose rank 0 was killed fails too, in its next
+    collective, and removes the rendezvous file rank 0 could not. Ctrl-C is left to rank 0, which
+    stops the workers itself: a worker interrupted too would race it with a report of its own."""
+    global _on_join
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _on_join = joining.set
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), **{INIT_VAR: init})
+    # tqdm's default lock is a named semaphore, which a terminated worker leaves to the resource
+    # tracker to unlink, with a warning; a worker draws no bar, so a thread lock does.
+    tqdm.set_lock(threading.RLock())
     try:
         from engine.llm import LLM
 
@@ -233,4 +318,6 @@ def serve_worker(rank: int, size: int, init: str, model: str, config: dict, erro
         errors.put((rank, traceback.format_exc()))
         errors.close()
         errors.join_thread()
+        if not mp.parent_process().is_alive():
+            remove_rendezvous(init)
         os._exit(1)

@@ -1,6 +1,17 @@
 """What a request asks of generation: how to sample and when to stop."""
 
+import math
 from dataclasses import dataclass
+
+
+def is_int(value) -> bool:
+    """A real int: bool is an int subclass, but True as a token count is a mistake, not a 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A finite int or float, bools excluded; inf and nan cannot be scaled or compared sensibly."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -15,11 +26,14 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not is_real(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not isinstance(self.ignore_eos, bool):
+            # A string such as "no" is truthy: taking it as True would silently do the opposite.
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 is off), got {self.top_k!r}")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 is off), got {self.top_p!r}")
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1 is off), got {self.top_p!r}")

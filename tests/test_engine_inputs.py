@@ -37,13 +37,81 @@ def test_bad_prompts_raise_before_any_work(llm, prompt, match):
     assert llm.scheduler.is_finished()  # the good prompt was not left queued
 
 
+class ByteTokenizer:
+    """A stand-in tokenizer: UTF-8 bytes as token ids, within the random checkpoint's 256."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode(errors="replace")
+
+
+def test_a_single_prompt_gets_a_list_of_one(llm, monkeypatch):
+    """As in vLLM, a str or one list of token ids is one prompt, not a batch of characters or ints."""
+    monkeypatch.setattr(llm, "tokenizer", ByteTokenizer())
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    batch = llm.generate([list(b"hello"), [1, 2, 3]], greedy, use_tqdm=False)
+    assert llm.generate("hello", greedy, use_tqdm=False) == batch[:1]
+    assert llm.generate([1, 2, 3], greedy, use_tqdm=False) == batch[1:]
+    assert llm.generate((1, 2, 3), [greedy], use_tqdm=False) == batch[1:]
+    assert llm.generate(["hello", (1, 2, 3)], greedy, use_tqdm=False) == batch
+    assert llm.generate([], greedy, use_tqdm=False) == []
+
+
+@pytest.mark.parametrize(
+    "prompts, match",
+    [
+        (5, "prompts must be a str, a list of token ids, or a list of those, got int"),
+        ({"prompt": "hi"}, "prompts must be .* got dict"),
+        (torch.tensor([1, 2]), "prompts must be .* got Tensor"),
+        ([[1, 2], 3], r"prompts\[1\]: expected a str or a list of token ids, got int \(a list mixing"),
+        ([[1, 2], None], r"prompts\[1\]: expected a str or a list of token ids, got NoneType"),
+        ([1, True, 3], r"prompts\[0\]: token ids must be ints in \[0, 256\), got True at position 1"),
+        ([1, 2.0], "got 2.0 at position 1"),
+        ([[4], [-1]], r"prompts\[1\]: token ids .* got -1 at position 0"),
+        ([256], "got 256"),
+        ([[1], []], r"prompts\[1\]: the prompt is empty"),
+        ([[1], ""], r"prompts\[1\]: the prompt is empty"),
+    ],
+)
+def test_bad_prompts_name_the_prompt_and_what_was_expected(llm, monkeypatch, prompts, match):
+    monkeypatch.setattr(llm, "tokenizer", ByteTokenizer())
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.scheduler.is_finished()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.5), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p")],
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=True), "max_tokens must be an int >= 1, got True"),
+        (dict(max_tokens=8.0), "max_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=True), "temperature"),
+        (dict(temperature="0.5"), "temperature"),
+        (dict(ignore_eos="no"), "ignore_eos must be True or False, got 'no'"),
+        (dict(ignore_eos=1), "ignore_eos"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=True), "top_k"),
+        (dict(top_k=2.0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=True), "top_p"),
+        (dict(top_p="0.9"), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+    ],
 )
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_good_sampling_params_are_kept():
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, top_k=5, top_p=1)
+    assert (params.temperature, params.max_tokens, params.ignore_eos, params.top_k, params.top_p) == (0, 1, True, 5, 1)
 
 
 @pytest.mark.parametrize(
@@ -62,6 +130,66 @@ def test_bad_sampling_params(kwargs, match):
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Config("unused", **kwargs)
+
+
+MISSING_GPU = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
+
+
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        (MISSING_GPU, rf"device '{MISSING_GPU}' does not exist: this machine has {torch.cuda.device_count()} CUDA devices"),
+        ("gpu0", "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
+        ("cuda:-1", "device must be"),
+        ("", "device must be"),
+        ("meta", "device 'meta' is not supported"),
+        (0, "device must be a str"),
+    ]
+    + ([("cuda", "device 'cuda' does not exist: this machine has 0 CUDA devices")] if not torch.cuda.is_available() else []),
+)
+def test_a_device_the_machine_lacks_is_refused(device, match):
+    with pytest.raises(ValueError, match=match):
+        Config("unused", device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, "fp16", "torch.float16", 16])
+def test_a_dtype_the_kernels_do_not_take_is_refused(dtype):
+    with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
+        Config("unused", dtype=dtype)
+
+
+def test_supported_devices_and_dtypes_are_accepted():
+    assert Config("unused", device=torch.device("cpu"), dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert Config("unused", device="cpu", dtype="float16").device == torch.device("cpu")
+    assert Config("unused", dtype=None).dtype is None
+
+
+def test_llm_refuses_a_bad_device_or_dtype_before_loading(checkpoint):
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(checkpoint), device=MISSING_GPU)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        LLM(str(checkpoint), device="cpu", dtype=torch.float64)
+
+
+@pytest.mark.parametrize("option", ["--max-tokens", "--max-model-len", "--tensor-parallel-size"])
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_main_refuses_counts_below_one(option, value, capsys):
+    """0 is not "unset": `--max-tokens 0` once ran with 16."""
+    import main
+
+    with pytest.raises(SystemExit) as exc:
+        main.parse_args([option, value])
+    assert exc.value.code == 2 and f"{option}: expected an int >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_main_refuses_bad_sampling_options_before_loading(monkeypatch):
+    import main
+    from engine import random_checkpoint
+
+    monkeypatch.setattr(random_checkpoint, "default_checkpoint", lambda: pytest.fail("built a checkpoint for a refused run"))
+    with pytest.raises(ValueError, match="temperature"):
+        main.main(["--temperature", "inf"])
+    assert main.parse_args(["--max-tokens", "3"]).max_tokens == 3
 
 
 def test_cache_that_cannot_hold_one_sequence_is_refused(checkpoint):

@@ -2,13 +2,18 @@
 graphs holding the all-reduces), spawned by the engine or started by torchrun, must generate
 exactly what one rank and transformers do (float32, greedy), with GQA heads split and an MQA kv
 head replicated, through prefix-cache hits and preemption; a failing or killed worker must be
-reported to the caller and leave no process behind."""
+reported to the caller, and every fault (an error or interrupt on rank 0, a script without the
+`__main__` guard, exit without close(), a killed rank 0) must end within seconds and leave no
+process or rendezvous file behind."""
 
+import contextlib
 import json
 import multiprocessing
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine import SamplingParams
-from engine.loader import load_model_args, load_weights
+from engine.checkpoint_config import load_model_args
+from engine.loader import load_weights
 from engine.parallel import TPGroup
 from engine.qwen3 import Qwen3ForCausalLM
 from engine.random_checkpoint import write_random_qwen3
@@ -108,17 +114,137 @@ def test_a_failing_worker_surfaces_its_error_and_leaves_no_process(checkpoint, t
 
 def test_a_killed_worker_is_noticed_and_reported(checkpoint, tp2):
     """A worker killed outright sends no report: Workers.check sees it gone, and the next generate
-    raises rank 0's own error, stops the group and leaves no process."""
+    raises rank 0's own error, noting how the worker ended, and leaves no process or file."""
     llm = tp2("torch")
-    worker = multiprocessing.active_children()[0]
+    worker, path = multiprocessing.active_children()[0], llm.workers.path
     llm.workers.check()
     worker.kill()
     worker.join(10)
     with pytest.raises(RuntimeError, match="worker stopped"):
         llm.workers.check()
-    with pytest.raises(RuntimeError, match="tensor parallelism failed on rank 0"):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker 1 was killed by SIGKILL; the workers were stopped and this LLM is closed"):
         llm.generate(prompts([5]), GREEDY, use_tqdm=False)
-    assert not multiprocessing.active_children()
+    assert time.monotonic() - start < 5
+    assert not multiprocessing.active_children() and not os.path.exists(path)
+
+
+@pytest.mark.parametrize("cause", [KeyboardInterrupt, ValueError])
+def test_an_interrupt_or_error_on_rank_0_stops_the_workers_at_once(checkpoint, tp2, monkeypatch, cause):
+    """Rank 0 fails between steps, leaving its worker waiting in the next step's collective: the
+    worker is terminated, the LLM closed, and the original exception (KeyboardInterrupt too)
+    re-raised within seconds; nothing is left, and the LLM then refuses to run."""
+    llm = tp2("torch")
+    path, run = llm.workers.path, llm.runner.run
+    steps = iter(range(2))
+
+    def run_then_fail(*args):
+        if next(steps, None) is None:
+            raise cause("stop at the third step")
+        return run(*args)
+
+    monkeypatch.setattr(llm.runner, "run", run_then_fail)
+    start = time.monotonic()
+    with pytest.raises(cause, match="stop at the third step"):
+        llm.generate(prompts([5]), GREEDY, use_tqdm=False)
+    assert time.monotonic() - start < 5
+    assert not multiprocessing.active_children() and not os.path.exists(path)
+    with pytest.raises(RuntimeError, match="this LLM was closed"):
+        llm.generate(prompts([5]), GREEDY, use_tqdm=False)
+
+
+@pytest.fixture(scope="module")
+def script_checkpoint(tmp_path_factory):
+    return write_random_qwen3(tmp_path_factory.mktemp("tp-script"), with_tokenizer=False, seed=7, **CONFIGS["gqa-d32"])
+
+
+def processes_with(marker: str) -> list[int]:
+    """The live processes whose environment holds `marker` (read from Linux's /proc)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+    return found
+
+
+def start_script(source: str, tmp_path: Path, *args) -> tuple[subprocess.Popen, str]:
+    """Start `source` as a script with `args` and tmp_path/tmp as its TMPDIR (where the rendezvous
+    file goes); (the process, a marker in its and its workers' environment)."""
+    (tmp_path / "tmp").mkdir()
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    run_id = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp"), "MINIVLLM_TEST_RUN": run_id}
+    cmd = [sys.executable, str(script), *map(str, args)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), f"MINIVLLM_TEST_RUN={run_id}"
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) once `proc` exits; killed, as subprocess.run does, at the timeout."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
+def assert_left_nothing(tmp_path: Path, marker: str) -> None:
+    """No process of a script from start_script lives on, and its TMPDIR is empty."""
+    deadline = time.monotonic() + 10  # spawn's resource tracker exits once it sees the script gone
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_with(marker), "a process outlived the script"
+    assert not list((tmp_path / "tmp").iterdir()), "the rendezvous file outlived the script"
+
+
+NO_MAIN_GUARD = """
+import sys
+from tests.engine_cases import engine
+
+engine(sys.argv[1], "torch", tensor_parallel_size=2, device="cpu")
+"""
+
+
+def test_a_script_without_the_main_guard_fails_fast_and_says_why(script_checkpoint, tmp_path):
+    """The spawned worker re-imports the script, whose LLM cannot spawn during that import, and
+    exits before it joins the group: rank 0 must say so at once, not wait out the rendezvous."""
+    proc, marker = start_script(NO_MAIN_GUARD, tmp_path, script_checkpoint)
+    _, err = finish(proc, timeout=60)
+    assert proc.returncode != 0
+    assert "worker 1 exited with status 1 before joining the process group" in err
+    assert 'under `if __name__ == "__main__":`' in err
+    assert_left_nothing(tmp_path, marker)
+
+
+GENERATE_THEN_SLEEP = """
+import sys, time
+from tests.engine_cases import GREEDY, engine, prompts
+
+if __name__ == "__main__":
+    llm = engine(sys.argv[1], "torch", tensor_parallel_size=2, device="cpu")
+    llm.generate(prompts([5]), GREEDY, use_tqdm=False)
+    print(llm.workers.path, flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("end", ["exit", "kill"])
+def test_exit_without_close_or_a_killed_rank_0_leaves_nothing_behind(script_checkpoint, tmp_path, end):
+    """Rank 0 exits without close() (its finalizer stops the worker), or is killed outright (the
+    worker, waiting for rank 0's next command, fails and removes the rendezvous file itself)."""
+    proc, marker = start_script(GENERATE_THEN_SLEEP, tmp_path, script_checkpoint, 0 if end == "exit" else 600)
+    assert proc.stdout.readline().startswith(str(tmp_path / "tmp" / "minivllm-tp-"))
+    if end == "kill":
+        proc.kill()
+    _, err = finish(proc, timeout=60)
+    assert proc.returncode == (0 if end == "exit" else -9), err[-3000:]
+    # The resource tracker unlinks semaphores their process left, with a warning: a killed rank 0
+    # leaves its own, but no worker may leave one.
+    assert end == "kill" or "leaked" not in err
+    assert_left_nothing(tmp_path, marker)
 
 
 def test_unshardable_heads_are_refused_before_any_process_starts(checkpoint):
