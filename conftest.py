@@ -1,18 +1,18 @@
 """Device selection, the Triton interpreter on CPU, hypothesis profiles and markers.
 
-TRITON_INTERPRET must be set before `triton` is first imported, so this runs first of all.
+Importing `kernels` sets TRITON_INTERPRET without a GPU, before anything imports
+triton: the one place that decides it.
 """
 
 import os
 
+import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+import kernels  # noqa: F401  (sets up the interpreter; nothing above imports triton)
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
 
 # deadline=None: the first example of each shape JIT-compiles (or interprets) for seconds.
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

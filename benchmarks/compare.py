@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--impl",
         action="append",
         default=[],
-        help="gate only this implementation (extra_info impl), repeatable; host-bound references are noisy, see README; "
+        help="gate only this implementation (extra_info impl), repeatable; host-bound references are noisy, see benchmarks/README.md (Regression gate); "
         "one that neither file holds is refused (exit 2)",
     )
     return parser

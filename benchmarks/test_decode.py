@@ -18,9 +18,9 @@ from benchmarks.timing import measure
 from kernels import paged_attention_decode
 from kernels.paged_attention import decode_config
 from reference import paged_decode_gather, paged_decode_loop
+from reference.inputs import generator, paged_cache, randn
 from reference.paging import paged_gather
-from tests.cases import generator, paged_cache, randn
-from tests.tolerance import assert_within_tolerance
+from reference.tolerance import assert_matches_reference
 
 BATCHES = (1, 4, 16, 64, 256) if GPU_GRID else (3,)
 CONTEXTS = (512, 2048, 8192, 32768) if GPU_GRID else (77,)
@@ -59,8 +59,7 @@ def check_decode(out, q, cache, context_lens, what):
     batch = q.shape[0]
     rows = torch.tensor(sorted({0, batch // 2, batch - 1})[:CHECKED_SEQUENCES], device=q.device)
     args = (q[rows], cache.k_cache, cache.v_cache, cache.block_table[rows], context_lens[rows])
-    ref64 = paged_decode_gather(*args, compute_dtype=torch.float64)
-    assert_within_tolerance(out[rows], ref64, paged_decode_gather(*args), what)
+    assert_matches_reference(out[rows], paged_decode_gather, *args, what=what)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

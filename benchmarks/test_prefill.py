@@ -9,7 +9,6 @@ import re
 import warnings
 
 import pytest
-import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -21,15 +20,14 @@ from kernels.flash_attention import prefill_config
 from kernels.launch import head_dim_block
 from kernels.naive_attention import NAIVE_MAX_SEQLEN
 from reference import attention_ref
-from tests.cases import cu_seqlens, generator, randn
-from tests.tolerance import assert_within_tolerance
+from reference.inputs import cu_seqlens, generator, randn
+from reference.prefill_check import check_prefill
 
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384) if GPU_GRID else (67,)
 TOKENS = 16384 if GPU_GRID else 134  # batch x seqlen; the CPU smoke shape is 2 x 67
 CAUSAL = (False, True) if GPU_GRID else (True,)
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 IMPLS = ("torch_standard", "naive_triton", "flash_triton", *SDPA)
-CHECK_ROWS = 128  # query rows checked at each end of a sequence
 # torch_standard holds ~4 score-sized tensors (scores, masked, probabilities, masked again).
 STANDARD_SCORE_COPIES = 4
 
@@ -91,23 +89,6 @@ def _refusal(caught) -> str:
         if text and not text.endswith("because:") and "runtime disabled" not in text:
             reasons.append(text.split(". ")[0])
     return "; ".join(dict.fromkeys(reasons))
-
-
-def check_prefill(out, q, k, v, batch, seqlen, causal, what):
-    """The first and last CHECK_ROWS query rows of the first and last sequence, against float64.
-
-    Rows [a, e) of a causal sequence see keys [0, e) under the bottom-right aligned mask, so each
-    window is checked as its own short-query problem without building the full score matrix."""
-    rows = min(seqlen, CHECK_ROWS)
-    for b in sorted({0, batch - 1}):
-        for a in sorted({0, seqlen - rows}):
-            e, start = a + rows, b * seqlen
-            keys = e if causal else seqlen
-            qs, ks, vs = q[start + a : start + e], k[start : start + keys], v[start : start + keys]
-            cu_q, cu_k = cu_seqlens([rows], q.device), cu_seqlens([keys], q.device)
-            ref64 = attention_ref(qs, ks, vs, cu_q, cu_k, causal=causal, compute_dtype=torch.float64)
-            ref = attention_ref(qs, ks, vs, cu_q, cu_k, causal=causal)
-            assert_within_tolerance(out[start + a : start + e], ref64, ref, f"{what}, sequence {b}, rows {a}..{e}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

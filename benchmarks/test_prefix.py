@@ -7,39 +7,20 @@ output is checked against the float64 reference before it is timed.
 """
 
 import pytest
-import torch
 
 from benchmarks.figures import dtype_name, prefix_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import flash_attn_varlen
 from kernels.flash_attention import prefill_config
-from reference import attention_ref
+from reference.inputs import cu_seqlens, generator, paged_cache, randn
 from reference.paging import paged_gather
-from tests.cases import cu_seqlens, generator, paged_cache, randn
-from tests.tolerance import assert_within_tolerance
+from reference.prefill_check import check_prefill
 
 SEQLENS = (4096,) if GPU_GRID else (67,)  # prefix + new tokens per sequence
 TOKENS = 16384 if GPU_GRID else 134
 CAUSAL = (False, True) if GPU_GRID else (True,)
 IMPLS = {"flash_triton": None, "flash_triton_paged16": 16, "flash_triton_paged256": 256} if GPU_GRID else {"flash_triton": None, "flash_triton_paged16": 16}
-CHECK_ROWS = 128
-
-
-def check_prefix(out, q, k, v, batch, prefix, new, causal, what):
-    """The first and last CHECK_ROWS new rows of the first and last sequence against float64.
-
-    New rows [a, e) see keys [0, prefix + e) under causal (bottom-right aligned), all keys otherwise."""
-    rows = min(new, CHECK_ROWS)
-    for b in sorted({0, batch - 1}):
-        for a in sorted({0, new - rows}):
-            e, keys = a + rows, prefix + a + rows if causal else prefix + new
-            qs = q[b * new + a : b * new + e]
-            ks, vs = k[b * (prefix + new) :][:keys], v[b * (prefix + new) :][:keys]
-            cu_q, cu_k = cu_seqlens([rows], q.device), cu_seqlens([keys], q.device)
-            ref64 = attention_ref(qs, ks, vs, cu_q, cu_k, causal=causal, compute_dtype=torch.float64)
-            ref = attention_ref(qs, ks, vs, cu_q, cu_k, causal=causal)
-            assert_within_tolerance(out[b * new + a : b * new + e], ref64, ref, f"{what}, sequence {b}, new rows {a}..{e}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -61,7 +42,7 @@ def test_prefix(benchmark, request, device, ceiling, prelude, shard, dtype, seql
         fn = lambda: flash_attn_varlen(q, k, v, cu_q, cu_k, new, seqlen, causal=causal)  # noqa: E731
     else:
         fn = lambda: flash_attn_varlen(q, cache.k_cache, cache.v_cache, cu_q, cu_k, new, seqlen, causal=causal, block_table=cache.block_table)  # noqa: E731
-    check_prefix(fn(), q, k, v, batch, prefix, new, causal, impl)
+    check_prefill(fn(), q, k, v, batch, new, causal, impl, prefix=prefix)
 
     benchmark.group = f"prefix {shard.id} {dtype_name(dtype)} {'causal' if causal else 'full'} b={batch} s={seqlen}"
     measure(benchmark, fn, device, request.config, prelude)

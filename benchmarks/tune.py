@@ -31,15 +31,14 @@ import triton
 
 from benchmarks.ceilings import driver_version
 from benchmarks.test_decode import check_decode
-from benchmarks.test_prefill import check_prefill
-from benchmarks.test_prefix import check_prefix
 from benchmarks.timing import Prelude, median_device_s
 from kernels.flash_attention import launch_plan
 from kernels.launch import interpreting
 from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
 from kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, read_table
+from reference.inputs import cu_seqlens, generator, paged_cache, randn
 from reference.paging import paged_gather
-from tests.cases import cu_seqlens, generator, paged_cache, randn
+from reference.prefill_check import check_prefill
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CACHE_LIMIT = 9 << 30  # bytes of K+V a decode representative may hold
@@ -162,10 +161,7 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
         candidates[f"tile {tile} tma={kwargs['TMA']}"] = (dict(tile=list(tile), tma=kwargs["TMA"]), partial(kernel[grid], **kwargs))
 
     def check(what):
-        if b.page:
-            check_prefix(out, q, k, v, batch, n - new, new, causal, what)
-        else:
-            check_prefill(out, q, k, v, batch, n, causal, what)
+        check_prefill(out, q, k, v, batch, new, causal, what, prefix=n - new)
 
     peer = None
     if peers and not b.page:

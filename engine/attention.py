@@ -1,16 +1,15 @@
-"""Paged attention for the model's layers: one step's metadata, and the two backends that read it.
+"""Paged attention for the model's layers: one step's metadata, and the attend step that reads it.
 
 The model runner builds an AttentionMetadata once per step; every layer passes it, with its own
-KV cache, to `attend`, which stores the step's keys and values and runs the kernel (or, with the
-"torch" backend, the PyTorch reference of the same contract).
+KV cache, to `attend`, which stores the step's keys and values and runs the backend's attention
+(engine/backend.py: our kernels, or the PyTorch references of the same contracts).
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from kernels import flash_attn_varlen, paged_attention_decode, store_kvcache
-from reference import attention_ref, paged_decode_gather, store_kvcache_ref
+from engine.backend import Backend
 
 
 @dataclass
@@ -37,23 +36,14 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
 
 
-def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: str) -> torch.Tensor:
+def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: Backend) -> torch.Tensor:
     """Store this step's k, v in the cache, then attend.
 
     q: (num_tokens, H, D); k, v: (num_tokens, Hkv, D); caches (num_blocks, block_size, Hkv, D).
     Returns (num_tokens, H, D). Prefill is causal within each sequence, after its cached prefix.
     """
-    triton = backend == "triton"
-    (store_kvcache if triton else store_kvcache_ref)(k, v, k_cache, v_cache, meta.slot_mapping)
+    backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.is_prefill:
-        cached = meta.block_tables is not None
-        keys, values = (k_cache, v_cache) if cached else (k, v)
-        if triton:
-            return flash_attn_varlen(
-                q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
-                causal=True, block_table=meta.block_tables,
-            )  # fmt: skip
-        return attention_ref(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, block_table=meta.block_tables)
-    if triton:
-        return paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, max_context_len=meta.max_context_len)
-    return paged_decode_gather(q, k_cache, v_cache, meta.block_tables, meta.context_lens)
+        keys, values = (k_cache, v_cache) if meta.block_tables is not None else (k, v)
+        return backend.prefill(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, meta.block_tables)
+    return backend.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len)

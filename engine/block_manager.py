@@ -55,8 +55,10 @@ class BlockManager:
         """Blocks with no live sequence; some still hold cached prefixes."""
         return len(self.free_blocks)
 
-    def _match_prefix(self, seq: Sequence) -> list[int]:
-        """The physical blocks that can serve seq's leading blocks from the cache."""
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """The physical blocks that can serve seq's leading blocks from the cache right now. The
+        scheduler hashes a waiting sequence's prefix once, here, and hands the result to
+        can_allocate and allocate."""
         hits: list[int] = []
         prefix_hash = None
         # The block with the last token is never a hit: the model must compute that token's logits.
@@ -71,23 +73,21 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def count_cache_hits(self, seq: Sequence) -> int:
-        """How many leading blocks `allocate(seq)` would take from the cache right now."""
-        return len(self._match_prefix(seq))
-
     def _num_blocks_to_take(self, seq: Sequence, hits: list[int]) -> int:
         """Free blocks allocating seq consumes: one per miss, and one per hit on a freed cached block."""
         return seq.num_blocks - len(hits) + sum(self.blocks[b].ref_count == 0 for b in hits)
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """Whether `allocate(seq)` would succeed now. Hits on blocks in use by others cost nothing."""
-        return self._num_blocks_to_take(seq, self._match_prefix(seq)) <= self.num_free_blocks
+    def can_allocate(self, seq: Sequence, hits: list[int] | None = None) -> bool:
+        """Whether `allocate(seq)` would succeed now; `hits` is match_prefix(seq) when the caller
+        has it. Hits on blocks in use by others cost nothing."""
+        return self._num_blocks_to_take(seq, self.match_prefix(seq) if hits is None else hits) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give seq a block table covering all its tokens, reusing cached blocks for its prefix."""
+    def allocate(self, seq: Sequence, hits: list[int] | None = None) -> None:
+        """Give seq a block table covering all its tokens, reusing cached blocks for its prefix
+        (`hits`: match_prefix(seq), taken with nothing allocated or freed since)."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}")
-        hits = self._match_prefix(seq)
+        hits = self.match_prefix(seq) if hits is None else hits
         needed = self._num_blocks_to_take(seq, hits)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"no room for sequence {seq.seq_id}: it needs {needed} free blocks, {self.num_free_blocks} are free")

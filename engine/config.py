@@ -4,7 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("triton", "torch")
+from engine.backend import BACKENDS
+from kernels.checks import MAX_BLOCK_SIZE, check_block_size
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_TYPES = ("cpu", "cuda")  # the kernels run compiled on CUDA, interpreted on the CPU
 
@@ -51,7 +53,7 @@ def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 class Config:
     """Engine settings. `model` is a Hugging Face Qwen3 checkpoint directory.
 
-    kvcache_block_size: tokens per KV block, a power of two in [1, 256]; None means 256 on a GPU
+    kvcache_block_size: tokens per KV block, a power of two in [1, MAX_BLOCK_SIZE]; None means MAX_BLOCK_SIZE on a GPU
         and 16 on the CPU, where the interpreter makes every block visit cost.
     num_kvcache_blocks: -1 sizes the cache from free GPU memory times gpu_memory_utilization, or on
         the CPU from cpu_kvcache_bytes.
@@ -79,10 +81,8 @@ class Config:
     def __post_init__(self):
         self.device = check_device(self.device)
         if self.kvcache_block_size is None:
-            self.kvcache_block_size = 256 if self.device.type == "cuda" else 16
-        bs = self.kvcache_block_size
-        if not isinstance(bs, int) or bs < 1 or bs > 256 or bs & (bs - 1):
-            raise ValueError(f"kvcache_block_size must be a power of two in [1, 256], got {bs!r}")
+            self.kvcache_block_size = MAX_BLOCK_SIZE if self.device.type == "cuda" else 16
+        check_block_size(self.kvcache_block_size, "kvcache_block_size")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
@@ -100,7 +100,7 @@ class Config:
         if self.device.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} are visible")
         if self.attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+            raise ValueError(f"attention_backend must be one of {sorted(BACKENDS)}, got {self.attention_backend!r}")
         self.dtype = check_dtype(self.dtype)
 
     def check_cache_holds_one_sequence(self) -> None:

@@ -56,7 +56,7 @@ class LLM:
             if size > 1:
                 if torch.distributed.is_initialized():
                     raise RuntimeError("another tensor-parallel LLM is open in this process; close() it first")
-                self.workers = parallel.Workers(size, str(model), config)
+                self.workers = parallel.Workers(size, str(model), config, serve_rank)
         try:
             if self.config.device.type == "cuda" and size > 1:
                 self.config.device = torch.device("cuda", local)
@@ -229,3 +229,9 @@ class LLM:
             bar.set_postfix(prefill=f"{prefill_tps:.0f} tok/s", decode=f"{decode_tps:.0f} tok/s")
             bar.update(len(finished))
         bar.close()
+
+
+def serve_rank(model: str, config: dict) -> None:
+    """A spawned tensor-parallel worker's engine: build this rank's shard of `model`, then serve
+    rank 0's commands until told to stop (parallel.serve_worker runs it)."""
+    LLM(model, **config).serve()

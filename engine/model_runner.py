@@ -34,7 +34,7 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
         self.graphs = {}
         self._packed: torch.Tensor | None = None
-        if self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton":
+        if self.device.type == "cuda" and not config.enforce_eager and model.backend.cuda_graphs:
             self._capture_decode_graphs()
 
     def _block_bytes(self) -> int:

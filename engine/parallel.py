@@ -88,9 +88,13 @@ class TPGroup:
         part = n // self.size
         return range(self.rank * part, (self.rank + 1) * part)
 
+    def vocab_rows(self, vocab_size: int) -> int:
+        """Rows of the vocabulary every rank holds: ceil(vocab / size), the last rank's padded."""
+        return -(-vocab_size // self.size)
+
     def vocab(self, vocab_size: int) -> range:
-        """This rank's vocabulary rows; every rank holds ceil(vocab / size) of them, the last padded."""
-        part = -(-vocab_size // self.size)
+        """This rank's vocabulary rows (vocab_rows of them, fewer on the last rank)."""
+        part = self.vocab_rows(vocab_size)
         return range(self.rank * part, min((self.rank + 1) * part, vocab_size))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +193,7 @@ class Workers:
     through a queue. However rank 0 ends (close(), an error, or interpreter exit without either),
     they are stopped and the rendezvous file removed: see stop()."""
 
-    def __init__(self, size: int, model: str, config: dict):
+    def __init__(self, size: int, model: str, config: dict, serve: Callable[[str, dict], None]):
         ctx = mp.get_context("spawn")
         self.errors = ctx.Queue()
         self.joining = [ctx.Event() for _ in range(1, size)]
@@ -203,7 +207,7 @@ class Workers:
         # itself, so a start failing part way still ends the workers already started.
         self._end = weakref.finalize(self, end_workers, self.procs, self.init)
         for rank, joining in enumerate(self.joining, 1):
-            args = (rank, size, self.init, model, config, self.errors, joining)
+            args = (rank, size, self.init, serve, model, config, self.errors, joining)
             p = ctx.Process(target=serve_worker, args=args, daemon=True, name=f"minivllm-tp{rank}")
             p.start()
             self.procs.append(p)
@@ -296,8 +300,9 @@ def died_before_join(rank: int, exitcode: int) -> str:
     )
 
 
-def serve_worker(rank: int, size: int, init: str, model: str, config: dict, errors, joining) -> None:
-    """A spawned rank: build the engine's shard, then run rank 0's commands until told to stop.
+def serve_worker(rank: int, size: int, init: str, serve: Callable[[str, dict], None], model: str, config: dict, errors, joining) -> None:
+    """A spawned rank: `serve(model, config)` builds the engine's shard and runs rank 0's commands
+    until told to stop (the API hands it in, so this module imports no engine above it).
     Any error is reported to rank 0 with its traceback, and the process exits, which fails the
     collective rank 0 is waiting in. A worker whose rank 0 was killed fails too, in its next
     collective, and removes the rendezvous file rank 0 could not. Ctrl-C is left to rank 0, which
@@ -310,10 +315,7 @@ def serve_worker(rank: int, size: int, init: str, model: str, config: dict, erro
     # tracker to unlink, with a warning; a worker draws no bar, so a thread lock does.
     tqdm.set_lock(threading.RLock())
     try:
-        from engine.llm import LLM
-
-        llm = LLM(model, **config)
-        llm.serve()
+        serve(model, config)
     except BaseException:  # noqa: BLE001 - everything goes back to rank 0
         errors.put((rank, traceback.format_exc()))
         errors.close()

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, attend
+from engine.backend import BACKENDS, Backend
 from engine.parallel import TPGroup
-from kernels import qk_norm_rope, rms_norm, silu_and_mul
-from reference import qk_norm_rope_ref, rms_norm_ref, rope_cos_sin, silu_and_mul_ref
+from reference import rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ class RMSNorm(nn.Module):
     """forward(x) -> normalised x; forward(x, residual) -> (normalised x + residual, x + residual),
     the residual add fused into the norm that follows it."""
 
-    def __init__(self, dim: int, eps: float, backend: str):
+    def __init__(self, dim: int, eps: float, backend: Backend):
         super().__init__()
-        self.eps, self.fn = eps, rms_norm if backend == "triton" else rms_norm_ref
+        self.eps, self.fn = eps, backend.rms_norm
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -53,7 +53,7 @@ class RMSNorm(nn.Module):
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, args: ModelArgs, backend: str, tp: TPGroup):
+    def __init__(self, args: ModelArgs, backend: Backend, tp: TPGroup):
         super().__init__()
         self.num_heads = len(tp.q_heads(args.num_heads, args.num_kv_heads))
         self.num_kv_heads = len(tp.kv_heads(args.num_heads, args.num_kv_heads))
@@ -65,7 +65,7 @@ class Qwen3Attention(nn.Module):
         # The per-head norms are applied with the rotary embedding in one pass (kernels.qk_norm_rope).
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, backend)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, backend)
-        self.norm_rope = qk_norm_rope if backend == "triton" else qk_norm_rope_ref
+        self.norm_rope = backend.qk_norm_rope
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -78,9 +78,9 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, args: ModelArgs, backend: str, tp: TPGroup):
+    def __init__(self, args: ModelArgs, backend: Backend, tp: TPGroup):
         super().__init__()
-        self.tp, self.act = tp, silu_and_mul if backend == "triton" else silu_and_mul_ref
+        self.tp, self.act = tp, backend.silu_and_mul
         width = len(tp.split(args.intermediate_size, "FFN columns (intermediate_size)"))
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * width, bias=False)
         self.down_proj = nn.Linear(width, args.hidden_size, bias=False)
@@ -96,7 +96,7 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup):
         super().__init__()
         self.tp, self.rows = tp, tp.vocab(vocab_size)
-        self.weight = nn.Parameter(torch.zeros(-(-vocab_size // tp.size), hidden_size))
+        self.weight = nn.Parameter(torch.zeros(tp.vocab_rows(vocab_size), hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -108,7 +108,7 @@ class VocabEmbedding(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, backend: str, tp: TPGroup):
+    def __init__(self, args: ModelArgs, backend: Backend, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
         self.self_attn = Qwen3Attention(args, backend, tp)
@@ -132,11 +132,11 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, args: ModelArgs, backend: str = "triton", tp: TPGroup | None = None):
         super().__init__()
-        self.args, self.tp = args, tp or TPGroup()
+        self.args, self.tp, self.backend = args, tp or TPGroup(), BACKENDS[backend]
         self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, self.tp)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(args, backend, self.tp) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(args, self.backend, self.tp) for _ in range(args.num_layers))
         self.num_kv_heads = self.layers[0].self_attn.num_kv_heads
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, self.backend)
         self.lm_head = nn.Linear(args.hidden_size, self.embed_tokens.weight.shape[0], bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

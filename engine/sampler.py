@@ -2,8 +2,7 @@
 
 import torch
 
-from kernels import sample_tokens
-from reference import sample_ref
+from engine.backend import BACKENDS
 
 
 def sample(
@@ -22,7 +21,7 @@ def sample(
     filtering needs. All tensors live on logits' device. backend "triton" draws in one pass over
     the logits (kernels.sample_tokens) with a seed drawn on the host, so `generator` is a CPU one;
     "torch" draws noise on the logits' device with reference.sample_ref, so `generator` lives
-    there (default, either way: torch's global one). Returns int64 (batch,); nothing here reads
+    there (default, either way: torch's global one; engine/backend.py). Returns int64 (batch,); nothing here reads
     device memory on the host.
     """
     if temperatures is None:
@@ -32,9 +31,7 @@ def sample(
         # draw from the kept tokens at temperature 1, the scaling being done.
         logits = _filter(logits / temperatures.clamp_min(1e-6)[:, None], top_ks, top_ps)
         temperatures = (temperatures > 0).float()
-    if backend == "torch":
-        return sample_ref(logits, temperatures, generator)
-    return sample_tokens(logits, temperatures, int(torch.randint(2**31 - 1, (1,), generator=generator)))
+    return BACKENDS[backend].draw(logits, temperatures, generator)
 
 
 def _filter(scaled: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:

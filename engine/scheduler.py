@@ -60,10 +60,11 @@ class Scheduler:
         # Admission is first come first served: a request that does not fit holds back those behind it.
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            new_tokens = len(seq) - self.block_manager.count_cache_hits(seq) * seq.block_size
-            if num_new_tokens + new_tokens > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
+            hits = self.block_manager.match_prefix(seq)
+            new_tokens = len(seq) - len(hits) * seq.block_size
+            if num_new_tokens + new_tokens > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq, hits):
                 break
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, hits)
             num_new_tokens += len(seq) - seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())

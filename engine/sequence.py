@@ -82,11 +82,6 @@ class Sequence:
         """Leading blocks the prefix cache supplied at the latest allocation."""
         return self.num_cached_tokens // self.block_size
 
-    @property
-    def last_block_num_tokens(self) -> int:
-        """Tokens in the last logical block, from 1 to block_size."""
-        return len(self.token_ids) - (self.num_blocks - 1) * self.block_size
-
     def block(self, i: int) -> list[int]:
         """The token ids of logical block i (fewer than block_size for a partial last block)."""
         if not 0 <= i < self.num_blocks:

@@ -73,9 +73,10 @@ def check_head_dim(head_dims: dict[str, int]) -> int:
     return d
 
 
-def check_block_size(block_size: int) -> None:
-    if block_size < 1 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
-        raise ValueError(f"block_size (dim 1 of the cache) must be a power of two in [1, {MAX_BLOCK_SIZE}], got {block_size}")
+def check_block_size(block_size, name: str = "block_size (dim 1 of the cache)") -> None:
+    """Tokens per KV block: a power of two the kernels' page tiles take, up to MAX_BLOCK_SIZE."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise ValueError(f"{name} must be a power of two in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
 
 
 def check_int_vector(name: str, t: torch.Tensor, length: int, device: torch.device, dtypes=(torch.int32,)) -> torch.Tensor:

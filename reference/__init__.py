@@ -1,4 +1,8 @@
-"""Plain-PyTorch reference implementations that the Triton kernels are tested against."""
+"""Plain-PyTorch reference implementations that the Triton kernels are tested against.
+
+Beside them, the harness the tests and the benchmarks share, with no test dependency:
+reference.inputs builds the inputs, reference.tolerance holds the accuracy rule, and
+reference.prefill_check is the benchmarks' windowed prefill gate."""
 
 from .activation import silu_and_mul_ref
 from .attention import attention_ref

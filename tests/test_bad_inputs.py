@@ -16,7 +16,7 @@ from kernels import (
     silu_and_mul,
     store_kvcache,
 )
-from tests.cases import as_layout, cu_seqlens, generator, paged_cache, randn
+from reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
 
 F16 = torch.float16
 

@@ -11,9 +11,9 @@ from benchmarks import ceilings
 from benchmarks.figures import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts, record
 from benchmarks.presets import PRESETS, select, shard
 from benchmarks.test_decode import check_decode
-from benchmarks.test_prefill import check_prefill
 from reference import attention_ref, paged_decode_gather
-from tests.cases import cu_seqlens, generator, paged_cache, randn
+from reference.inputs import cu_seqlens, generator, paged_cache, randn
+from reference.prefill_check import check_prefill
 
 
 @pytest.mark.parametrize(

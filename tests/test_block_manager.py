@@ -34,7 +34,7 @@ def test_block_with_the_last_token_is_never_a_hit():
     bm.allocate(a)
     b = seq_of(list(range(8)), 4)
     # The whole prompt is cached, but its last block must be computed for the logits.
-    assert bm.count_cache_hits(b) == 1
+    assert len(bm.match_prefix(b)) == 1
     bm.allocate(b)
     assert b.num_cached_tokens == 4 and b.block_table[0] == a.block_table[0] and b.block_table[1] not in a.block_table
     c = seq_of(list(range(8)) + [50], 4)
@@ -76,7 +76,7 @@ def test_eviction_takes_the_least_recently_freed_block():
     bm.allocate(x)
     assert x.block_table == [3, 4, 5, 2, 1]
     # Block 1 ([3, 4]) was evicted; block 0 ([1, 2]) still serves the prefix's head.
-    assert bm.count_cache_hits(seq_of([1, 2, 3, 4, 5], 2)) == 1
+    assert len(bm.match_prefix(seq_of([1, 2, 3, 4, 5], 2))) == 1
     bm.deallocate(x)
     b = seq_of([1, 2, 3, 4, 5], 2)
     bm.allocate(b)
@@ -110,7 +110,7 @@ def test_can_allocate_counts_hits_on_blocks_in_use_as_free():
     bm.allocate(b)
     assert b.block_table[:2] == a.block_table[:2] and bm.num_free_blocks == 0
     c = seq_of([1, 2, 3, 4, 7], 2)
-    assert bm.count_cache_hits(c) == 2 and not bm.can_allocate(c)
+    assert len(bm.match_prefix(c)) == 2 and not bm.can_allocate(c)
     with pytest.raises(RuntimeError, match="no room"):
         bm.allocate(c)
     assert c.block_table == [] and [blk.ref_count for blk in bm.blocks] == [2, 2, 1, 1]
@@ -125,7 +125,7 @@ def test_hit_on_a_freed_block_costs_a_free_block():
     bm.allocate(x)
     b = seq_of([1, 2, 3, 4, 5], 2)
     # One hit on freed block 0 plus two misses: three free blocks needed, two left.
-    assert bm.count_cache_hits(b) == 1 and not bm.can_allocate(b)
+    assert len(bm.match_prefix(b)) == 1 and not bm.can_allocate(b)
 
 
 def test_decode_registers_completed_blocks():

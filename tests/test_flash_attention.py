@@ -7,8 +7,9 @@ from hypothesis import given
 from kernels import flash_attn_varlen, store_kvcache
 from kernels.flash_attention import _flash_fwd_tuned, _prune, _tile_of, tiles_for
 from reference import attention_ref
-from tests.cases import AttnCase, as_layout, attn_cases, cu_seqlens, generator, paged_cache, randn
-from tests.tolerance import assert_within_tolerance
+from reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
+from reference.tolerance import assert_matches_reference
+from tests.cases import AttnCase, attn_cases
 
 
 def run_case(case, device):
@@ -26,10 +27,7 @@ def run_case(case, device):
     table = None if table is None else as_layout(table, case.layout)
     out = torch.full_like(q, float("nan"))
     flash_attn_varlen(q, k, v, cu_q, cu_k, max(case.q_lens), max(case.k_lens), causal=case.causal, block_table=table, out=out)
-    ref = dict(causal=case.causal, block_table=table)
-    ref64 = attention_ref(q, k, v, cu_q, cu_k, compute_dtype=torch.float64, **ref)
-    ref_lowp = attention_ref(q, k, v, cu_q, cu_k, **ref)
-    assert_within_tolerance(out, ref64, ref_lowp, str(case))
+    assert_matches_reference(out, attention_ref, q, k, v, cu_q, cu_k, causal=case.causal, block_table=table, what=str(case))
 
 
 @given(case=attn_cases(paged=False))
@@ -60,8 +58,7 @@ def test_causal_rows_that_see_no_key_are_zero(device):
     cu_q, cu_k = cu_seqlens([9], device), cu_seqlens([4], device)
     out = flash_attn_varlen(q, k, v, cu_q, cu_k, 9, 4, causal=True)
     assert torch.equal(out[:5], torch.zeros_like(out[:5]))
-    ref64 = attention_ref(q, k, v, cu_q, cu_k, compute_dtype=torch.float64)
-    assert_within_tolerance(out, ref64, attention_ref(q, k, v, cu_q, cu_k))
+    assert_matches_reference(out, attention_ref, q, k, v, cu_q, cu_k)
 
 
 def test_prefix_prefill_after_store(device):
@@ -81,8 +78,7 @@ def test_prefix_prefill_after_store(device):
     cu_q, cu_k = cu_seqlens(new, device), cu_seqlens(k_lens, device)
     out = flash_attn_varlen(q, cache.k_cache, cache.v_cache, cu_q, cu_k, max(new), max(k_lens), block_table=cache.block_table)
     args = (q, cache.k_cache, cache.v_cache, cu_q, cu_k)
-    ref64 = attention_ref(*args, block_table=cache.block_table, compute_dtype=torch.float64)
-    assert_within_tolerance(out, ref64, attention_ref(*args, block_table=cache.block_table))
+    assert_matches_reference(out, attention_ref, *args, block_table=cache.block_table)
 
 
 def test_understated_max_seqlen_q_still_writes_every_row(device):
@@ -90,7 +86,7 @@ def test_understated_max_seqlen_q_still_writes_every_row(device):
     q, k, v = (randn((70, 2, 32), torch.float16, device, gen) for _ in range(3))
     cu = cu_seqlens([70], device)
     out = flash_attn_varlen(q, k, v, cu, cu, 0, 70, out=torch.full_like(q, float("nan")))
-    assert_within_tolerance(out, attention_ref(q, k, v, cu, cu, compute_dtype=torch.float64), attention_ref(q, k, v, cu, cu))
+    assert_matches_reference(out, attention_ref, q, k, v, cu, cu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

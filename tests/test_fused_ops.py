@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from kernels import qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
 from reference import qk_norm_rope_ref, rms_norm_ref, rope_cos_sin, silu_and_mul_ref
-from tests.cases import DTYPES, generator, randn
-from tests.tolerance import assert_within_tolerance
+from reference.inputs import generator, randn
+from reference.tolerance import assert_within_tolerance
+from tests.cases import DTYPES
 
 EPS = 1e-6
 ROWS = st.integers(1, 37)

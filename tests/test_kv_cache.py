@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from kernels import store_kvcache
 from reference import store_kvcache_ref
-from tests.cases import BLOCK_SIZES, DTYPES, HEAD_DIMS, LAYOUTS, as_layout, generator, randn
+from reference.inputs import as_layout, generator, randn
+from tests.cases import BLOCK_SIZES, DTYPES, HEAD_DIMS, LAYOUTS
 
 
 @st.composite

@@ -8,8 +8,9 @@ from kernels import naive_attention
 from kernels.launch import head_dim_block
 from kernels.naive_attention import NAIVE_MAX_SEQLEN
 from reference import attention_ref
-from tests.cases import as_layout, attn_cases, cu_seqlens, generator, randn
-from tests.tolerance import assert_within_tolerance
+from reference.inputs import as_layout, cu_seqlens, generator, randn
+from reference.tolerance import assert_matches_reference
+from tests.cases import attn_cases
 
 
 def run_naive(lens, num_heads, num_kv_heads, head_dim, dtype, causal, seed, device, max_seqlen=None, layout="contiguous"):
@@ -20,8 +21,7 @@ def run_naive(lens, num_heads, num_kv_heads, head_dim, dtype, causal, seed, devi
     q, k, v, cu = (as_layout(t, layout) for t in (q, k, v, cu_seqlens(lens, device)))
     out = torch.full_like(q, float("nan"))
     naive_attention(q, k, v, cu, max_seqlen or max(lens), causal=causal, out=out)
-    ref64 = attention_ref(q, k, v, cu, cu, causal=causal, compute_dtype=torch.float64)
-    assert_within_tolerance(out, ref64, attention_ref(q, k, v, cu, cu, causal=causal), f"lens={lens}")
+    assert_matches_reference(out, attention_ref, q, k, v, cu, cu, causal=causal, what=f"lens={lens}")
 
 
 @given(case=attn_cases(paged=False))

@@ -7,8 +7,9 @@ from hypothesis import given
 from kernels import paged_attention_decode
 from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
 from reference import paged_decode_gather, paged_decode_loop
-from tests.cases import DecodeCase, as_layout, decode_cases, generator, paged_cache, randn
-from tests.tolerance import assert_within_tolerance
+from reference.inputs import as_layout, generator, paged_cache, randn
+from reference.tolerance import assert_matches_reference, assert_within_tolerance
+from tests.cases import DecodeCase, decode_cases
 
 
 def run_case(case, device, *, max_context_len=None):
@@ -19,8 +20,7 @@ def run_case(case, device, *, max_context_len=None):
     args = tuple(as_layout(t, case.layout) for t in (q, cache.k_cache, cache.v_cache, cache.block_table, ctx))
     out = torch.full_like(q, float("nan"))
     paged_attention_decode(*args, num_splits=case.num_splits, max_context_len=max_context_len, out=out)
-    ref64 = paged_decode_gather(*args, compute_dtype=torch.float64)
-    assert_within_tolerance(out, ref64, paged_decode_gather(*args), f"{case} vs gather")
+    ref64 = assert_matches_reference(out, paged_decode_gather, *args, what=f"{case} vs gather")
     assert_within_tolerance(out, ref64, paged_decode_loop(*args), f"{case} vs loop")
 
 
@@ -80,8 +80,7 @@ def test_tuning_candidates_match_the_reference(config, page, device):
     q = randn((len(lens), 8, head_dim), torch.bfloat16, device, gen)
     ctx = torch.tensor(lens, dtype=torch.int32, device=device)
     args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
-    ref64 = paged_decode_gather(*args, compute_dtype=torch.float64)
     for splits in (None, 3):
         out = torch.full_like(q, float("nan"))
         launch_decode(*args, out, max(lens), head_dim**-0.5, config, num_splits=splits)
-        assert_within_tolerance(out, ref64, paged_decode_gather(*args), f"{config}, splits {splits}")
+        assert_matches_reference(out, paged_decode_gather, *args, what=f"{config}, splits {splits}")

@@ -10,7 +10,7 @@ from reference import (
     paged_decode_loop,
     store_kvcache_ref,
 )
-from tests.cases import PagedCache, cu_seqlens, generator, paged_cache, randn
+from reference.inputs import PagedCache, cu_seqlens, generator, paged_cache, randn
 
 F64 = torch.float64
 CPU = torch.device("cpu")

@@ -199,3 +199,21 @@ def test_random_workloads_finish_within_limits(num_blocks, max_num_seqs, request
     for s, (n, m, v) in zip(seqs, requests, strict=True):
         assert s.is_finished and s.completion_token_ids == expected_completion([v % 3] * n + [v], m, 16)
     assert sched.block_manager.num_free_blocks == num_blocks
+
+
+def test_admission_hashes_each_prefix_block_once(monkeypatch):
+    """Admitting a sequence matches its prefix against the cache once, not once each for the
+    hit count, the room check and the allocation."""
+    import engine.block_manager as bm
+
+    sched = make_scheduler()
+    prompt = list(range(1, 6 * BLOCK + 2))  # 6 full blocks and a partial one
+    sched.add(request(prompt))
+    step(sched)  # caches the first sequence's full blocks
+    calls = []
+    real = bm.compute_hash
+    monkeypatch.setattr(bm, "compute_hash", lambda tokens, prefix: calls.append(1) or real(tokens, prefix))
+    sched.add(request(prompt))
+    seqs, is_prefill, _, _ = step(sched)
+    assert is_prefill and seqs[0].num_cached_tokens == 6 * BLOCK
+    assert len(calls) <= 6 + 1

@@ -13,8 +13,8 @@ from kernels.flash_attention import prefill_config
 from kernels.paged_attention import DecodeConfig, decode_config
 from kernels.tuning_table import DEFAULT_DIR, ENV_DIR, _tables_for, bucket, clear_cache, lookup, read_table
 from reference import attention_ref, paged_decode_gather
-from tests.cases import cu_seqlens, generator, paged_cache, randn
-from tests.tolerance import assert_within_tolerance
+from reference.inputs import cu_seqlens, generator, paged_cache, randn
+from reference.tolerance import assert_matches_reference
 
 
 @pytest.fixture
@@ -92,13 +92,13 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
     ctx = torch.tensor(lens, dtype=torch.int32, device=device)
     args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
     out = paged_attention_decode(*args, max_context_len=40)
-    assert_within_tolerance(out, paged_decode_gather(*args, compute_dtype=torch.float64), paged_decode_gather(*args))
+    assert_matches_reference(out, paged_decode_gather, *args)
 
     qp, kp, vp = (randn((40, h, 16), torch.bfloat16, device, gen) for h in (4, 2, 2))
     assert prefill_config(qp, kp, 40, True, False) == (next(e for e in second["entries"] if e["kernel"] == "prefill")["config"], "table")
     cu = cu_seqlens([40], device)
     out = flash_attn_varlen(qp, kp, vp, cu, cu, 40, 40)
-    assert_within_tolerance(out, attention_ref(qp, kp, vp, cu, cu, compute_dtype=torch.float64), attention_ref(qp, kp, vp, cu, cu))
+    assert_matches_reference(out, attention_ref, qp, kp, vp, cu, cu)
 
 
 @pytest.mark.parametrize("path", sorted(DEFAULT_DIR.glob("*.json")), ids=lambda p: p.stem)

@@ -17,3 +17,12 @@ def assert_within_tolerance(out: torch.Tensor, ref_fp64: torch.Tensor, ref_same_
     ref_err = (ref_same_dtype.double() - ref_fp64).abs().max().item()
     bound = 2 * ref_err + FLOOR[out.dtype]
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (same-dtype reference error {ref_err:.3g})"
+
+
+def assert_matches_reference(out: torch.Tensor, reference_fn, *args, what: str = "", **kwargs) -> torch.Tensor:
+    """The rule against a reference that takes compute_dtype (attention_ref, paged_decode_gather,
+    paged_decode_loop): runs reference_fn(*args, **kwargs) in float64 and in the inputs' own
+    dtype, asserts out is within tolerance, and returns the float64 answer for further checks."""
+    ref_fp64 = reference_fn(*args, compute_dtype=torch.float64, **kwargs)
+    assert_within_tolerance(out, ref_fp64, reference_fn(*args, **kwargs), what)
+    return ref_fp64

@@ -1,0 +1,68 @@
+"""The engine's one switch between its two backends: "triton" (our kernels) and "torch" (the
+PyTorch references of the same contracts). The model, its runner and the sampler call a
+Backend's ops; nothing else compares backend names."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import flash_attn_varlen, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul, store_kvcache
+from reference import (
+    attention_ref,
+    paged_decode_gather,
+    qk_norm_rope_ref,
+    rms_norm_ref,
+    sample_ref,
+    silu_and_mul_ref,
+    store_kvcache_ref,
+)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The ops of one backend, with the kernels' signatures (kernels/README.md):
+    prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table) is causal; decode(q, k_cache, v_cache,
+    block_tables, context_lens, max_context_len); draw(logits, temperatures, generator) samples one
+    token per row. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
+    reads of device tensors cannot be)."""
+
+    name: str
+    store_kvcache: Callable
+    prefill: Callable
+    decode: Callable
+    rms_norm: Callable
+    qk_norm_rope: Callable
+    silu_and_mul: Callable
+    draw: Callable
+    cuda_graphs: bool
+
+
+def _triton_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # The kernel's Philox seed is drawn on the host, so `generator` is a CPU one.
+    return sample_tokens(logits, temperatures, int(torch.randint(2**31 - 1, (1,), generator=generator)))
+
+
+TRITON = Backend(
+    name="triton",
+    store_kvcache=store_kvcache,
+    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, block_table=block_table),
+    decode=lambda q, kc, vc, tables, lens, max_len: paged_attention_decode(q, kc, vc, tables, lens, max_context_len=max_len),
+    rms_norm=rms_norm,
+    qk_norm_rope=qk_norm_rope,
+    silu_and_mul=silu_and_mul,
+    draw=_triton_draw,
+    cuda_graphs=True,
+)
+TORCH = Backend(
+    name="torch",
+    store_kvcache=store_kvcache_ref,
+    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: attention_ref(q, k, v, cu_q, cu_k, causal=True, block_table=block_table),
+    decode=lambda q, kc, vc, tables, lens, max_len: paged_decode_gather(q, kc, vc, tables, lens),
+    rms_norm=rms_norm_ref,
+    qk_norm_rope=qk_norm_rope_ref,
+    silu_and_mul=silu_and_mul_ref,
+    draw=sample_ref,  # draws its noise on the logits' device, so `generator` lives there
+    cuda_graphs=False,
+)
+BACKENDS = {b.name: b for b in (TRITON, TORCH)}

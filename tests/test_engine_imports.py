@@ -1,0 +1,50 @@
+"""The engine's modules import one way: no module reaches back to one that imports it (the
+spawned worker's entry point is handed to engine/parallel.py, not imported by it)."""
+
+import ast
+from pathlib import Path
+
+ENGINE = Path(__file__).resolve().parent.parent / "engine"
+
+
+def engine_imports() -> dict[str, set[str]]:
+    """{module: engine modules it imports anywhere in its body, function-level imports too}."""
+    graph = {}
+    for path in ENGINE.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("engine"):
+                deps |= {f"engine.{a.name}" for a in node.names} if node.module == "engine" else {node.module}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("engine.")}
+        graph[f"engine.{path.stem}"] = deps - {f"engine.{path.stem}"}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            return [*path[path.index(node):], node]
+        if node in done or node not in graph:
+            return None
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if cycle := visit(dep):
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    return next((c for n in sorted(graph) if (c := visit(n))), None)
+
+
+def test_engine_import_graph_has_no_cycle():
+    assert find_cycle(engine_imports()) is None
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
