@@ -1,7 +1,7 @@
 """Tune the Triton kernels for this device and write its tuning table.
 
     python -m benchmarks.tune [--kernel decode|prefill] [--bucket TEXT] [--dtype bf16|fp16]
-                              [--out DIR] [--budget-s 540] [--no-peers] [--json ROWS.json]
+                              [--out DIR] [--budget-s 540] [--no-peers] [--matmuls-alone] [--json ROWS.json]
 
 For each bucket of the table's key (kernels/tuning_table.py) it builds one representative shape,
 checks every candidate config's output against the float64 reference (the suites' checks), times
@@ -11,7 +11,9 @@ the launch covered before each call, median), and writes the fastest into
 The table records where it came from: GPU, driver, torch, Triton, date and commit. The run stops
 starting buckets once --budget-s has passed and says which it left out. Without a GPU it runs
 under the interpreter with tiny shapes and a two-candidate set, so CI exercises it end to end.
-SDPA's time for the same shape is printed beside each winner unless --no-peers.
+SDPA's time for the same shape is printed beside each winner unless --no-peers. --matmuls-alone
+also times each prefill winner with its softmax left out (a wrong answer, never a candidate):
+what the tile's two matmuls cost, so the rest of the gap to cuDNN is the softmax.
 """
 
 import argparse
@@ -32,7 +34,7 @@ import triton
 from benchmarks.ceilings import driver_version
 from benchmarks.test_decode import check_decode
 from benchmarks.timing import Prelude, median_device_s
-from kernels.flash_attention import launch_plan
+from kernels.flash_attention import prefill_plan
 from kernels.launch import interpreting
 from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
 from kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, read_table
@@ -138,11 +140,12 @@ def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peer
     if peers:
         k, v = (paged_gather(c, cache.block_table, s["context"]).transpose(1, 2).contiguous() for c in (cache.k_cache, cache.v_cache))
         peer = partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=s["heads"] != s["kv"])
-    return candidates, out, lambda what: check_decode(out, q, cache, lens, what), peer
+    return candidates, out, lambda what: check_decode(out, q, cache, lens, what), peer, None
 
 
 def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
-    """The same for a prefill bucket: contiguous keys (page 0) or a paged prefix."""
+    """The same for a prefill bucket, contiguous keys (page 0) or a paged prefix, and a sixth
+    item: matmuls_alone(tile), the tile's launch with the softmax left out."""
     s, dtype = b.shape, DTYPES[b.dtype]
     batch, n, new, causal = s["batch"], s["seqlen"], s["new"], s["causal"]
     q = randn((batch * new, s["heads"], b.head_dim), dtype, device, gen)
@@ -157,7 +160,7 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
         kk, vv, table = k, v, None
     candidates = {}
     for tile, tma in prefill_candidates(device.type == "cuda"):
-        kernel, grid, kwargs = launch_plan(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma)
+        kernel, grid, kwargs = prefill_plan(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma)
         candidates[f"tile {tile} tma={kwargs['TMA']}"] = (dict(tile=list(tile), tma=kwargs["TMA"]), partial(kernel[grid], **kwargs))
 
     def check(what):
@@ -173,15 +176,20 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return F.scaled_dot_product_attention(q4, k4, v4, is_causal=causal, enable_gqa=s["heads"] != s["kv"])
 
-    return candidates, out, check, peer
+    def matmuls_alone(tile):
+        kernel, grid, kwargs = prefill_plan(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, softmax=False)
+        return partial(kernel[grid], **kwargs)
+
+    return candidates, out, check, peer, matmuls_alone
 
 
-def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool) -> tuple[list[dict], float | None]:
-    """Every candidate of the bucket as {name, config, ms or None, error}, fastest first, and
-    the peer's ms. A candidate that raises or fails the float64 check is never timed."""
+def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: bool = False) -> tuple[list[dict], float | None, float | None]:
+    """Every candidate of the bucket as {name, config, ms or None, error}, fastest first; the
+    peer's ms; and with `matmuls`, the prefill winner's ms with its softmax left out. A candidate
+    that raises or fails the float64 check is never timed."""
     gen = generator(b.head_dim + b.page + sum(b.shape.values()), device)
     build = _decode_variants if b.kernel == "decode" else _prefill_variants
-    candidates, out, check, peer = build(b, device, gen, peers)
+    candidates, out, check, peer, matmuls_alone = build(b, device, gen, peers)
     rows = []
     for name, (config, fn) in candidates.items():
         try:
@@ -199,7 +207,12 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool) -> tuple[
         except RuntimeError as e:
             print(f"  peer refused: {str(e).splitlines()[0][:120]}", flush=True)
     rows.sort(key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
-    return rows, peer_ms
+    alone_ms = None
+    if matmuls and matmuls_alone is not None and rows and rows[0]["ms"] is not None:
+        fn = matmuls_alone(tuple(rows[0]["config"]["tile"]))
+        fn()
+        alone_ms = time_ms(fn)
+    return rows, peer_ms, alone_ms
 
 
 def _commit() -> str:
@@ -246,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or kernels/configs)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="start no bucket after this many seconds (default 540)")
     parser.add_argument("--no-peers", action="store_true", help="do not time SDPA beside each bucket")
+    parser.add_argument("--matmuls-alone", action="store_true", help="also time each prefill winner without its softmax (a diagnostic)")
     parser.add_argument("--json", help="also write every candidate's row here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         if time.monotonic() - start > args.budget_s:
             left_out.append(b.name)
             continue
-        ranked, peer_ms = tune_bucket(b, device, time_ms, peers=on_gpu and not args.no_peers)
-        rows += [dict(r, bucket=b.name, peer_ms=peer_ms) for r in ranked]
+        ranked, peer_ms, alone_ms = tune_bucket(b, device, time_ms, peers=on_gpu and not args.no_peers, matmuls=args.matmuls_alone)
+        rows += [dict(r, bucket=b.name, peer_ms=peer_ms, matmuls_alone_ms=alone_ms) for r in ranked]
         for r in ranked:
             if r["error"]:
                 print(f"  {b.name}: {r['name']} not timed: {r['error']}", flush=True)
@@ -277,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         winners.append(dict(kernel=b.kernel, dtype=str(DTYPES[b.dtype]).removeprefix("torch."), head_dim=b.head_dim, page=b.page, bucket=list(b.key),
                             config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape))
         versus = f"  peer {peer_ms:.4f} ms (ours {peer_ms / best['ms']:.2f}x)" if peer_ms else ""
+        versus += f"  matmuls alone {alone_ms:.4f} ms ({100 * alone_ms / best['ms']:.0f}% of it)" if alone_ms else ""
         print(f"{b.name}: {best['name']} {best['ms']:.4f} ms, margin {100 * (margin or 0):.1f}% over {winners[-1]['runner_up']}{versus}", flush=True)
         if on_gpu:
             torch.cuda.empty_cache()

@@ -70,13 +70,16 @@ class ModelRunner:
         self.model.compute_logits(self.model(ids, pos, [(cache, cache)] * a.num_layers, meta)[cu[1:] - 1])
         self.model.tp.wait(self.device)
 
-    def _tensor(self, values, dtype) -> torch.Tensor:
+    def _to_device(self, values, dtype) -> torch.Tensor:
+        """Host values (lists or numpy arrays) as a `dtype` tensor on the device, copied from pinned
+        memory without blocking the host; pinned after building, since torch refuses to pin a
+        tensor made from numpy."""
         t = torch.as_tensor(values, dtype=dtype)
         return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
-        return self._tensor([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], torch.int32)
+        return self._to_device([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
     def prepare_prefill(self, seqs: list[Sequence]):
         """Only tokens past each sequence's cached prefix are computed; the keys span the whole
@@ -93,15 +96,15 @@ class ModelRunner:
         cached = any(s.num_cached_tokens for s in seqs)
         meta = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=self._tensor(np.concatenate(slots), torch.int32),
-            cu_seqlens_q=self._tensor(cu_q, torch.int32),
-            cu_seqlens_k=self._tensor(cu_k, torch.int32),
+            slot_mapping=self._to_device(np.concatenate(slots), torch.int32),
+            cu_seqlens_q=self._to_device(cu_q, torch.int32),
+            cu_seqlens_k=self._to_device(cu_k, torch.int32),
             max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:], strict=False)),
             max_seqlen_k=max(len(s) for s in seqs),
             block_tables=self._block_tables(seqs) if cached else None,
         )
-        last = self._tensor([n - 1 for n in cu_q[1:]], torch.long)
-        return self._tensor(ids, torch.long), self._tensor(np.concatenate(positions), torch.long), meta, last
+        last = self._to_device([n - 1 for n in cu_q[1:]], torch.long)
+        return self._to_device(ids, torch.long), self._to_device(np.concatenate(positions), torch.long), meta, last
 
     def pack_decode(self, seqs: list[Sequence], rows: int) -> torch.Tensor:
         """A decode step's host inputs in one int32 buffer of `rows` >= len(seqs) rows, so that one
@@ -154,11 +157,11 @@ class ModelRunner:
         # (sampling when all are greedy, the vocabulary sort when none filters) without a sync.
         temps = top_ks = top_ps = None
         if any(s.temperature > 0 for s in seqs):
-            temps = self._tensor([s.temperature for s in seqs], torch.float32)
+            temps = self._to_device([s.temperature for s in seqs], torch.float32)
         if any(s.top_k > 0 for s in seqs):
-            top_ks = self._tensor([s.top_k for s in seqs], torch.long)
+            top_ks = self._to_device([s.top_k for s in seqs], torch.long)
         if any(s.top_p < 1 for s in seqs):
-            top_ps = self._tensor([s.top_p for s in seqs], torch.float32)
+            top_ps = self._to_device([s.top_p for s in seqs], torch.float32)
         # Ranks sample from the same logits but with their own random streams: rank 0's choice holds.
         tokens = self.model.tp.to_host(self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.config.attention_backend)))
         if record is not None:

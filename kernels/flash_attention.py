@@ -238,7 +238,7 @@ def prefill_config(q: torch.Tensor, k: torch.Tensor, max_seqlen_k: int, causal: 
     return lookup("prefill", q.device, q.dtype, q.shape[-1], page, (bucket(max_seqlen_k), bool(causal)))
 
 
-def launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True):
+def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True):
     """(kernel, grid, kwargs) for already-checked flash_attn_varlen arguments: with `tile` =
     (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone (a tuner's candidate), else the
     device's tuning-table tile, else the autotuned kernel. TMA is used where it applies unless
@@ -350,6 +350,6 @@ def flash_attn_varlen(
     out = check_out(out, q)
     if q.shape[0] == 0 or batch == 0:
         return out
-    kernel, grid, kwargs = launch_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table)
+    kernel, grid, kwargs = prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table)
     kernel[grid](**kwargs)
     return out

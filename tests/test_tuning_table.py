@@ -118,3 +118,16 @@ def test_committed_tables_hold_valid_configs(path):
             assert e["kernel"] == "prefill" and isinstance(c["tma"], bool)
             block_m, block_n, num_warps, num_stages = c["tile"]
             assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0 and num_warps in (4, 8) and num_stages >= 1
+
+
+def test_tuner_times_the_prefill_winner_without_its_softmax(table_dir, tmp_path, device):
+    """--matmuls-alone measures the winner with one stage left out, and never makes that wrong
+    answer a table entry."""
+    if device.type == "cuda":
+        pytest.skip("the tuner's GPU run takes minutes; tests exercise its CPU run")
+    rows_file = tmp_path / "rows.json"
+    assert tune.main(["--kernel", "prefill", "--matmuls-alone", "--json", str(rows_file)]) == 0
+    rows = json.loads(rows_file.read_text())["rows"]
+    assert rows and all(r["matmuls_alone_ms"] > 0 for r in rows)
+    (entry,) = read_table(table_dir / "cpu.json")["entries"]
+    assert entry["config"]["tile"] in [r["config"]["tile"] for r in rows]
