@@ -47,6 +47,7 @@ class LLM:
         args = load_model_args(model)
         parallel.check_shardable(args.num_heads, args.num_kv_heads, args.intermediate_size, args.attention_bias, size)
         self.workers = None
+        self.closed = False  # set by close() or a tensor-parallel failure; a closed LLM refuses calls
         if launched is not None and size > 1:
             rank, world, local = launched
             if world != size:
@@ -119,7 +120,8 @@ class LLM:
     def _leave_group(self, failed: bool = False) -> None:
         if getattr(self, "tp", parallel.TPGroup()).size > 1:
             parallel.leave_group(failed)
-            self.tp = parallel.TPGroup(size=0)
+            self.tp = parallel.TPGroup()
+            self.closed = True
 
     def serve(self) -> None:
         """A spawned worker's loop: run rank 0's generate calls until it says stop."""
@@ -181,7 +183,7 @@ class LLM:
         """Generate for every prompt (strings or token-id lists); one {"text", "token_ids"} per prompt,
         in input order. A single prompt, a str or one list of token ids, gets a list of one.
         "text" is None when the checkpoint has no tokenizer."""
-        if self.tp.size == 0:
+        if self.closed:
             raise RuntimeError("this LLM was closed")
         prompts = self._prompt_list(prompts)
         if not isinstance(sampling_params, list):
