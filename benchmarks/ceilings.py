@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.figures import dtype_name
+from benchmarks.extra_info import dtype_name
 from benchmarks.timing import CudaEventClock
 from kernels.launch import interpreting
 

@@ -57,7 +57,7 @@ SUITES = {
         ours=("flash_triton_paged16", "flash_triton_paged256"), peers=("flash_triton",), versus="contiguous",
     ),
     "decode": Suite("context_len", "block_size", "gbps", "GB/s", "read_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
-    # The engine's "% of ceiling" is of the workload's roofline time (benchmarks/figures.py, engine_floor_s).
+    # The engine's "% of ceiling" is of the workload's roofline time (benchmarks/extra_info.py, engine_floor_s).
     "engine": Suite(
         "num_seqs", "max_len", "tokens_per_s", "tok/s", "roofline", ("model", "tp", "dtype"), "num_seqs",
         ours=("minivllm",), peers=("hf_transformers",), versus="transformers",

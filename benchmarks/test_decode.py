@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.figures import decode_counts, dtype_name, record
+from benchmarks.extra_info import decode_counts, dtype_name, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import paged_attention_decode

@@ -18,7 +18,7 @@ Every sequence must come back with exactly its requested number of tokens, each 
   left-padded, with transformers' default dynamic KV cache and SDPA attention. A batch runs to
   its longest output; only the requested tokens count. One GPU: it runs only at --tp 1.
 
-extra_info (benchmarks/figures.py, record_engine) holds tokens_per_s, the token totals, the
+extra_info (benchmarks/extra_info.py, record_engine) holds tokens_per_s, the token totals, the
 workload's roofline time (engine_counts, engine_floor_s) and pct_roofline; for minivllm also
 `steps`, the engine's step-time breakdown (engine/step_profile.py, summarize).
 """
@@ -30,7 +30,7 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks.figures import dtype_name, engine_counts, record_engine
+from benchmarks.extra_info import dtype_name, engine_counts, record_engine
 from benchmarks.grid import GPU_GRID
 from benchmarks.presets import PRESETS
 from engine import LLM, SamplingParams

@@ -12,7 +12,7 @@ import pytest
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.figures import dtype_name, prefill_counts, record
+from benchmarks.extra_info import dtype_name, prefill_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import flash_attn_varlen, naive_attention

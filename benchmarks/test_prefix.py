@@ -8,7 +8,7 @@ checked against the float64 reference before it is timed.
 
 import pytest
 
-from benchmarks.figures import dtype_name, prefix_counts, record
+from benchmarks.extra_info import dtype_name, prefix_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
 from kernels import flash_attn_varlen

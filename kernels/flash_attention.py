@@ -252,17 +252,17 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         found, _ = prefill_config(q, k, max_seqlen_k, causal, paged)
         if found is not None:
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
-    bt = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
+    table = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
     # A paged TMA tile must lie inside one page.
     widest_n = tile[1] if tile else max(t[1] for t in tiles_for(block_d, q.dtype))
     tma = tma is not False and not interpreting() and (not paged or page >= widest_n) and all(tma_ok(t, head_dim, block_d) for t in (q, k, v))
     kwargs = dict(
         Q=tma_descriptor(q) if tma else q, K=tma_descriptor(k) if tma else k, V=tma_descriptor(v) if tma else v,
-        O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=bt, qk_scale=scale * math.log2(math.e),
+        O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=table, qk_scale=scale * math.log2(math.e),
         stride_qt=q.stride(0), stride_qh=q.stride(1),
         stride_kb=k.stride(0) if paged else 0, stride_kt=k.stride(-3), stride_kh=k.stride(-2),
         stride_vb=v.stride(0) if paged else 0, stride_vt=v.stride(-3), stride_vh=v.stride(-2),
-        stride_ot=out.stride(0), stride_oh=out.stride(1), stride_btb=bt.stride(0), max_blocks=block_table.shape[1] if paged else 0,
+        stride_ot=out.stride(0), stride_oh=out.stride(1), stride_btb=table.stride(0), max_blocks=block_table.shape[1] if paged else 0,
         group=num_heads // num_kv_heads, num_heads=num_heads, seqlen_bucket=bucket(max(max_seqlen_q, max_seqlen_k, 1)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), PAGED=paged, PAGE=page, TMA=tma,
         INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype), SOFTMAX=softmax,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import ceilings
-from benchmarks.figures import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts, record
+from benchmarks.extra_info import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts, record
 from benchmarks.presets import PRESETS, select, shard
 from benchmarks.test_decode import check_decode
 from reference import attention_ref, paged_decode_gather
