@@ -128,11 +128,11 @@ def driver_version() -> str:
         return "unknown"
 
 
-def machine_facts(device: torch.device, interpreter: bool) -> dict:
-    """What machine_info records beside pytest-benchmark's own fields: the card, the software
-    and the ceilings, so a JSON file says where its numbers came from."""
+def software_facts(device: torch.device, interpreter: bool) -> dict:
+    """The card and the software a figure was measured with: GPU, SM count, driver, CUDA, torch,
+    Triton, and whether Triton interpreted the kernels."""
     on_gpu = device.type == "cuda"
-    facts = {
+    return {
         "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if on_gpu else "none (CPU)",
         "sm_count": torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else None,
@@ -141,7 +141,11 @@ def machine_facts(device: torch.device, interpreter: bool) -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "interpreter": interpreter,
-        "timer": "cuda_events" if on_gpu else "host_clock",
     }
-    facts.update(ceilings(device))
-    return facts
+
+
+def machine_facts(device: torch.device, interpreter: bool) -> dict:
+    """What machine_info records beside pytest-benchmark's own fields: the card, the software,
+    the timer and the ceilings, so a JSON file says where its numbers came from."""
+    timer = "cuda_events" if device.type == "cuda" else "host_clock"
+    return {**software_facts(device, interpreter), "timer": timer, **ceilings(device)}

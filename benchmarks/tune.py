@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from benchmarks.ceilings import driver_version
+from benchmarks.ceilings import software_facts
 from benchmarks.test_decode import check_decode
 from benchmarks.timing import Prelude, median_device_s
 from kernels.flash_attention import prefill_plan
@@ -225,13 +224,11 @@ def _commit() -> str:
 
 
 def provenance(device: torch.device) -> dict:
-    """The card and software a table's figures were measured with."""
-    on_gpu = device.type == "cuda"
+    """The card and software a table's figures were measured with, when, at which commit; the
+    compute capability lets a card without a table of its own find this one as family."""
     return dict(
-        gpu=torch.cuda.get_device_name(device) if on_gpu else "none (CPU)", driver=driver_version() if on_gpu else None,
-        cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__, interpreter=interpreting(),
-        compute_capability=list(torch.cuda.get_device_capability(device)) if on_gpu else None,
-        sm_count=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else None,
+        software_facts(device, interpreting()),
+        compute_capability=list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), commit=_commit(), tool="python -m benchmarks.tune",
     )
 
