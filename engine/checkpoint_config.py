@@ -7,13 +7,13 @@ wrong output.
 """
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from engine.config import DTYPES
 from engine.qwen3 import ModelArgs
+from engine.sampling_params import is_int, is_real
 
 
 def _read_json(file: Path) -> dict:
@@ -42,10 +42,6 @@ def _read_config(path: Path) -> tuple[dict, Path]:
     return config, config_file
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no layer count
-
-
 def _positive_int(config: dict, key: str, file: Path, default: int | None = None) -> int:
     """config[key] as a positive int; `default` when absent or null, or ValueError if there is none."""
     value = config.get(key)
@@ -53,7 +49,7 @@ def _positive_int(config: dict, key: str, file: Path, default: int | None = None
         if default is None:
             raise ValueError(f"{file} lacks {key!r}, which a Qwen3 config needs (a positive int)")
         return default
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:  # JSON true is no layer count
         raise ValueError(f"{file}: {key!r} must be a positive int, got {value!r}")
     return value
 
@@ -63,7 +59,7 @@ def _positive_number(config: dict, key: str, file: Path, default: float, label: 
     value = config.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if not is_real(value) or value <= 0:
         raise ValueError(f"{file}: {label or key!r} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -82,7 +78,7 @@ def _ids(config: dict, file: Path) -> list[int]:
     """config's eos_token_id (one id, a list of them, or null) as a list of non-negative ints."""
     value = config.get("eos_token_id")
     ids = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(_is_int(i) and i >= 0 for i in ids):
+    if not all(is_int(i) and i >= 0 for i in ids):
         raise ValueError(f"{file}: 'eos_token_id' must be a token id >= 0, a list of them, or null, got {value!r}")
     return ids
 

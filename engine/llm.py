@@ -13,7 +13,7 @@ from engine.config import Config
 from engine.loader import load_weights
 from engine.model_runner import ModelRunner
 from engine.qwen3 import ModelArgs, Qwen3ForCausalLM
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, is_int
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.step_profile import StepRecord
@@ -158,7 +158,7 @@ class LLM:
             token_ids = list(prompt)
             for pos, t in enumerate(token_ids):
                 # bool is an int subclass, but True as a token id is a mistake, not token 1.
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                if not is_int(t) or not 0 <= t < vocab:
                     raise ValueError(f"{where}: token ids must be ints in [0, {vocab}), got {t!r} at position {pos}")
         else:
             mixed = " (a list mixing token ids and prompts is neither one prompt nor a list of them)" if isinstance(prompt, int) else ""
