@@ -9,7 +9,7 @@ the engine suite also builds whole dense Qwen3 models from `ffn` (intermediate_s
 
 from dataclasses import dataclass
 
-from engine.parallel import head_shard
+from engine.tensor_parallel import head_shard
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Shard:
 
 def shard(preset: ModelPreset, tp: int) -> Shard:
     """q heads split evenly over `tp` GPUs; kv heads split too, or replicated (one per GPU) once
-    tp exceeds their count, as the engine shards them (engine.parallel.head_shard). Raises
+    tp exceeds their count, as the engine shards them (engine.tensor_parallel.head_shard). Raises
     ValueError, naming the model, where the heads do not divide."""
     try:
         heads, kv_heads = head_shard(preset.num_heads, preset.num_kv_heads, tp)

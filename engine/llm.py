@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from engine import parallel
 from engine.checkpoint_config import load_model_args
 from engine.config import Config
 from engine.loader import load_weights
@@ -17,6 +16,8 @@ from engine.sampling_params import SamplingParams, is_int
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.step_profile import StepRecord
+from engine.tensor_parallel import TPGroup, check_shardable
+from engine.tp_processes import STOP_WAIT_S, Rendezvous, Workers, join_group, launcher_rendezvous, leave_group
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -29,7 +30,8 @@ class LLM:
     tensor_parallel_size, dtype, device, attention_backend, cpu_kvcache_bytes.
     After generate(), `step_records` holds one engine.step_profile.StepRecord per step it ran.
 
-    tensor_parallel_size N > 1 shards the model over N ranks (engine/parallel.py): under a
+    tensor_parallel_size N > 1 shards the model over N ranks (engine/tensor_parallel.py,
+    engine/tp_processes.py): under a
     launcher every rank's script builds its LLM and calls generate() alike, and rank 0's inputs
     count; otherwise this process is rank 0 and spawns the other N - 1 (so a script must build it
     under `if __name__ == "__main__":`). close() stops them; an error in any rank reaches the
@@ -37,34 +39,36 @@ class LLM:
     them and closes the LLM.
     """
 
-    def __init__(self, model: str, **config):
+    def __init__(self, model: str, *, rendezvous: Rendezvous | None = None, **config):
+        """`rendezvous` is where a spawned worker's LLM joins its group (Workers hands it in);
+        otherwise a launcher's environment gives it, or this process is rank 0 of its own group."""
         known = {f.name for f in fields(Config)} - {"model"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown config {unknown}; expected some of {sorted(known)}")
         self.config = Config(str(model), **config)
-        size, launched = self.config.tensor_parallel_size, parallel.launcher_rank()
+        size = self.config.tensor_parallel_size
         args = load_model_args(model)
-        parallel.check_shardable(args.num_heads, args.num_kv_heads, args.intermediate_size, args.attention_bias, size)
+        check_shardable(args.num_heads, args.num_kv_heads, args.intermediate_size, args.attention_bias, size)
         self.workers = None
         self.closed = False  # set by close() or a tensor-parallel failure; a closed LLM refuses calls
-        if launched is not None and size > 1:
-            rank, world, local = launched
-            if world != size:
-                raise ValueError(f"tensor_parallel_size is {size} but the launcher started {world} ranks")
-        else:
-            rank, local = 0, 0
-            if size > 1:
-                if torch.distributed.is_initialized():
-                    raise RuntimeError("another tensor-parallel LLM is open in this process; close() it first")
-                self.workers = parallel.Workers(size, str(model), config, serve_rank)
+        if size > 1 and rendezvous is None:
+            rendezvous = launcher_rendezvous()
+        if rendezvous is not None:
+            if rendezvous.size != size:
+                raise ValueError(f"tensor_parallel_size is {size} but the launcher started {rendezvous.size} ranks")
+        elif size > 1:
+            if torch.distributed.is_initialized():
+                raise RuntimeError("another tensor-parallel LLM is open in this process; close() it first")
+            self.workers = Workers(size, str(model), config, serve_rank)
+            rendezvous = self.workers.rendezvous
         try:
             if self.config.device.type == "cuda" and size > 1:
-                self.config.device = torch.device("cuda", local)
+                self.config.device = torch.device("cuda", rendezvous.local_rank)
                 torch.cuda.set_device(self.config.device)
             if self.workers is not None:
                 self.workers.await_join()
-            self.tp = parallel.init_group(rank, size, self.config.device, self.workers.check if self.workers else None)
+            self.tp = join_group(rendezvous, self.config.device, self.workers.check if self.workers else None) if size > 1 else TPGroup()
             self._build(model, args)
         except BaseException as e:
             self._fail(e)
@@ -113,14 +117,14 @@ class LLM:
             except BaseException as e:
                 self._fail(e)
                 raise
-            self.workers.stop(parallel.STOP_WAIT_S)
+            self.workers.stop(STOP_WAIT_S)
             self.workers = None
         self._leave_group()
 
     def _leave_group(self, failed: bool = False) -> None:
-        if getattr(self, "tp", parallel.TPGroup()).size > 1:
-            parallel.leave_group(failed)
-            self.tp = parallel.TPGroup()
+        if getattr(self, "tp", TPGroup()).size > 1:
+            leave_group(failed)
+            self.tp = TPGroup()
             self.closed = True
 
     def serve(self) -> None:
@@ -233,7 +237,8 @@ class LLM:
         bar.close()
 
 
-def serve_rank(model: str, config: dict) -> None:
-    """A spawned tensor-parallel worker's engine: build this rank's shard of `model`, then serve
-    rank 0's commands until told to stop (parallel.serve_worker runs it)."""
-    LLM(model, **config).serve()
+def serve_rank(model: str, config: dict, rendezvous: Rendezvous) -> None:
+    """A spawned tensor-parallel worker's engine: build this rank's shard of `model`, joining the
+    group at `rendezvous`, then serve rank 0's commands until told to stop
+    (tp_processes.serve_worker runs it)."""
+    LLM(model, rendezvous=rendezvous, **config).serve()

@@ -2,7 +2,7 @@
 
 Layers take packed (num_tokens, hidden) activations, as the kernels do: no padding, no batch
 dimension. Projections are fused (qkv, gate_up); the loader splits checkpoint weights into them.
-Under tensor parallelism (engine/parallel.py) each rank holds its share: qkv and gate_up split by
+Under tensor parallelism (engine/tensor_parallel.py) each rank holds its share: qkv and gate_up split by
 output rows (heads, FFN columns), o_proj and down_proj by input columns with a sum over ranks
 after them, and the embedding and lm_head by vocabulary rows.
 """
@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, attend
 from engine.backend import BACKENDS, Backend
-from engine.parallel import TPGroup
+from engine.tensor_parallel import TPGroup
 from reference import rope_cos_sin
 
 

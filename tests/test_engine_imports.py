@@ -1,5 +1,6 @@
 """The engine's modules import one way: no module reaches back to one that imports it (the
-spawned worker's entry point is handed to engine/parallel.py, not imported by it)."""
+spawned worker's entry point is handed to engine/tp_processes.py, not imported by it), and the
+model's layers see tensor parallelism's arithmetic only, never its processes or the API."""
 
 import ast
 from pathlib import Path
@@ -44,6 +45,24 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_engine_import_graph_has_no_cycle():
     assert find_cycle(engine_imports()) is None
+
+
+def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every engine module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), set()) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_tensor_parallel_layers_import_downward_only():
+    graph = engine_imports()
+    assert reaches(graph, "engine.tensor_parallel") == set()
+    assert reaches(graph, "engine.tp_processes") == {"engine.tensor_parallel"}
+    for layer in ("engine.qwen3", "engine.loader", "engine.model_runner"):
+        assert not reaches(graph, layer) & {"engine.tp_processes", "engine.llm"}, layer
 
 
 def test_the_cycle_finder_finds_one():

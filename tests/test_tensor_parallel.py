@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from engine import SamplingParams
 from engine.checkpoint_config import load_model_args
 from engine.loader import load_weights
-from engine.parallel import TPGroup
 from engine.qwen3 import Qwen3ForCausalLM
 from engine.random_checkpoint import write_random_qwen3
+from engine.tensor_parallel import TPGroup
 from tests.engine_cases import CONFIGS, GREEDY, PROMPT_LENS, engine, prompts, transformers_greedy
 
 ROOT = Path(__file__).resolve().parent.parent
