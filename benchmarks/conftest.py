@@ -12,7 +12,7 @@ import torch
 from benchmarks.ceilings import ceilings, machine_facts
 from benchmarks.grid import GPU_GRID
 from benchmarks.presets import PRESETS, select
-from benchmarks.timing import Prelude
+from benchmarks.timing import ColdRound
 from kernels.launch import interpreting
 
 HAS_CUDA = torch.cuda.is_available()
@@ -66,8 +66,8 @@ def ceiling(device) -> dict:
 
 
 @pytest.fixture(scope="session")
-def prelude(device) -> Prelude | None:
-    return Prelude(device) if device.type == "cuda" else None
+def cold_round(device) -> ColdRound | None:
+    return ColdRound(device) if device.type == "cuda" else None
 
 
 @pytest.fixture

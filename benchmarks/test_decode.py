@@ -66,7 +66,7 @@ def check_decode(out, q, cache, context_lens, what):
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("context_len", CONTEXTS)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_decode(benchmark, request, device, ceiling, prelude, free_bytes, shard, dtype, batch, context_len, block_size, impl):
+def test_decode(benchmark, request, device, ceiling, cold_round, free_bytes, shard, dtype, batch, context_len, block_size, impl):
     blocks = batch * math.ceil(context_len / block_size)
     if impl == "torch_loop" and blocks > LOOP_MAX_BLOCKS:
         pytest.skip(f"torch_loop walks {blocks} blocks in Python per call; past {LOOP_MAX_BLOCKS} a call takes seconds")
@@ -86,7 +86,7 @@ def test_decode(benchmark, request, device, ceiling, prelude, free_bytes, shard,
         del cache  # it reads its own contiguous copy; free the paged one before timing
 
     benchmark.group = f"decode {shard.id} {dtype_name(dtype)} block={block_size} b={batch} ctx={context_len}"
-    measure(benchmark, fn, device, request.config, prelude)
+    measure(benchmark, fn, device, request.config, cold_round)
     flops, nbytes = decode_counts(batch, context_len, shard.num_heads, shard.num_kv_heads, shard.head_dim, dtype)
     # Which source chose our kernel's config (tuning table, its family's, or the heuristic), so
     # a reader sees when a GPU ran untuned.

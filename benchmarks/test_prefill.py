@@ -94,7 +94,7 @@ def _refusal(caught) -> str:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("causal", CAUSAL, ids=lambda c: "causal" if c else "full")
 @pytest.mark.parametrize("seqlen", SEQLENS)
-def test_prefill(benchmark, request, device, ceiling, prelude, free_bytes, shard, dtype, seqlen, causal, impl):
+def test_prefill(benchmark, request, device, ceiling, cold_round, free_bytes, shard, dtype, seqlen, causal, impl):
     batch = max(1, TOKENS // seqlen)
     gen = generator(seqlen, device)
     q = randn((batch * seqlen, shard.num_heads, shard.head_dim), dtype, device, gen)
@@ -105,7 +105,7 @@ def test_prefill(benchmark, request, device, ceiling, prelude, free_bytes, shard
     check_prefill(packed(_first_call(impl, fn)), q, k, v, batch, seqlen, causal, impl)
 
     benchmark.group = f"prefill {shard.id} {dtype_name(dtype)} {'causal' if causal else 'full'} b={batch} s={seqlen}"
-    measure(benchmark, fn, device, request.config, prelude)
+    measure(benchmark, fn, device, request.config, cold_round)
     flops, nbytes = prefill_counts(batch, seqlen, shard.num_heads, shard.num_kv_heads, shard.head_dim, causal, dtype)
     source = {"config_source": prefill_config(q, k, seqlen, causal, paged=False)[1]} if impl == "flash_triton" else {}
     record(benchmark, ceiling, suite="prefill", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, seqlen=seqlen, causal=causal, **source)

@@ -26,7 +26,7 @@ IMPLS = {"flash_triton": None, "flash_triton_paged16": 16, "flash_triton_paged25
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("causal", CAUSAL, ids=lambda c: "causal" if c else "full")
 @pytest.mark.parametrize("seqlen", SEQLENS)
-def test_prefix(benchmark, request, device, ceiling, prelude, shard, dtype, seqlen, causal, impl):
+def test_prefix(benchmark, request, device, ceiling, cold_round, shard, dtype, seqlen, causal, impl):
     batch, new = max(1, TOKENS // seqlen), seqlen - seqlen // 2
     prefix = seqlen - new
     gen = generator(seqlen, device)
@@ -45,6 +45,6 @@ def test_prefix(benchmark, request, device, ceiling, prelude, shard, dtype, seql
     check_prefill(fn(), q, k, v, batch, new, causal, impl, prefix=prefix)
 
     benchmark.group = f"prefix {shard.id} {dtype_name(dtype)} {'causal' if causal else 'full'} b={batch} s={seqlen}"
-    measure(benchmark, fn, device, request.config, prelude)
+    measure(benchmark, fn, device, request.config, cold_round)
     flops, nbytes = prefix_counts(batch, prefix, new, shard.num_heads, shard.num_kv_heads, shard.head_dim, causal, dtype)
     record(benchmark, ceiling, suite="prefix", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch, seqlen=seqlen, causal=causal, block_size=IMPLS[impl], config_source=source)

@@ -7,7 +7,7 @@ time, so the JSON's stats are device seconds. Before every round a buffer larger
 rewritten and read back (outside the timed region, in the same stream), so each round reads its
 inputs from HBM as a cold serving step would, without paying for the flush's own dirty lines;
 then the device sleeps while the host enqueues the call, so launch latency stays out of the
-figure (see Prelude).
+figure (see ColdRound).
 """
 
 import math
@@ -42,12 +42,13 @@ class CudaEventClock:
         return _EventStamp()
 
 
-class Prelude:
-    """What the device runs, untimed, before every timed round: it rewrites a buffer of
-    max(256 MiB, 4x L2) so no input survives in L2, reads it back, then sleeps `cover_s` seconds
-    so the GPU is still busy when the host has finished enqueuing the call. The events then
-    bracket device work only, not the gap while Python launches it. The cover is capped at
-    MAX_COVER_S: an implementation that needs longer to launch is host-bound and is timed as such.
+class ColdRound:
+    """What the device runs, untimed, before every timed round, so the round starts cold: an L2
+    flush (it rewrites a buffer of max(256 MiB, 4x L2) so no input survives in L2, and reads it
+    back), then a launch cover (it sleeps `launch_cover_s` seconds so the GPU is still busy when
+    the host has finished enqueuing the call). The events then bracket device work only, not the
+    gap while Python launches it. The cover is capped at MAX_COVER_S: an implementation that needs
+    longer to launch is host-bound and is timed as such.
 
     The read-back matters for kernels that read less than L2 holds: after a write-only flush, L2
     is full of dirty lines, and the timed kernel's first reads pay for writing them back to HBM
@@ -56,7 +57,7 @@ class Prelude:
     def __init__(self, device: torch.device):
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
         self.buffer = torch.empty(max(256 << 20, 4 * l2), dtype=torch.int8, device=device)
-        self.cover_s = 0.0
+        self.launch_cover_s = 0.0
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(1_000_000)  # first call loads the kernel
         start.record()
@@ -68,8 +69,8 @@ class Prelude:
     def __call__(self) -> None:
         self.buffer.fill_(1)
         self.buffer.view(torch.int64).sum()  # leaves L2 holding clean lines only
-        if self.cover_s:
-            torch.cuda._sleep(int(self.cover_s * self.cycles_per_s))
+        if self.launch_cover_s:
+            torch.cuda._sleep(int(self.launch_cover_s * self.cycles_per_s))
 
 
 def _rounds(per_round: float, config) -> int:
@@ -80,36 +81,36 @@ def _rounds(per_round: float, config) -> int:
     return max(min_rounds, min(MAX_ROUNDS, math.ceil(max_time / max(per_round, 1e-7))))
 
 
-def cover_launch(fn: Callable[[], object], prelude: Prelude) -> tuple[float, float]:
-    """Run `fn` ESTIMATE_ROUNDS times after the prelude and set the prelude's cover from the
+def size_launch_cover(fn: Callable[[], object], cold_round: ColdRound) -> tuple[float, float]:
+    """Run `fn` ESTIMATE_ROUNDS times after the cold round and size its launch cover from the
     host's enqueue time. Returns the medians (host enqueue seconds, device seconds)."""
     clock, host, dev = CudaEventClock(), [], []
-    prelude.cover_s = 0.0
+    cold_round.launch_cover_s = 0.0
     for _ in range(ESTIMATE_ROUNDS):
-        prelude()
+        cold_round()
         start, t0 = clock(), time.perf_counter()
         fn()
         host.append(time.perf_counter() - t0)
         dev.append(clock() - start)
-    prelude.cover_s = min(MAX_COVER_S, 2 * statistics.median(host) + 20e-6)
+    cold_round.launch_cover_s = min(MAX_COVER_S, 2 * statistics.median(host) + 20e-6)
     return statistics.median(host), statistics.median(dev)
 
 
-def median_device_s(fn: Callable[[], object], prelude: Prelude, rounds: int = 50) -> float:
-    """The median device time of `fn` over `rounds` calls, each after the prelude (L2 rewritten,
+def median_device_s(fn: Callable[[], object], cold_round: ColdRound, rounds: int = 50) -> float:
+    """The median device time of `fn` over `rounds` calls, each after the cold round (L2 flushed,
     launch covered), as the suites time it. For tools outside pytest-benchmark."""
-    cover_launch(fn, prelude)
+    size_launch_cover(fn, cold_round)
     clock, times = CudaEventClock(), []
     for _ in range(rounds):
-        prelude()
+        cold_round()
         start = clock()
         fn()
         times.append(clock() - start)
     return statistics.median(times)
 
 
-def measure(benchmark, fn: Callable[[], object], device: torch.device, config, prelude: Prelude | None) -> None:
-    """Time `fn()` into `benchmark`'s stats: device time between CUDA events after the Prelude on
+def measure(benchmark, fn: Callable[[], object], device: torch.device, config, cold_round: ColdRound | None) -> None:
+    """Time `fn()` into `benchmark`'s stats: device time between CUDA events after the ColdRound on
     a GPU, host time on the CPU, where every op is synchronous. The caller has already run `fn`
     once (its correctness check), so JIT compilation is out of the timed rounds; a few more
     untimed calls here warm caches, measure the host's launch time and size the round count.
@@ -117,9 +118,9 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, config, p
     if device.type == "cuda":
         if not hasattr(benchmark, "_timer"):
             raise RuntimeError("this pytest-benchmark has no BenchmarkFixture._timer; the CUDA event clock cannot be installed")
-        host, dev = cover_launch(fn, prelude)
+        host, dev = size_launch_cover(fn, cold_round)
         benchmark._timer = CudaEventClock()
-        benchmark.pedantic(fn, setup=prelude, rounds=_rounds(dev, config), warmup_rounds=1)
+        benchmark.pedantic(fn, setup=cold_round, rounds=_rounds(dev, config), warmup_rounds=1)
     else:
         start = time.perf_counter()
         fn()

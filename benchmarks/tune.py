@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from benchmarks.ceilings import software_facts
 from benchmarks.test_decode import check_decode
-from benchmarks.timing import Prelude, median_device_s
+from benchmarks.timing import ColdRound, median_device_s
 from kernels.flash_attention import prefill_plan
 from kernels.launch import interpreting
 from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
@@ -110,9 +110,9 @@ def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
     return [(t, True) for t in tiles] + [((128, 64, 8, 3), False)]
 
 
-def _timer(device: torch.device, prelude: Prelude | None):
+def _timer(device: torch.device, cold_round: ColdRound | None):
     if device.type == "cuda":
-        return lambda fn: 1e3 * median_device_s(fn, prelude, rounds=ROUNDS)
+        return lambda fn: 1e3 * median_device_s(fn, cold_round, rounds=ROUNDS)
     # The interpreter: wall time of a few calls, only so that the table's machinery runs.
     return lambda fn: 1e3 * statistics.median(_wall(fn) for _ in range(3))
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     path = (args.out or config_dir()) / f"{device_slug(device)}.json"
     prov = provenance(device)
     print(f"{prov['gpu']}: torch {prov['torch']}, triton {prov['triton']}; {len(chosen)} buckets -> {path}", flush=True)
-    time_ms = _timer(device, Prelude(device) if on_gpu else None)
+    time_ms = _timer(device, ColdRound(device) if on_gpu else None)
     start, winners, rows, left_out = time.monotonic(), [], [], []
     for b in chosen:
         if time.monotonic() - start > args.budget_s:
