@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from engine.backend import BACKENDS
 from engine.checkpoint_config import load_model_args
 from engine.config import Config
 from engine.loader import load_weights
@@ -79,7 +80,7 @@ class LLM:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.config.device):
-                self.model = Qwen3ForCausalLM(args, self.config.attention_backend, self.tp)
+                self.model = Qwen3ForCausalLM(args, BACKENDS[self.config.attention_backend], self.tp)
         finally:
             torch.set_default_dtype(torch.float32)
         load_weights(self.model, model)

@@ -163,7 +163,7 @@ class ModelRunner:
         if any(s.top_p < 1 for s in seqs):
             top_ps = self._to_device([s.top_p for s in seqs], torch.float32)
         # Ranks sample from the same logits but with their own random streams: rank 0's choice holds.
-        tokens = self.model.tp.to_host(self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.config.attention_backend)))
+        tokens = self.model.tp.to_host(self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.model.backend)))
         if record is not None:
             record.prepare_s, record.execute_s = prepared - start, time.perf_counter() - prepared
         return tokens

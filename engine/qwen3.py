@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, attend
-from engine.backend import BACKENDS, Backend
+from engine.backend import TRITON, Backend
 from engine.tensor_parallel import TPGroup
 from reference import rope_cos_sin
 
@@ -130,9 +130,9 @@ class Qwen3ForCausalLM(nn.Module):
     i's (k_cache, v_cache) pair, each (num_blocks, block_size, num_kv_heads, head_dim) with this
     rank's `num_kv_heads`."""
 
-    def __init__(self, args: ModelArgs, backend: str = "triton", tp: TPGroup | None = None):
+    def __init__(self, args: ModelArgs, backend: Backend = TRITON, tp: TPGroup | None = None):
         super().__init__()
-        self.args, self.tp, self.backend = args, tp or TPGroup(), BACKENDS[backend]
+        self.args, self.tp, self.backend = args, tp or TPGroup(), backend
         self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, self.tp)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(args, self.backend, self.tp) for _ in range(args.num_layers))
         self.num_kv_heads = self.layers[0].self_attn.num_kv_heads

@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.backend import BACKENDS
+from engine.backend import TRITON, Backend
 
 
 def sample(
@@ -11,18 +11,18 @@ def sample(
     top_ks: torch.Tensor | None = None,
     top_ps: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    backend: str = "triton",
+    backend: Backend = TRITON,
 ) -> torch.Tensor:
     """Pick one token per row.
 
     logits: fp32 (batch, vocab). temperatures: fp32 (batch,), 0 means greedy (argmax); None means
     every row is greedy. top_ks: int (batch,), 0 keeps every token; top_ps: fp32 (batch,), 1.0
     keeps every token; both None (the caller knows no row filters) skips the vocabulary sort that
-    filtering needs. All tensors live on logits' device. backend "triton" draws in one pass over
+    filtering needs. All tensors live on logits' device. The TRITON backend draws in one pass over
     the logits (kernels.sample_tokens) with a seed drawn on the host, so `generator` is a CPU one;
-    "torch" draws noise on the logits' device with reference.sample_ref, so `generator` lives
-    there (default, either way: torch's global one; engine/backend.py). Returns int64 (batch,); nothing here reads
-    device memory on the host.
+    TORCH draws noise on the logits' device with reference.sample_ref, so `generator` lives there
+    (default, either way: torch's global one; engine/backend.py). Returns int64 (batch,); nothing
+    here reads device memory on the host.
     """
     if temperatures is None:
         return logits.argmax(dim=-1)
@@ -31,7 +31,7 @@ def sample(
         # draw from the kept tokens at temperature 1, the scaling being done.
         logits = _filter(logits / temperatures.clamp_min(1e-6)[:, None], top_ks, top_ps)
         temperatures = (temperatures > 0).float()
-    return BACKENDS[backend].draw(logits, temperatures, generator)
+    return backend.draw(logits, temperatures, generator)
 
 
 def _filter(scaled: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:

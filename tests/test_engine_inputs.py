@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.backend import TORCH, TRITON, Backend
 from engine.config import Config
 from engine.random_checkpoint import write_random_qwen3
 from engine.sampler import sample
@@ -255,13 +256,13 @@ def test_packed_decode_inputs(llm):
 DRAWS = 1000  # rows of one call; at p = 0.84 a frequency's standard deviation is 0.012
 
 
-def sampler_generator(seed: int, backend: str, device: torch.device) -> torch.Generator:
+def sampler_generator(seed: int, backend: Backend, device: torch.device) -> torch.Generator:
     """The triton backend draws its kernel's seed on the host; the torch backend draws its noise
     on the logits' device."""
-    return torch.Generator(device if backend == "torch" else "cpu").manual_seed(seed)
+    return torch.Generator(device if backend is TORCH else "cpu").manual_seed(seed)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)
 def test_sampler_filters(backend, device):
     gen = sampler_generator(0, backend, device)
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]], device=device).repeat(DRAWS, 1)
@@ -279,7 +280,7 @@ def test_sampler_filters(backend, device):
     assert greedy.tolist() == [0, 3]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)
 def test_sampler_paths_without_filters(backend, device):
     """No filter tensors: no sort, the same distribution; no temperatures: argmax; a greedy row
     beside sampled rows stays argmax."""

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, checkpoint_config, loader
+from engine.backend import TORCH
 from engine.qwen3 import Qwen3ForCausalLM
 from engine.random_checkpoint import write_random_qwen3
 from engine.tensor_parallel import TPGroup
@@ -45,7 +46,7 @@ def ckpt(untied, tmp_path) -> Path:
 
 def load(path, tp: TPGroup | None = None) -> Qwen3ForCausalLM:
     """What a rank of LLM(path) loads: ModelArgs from config.json, then the weights."""
-    model = Qwen3ForCausalLM(checkpoint_config.load_model_args(path), "torch", tp)
+    model = Qwen3ForCausalLM(checkpoint_config.load_model_args(path), TORCH, tp)
     loader.load_weights(model, path)
     return model
 

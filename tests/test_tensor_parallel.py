@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import SamplingParams
+from engine.backend import TORCH
 from engine.checkpoint_config import load_model_args
 from engine.loader import load_weights
 from engine.qwen3 import Qwen3ForCausalLM
@@ -270,7 +271,7 @@ def test_a_rank_loads_only_its_slices(checkpoint):
     copied from exactly those rows or columns of the checkpoint; nothing else is materialised."""
     args = load_model_args(checkpoint)
     tp = TPGroup(1, 2)
-    model = Qwen3ForCausalLM(args, "torch", tp)
+    model = Qwen3ForCausalLM(args, TORCH, tp)
     load_weights(model, checkpoint)
     full = {k.removeprefix("model."): v for f in checkpoint.glob("*.safetensors") for k, v in load_file(f).items()}
     d = args.head_dim
