@@ -1,8 +1,10 @@
 """The KV cache's block allocator, with prefix caching.
 
 A full block is named by a hash chained over every token up to its end, so equal hashes mean equal
-prefixes and a later request can reuse the KV already computed for them. Freed blocks keep their hash
-and stay hittable until a miss evicts them, least recently freed first.
+prefixes and a later request can reuse the KV already computed for them. A block is registered
+under its hash once a scheduled step writes its last token's KV and that token's id is known
+(cache_blocks), never before: a request admitted later must not hit KV still to be computed.
+Freed blocks keep their hash and stay hittable until a miss evicts them, least recently freed first.
 """
 
 import struct
@@ -92,24 +94,29 @@ class BlockManager:
         if needed > self.num_free_blocks:
             raise RuntimeError(f"no room for sequence {seq.seq_id}: it needs {needed} free blocks, {self.num_free_blocks} are free")
         table = []
-        prefix_hash = None
         for i in range(seq.num_blocks):
-            tokens = seq.block(i)
             if i < len(hits):
                 block = self.blocks[hits[i]]
                 if block.ref_count == 0:
                     del self.free_blocks[block.block_id]
                 block.ref_count += 1
                 self.num_cache_hit_blocks += 1
-                prefix_hash = block.hash
             else:
                 block = self._take_free_block()
-                if len(tokens) == self.block_size:
-                    prefix_hash = compute_hash(tokens, prefix_hash)
-                    self._register(block, tokens, prefix_hash)
             table.append(block.block_id)
         seq.block_table = table
-        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Register seq's full blocks whose KV a scheduled step writes (num_computed_tokens) and
+        whose token ids are known, so later requests can hit them."""
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
+        for i in range(seq.num_hashed_blocks, full):
+            prefix_hash = self.blocks[seq.block_table[i - 1]].hash if i else None
+            tokens = seq.block(i)
+            self._register(self.blocks[seq.block_table[i]], tokens, compute_hash(tokens, prefix_hash))
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
     def deallocate(self, seq: Sequence) -> None:
         """Release seq's blocks. Freed blocks keep their hash so a later request can still hit them."""
@@ -122,15 +129,14 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
         seq.block_table = []
-        seq.num_cached_tokens = 0
+        seq.num_cached_tokens = seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether `may_append(seq)` would succeed now."""
         return len(seq.block_table) >= seq.num_blocks or self.num_free_blocks > 0
 
     def may_append(self, seq: Sequence) -> None:
-        """Make seq's table cover its newest token, whose KV the coming decode step writes, and cache
-        the block that write completes."""
+        """Make seq's table cover its newest token, whose KV the coming decode step writes."""
         missing = seq.num_blocks - len(seq.block_table)
         if missing > 1 or not seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} of {len(seq)} tokens has {len(seq.block_table)} blocks: allocate it first")
@@ -138,10 +144,6 @@ class BlockManager:
             if not self.free_blocks:
                 raise RuntimeError(f"no free block to extend sequence {seq.seq_id}")
             seq.block_table.append(self._take_free_block().block_id)
-        if len(seq) % self.block_size == 0:
-            prefix_hash = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else None
-            tokens = seq.block(seq.num_blocks - 1)
-            self._register(self.blocks[seq.block_table[-1]], tokens, compute_hash(tokens, prefix_hash))
 
     def _take_free_block(self) -> Block:
         """Claim the least recently freed block for new tokens, evicting whatever it cached."""

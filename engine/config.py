@@ -62,6 +62,15 @@ class Config:
     device: None picks cuda when available, else cpu; else "cpu", "cuda" or "cuda:N" of a GPU
         this machine has.
     attention_backend: "triton" (our kernels) or "torch" (the PyTorch references).
+    max_model_len: prompt plus output tokens of one request, at most the checkpoint's
+        max_position_embeddings; it may exceed max_num_batched_tokens, since prompts are prefilled
+        in chunks of at most the step's token budget.
+    long_prefill_token_threshold: the most tokens one prompt's chunk takes of a step while other
+        requests wait for room (budget left over still goes to it); None means a quarter of
+        max_num_batched_tokens.
+    async_scheduling: plan and launch each step before the previous step's tokens reach the host
+        (they feed the next step on the device), so the GPU does not wait on Python; the tokens are
+        those of synchronous scheduling.
     """
 
     model: str
@@ -77,6 +86,8 @@ class Config:
     dtype: str | torch.dtype | None = None
     device: str | torch.device | None = None
     attention_backend: str = "triton"
+    long_prefill_token_threshold: int | None = None
+    async_scheduling: bool = True
 
     def __post_init__(self):
         self.device = check_device(self.device)
@@ -86,11 +97,12 @@ class Config:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if self.max_num_batched_tokens < self.max_model_len:
-            # Prefills are not chunked: a prompt must fit one step's token budget.
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
-            )
+        if self.long_prefill_token_threshold is None:
+            self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 4)
+        if not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 1:
+            raise ValueError(f"long_prefill_token_threshold must be an int >= 1 or None, got {self.long_prefill_token_threshold!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not isinstance(self.num_kvcache_blocks, int) or (self.num_kvcache_blocks < 1 and self.num_kvcache_blocks != -1):

@@ -28,7 +28,8 @@ class LLM:
 
     `config` takes the fields of engine.config.Config: max_num_batched_tokens, max_num_seqs,
     max_model_len, gpu_memory_utilization, kvcache_block_size, num_kvcache_blocks, enforce_eager,
-    tensor_parallel_size, dtype, device, attention_backend, cpu_kvcache_bytes.
+    tensor_parallel_size, dtype, device, attention_backend, cpu_kvcache_bytes,
+    long_prefill_token_threshold, async_scheduling.
     After generate(), `step_records` holds one engine.step_profile.StepRecord per step it ran.
 
     tensor_parallel_size N > 1 shards the model over N ranks (engine/tensor_parallel.py,
@@ -50,6 +51,11 @@ class LLM:
         self.config = Config(str(model), **config)
         size = self.config.tensor_parallel_size
         args = load_model_args(model)
+        if self.config.max_model_len > args.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.config.max_model_len}) exceeds the checkpoint's max_position_embeddings "
+                f"({args.max_position_embeddings})"
+            )
         check_shardable(args.num_heads, args.num_kv_heads, args.intermediate_size, args.attention_bias, size)
         self.workers = None
         self.closed = False  # set by close() or a tensor-parallel failure; a closed LLM refuses calls
@@ -185,9 +191,11 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams],
         use_tqdm: bool = True,
     ) -> list[dict]:
-        """Generate for every prompt (strings or token-id lists); one {"text", "token_ids"} per prompt,
-        in input order. A single prompt, a str or one list of token ids, gets a list of one.
-        "text" is None when the checkpoint has no tokenizer."""
+        """Generate for every prompt (strings or token-id lists); one {"text", "token_ids", "metrics"}
+        per prompt, in input order. A single prompt, a str or one list of token ids, gets a list of
+        one. "text" is None when the checkpoint has no tokenizer; "metrics" is the request's
+        engine.request_metrics.RequestMetrics (arrival, each token's time, TTFT and ITL,
+        preemptions, prefix-cache hits)."""
         if self.closed:
             raise RuntimeError("this LLM was closed")
         prompts = self._prompt_list(prompts)
@@ -210,32 +218,45 @@ class LLM:
             {
                 "text": self.tokenizer.decode(s.completion_token_ids, skip_special_tokens=True) if self.tokenizer else None,
                 "token_ids": s.completion_token_ids,
+                "metrics": s.metrics,
             }
             for s in seqs
         ]
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
-        """Schedule and run steps until every sequence of `seqs` is finished."""
+        """Schedule and run steps until every sequence of `seqs` is finished. With async scheduling
+        step n + 1 is scheduled and launched before the host waits for step n's tokens, so the
+        device never idles through the host's work; otherwise each step's tokens are in before the
+        next is planned. Either way the tokens are the same."""
         for seq in seqs:
             self.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
         self.step_records = []  # the last call's steps only
-        while not self.scheduler.is_finished():
+        in_flight = None  # (step, its record, its SampledTokens) launched and not yet postprocessed
+        while in_flight or not self.scheduler.is_finished():
             start = time.perf_counter()
-            batch, is_prefill = self.scheduler.schedule()
-            tokens = sum(len(s) - s.num_cached_tokens for s in batch) if is_prefill else len(batch)
-            record = StepRecord(is_prefill, len(batch), tokens, sum(len(s) for s in batch), schedule_s=time.perf_counter() - start)
-            sampled = self.runner.run(batch, is_prefill, record)
-            done_running = time.perf_counter()
-            finished = self.scheduler.postprocess(batch, sampled, self.eos_token_ids)
-            record.postprocess_s = time.perf_counter() - done_running
-            self.step_records.append(record)
-            rate = tokens / (time.perf_counter() - start)
-            prefill_tps, decode_tps = (rate, decode_tps) if is_prefill else (prefill_tps, rate)
-            bar.set_postfix(prefill=f"{prefill_tps:.0f} tok/s", decode=f"{decode_tps:.0f} tok/s")
-            bar.update(len(finished))
+            step = self.scheduler.schedule(in_flight=in_flight is not None)
+            launched = None
+            if step.seqs:
+                record = StepRecord(
+                    not step.is_decode, len(step.seqs), step.num_tokens, sum(s + n for s, n in zip(step.starts, step.num_new, strict=True)),
+                    schedule_s=time.perf_counter() - start,
+                )
+                self.step_records.append(record)
+                launched = (step, record, self.runner.launch(step, record))
+            done, in_flight = (in_flight, launched) if self.config.async_scheduling else (launched, None)
+            if done is not None:
+                bar.update(len(self._finish(*done)))
         bar.close()
+
+    def _finish(self, step, record: StepRecord, sampled) -> list[Sequence]:
+        """Wait for a launched step's tokens and hand them to the scheduler; the finished sequences."""
+        start = time.perf_counter()
+        tokens = sampled.result() if sampled is not None else []
+        waited = time.perf_counter()
+        finished = self.scheduler.postprocess(step, tokens, self.eos_token_ids)
+        record.wait_s, record.postprocess_s = waited - start, time.perf_counter() - waited
+        return finished
 
 
 def serve_rank(model: str, config: dict, rendezvous: Rendezvous) -> None:

@@ -1,5 +1,6 @@
-"""Runs the model for one scheduled step: owns the KV cache, turns sequences into packed kernel
-inputs, replays CUDA graphs for decode, and samples the next tokens."""
+"""Runs the model for one scheduled step: owns the KV cache, turns the step's rows into packed
+kernel inputs, replays CUDA graphs for decode, and samples the next tokens, which it hands back
+as a SampledTokens still on its way to the host (async scheduling launches the next step first)."""
 
 import time
 
@@ -10,10 +11,33 @@ from engine.attention import AttentionMetadata
 from engine.config import Config
 from engine.qwen3 import Qwen3ForCausalLM
 from engine.sampler import sample
-from engine.sequence import Sequence
+from engine.scheduler import ScheduledStep
+from engine.sequence import PENDING, Sequence
 from engine.step_profile import StepRecord
+from engine.tensor_parallel import TPGroup
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class SampledTokens:
+    """One step's sampled token ids (int64 on the device, one per sampled row), copied to pinned
+    host memory behind the step's work; result() waits for that copy alone, so a later step
+    already launched keeps the device busy meanwhile."""
+
+    def __init__(self, tokens: torch.Tensor, tp: TPGroup):
+        self.tp, self.done = tp, None
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host = tokens
+
+    def result(self) -> list[int]:
+        if self.done is not None:
+            self.tp.wait_event(self.done)
+        return self.host.tolist()
 
 
 class ModelRunner:
@@ -33,7 +57,14 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
         self.graphs = {}
-        self._packed: torch.Tensor | None = None
+        # Two pinned decode input buffers, used in turn: under async scheduling the host packs a
+        # step while the copy of the one before may still be queued.
+        self._packed: list[torch.Tensor | None] = [None, None]
+        self._packed_turn = 0
+        # The last launched step's sampled tokens, on the device, and the row each sequence's sits
+        # in: the next step reads a token the host does not know yet from here.
+        self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int32, device=self.device)
+        self.sampled_row: dict[int, int] = {}
         if self.device.type == "cuda" and not config.enforce_eager and model.backend.cuda_graphs:
             self._capture_decode_graphs()
 
@@ -58,7 +89,8 @@ class ModelRunner:
         """The biggest prefill a step can hold, with writes to a one-block cache skipped, to measure
         peak activation memory."""
         c, a = self.config, self.model.args
-        lens = [c.max_model_len] * max(1, min(c.max_num_seqs, c.max_num_batched_tokens // c.max_model_len))
+        longest = min(c.max_model_len, c.max_num_batched_tokens)
+        lens = [longest] * max(1, min(c.max_num_seqs, c.max_num_batched_tokens // longest))
         tokens = sum(lens)
         cache = torch.empty(1, self.block_size, self.model.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
         cu = torch.tensor([0, *lens], device=self.device).cumsum(0).to(torch.int32)
@@ -81,55 +113,88 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         return self._to_device([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
-    def prepare_prefill(self, seqs: list[Sequence]):
-        """Only tokens past each sequence's cached prefix are computed; the keys span the whole
-        sequence, read from the paged cache when any prefix was cached."""
-        ids, positions, slots, cu_q, cu_k = [], [], [], [0], [0]
-        for seq in seqs:
-            start = seq.num_cached_tokens
-            ids += seq.token_ids[start:]
-            pos = np.arange(start, len(seq))
+    def _input_sources(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> list[int] | None:
+        """For each input token, the row of self.sampled holding it when the host does not know it
+        yet (PENDING), else -1; None when every id is known."""
+        if PENDING not in ids:
+            return None
+        src = [-1] * len(ids)
+        for i, (token, seq) in enumerate(zip(ids, seqs, strict=True)):
+            if token == PENDING:
+                if seq.seq_id not in self.sampled_row:
+                    raise RuntimeError(f"sequence {seq.seq_id}'s token at position {positions[i]} is pending but the last step did not sample it")
+                src[i] = self.sampled_row[seq.seq_id]
+        return src
+
+    def _resolve_ids(self, ids: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """ids with each PENDING one replaced by the device's sampled token its src row names."""
+        return torch.where(src >= 0, self.sampled[src.clamp_min(0)].to(ids.dtype), ids)
+
+    def prepare_chunks(self, step: ScheduledStep):
+        """(ids, positions, meta, rows to sample) for a step with prefill chunks: row i computes
+        tokens [starts[i], starts[i] + num_new[i]) of its sequence, and its keys span the
+        sequence up to the chunk's end, read from the paged cache when any row has KV there
+        already (a cached prefix, an earlier chunk, or a decode row)."""
+        ids, owners, positions, slots, cu_q, cu_k = [], [], [], [], [0], [0]
+        for seq, start, n in zip(step.seqs, step.starts, step.num_new, strict=True):
+            ids += seq.token_ids[start : start + n]
+            owners += [seq] * n
+            pos = np.arange(start, start + n)
             positions.append(pos)
             slots.append(np.asarray(seq.block_table, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size)
-            cu_q.append(cu_q[-1] + len(seq) - start)
-            cu_k.append(cu_k[-1] + len(seq))
-        cached = any(s.num_cached_tokens for s in seqs)
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + start + n)
+        paged = any(step.starts)
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._to_device(np.concatenate(slots), torch.int32),
             cu_seqlens_q=self._to_device(cu_q, torch.int32),
             cu_seqlens_k=self._to_device(cu_k, torch.int32),
-            max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:], strict=False)),
-            max_seqlen_k=max(len(s) for s in seqs),
-            block_tables=self._block_tables(seqs) if cached else None,
+            max_seqlen_q=max(step.num_new),
+            max_seqlen_k=max(b - a for a, b in zip(cu_k, cu_k[1:], strict=False)),
+            block_tables=self._block_tables(step.seqs) if paged else None,
         )
-        last = self._to_device([n - 1 for n in cu_q[1:]], torch.long)
-        return self._to_device(ids, torch.long), self._to_device(np.concatenate(positions), torch.long), meta, last
+        positions = np.concatenate(positions)
+        src = self._input_sources(owners, ids, positions)
+        input_ids = self._to_device(ids, torch.long)
+        if src is not None:
+            input_ids = self._resolve_ids(input_ids, self._to_device(src, torch.long))
+        last = self._to_device([end - 1 for end, sampled in zip(cu_q[1:], step.samples, strict=True) if sampled], torch.long)
+        return input_ids, self._to_device(positions, torch.long), meta, last
 
-    def pack_decode(self, seqs: list[Sequence], rows: int) -> torch.Tensor:
-        """A decode step's host inputs in one int32 buffer of `rows` >= len(seqs) rows, so that one
-        copy moves them: [ids (rows), context_lens (rows), block tables (rows x max_blocks_per_seq)],
-        padding rows holding token 0, context 0 and a table of -1. Pinned on a GPU; each call
-        reuses the buffer, which is safe because every step waits for its sampled tokens."""
+    def pack_decode(self, seqs: list[Sequence], positions: list[int], rows: int) -> torch.Tensor:
+        """A decode step's host inputs, row i the token at positions[i] of seqs[i] (whose context
+        it completes), in one int32 buffer of `rows` >= len(seqs) rows, so that one
+        copy moves them: [ids (rows), id sources (rows), context_lens (rows), block tables (rows x
+        max_blocks_per_seq)], padding rows holding token 0, source -1, context 0 and a table of -1.
+        An id the host does not know yet (PENDING) has as source the row of self.sampled holding
+        it. Pinned on a GPU. Calls alternate between two buffers: by the time a buffer is reused,
+        two steps on, the host has waited for the tokens of the step that copied it last."""
         width = self.max_blocks_per_seq
-        if self._packed is None or self._packed.shape[0] < rows * (2 + width):
-            self._packed = torch.empty(rows * (2 + width), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        size = rows * (3 + width)
+        self._packed_turn ^= 1
+        buffer = self._packed[self._packed_turn]
+        if buffer is None or buffer.shape[0] < size:
+            buffer = self._packed[self._packed_turn] = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         flat = []
         for seq in seqs:
             flat += seq.block_table
             flat += [-1] * (width - len(seq.block_table))
-        packed = self._packed[: rows * (2 + width)].numpy()
-        pad = rows - len(seqs)
-        packed[: 2 * rows] = [s.last_token for s in seqs] + [0] * pad + [len(s) for s in seqs] + [0] * pad
-        packed[2 * rows :] = flat + [-1] * (pad * width)
-        return self._packed[: rows * (2 + width)]
+        packed = buffer[:size].numpy()
+        pad = [0] * (rows - len(seqs))
+        ids = [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)]
+        src = self._input_sources(seqs, ids, positions) or [-1] * len(seqs)
+        packed[: 3 * rows] = [max(t, 0) for t in ids] + pad + src + [-1] * len(pad) + [p + 1 for p in positions] + pad
+        packed[3 * rows :] = flat + [-1] * (len(pad) * width)
+        return buffer[:size]
 
     def decode_inputs(self, packed: torch.Tensor, rows: int, max_context_len: int):
         """(ids, positions, meta) on the device from a pack_decode buffer already there. Each row's
-        position and cache slot follow from its context length and block table, so they are
-        computed here, inside the CUDA graph, not on the host; padding rows get slot -1."""
-        ids, context_lens = packed[:rows], packed[rows : 2 * rows]
-        block_tables = packed[2 * rows :].view(rows, self.max_blocks_per_seq)
+        id (when pending), position and cache slot follow from the buffer, so they are computed
+        here, inside the CUDA graph, not on the host; padding rows get slot -1."""
+        ids = self._resolve_ids(packed[:rows], packed[rows : 2 * rows])
+        context_lens = packed[2 * rows : 3 * rows]
+        block_tables = packed[3 * rows :].view(rows, self.max_blocks_per_seq)
         positions = (context_lens - 1).clamp_min(0)
         blocks = block_tables.gather(1, (positions // self.block_size).long()[:, None]).squeeze(1)
         slots = torch.where(context_lens > 0, blocks * self.block_size + positions % self.block_size, -1)
@@ -139,19 +204,29 @@ class ModelRunner:
         return ids, positions, meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, record: StepRecord | None = None) -> list[int]:
-        """One step for `seqs`: the next token of each. `record` gets the host time spent building
-        the inputs (prepare_s) and the rest, model run to sampled tokens on the host (execute_s)."""
+    def launch(self, step: ScheduledStep, record: StepRecord | None = None) -> SampledTokens | None:
+        """Queue `step` on the device and the sampling of each sampled row's next token; None when
+        no row samples. `record` gets the host time spent building the inputs (prepare_s) and
+        queuing the rest (launch_s)."""
         start = time.perf_counter()
-        if is_prefill:
-            ids, positions, meta, last = self.prepare_prefill(seqs)
+        seqs = step.sampled_seqs
+        if step.is_decode:
+            graph_rows = next((b for b in GRAPH_BATCH_SIZES if b >= len(step.seqs) and b in self.graphs), None)
+            packed = self.pack_decode(step.seqs, step.starts, graph_rows or len(step.seqs))
+            prepared = time.perf_counter()
+            hidden = self._decode(packed, len(step.seqs), graph_rows, max(step.starts) + 1)
+        else:
+            ids, positions, meta, last = self.prepare_chunks(step)
             prepared = time.perf_counter()
             hidden = self.model(ids, positions, self.kv_caches, meta)[last]
-        else:
-            graph_rows = next((b for b in GRAPH_BATCH_SIZES if b >= len(seqs) and b in self.graphs), None)
-            packed = self.pack_decode(seqs, graph_rows or len(seqs))
-            prepared = time.perf_counter()
-            hidden = self._decode(packed, len(seqs), graph_rows, max(len(s) for s in seqs))
+        sampled = None
+        if seqs:
+            sampled = self._sample(hidden, seqs)
+        if record is not None:
+            record.prepare_s, record.launch_s = prepared - start, time.perf_counter() - prepared
+        return sampled
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         logits = self.model.compute_logits(hidden)
         # The host knows every row's sampling parameters, so the sampler skips what no row needs
         # (sampling when all are greedy, the vocabulary sort when none filters) without a sync.
@@ -163,10 +238,11 @@ class ModelRunner:
         if any(s.top_p < 1 for s in seqs):
             top_ps = self._to_device([s.top_p for s in seqs], torch.float32)
         # Ranks sample from the same logits but with their own random streams: rank 0's choice holds.
-        tokens = self.model.tp.to_host(self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.model.backend)))
-        if record is not None:
-            record.prepare_s, record.execute_s = prepared - start, time.perf_counter() - prepared
-        return tokens
+        tokens = self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.model.backend))
+        if self.config.async_scheduling:
+            self.sampled[: len(seqs)].copy_(tokens)
+            self.sampled_row = {s.seq_id: row for row, s in enumerate(seqs)}
+        return SampledTokens(tokens, self.model.tp)
 
     def _decode(self, packed: torch.Tensor, batch: int, graph_rows: int | None, max_context_len: int) -> torch.Tensor:
         """Hidden states of a decode step's `batch` rows: the captured graph of `graph_rows` rows
@@ -187,7 +263,7 @@ class ModelRunner:
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= top] or [1]
         pool = None
         for size in reversed(sizes):
-            io = {"packed": self.pack_decode([], size).to(self.device)}
+            io = {"packed": self.pack_decode([], [], size).to(self.device)}
             # max_context_len is fixed at max_model_len so the kernel's split count does not depend on the batch.
             ids, positions, meta = self.decode_inputs(io["packed"], size, self.config.max_model_len)
             self.model(ids, positions, self.kv_caches, meta)  # warm-up: compile outside capture

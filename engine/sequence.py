@@ -3,7 +3,10 @@
 from enum import Enum, auto
 from itertools import count
 
+from engine.request_metrics import RequestMetrics
 from engine.sampling_params import SamplingParams
+
+PENDING = -1  # the id held for a token sampled on the device whose value the host does not know yet
 
 
 class SequenceStatus(Enum):
@@ -15,9 +18,15 @@ class SequenceStatus(Enum):
 class Sequence:
     """A prompt and the tokens generated after it, cut into logical blocks of `block_size` tokens.
 
-    `block_table[i]` is the physical KV block holding logical block i. `num_cached_tokens` counts the
-    leading tokens whose KV the prefix cache supplied at the latest allocation, which the model
-    runner skips when it prefills.
+    `block_table[i]` is the physical KV block holding logical block i. `num_computed_tokens` counts
+    the leading tokens whose KV is in the cache or is written by a step already scheduled: the
+    prefix cache's hits, then each prefill chunk and decode step. `num_cached_tokens` counts the
+    hits alone, at the latest allocation. `num_hashed_blocks` leading blocks are registered in the
+    prefix cache.
+
+    Under async scheduling a token is sampled on the device one step before the host learns it:
+    it is appended as PENDING, so lengths and positions stay exact, and filled in once known.
+    Pending tokens are always the newest ones.
     """
 
     _next_id = count()
@@ -33,6 +42,9 @@ class Sequence:
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_cached_tokens = 0
+        self.num_computed_tokens = 0
+        self.num_hashed_blocks = 0
+        self.num_pending_tokens = 0
         self.block_table: list[int] = []
         self.block_size = block_size
         self.temperature = sampling_params.temperature
@@ -40,6 +52,7 @@ class Sequence:
         self.ignore_eos = sampling_params.ignore_eos
         self.top_k = sampling_params.top_k
         self.top_p = sampling_params.top_p
+        self.metrics = RequestMetrics()
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -54,8 +67,14 @@ class Sequence:
 
     @property
     def last_token(self) -> int:
-        """The newest token: the one the next decode step feeds the model."""
+        """The newest token: the one the next decode step feeds the model (PENDING if the device
+        has it and the host not yet)."""
         return self.token_ids[-1]
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Leading tokens whose ids the host knows: all but the pending ones."""
+        return len(self.token_ids) - self.num_pending_tokens
 
     @property
     def num_completion_tokens(self) -> int:
@@ -89,5 +108,24 @@ class Sequence:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
 
     def append_token(self, token_id: int) -> None:
-        """Add a sampled token; its KV is written by the next decode step."""
+        """Add a sampled token whose id is known; its KV is written by the next decode step."""
+        if self.num_pending_tokens:
+            raise RuntimeError(f"sequence {self.seq_id} has pending tokens: fill those first")
         self.token_ids.append(token_id)
+
+    def append_pending(self) -> None:
+        """Hold the place of a token the step being launched samples on the device."""
+        self.token_ids.append(PENDING)
+        self.num_pending_tokens += 1
+
+    def fill_pending(self, token_id: int) -> None:
+        """The oldest pending token's id, now known on the host."""
+        if not self.num_pending_tokens:
+            raise RuntimeError(f"sequence {self.seq_id} has no pending token to fill")
+        self.token_ids[self.num_known_tokens] = token_id
+        self.num_pending_tokens -= 1
+
+    def drop_pending(self) -> None:
+        """Forget the pending tokens: sampled for a sequence that had finished before them."""
+        del self.token_ids[self.num_known_tokens :]
+        self.num_pending_tokens = 0

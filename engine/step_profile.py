@@ -1,9 +1,12 @@
 """Where an engine step's time goes: host scheduling and input building against the model run.
 
 LLM.generate records one StepRecord per step into `LLM.step_records`. The clock is the host's:
-a step's `execute_s` runs from the first kernel launch to the sampled tokens reaching the host,
-so it holds the device time plus whatever launch overhead the device did not hide. The rest of a
-step (`schedule_s`, `prepare_s`, `postprocess_s`) is Python the device waits through.
+`launch_s` is the Python that queues the step's kernels, and `wait_s` the time the host then
+waits for the step's sampled tokens, which holds the device time the host's work did not cover.
+The rest (`schedule_s`, `prepare_s`, `postprocess_s`) is Python. Synchronously the device idles
+through all of a step's host time; under async scheduling the next step's scheduling, input
+building and launch overlap this step's device work, and only what is left shows as waiting.
+The steps' total_s add up to the loop's wall time either way.
 """
 
 import statistics
@@ -12,22 +15,23 @@ from dataclasses import dataclass
 
 @dataclass
 class StepRecord:
-    prefill: bool
+    prefill: bool  # the step computes prefill chunks (decode rows may ride along)
     batch: int  # sequences in the step
     new_tokens: int  # tokens the step computes
     context_tokens: int  # tokens of K/V the step's attention reads, its new tokens included
     schedule_s: float = 0.0
     prepare_s: float = 0.0  # packing positions, slots, block tables and copying them to the device
-    execute_s: float = 0.0
+    launch_s: float = 0.0
+    wait_s: float = 0.0
     postprocess_s: float = 0.0
 
     @property
     def host_s(self) -> float:
-        return self.schedule_s + self.prepare_s + self.postprocess_s
+        return self.schedule_s + self.prepare_s + self.launch_s + self.postprocess_s
 
     @property
     def total_s(self) -> float:
-        return self.host_s + self.execute_s
+        return self.host_s + self.wait_s
 
 
 def batch_bucket(batch: int) -> int:
@@ -45,7 +49,7 @@ def summarize(records: list[StepRecord]) -> list[dict]:
     rows = []
     for (phase, bucket), rs in sorted(groups.items()):
         row = dict(phase=phase, batch_up_to=bucket or max(r.batch for r in rs), steps=len(rs), total_s=sum(r.total_s for r in rs))
-        for part in ("schedule_s", "prepare_s", "execute_s", "postprocess_s", "host_s", "total_s"):
+        for part in ("schedule_s", "prepare_s", "launch_s", "wait_s", "postprocess_s", "host_s", "total_s"):
             row[f"median_{part[:-2]}_ms"] = 1e3 * statistics.median(getattr(r, part) for r in rs)
         row["host_share"] = sum(r.host_s for r in rs) / row["total_s"] if row["total_s"] else 0.0
         rows.append(row)
@@ -54,11 +58,15 @@ def summarize(records: list[StepRecord]) -> list[dict]:
 
 def format_summary(records: list[StepRecord]) -> str:
     """summarize() as an aligned text table."""
-    header = f"{'phase':8} {'batch<=':>7} {'steps':>6} {'total s':>8} {'sched ms':>9} {'prep ms':>8} {'exec ms':>8} {'post ms':>8} {'host %':>7}"
+    header = (
+        f"{'phase':8} {'batch<=':>7} {'steps':>6} {'total s':>8} {'sched ms':>9} {'prep ms':>8} {'launch ms':>10} {'wait ms':>8} "
+        f"{'post ms':>8} {'host %':>7}"
+    )
     lines = [header]
     for row in summarize(records):
         lines.append(
             f"{row['phase']:8} {row['batch_up_to']:>7} {row['steps']:>6} {row['total_s']:>8.3f} {row['median_schedule_ms']:>9.3f} "
-            f"{row['median_prepare_ms']:>8.3f} {row['median_execute_ms']:>8.3f} {row['median_postprocess_ms']:>8.3f} {100 * row['host_share']:>6.1f}%"
+            f"{row['median_prepare_ms']:>8.3f} {row['median_launch_ms']:>10.3f} {row['median_wait_ms']:>8.3f} "
+            f"{row['median_postprocess_ms']:>8.3f} {100 * row['host_share']:>6.1f}%"
         )
     return "\n".join(lines)

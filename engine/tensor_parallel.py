@@ -97,27 +97,26 @@ class TPGroup:
         return x
 
     def wait(self, device: torch.device) -> None:
-        """Wait for the work queued on `device`. On a GPU rank 0 with spawned workers it polls and
-        checks the workers in between: an NCCL collective whose peer died never completes, so a
-        plain wait would last until the group's timeout and the worker's error would not be seen."""
+        """Wait for all the work queued on `device` so far (see wait_event)."""
         if device.type != "cuda":
-            return
-        if self.watch is None:
-            torch.cuda.synchronize(device)
             return
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(device))
+        self.wait_event(done)
+
+    def wait_event(self, done: torch.cuda.Event) -> None:
+        """Wait until `done` (a CUDA event) has passed. On a GPU rank 0 with spawned workers it
+        polls and checks the workers in between: an NCCL collective whose peer died never
+        completes, so a plain wait would last until the group's timeout and the worker's error
+        would not be seen."""
+        if self.watch is None:
+            done.synchronize()
+            return
         checked = time.monotonic()
         while not done.query():
             if time.monotonic() - checked > WATCH_EVERY_S:
                 self.watch()
                 checked = time.monotonic()
-
-    def to_host(self, x: torch.Tensor) -> list:
-        """x.tolist(); with a watch, after wait() (without one, tolist's own wait is the same)."""
-        if self.watch is not None:
-            self.wait(x.device)
-        return x.tolist()
 
     def broadcast_object(self, obj=None):
         """Rank 0's obj (picklable) on every rank; the others pass None."""

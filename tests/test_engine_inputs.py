@@ -48,16 +48,25 @@ class ByteTokenizer:
         return bytes(ids).decode(errors="replace")
 
 
+def outputs(outs: list[dict]) -> list[tuple]:
+    """generate()'s outputs without their timings, which differ run to run."""
+    return [(o["text"], o["token_ids"]) for o in outs]
+
+
 def test_a_single_prompt_gets_a_list_of_one(llm, monkeypatch):
     """As in vLLM, a str or one list of token ids is one prompt, not a batch of characters or ints."""
     monkeypatch.setattr(llm, "tokenizer", ByteTokenizer())
     greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    batch = llm.generate([list(b"hello"), [1, 2, 3]], greedy, use_tqdm=False)
-    assert llm.generate("hello", greedy, use_tqdm=False) == batch[:1]
-    assert llm.generate([1, 2, 3], greedy, use_tqdm=False) == batch[1:]
-    assert llm.generate((1, 2, 3), [greedy], use_tqdm=False) == batch[1:]
-    assert llm.generate(["hello", (1, 2, 3)], greedy, use_tqdm=False) == batch
-    assert llm.generate([], greedy, use_tqdm=False) == []
+
+    def generate(prompts, params=greedy):
+        return outputs(llm.generate(prompts, params, use_tqdm=False))
+
+    batch = generate([list(b"hello"), [1, 2, 3]])
+    assert generate("hello") == batch[:1]
+    assert generate([1, 2, 3]) == batch[1:]
+    assert generate((1, 2, 3), [greedy]) == batch[1:]
+    assert generate(["hello", (1, 2, 3)]) == batch
+    assert generate([]) == []
 
 
 @pytest.mark.parametrize(
@@ -120,7 +129,8 @@ def test_good_sampling_params_are_kept():
     [
         (dict(kvcache_block_size=24), "power of two"),
         (dict(kvcache_block_size=512), "power of two"),
-        (dict(max_model_len=128, max_num_batched_tokens=64), "max_num_batched_tokens"),
+        (dict(long_prefill_token_threshold=0), "long_prefill_token_threshold"),
+        (dict(async_scheduling="yes"), "async_scheduling"),
         (dict(attention_backend="cuda"), "attention_backend"),
         (dict(dtype="float64"), "dtype"),
         (dict(tensor_parallel_size=0), "tensor_parallel_size"),
@@ -131,6 +141,13 @@ def test_good_sampling_params_are_kept():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Config("unused", **kwargs)
+
+
+def test_max_model_len_past_the_checkpoints_positions_raises(checkpoint):
+    """The rotary table of a checkpoint covers max_position_embeddings (2048 in the tiny one);
+    a longer max_model_len, though the token budget no longer bounds it, would run past it."""
+    with pytest.raises(ValueError, match=r"max_model_len \(4096\) exceeds the checkpoint's max_position_embeddings \(2048\)"):
+        LLM(str(checkpoint), max_model_len=4096, max_num_batched_tokens=64, device="cpu", attention_backend="torch")
 
 
 MISSING_GPU = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
@@ -242,7 +259,8 @@ def test_packed_decode_inputs(llm):
         seq.block_table = blocks[2 * i : 2 * i + -(-n // block)]
         seqs.append(seq)
     rows = len(seqs) + 3
-    ids, positions, meta = llm.runner.decode_inputs(llm.runner.pack_decode(seqs, rows), rows, max(lens))
+    packed = llm.runner.pack_decode(seqs, [n - 1 for n in lens], rows)
+    ids, positions, meta = llm.runner.decode_inputs(packed, rows, max(lens))
     pad = [0] * 3
     assert ids.tolist() == [s.last_token for s in seqs] + pad
     assert meta.context_lens.tolist() == lens + pad
@@ -314,7 +332,7 @@ def test_sharded_checkpoint_and_text_prompts(tmp_path):
         )
         for d in (whole, sharded)
     ]
-    assert outs[0] == outs[1]
+    assert outputs(outs[0]) == outputs(outs[1])
     generation = json.loads((sharded / "generation_config.json").read_text())
     (sharded / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [0, 7]}))
     llm = LLM(str(sharded), max_model_len=64, max_num_batched_tokens=64, device="cpu", attention_backend="torch")

@@ -7,10 +7,12 @@ from engine.random_checkpoint import write_random_qwen3
 from engine.step_profile import StepRecord, batch_bucket, format_summary, summarize
 
 
-def test_generate_records_every_step(tmp_path):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_generate_records_every_step(tmp_path, async_scheduling):
     """Prefill records count the prompt tokens, decode records one token per sequence, and every
     part of a step is timed."""
-    llm = LLM(str(write_random_qwen3(tmp_path, with_tokenizer=False)), max_model_len=64, device="cpu", attention_backend="torch")
+    path = str(write_random_qwen3(tmp_path, with_tokenizer=False))
+    llm = LLM(path, max_model_len=64, device="cpu", attention_backend="torch", async_scheduling=async_scheduling)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 2)]
     llm.generate(prompts, params, use_tqdm=False)
@@ -20,7 +22,7 @@ def test_generate_records_every_step(tmp_path):
     # The first token of each comes from the prefill: 3 + 1 decode tokens, over 3 steps.
     assert [r.batch for r in decode] == [2, 1, 1] and all(r.new_tokens == r.batch for r in decode)
     assert decode[0].context_tokens == 4 + 6  # both prompts plus their first token
-    assert all(r.schedule_s > 0 and r.prepare_s > 0 and r.execute_s > 0 and r.postprocess_s > 0 for r in llm.step_records)
+    assert all(r.schedule_s > 0 and r.prepare_s > 0 and r.launch_s > 0 and r.wait_s >= 0 and r.postprocess_s > 0 for r in llm.step_records)
     rows = summarize(llm.step_records)
     assert [(r["phase"], r["batch_up_to"], r["steps"]) for r in rows] == [("decode", 1, 2), ("decode", 2, 1), ("prefill", 2, 1)]
     assert 0 < rows[0]["host_share"] < 1
@@ -34,9 +36,9 @@ def test_batch_bucket(batch, bucket):
 
 
 def test_summary_medians_and_host_share():
-    records = [StepRecord(False, 4, 4, 100, 0.001, 0.002, 0.010, 0.001) for _ in range(3)]
-    records.append(StepRecord(False, 4, 4, 100, 0.001, 0.002, 0.030, 0.001))
+    records = [StepRecord(False, 4, 4, 100, 0.001, 0.002, 0.001, 0.010, 0.001) for _ in range(3)]
+    records.append(StepRecord(False, 4, 4, 100, 0.001, 0.002, 0.001, 0.030, 0.001))
     (row,) = summarize(records)
-    assert row["median_execute_ms"] == pytest.approx(10.0) and row["median_host_ms"] == pytest.approx(4.0)
-    assert row["host_share"] == pytest.approx(0.016 / (0.016 + 0.060))
+    assert row["median_wait_ms"] == pytest.approx(10.0) and row["median_host_ms"] == pytest.approx(5.0)
+    assert row["host_share"] == pytest.approx(0.020 / (0.020 + 0.060))
     assert "decode" in format_summary(records).splitlines()[1]
