@@ -2,8 +2,11 @@
 
 Greedy generation with ignore_eos must equal transformers' generate(do_sample=False) token for
 token, for both attention backends, across GQA/MQA/MHA, head_dim 32/64/128 and tied/untied
-embeddings, and still when prefixes are shared (cache hits) or the cache is too small for every
-request at once (preemption). float32 throughout, where exact equality holds.
+embeddings, and still when prefixes are shared (cache hits), the cache is too small for every
+request at once (preemption), or prompts are several times the step's token budget (chunked
+prefill, decodes riding along). Async scheduling must give the tokens of synchronous scheduling,
+greedy and seeded, and every request's metrics must be present and ordered. float32 throughout,
+where exact equality holds.
 """
 
 import pytest
@@ -62,6 +65,62 @@ def test_preemption_when_the_cache_is_too_small_changes_nothing(checkpoint, hf_g
         assert o["token_ids"] == hf_greedy(prompt, params.max_tokens)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_prompts_longer_than_the_token_budget_are_prefilled_in_chunks(checkpoint, hf_greedy, backend):
+    """A 16-token budget: the 70- and 51-token prompts take several steps each, beside the short
+    ones' decodes. Then, in a cache of 6 blocks, the 14-token prompt's decode needs a second block
+    while the 75-token one, holding the other five, is part way through its prefill: that one is
+    preempted and recomputed."""
+    batch = prompts([70, 5, 51, 17], seed=4)
+    llm = engine(checkpoint, backend, max_num_batched_tokens=16)
+    out = llm.generate(batch, GREEDY, use_tqdm=False)
+    assert any(r.prefill and r.batch > 1 and r.new_tokens == 16 for r in llm.step_records), "no step mixed chunks and decodes"
+    for prompt, o in zip(batch, out, strict=True):
+        assert o["token_ids"] == hf_greedy(prompt, GREEDY.max_tokens)
+    batch = prompts([14, 75], seed=5)
+    small = engine(checkpoint, backend, max_num_batched_tokens=16, num_kvcache_blocks=6)
+    out = small.generate(batch, GREEDY, use_tqdm=False)
+    assert [o["metrics"].num_preemptions for o in out] == [0, 1]
+    for prompt, o in zip(batch, out, strict=True):
+        assert o["token_ids"] == hf_greedy(prompt, GREEDY.max_tokens)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_async_scheduling_gives_the_tokens_of_sync_scheduling(checkpoint, backend):
+    """Greedy, and seeded sampling with the global seed reset before each run: with the same steps
+    the sampler draws the same noise. EOS is honoured (async schedules one step past it and drops
+    that token), so a mid-run EOS is included."""
+    batch = prompts([5, 16, 17, 33, 40], seed=5)
+    runs = {}
+    for async_scheduling in (False, True):
+        llm = engine(checkpoint, backend, async_scheduling=async_scheduling)
+        greedy = [o["token_ids"] for o in llm.generate(batch, GREEDY, use_tqdm=False)]
+        eos = greedy[2][3]
+        llm.eos_token_ids = {eos}
+        stopped = [o["token_ids"] for o in llm.generate(batch, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)]
+        llm.eos_token_ids = set()
+        torch.manual_seed(11)
+        sampled = [o["token_ids"] for o in llm.generate(batch, SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True), use_tqdm=False)]
+        runs[async_scheduling] = (greedy, stopped, sampled)
+        assert stopped[2] == greedy[2][: greedy[2].index(eos) + 1] and all(eos not in t[:-1] for t in stopped)
+    assert runs[True] == runs[False]
+    assert runs[True][2] != runs[True][0], "sampling at temperature 0.8 drew the greedy tokens"
+
+
+def test_requests_carry_ordered_metrics(checkpoint):
+    shared = prompts([40], seed=6)[0]
+    llm = engine(checkpoint, "torch", num_kvcache_blocks=7, max_num_batched_tokens=32)
+    llm.generate([shared], GREEDY, use_tqdm=False)
+    out = llm.generate([shared + [1, 2], *prompts([30, 9], seed=7)], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    for o in out:
+        m = o["metrics"]
+        assert len(m.token_times_s) == len(o["token_ids"]) == 20
+        assert m.arrival_s <= m.token_times_s[0] and m.token_times_s == sorted(m.token_times_s)
+        assert m.ttft_s == m.token_times_s[0] - m.arrival_s and len(m.itl_s) == 19 and min(m.itl_s) >= 0
+    assert out[0]["metrics"].num_cached_tokens == 32  # two full blocks of the earlier request's prompt
+    assert sum(o["metrics"].num_preemptions for o in out) == llm.scheduler.num_preemptions > 0
+
+
 @pytest.mark.gpu
 def test_bf16_on_gpu_tracks_transformers(checkpoint, capsys):
     """bf16 cannot be token-exact against another implementation: the first step's logits must be
@@ -70,15 +129,17 @@ def test_bf16_on_gpu_tracks_transformers(checkpoint, capsys):
     graphs."""
     from transformers import AutoModelForCausalLM
 
+    from engine.scheduler import ScheduledStep
     from engine.sequence import Sequence
 
     batch = prompts(PROMPT_LENS)
     llm = LLM(str(checkpoint), dtype="bfloat16", kvcache_block_size=BLOCK, max_model_len=96, max_num_batched_tokens=256, gpu_memory_utilization=0.5)
     assert llm.runner.graphs, "decode CUDA graphs were not captured"
-    seqs = [Sequence(p, GREEDY, BLOCK) for p in batch]
+    seqs, step = [Sequence(p, GREEDY, BLOCK) for p in batch], ScheduledStep()
     for seq in seqs:
         llm.scheduler.block_manager.allocate(seq)
-    ids, positions, meta, last = llm.runner.prepare_prefill(seqs)
+        step.add(seq, len(seq))
+    ids, positions, meta, last = llm.runner.prepare_chunks(step)
     with torch.inference_mode():
         ours = llm.model.compute_logits(llm.model(ids, positions, llm.runner.kv_caches, meta)[last])
     for seq in seqs:

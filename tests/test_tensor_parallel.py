@@ -136,15 +136,15 @@ def test_an_interrupt_or_error_on_rank_0_stops_the_workers_at_once(checkpoint, t
     worker is terminated, the LLM closed, and the original exception (KeyboardInterrupt too)
     re-raised within seconds; nothing is left, and the LLM then refuses to run."""
     llm = tp2("torch")
-    path, run = llm.workers.path, llm.runner.run
+    path, launch = llm.workers.path, llm.runner.launch
     steps = iter(range(2))
 
-    def run_then_fail(*args):
+    def launch_then_fail(*args):
         if next(steps, None) is None:
             raise cause("stop at the third step")
-        return run(*args)
+        return launch(*args)
 
-    monkeypatch.setattr(llm.runner, "run", run_then_fail)
+    monkeypatch.setattr(llm.runner, "launch", launch_then_fail)
     start = time.monotonic()
     with pytest.raises(cause, match="stop at the third step"):
         llm.generate(prompts([5]), GREEDY, use_tqdm=False)
