@@ -7,6 +7,8 @@ copy_gbps, which a read-only kernel can beat. benchmarks/ceilings.py measures bo
 
 import torch
 
+from engine.request_metrics import percentiles
+
 PREFILL_CEILING, DECODE_CEILING = "matmul_tflops", "read_gbps"
 
 
@@ -69,8 +71,9 @@ def record(benchmark, ceilings: dict, *, suite: str, impl: str, shard, dtype: to
         info["pct_of_ceiling"] = 100 * info["gbps"] / ceilings[DECODE_CEILING]
 
 
-def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype: torch.dtype) -> dict:
-    """What a generate() run of a dense Qwen3 `preset` must move and compute at the least.
+def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype: torch.dtype, shared_prefix: int = 0) -> dict:
+    """What a generate() run of a dense Qwen3 `preset` must move and compute at the least. The
+    first `shared_prefix` tokens of every prompt are the same and computed once.
 
     weight_bytes: what one decode step reads: every layer's projections and norms, the final norm
         and the (vocab, hidden) lm_head, which a tied model shares with the embedding. Embedding
@@ -81,7 +84,9 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
     kv_bytes: each decoded token reads its whole context's K and V once; the t-th decoded token of
         a sequence with prompt p sees p + t tokens.
     prefill_flops: 2 x the layers' matmul parameters per prompt token, causal attention at
-        flash-attn's 2·h·s²·d per layer, and one lm_head row per sequence.
+        flash-attn's 2·h·s²·d per layer, and one lm_head row per sequence. The shared prefix counts
+        once: its own tokens and attention once, then each prompt's suffix attending over it
+        (n² − P² of a prompt of n tokens after a prefix of P).
     """
     p = preset
     elem = torch.finfo(dtype).bits // 8
@@ -91,9 +96,10 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
     weight_bytes = elem * (p.layers * (layer_matmul + layer_norms) + p.hidden + p.vocab * p.hidden)
     kv_per_token = elem * 2 * p.layers * kv
     decoded_context = sum((o - 1) * pl + (o - 1) * o // 2 for pl, o in zip(prompt_lens, output_lens, strict=True))
+    prefix = shared_prefix
     prefill_flops = (
-        2 * p.layers * layer_matmul * sum(prompt_lens)
-        + 2 * p.layers * p.num_heads * p.head_dim * sum(n * n for n in prompt_lens)
+        2 * p.layers * layer_matmul * (prefix + sum(n - prefix for n in prompt_lens))
+        + 2 * p.layers * p.num_heads * p.head_dim * (prefix * prefix + sum(n * n - prefix * prefix for n in prompt_lens))
         + 2 * p.vocab * p.hidden * len(prompt_lens)
     )
     return dict(
@@ -127,3 +133,19 @@ def record_engine(benchmark, ceilings: dict, *, impl: str, shard, dtype: torch.d
     wall = benchmark.stats.stats.median
     info.update(wall_s=wall, tokens_per_s=sum(output_lens) / wall, ceiling="roofline")
     info["pct_roofline"] = info["pct_of_ceiling"] = 100 * info["floor_s"] / wall
+
+
+def record_latency(benchmark, metrics: list) -> None:
+    """Serving latencies of one engine run into extra_info, from each request's
+    engine.request_metrics.RequestMetrics: ttft_ms and itl_ms as {"p50", "p90", "p99"} (time to
+    first token per request; inter-token gaps pooled over every request), the preemptions, and
+    prefix_hit_rate, the share of prompt tokens the prefix cache served."""
+    info = benchmark.extra_info
+    info["ttft_ms"] = _percentiles_ms([m.ttft_s for m in metrics])
+    info["itl_ms"] = _percentiles_ms([gap for m in metrics for gap in m.itl_s])
+    info["preemptions"] = sum(m.num_preemptions for m in metrics)
+    info["prefix_hit_rate"] = sum(m.num_cached_tokens for m in metrics) / info["prompt_tokens"]
+
+
+def _percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    return {q: 1e3 * v for q, v in percentiles(seconds).items()}

@@ -59,7 +59,7 @@ SUITES = {
     "decode": Suite("context_len", "block_size", "gbps", "GB/s", "read_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
     # The engine's "% of ceiling" is of the workload's roofline time (benchmarks/extra_info.py, engine_floor_s).
     "engine": Suite(
-        "num_seqs", "max_len", "tokens_per_s", "tok/s", "roofline", ("model", "tp", "dtype"), "num_seqs",
+        "num_seqs", "workload", "tokens_per_s", "tok/s", "roofline", ("model", "tp", "dtype"), "num_seqs",
         ours=("minivllm",), peers=("hf_transformers",), versus="transformers",
     ),
 }
@@ -179,6 +179,27 @@ def suite_table(benches: list[dict], name: str, suite: Suite) -> str:
     if duplicates:
         lines.append(f"note: {duplicates} benchmark(s) repeat a row and impl already shown; the first is kept")
     return "\n".join(filter(None, lines))
+
+
+def latency_table(benches: list[dict]) -> str:
+    """The engine runs' serving latencies (benchmarks/extra_info.py, record_latency): a row per run
+    that recorded them; '' when none did."""
+    rows = []
+    for bench in sorted(benches, key=lambda b: sort_key(config_key(b["extra_info"], SUITES["engine"]))):
+        extra = bench["extra_info"]
+        if "ttft_ms" not in extra:
+            continue
+        ttft, itl = extra["ttft_ms"], extra["itl_ms"]
+        rate = number(extra.get("prefix_hit_rate"))
+        rows.append(
+            [fmt(extra.get(f)) for f in ("model", "tp", "dtype", "workload", "num_seqs")] + [impl_of(bench)]
+            + [fmt(ttft.get(q), 0) for q in ("p50", "p90", "p99")] + [fmt(itl.get(q), 1) for q in ("p50", "p90", "p99")]
+            + [fmt(extra.get("preemptions")), DASH if rate is None else f"{100 * rate:.0f}%"]
+        )
+    if not rows:
+        return ""
+    headers = ["model", "tp", "dtype", "workload", "num_seqs", "impl", "TTFT p50 ms", "p90", "p99", "ITL p50 ms", "p90", "p99", "preempted", "prefix hits"]
+    return "## engine latency: time to first token per request, and inter-token gaps over all requests\n\n" + pipe_table(headers, rows, right=set(range(6, len(headers))))
 
 
 def size_label(size: float) -> str:
@@ -301,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for name in chosen:
             print(suite_table(by_suite[name], name, SUITES[name]) + "\n")
+            if name == "engine" and latency_table(by_suite[name]):
+                print(latency_table(by_suite[name]) + "\n")
             shown += 1
             if args.plot:
                 args.plot.mkdir(parents=True, exist_ok=True)

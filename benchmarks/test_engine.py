@@ -1,11 +1,12 @@
-"""Engine throughput end to end: nano-vllm's benchmark workload through our engine and through
-transformers' `generate`, on the same random weights in a real model's shapes.
+"""Engine throughput and serving latency end to end: the workloads of
+benchmarks/engine_workloads.py (nano-vllm's benchmark, a shared system prompt, long contexts
+prefilled in chunks) through our engine, and nano-vllm's also through transformers' `generate`,
+on the same random weights in a real model's shapes.
 
-Workload: NUM_SEQS sequences whose prompt and output lengths are drawn uniformly from
-[MIN_LEN, MAX_LEN] with seed 0, prompts of random token ids, ignore_eos, temperature 0.6 and no
-top-k or top-p. The model is a dense Qwen3 preset (default qwen3-0.6b on the GPU, `tiny` on the
-CPU, `--preset` for others) written with seeded random weights by transformers' save_pretrained,
-in the run's dtype (bf16 unless `--dtype` asks for others).
+Every workload is drawn with seed 0: prompts of random token ids, ignore_eos, temperature 0.6
+and no top-k or top-p. The model is a dense Qwen3 preset (default qwen3-0.6b on the GPU, `tiny`
+on the CPU, `--preset` for others) written with seeded random weights by transformers'
+save_pretrained, in the run's dtype (bf16 unless `--dtype` asks for others).
 
 Each implementation runs the workload once, timed by the wall clock from the first prompt to the
 last token (prefill included), after a warm-up run of a workload drawn the same way with two
@@ -16,22 +17,24 @@ Every sequence must come back with exactly its requested number of tokens, each 
 - hf_transformers: `generate` in batches of `--hf-batch` sequences (default 64), grouped by
   requested output length so that a batch wastes little decoding past its shorter members,
   left-padded, with transformers' default dynamic KV cache and SDPA attention. A batch runs to
-  its longest output; only the requested tokens count. One GPU: it runs only at --tp 1.
+  its longest output; only the requested tokens count. One GPU: it runs only at --tp 1, and only
+  the nano workload (it has no prefix cache, and pads long contexts to the batch's longest).
 
-extra_info (benchmarks/extra_info.py, record_engine) holds tokens_per_s, the token totals, the
-workload's roofline time (engine_counts, engine_floor_s) and pct_roofline; for minivllm also
-`steps`, the engine's step-time breakdown (engine/step_profile.py, summarize).
+extra_info (benchmarks/extra_info.py, record_engine) holds the workload, tokens_per_s, the token
+totals, the workload's roofline time (engine_counts, engine_floor_s) and pct_roofline; for
+minivllm also `steps`, the engine's step-time breakdown (engine/step_profile.py, summarize), and
+the serving latencies (record_latency): p50/p90/p99 of TTFT and of inter-token latency, the
+preemptions and the prefix-cache hit rate.
 """
 
 import gc
-import random
 from functools import partial
 
 import pytest
 import torch
 
-from benchmarks.extra_info import dtype_name, engine_counts, record_engine
-from benchmarks.grid import GPU_GRID
+from benchmarks.engine_workloads import WORKLOADS, Workload
+from benchmarks.extra_info import dtype_name, engine_counts, record_engine, record_latency
 from benchmarks.presets import PRESETS
 from engine import LLM, SamplingParams
 from engine.random_checkpoint import write_random_qwen3
@@ -39,18 +42,9 @@ from engine.step_profile import summarize
 
 IMPLS = ("minivllm", "hf_transformers")
 DEFAULT_MODELS = ("qwen3-0.6b", "tiny")  # the suite's models when --preset names none: nano-vllm's, and the CPU smoke shape
-NUM_SEQS, MIN_LEN, MAX_LEN = (256, 100, 1024) if GPU_GRID else (4, 3, 9)
-MAX_TOKEN_ID = 10000  # prompt ids are drawn from [0, min(this, vocab - 1)], as nano-vllm's benchmark does
 TEMPERATURE = 0.6
 ROPE_THETA = 1e6  # every Qwen3 model's
-
-
-def workload(seed: int, vocab: int) -> tuple[list[list[int]], list[int]]:
-    """(prompts, output lengths) of NUM_SEQS sequences drawn with `seed`."""
-    rng = random.Random(seed)
-    top = min(MAX_TOKEN_ID, vocab - 1)
-    prompts = [[rng.randint(0, top) for _ in range(rng.randint(MIN_LEN, MAX_LEN))] for _ in range(NUM_SEQS)]
-    return prompts, [rng.randint(MIN_LEN, MAX_LEN) for _ in range(NUM_SEQS)]
+MAX_POSITIONS = max(w.max_model_len for w in WORKLOADS)  # the random checkpoints' max_position_embeddings
 
 
 @pytest.fixture(scope="session")
@@ -65,16 +59,16 @@ def checkpoints(tmp_path_factory):
                 tmp_path_factory.mktemp(preset.name), num_layers=preset.layers, hidden_size=preset.hidden,
                 num_heads=preset.num_heads, num_kv_heads=preset.num_kv_heads, head_dim=preset.head_dim,
                 intermediate_size=preset.ffn, vocab_size=preset.vocab, tie_word_embeddings=preset.tied,
-                rope_theta=ROPE_THETA, max_position_embeddings=2 * MAX_LEN, dtype=dtype, with_tokenizer=False,
+                rope_theta=ROPE_THETA, max_position_embeddings=MAX_POSITIONS, dtype=dtype, with_tokenizer=False,
             )
         return built[key]
 
     return get
 
 
-def run_minivllm(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> list[list[int]]:
+def run_minivllm(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> list[dict]:
     params = [SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True) for n in output_lens]
-    return [out["token_ids"] for out in llm.generate(prompts, params, use_tqdm=False)]
+    return llm.generate(prompts, params, use_tqdm=False)
 
 
 def run_hf(model, prompts: list[list[int]], output_lens: list[int], batch: int) -> list[list[int]]:
@@ -110,7 +104,8 @@ def check_outputs(outputs: list[list[int]], output_lens: list[int], vocab: int, 
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard, dtype, impl):
+@pytest.mark.parametrize("workload", WORKLOADS, ids=lambda w: w.name)
+def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard, dtype, workload: Workload, impl):
     preset = PRESETS[shard.model]
     if preset.ffn is None:
         pytest.skip(f"{preset.name}: the engine runs dense Qwen3 models only")
@@ -118,21 +113,30 @@ def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard,
         pytest.skip(f"the engine suite runs {DEFAULT_MODELS[0]} unless --preset names others")
     if impl == "hf_transformers" and shard.tp != 1:
         pytest.skip("transformers' generate runs on one GPU: its row is the --tp 1 one")
+    if impl == "hf_transformers" and workload.name != "nano":
+        pytest.skip("transformers runs nano-vllm's workload only: it has no prefix cache and pads long contexts")
     if dtype != torch.bfloat16 and not request.config.getoption("dtype"):
         pytest.skip("the engine suite runs bf16 unless --dtype asks for more")
     path = checkpoints(preset, dtype)
-    prompts, output_lens = workload(0, preset.vocab)
-    warm_prompts, _ = workload(1, preset.vocab)
-    settings = dict(min_len=MIN_LEN, max_len=MAX_LEN)
+    prompts, output_lens = workload.draw(0, preset.vocab)
+    warm_prompts, _ = workload.draw(1, preset.vocab)
+    settings = dict(
+        workload=workload.name, shared_prefix=workload.shared_prefix, min_len=workload.prompt_lens[0], max_len=workload.prompt_lens[1],
+        min_output=workload.output_lens[0], max_output=workload.output_lens[1],
+    )
     # The engine of the row before sized its KV cache to most of the GPU: make sure it is gone.
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if impl == "minivllm":
-        llm = LLM(str(path), max_model_len=2 * MAX_LEN, dtype=dtype, device=device, tensor_parallel_size=shard.tp)
+        llm = LLM(str(path), dtype=dtype, device=device, tensor_parallel_size=shard.tp, **workload.engine_settings())
         request.addfinalizer(llm.close)
-        settings.update(block_size=llm.config.kvcache_block_size, num_kvcache_blocks=llm.config.num_kvcache_blocks)
-        run_minivllm(llm, warm_prompts, [2] * NUM_SEQS)
+        c = llm.config
+        settings.update(
+            block_size=c.kvcache_block_size, num_kvcache_blocks=c.num_kvcache_blocks, max_num_batched_tokens=c.max_num_batched_tokens,
+            max_model_len=c.max_model_len, async_scheduling=c.async_scheduling,
+        )
+        run_minivllm(llm, warm_prompts, [2] * workload.num_seqs)
         fn = partial(run_minivllm, llm, prompts, output_lens)
     else:
         from transformers import AutoModelForCausalLM
@@ -140,20 +144,26 @@ def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard,
         hf_batch = request.config.getoption("hf_batch")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         settings.update(hf_batch=hf_batch, hf_cache="dynamic")
-        run_hf(model, warm_prompts[:hf_batch], [2] * min(hf_batch, NUM_SEQS), hf_batch)
+        run_hf(model, warm_prompts[:hf_batch], [2] * min(hf_batch, workload.num_seqs), hf_batch)
         fn = partial(run_hf, model, prompts, output_lens, hf_batch)
 
-    benchmark.group = f"engine {shard.id} {dtype_name(dtype)} {NUM_SEQS} seqs"
+    benchmark.group = f"engine {workload.name} {shard.id} {dtype_name(dtype)} {workload.num_seqs} seqs"
     with torch.inference_mode():
         outputs = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
-    check_outputs(outputs, output_lens, preset.vocab, impl)
+    metrics = None
     if impl == "minivllm":
         settings["steps"] = summarize(llm.step_records)
-    counts = engine_counts(preset, [len(p) for p in prompts], output_lens, dtype)
-    record_engine(benchmark, ceiling, impl=impl, shard=shard, dtype=dtype, counts=counts, prompt_lens=[len(p) for p in prompts], output_lens=output_lens, **settings)
+        outputs, metrics = [o["token_ids"] for o in outputs], [o["metrics"] for o in outputs]
+    check_outputs(outputs, output_lens, preset.vocab, impl)
+    prompt_lens = [len(p) for p in prompts]
+    counts = engine_counts(preset, prompt_lens, output_lens, dtype, workload.shared_prefix)
+    record_engine(benchmark, ceiling, impl=impl, shard=shard, dtype=dtype, counts=counts, prompt_lens=prompt_lens, output_lens=output_lens, **settings)
     info = benchmark.extra_info
+    if metrics is not None and "tokens_per_s" in info:
+        record_latency(benchmark, metrics)
     if "tokens_per_s" in info:
+        latency = f"; TTFT p50 {info['ttft_ms']['p50']:.0f} ms, ITL p50 {info['itl_ms']['p50']:.1f} ms" if "ttft_ms" in info else ""
         # Printed as each row ends, so a run cut short by a time limit still shows what it measured.
         with capsys.disabled():
             print(f"\n{request.node.name}: {info['tokens_per_s']:.0f} output tok/s, {info['wall_s']:.2f} s, "
-                  f"{info['pct_roofline']:.1f}% of the {info['floor_s']:.2f} s roofline")
+                  f"{info['pct_roofline']:.1f}% of the {info['floor_s']:.2f} s roofline{latency}")

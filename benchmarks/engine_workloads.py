@@ -1,0 +1,65 @@
+"""The engine suite's workloads: what requests arrive, and the engine settings each runs under.
+
+- nano: nano-vllm's benchmark. 256 prompts of random ids, prompt and output lengths each uniform
+  in [100, 1024]; every prompt fits one step's token budget.
+- shared_prefix: requests that share one system prompt, then a suffix of their own; after the
+  first request computes it, the prefix cache serves it to the rest.
+- long_context: a few prompts several times the step's token budget, so they are prefilled in
+  chunks over many steps, beside the decodes of those already started.
+
+Sizes are the GPU's; on the CPU (the Triton interpreter) each shrinks to a smoke run of the same
+shape. Every workload is drawn with a seeded generator, the same on every run.
+"""
+
+import random
+from dataclasses import dataclass
+
+from benchmarks.grid import GPU_GRID
+
+MAX_TOKEN_ID = 10000  # prompt ids are drawn from [0, min(this, vocab - 1)], as nano-vllm's benchmark does
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests of prompt lengths uniform in prompt_lens and output lengths in output_lens, each
+    prompt after `shared_prefix` tokens common to all; run with max_num_batched_tokens (None:
+    the engine's default) and a max_model_len that holds the longest request."""
+
+    name: str
+    num_seqs: int
+    prompt_lens: tuple[int, int]
+    output_lens: tuple[int, int]
+    shared_prefix: int = 0
+    max_num_batched_tokens: int | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.shared_prefix + self.prompt_lens[1] + self.output_lens[1]
+
+    def engine_settings(self) -> dict:
+        """LLM config the workload needs beyond the defaults."""
+        budget = {} if self.max_num_batched_tokens is None else dict(max_num_batched_tokens=self.max_num_batched_tokens)
+        return dict(max_model_len=self.max_model_len, **budget)
+
+    def draw(self, seed: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+        """(prompts, output lengths): the shared prefix (if any) then each request's own ids."""
+        rng = random.Random(seed)
+        top = min(MAX_TOKEN_ID, vocab - 1)
+        prefix = [rng.randint(0, top) for _ in range(self.shared_prefix)]
+        prompts = [prefix + [rng.randint(0, top) for _ in range(rng.randint(*self.prompt_lens))] for _ in range(self.num_seqs)]
+        return prompts, [rng.randint(*self.output_lens) for _ in range(self.num_seqs)]
+
+
+if GPU_GRID:
+    WORKLOADS = (
+        Workload("nano", 256, (100, 1024), (100, 1024), max_num_batched_tokens=16384),
+        Workload("shared_prefix", 256, (100, 1024), (100, 1024), shared_prefix=2048, max_num_batched_tokens=16384),
+        Workload("long_context", 16, (16384, 32768), (128, 512), max_num_batched_tokens=8192),
+    )
+else:
+    WORKLOADS = (
+        Workload("nano", 4, (3, 9), (3, 9)),
+        Workload("shared_prefix", 4, (3, 9), (3, 9), shared_prefix=34),
+        Workload("long_context", 2, (40, 60), (3, 9), max_num_batched_tokens=16),
+    )
+WORKLOADS_BY_NAME = {w.name: w for w in WORKLOADS}
