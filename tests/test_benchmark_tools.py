@@ -196,13 +196,18 @@ def test_report_puts_the_engine_against_transformers(tmp_path, capsys):
     benches = []
     for impl, wall, pct in (("minivllm", 8.0, 70.0), ("hf_transformers", 100.0, 5.6)):
         b = bench("engine", impl, wall)
-        b["extra_info"].update(num_seqs=256, max_len=1024, tokens_per_s=143_000 / wall, pct_of_ceiling=pct)
+        b["extra_info"].update(workload="nano", num_seqs=256, max_len=1024, tokens_per_s=143_000 / wall, pct_of_ceiling=pct)
         benches.append(b)
+    latency = dict(ttft_ms={"p50": 340.0, "p90": 540.0, "p99": 548.0}, itl_ms={"p50": 6.42, "p90": 6.84, "p99": 14.4}, preemptions=3, prefix_hit_rate=0.775)
+    benches[0]["extra_info"].update(latency)
     assert report.main([str(write(tmp_path / "engine.json", benches))]) == 0
-    table = capsys.readouterr().out.split("## engine")[1]
+    out = capsys.readouterr().out
+    table, latencies = out.split("## engine")[1], out.split("## engine latency")[1]
     (row,) = table_rows(table)  # both impls share one row: the block size is not part of it
-    assert row[3:5] == ["1024", "256"]
+    assert row[3:5] == ["nano", "256"]
     assert row[-3:] == ["17875.0 (70%)", "1430.0 (5.6%)", "12.50× hf_transformers"]
+    (row,) = table_rows(latencies)  # transformers records no latencies
+    assert row[3:] == ["nano", "256", "minivllm", "340", "540", "548", "6.4", "6.8", "14.4", "3", "78%"]
 
 
 def test_report_puts_paged_prefix_against_contiguous(tmp_path, capsys):
