@@ -1,8 +1,9 @@
 """Paged attention for the model's layers: one step's metadata, and the attend step that reads it.
 
-The model runner builds an AttentionMetadata once per step; every layer passes it, with its own
-KV cache, to `attend`, which stores the step's keys and values and runs the backend's attention
-(engine/backend.py: our kernels, or the PyTorch references of the same contracts).
+The model runner builds an AttentionMetadata once per step; every layer stores the step's keys
+and values in its KV cache (with the q/k norm and rotary, Backend.norm_rope_store), then passes
+the metadata and its cache to `attend`, which runs the backend's attention (engine/backend.py:
+our kernels, or the PyTorch references of the same contracts).
 """
 
 from dataclasses import dataclass
@@ -37,12 +38,11 @@ class AttentionMetadata:
 
 
 def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: Backend) -> torch.Tensor:
-    """Store this step's k, v in the cache, then attend.
+    """Attend, this step's k and v already in the cache.
 
     q: (num_tokens, H, D); k, v: (num_tokens, Hkv, D); caches (num_blocks, block_size, Hkv, D).
     Returns (num_tokens, H, D). Prefill is causal within each sequence, after its cached prefix.
     """
-    backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.is_prefill:
         keys, values = (k_cache, v_cache) if meta.block_tables is not None else (k, v)
         return backend.prefill(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, meta.block_tables)

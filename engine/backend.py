@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import flash_attn_varlen, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul, store_kvcache
+from kernels import flash_attn_varlen, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
 from reference import (
     attention_ref,
     paged_decode_gather,
@@ -22,20 +22,32 @@ from reference import (
 @dataclass(frozen=True)
 class Backend:
     """The ops of one backend, with the kernels' signatures (kernels/README.md):
+    norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slot_mapping)
+    returns the normalised, rotated (q, k) and writes k and v into their cache slots;
     prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table) is causal; decode(q, k_cache, v_cache,
     block_tables, context_lens, max_context_len); draw(logits, temperatures, generator) samples one
     token per row. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
     reads of device tensors cannot be)."""
 
     name: str
-    store_kvcache: Callable
+    norm_rope_store: Callable
     prefill: Callable
     decode: Callable
     rms_norm: Callable
-    qk_norm_rope: Callable
     silu_and_mul: Callable
     draw: Callable
     cuda_graphs: bool
+
+
+def _triton_norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slot_mapping):
+    # One pass: the store rides on the kernel that already holds each token's rotated k.
+    return qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+
+
+def _torch_norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slot_mapping):
+    q, k = qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps)
+    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
 
 
 def _triton_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -45,22 +57,20 @@ def _triton_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: to
 
 TRITON = Backend(
     name="triton",
-    store_kvcache=store_kvcache,
+    norm_rope_store=_triton_norm_rope_store,
     prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, block_table=block_table),
     decode=lambda q, kc, vc, tables, lens, max_len: paged_attention_decode(q, kc, vc, tables, lens, max_context_len=max_len),
     rms_norm=rms_norm,
-    qk_norm_rope=qk_norm_rope,
     silu_and_mul=silu_and_mul,
     draw=_triton_draw,
     cuda_graphs=True,
 )
 TORCH = Backend(
     name="torch",
-    store_kvcache=store_kvcache_ref,
+    norm_rope_store=_torch_norm_rope_store,
     prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: attention_ref(q, k, v, cu_q, cu_k, causal=True, block_table=block_table),
     decode=lambda q, kc, vc, tables, lens, max_len: paged_decode_gather(q, kc, vc, tables, lens),
     rms_norm=rms_norm_ref,
-    qk_norm_rope=qk_norm_rope_ref,
     silu_and_mul=silu_and_mul_ref,
     draw=sample_ref,  # draws its noise on the logits' device, so `generator` lives there
     cuda_graphs=False,

@@ -62,18 +62,20 @@ class Qwen3Attention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.attention_bias)
-        # The per-head norms are applied with the rotary embedding in one pass (kernels.qk_norm_rope).
+        # The per-head norms are applied with the rotary embedding, and k and v stored in the
+        # cache, in one pass (kernels.qk_norm_rope).
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, backend)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, backend)
-        self.norm_rope = backend.qk_norm_rope
+        self.norm_rope_store = backend.norm_rope_store
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q, k = self.norm_rope(
-            q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
-            self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps,
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.norm_rope_store(
+            q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim), v,
+            self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps, kv_cache[0], kv_cache[1], meta.slot_mapping,
         )
-        out = attend(q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_cache[0], kv_cache[1], meta, self.backend)
+        out = attend(q, k, v, kv_cache[0], kv_cache[1], meta, self.backend)
         return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
 

@@ -32,22 +32,9 @@ def _store_kv(
         tl.store(V_CACHE + blk * stride_vcb + pos * stride_vct + hd * stride_vch + offs_d[None, :], value, mask=mask)
 
 
-def store_kvcache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write each token's key and value into its cache slot, in place.
-
-    key, value: (num_tokens, num_kv_heads, head_dim), fp16/bf16/fp32, last dim contiguous (views
-        into a fused qkv projection are fine).
-    k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim), same dtype.
-    slot_mapping: int32 or int64 (num_tokens,); slot = block_id * block_size + offset, -1 skips
-        the token. Slots are only range-checked on the host for CPU tensors; on a GPU a slot
-        outside the cache is skipped rather than written out of bounds.
-    """
+def check_kv_store(key, value, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """ValueError for arguments store_kvcache's contract refuses; returns slot_mapping as the
+    kernels read it (contiguous). Shared by every kernel that writes the cache."""
     check_rank("key", key, 3, "(num_tokens, num_kv_heads, head_dim)")
     check_rank("value", value, 3, "(num_tokens, num_kv_heads, head_dim)")
     layout = "(num_blocks, block_size, num_kv_heads, head_dim)"
@@ -70,6 +57,27 @@ def store_kvcache(
     ):
         raise ValueError(f"slot_mapping must hold -1 or slots in [0, {num_slots}), got range "
                          f"[{int(slot_mapping.min())}, {int(slot_mapping.max())}]")
+    return slot_mapping
+
+
+def store_kvcache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write each token's key and value into its cache slot, in place.
+
+    key, value: (num_tokens, num_kv_heads, head_dim), fp16/bf16/fp32, last dim contiguous (views
+        into a fused qkv projection are fine).
+    k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim), same dtype.
+    slot_mapping: int32 or int64 (num_tokens,); slot = block_id * block_size + offset, -1 skips
+        the token. Slots are only range-checked on the host for CPU tensors; on a GPU a slot
+        outside the cache is skipped rather than written out of bounds.
+    """
+    slot_mapping = check_kv_store(key, value, k_cache, v_cache, slot_mapping)
+    num_tokens, num_slots = key.shape[0], k_cache.shape[0] * k_cache.shape[1]
     if num_tokens == 0:
         return
     num_kv_heads, head_dim = key.shape[1], key.shape[2]

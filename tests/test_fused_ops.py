@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
-from reference import qk_norm_rope_ref, rms_norm_ref, rope_cos_sin, silu_and_mul_ref
+from reference import qk_norm_rope_ref, rms_norm_ref, rope_cos_sin, silu_and_mul_ref, store_kvcache_ref
 from reference.inputs import generator, randn
 from reference.tolerance import assert_within_tolerance
 from tests.cases import DTYPES
@@ -62,6 +62,43 @@ def test_qk_norm_rope(tokens, heads, head_dim, dtype, seed, device):
     cos, sin = rope_cos_sin(positions, head_dim, 1e6, torch.float64)
     inputs = (q, k, qw, kw, cos.to(dtype), sin.to(dtype))
     check(qk_norm_rope(*inputs, EPS), lambda *a: qk_norm_rope_ref(*a, EPS), inputs, "qk_norm_rope")
+
+
+@given(tokens=ROWS, heads=st.sampled_from([(8, 2), (6, 3), (5, 1)]), head_dim=st.sampled_from([16, 34, 128]),
+       block_size=st.sampled_from([1, 16]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_qk_norm_rope_stores_the_rotated_keys_and_the_values(tokens, heads, head_dim, block_size, dtype, seed, device):
+    """With a cache, the same pass writes each token's rotated k and its v into its slot: slots
+    scattered over the cache, some tokens -1 (padding) and written nowhere; every other slot
+    keeps its NaN. The cache holds exactly the unfused path's bytes: the returned k, and v."""
+    gen = generator(seed, device)
+    h, hkv = heads
+    qkv = randn((tokens, (h + 2 * hkv) * head_dim), dtype, device, gen) * 3
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split([h * head_dim, hkv * head_dim, hkv * head_dim], dim=-1))
+    qw, kw = randn((head_dim,), dtype, device, gen), randn((head_dim,), dtype, device, gen)
+    cos, sin = (t.to(dtype) for t in rope_cos_sin(torch.randint(0, 40000, (tokens,), device=device, generator=gen), head_dim, 1e6, torch.float64))
+    num_blocks = -(-2 * tokens // block_size)
+    slots = torch.randperm(num_blocks * block_size, device=device, generator=gen)[:tokens]
+    slots[torch.rand(tokens, device=device, generator=gen) < 0.2] = -1
+    k_cache = torch.full((num_blocks, block_size, hkv, head_dim), float("nan"), dtype=dtype, device=device)
+    v_cache = k_cache.clone()
+    q_out, k_out = qk_norm_rope(q, k, qw, kw, cos, sin, EPS, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slots.int())
+    q_plain, k_plain = qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    assert torch.equal(q_out, q_plain) and torch.equal(k_out, k_plain)
+    want_k, want_v = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache, float("nan"))
+    store_kvcache_ref(k_plain, v, want_k, want_v, slots)
+    assert torch.equal(k_cache.isnan(), want_k.isnan()) and torch.equal(v_cache.isnan(), want_v.isnan())
+    assert torch.equal(k_cache.nan_to_num(), want_k.nan_to_num()) and torch.equal(v_cache.nan_to_num(), want_v.nan_to_num())
+
+
+def test_qk_norm_rope_takes_the_cache_arguments_together(device):
+    q = torch.randn(3, 2, 16, device=device)
+    k = torch.randn(3, 1, 16, device=device)
+    w, cos = torch.ones(16, device=device), torch.ones(3, 16, device=device)
+    with pytest.raises(ValueError, match="go together"):
+        qk_norm_rope(q, k, w, w, cos, cos, EPS, v=k)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        cache = torch.zeros(2, 4, 1, 16, device=device)
+        qk_norm_rope(q, k, w, w, cos, cos, EPS, v=k, k_cache=cache, v_cache=cache, slot_mapping=torch.zeros(2, dtype=torch.int32, device=device))
 
 
 def frequencies(draws: torch.Tensor, vocab: int) -> torch.Tensor:
