@@ -66,19 +66,13 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     @property
-    def last_token(self) -> int:
-        """The newest token: the one the next decode step feeds the model (PENDING if the device
-        has it and the host not yet)."""
-        return self.token_ids[-1]
-
-    @property
     def num_known_tokens(self) -> int:
         """Leading tokens whose ids the host knows: all but the pending ones."""
         return len(self.token_ids) - self.num_pending_tokens
 
     @property
     def num_completion_tokens(self) -> int:
-        """How many tokens have been generated so far."""
+        """How many tokens have been generated so far, pending ones included."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -95,11 +89,6 @@ class Sequence:
     def num_blocks(self) -> int:
         """Logical blocks needed to hold every token, the last one possibly partial."""
         return -(-len(self.token_ids) // self.block_size)
-
-    @property
-    def num_cached_blocks(self) -> int:
-        """Leading blocks the prefix cache supplied at the latest allocation."""
-        return self.num_cached_tokens // self.block_size
 
     def block(self, i: int) -> list[int]:
         """The token ids of logical block i (fewer than block_size for a partial last block)."""

@@ -262,7 +262,7 @@ def test_packed_decode_inputs(llm):
     packed = llm.runner.pack_decode(seqs, [n - 1 for n in lens], rows)
     ids, positions, meta = llm.runner.decode_inputs(packed, rows, max(lens))
     pad = [0] * 3
-    assert ids.tolist() == [s.last_token for s in seqs] + pad
+    assert ids.tolist() == [s.token_ids[-1] for s in seqs] + pad
     assert meta.context_lens.tolist() == lens + pad
     assert positions[: len(seqs)].tolist() == [n - 1 for n in lens]
     want = [s.block_table[(n - 1) // block] * block + (n - 1) % block for s, n in zip(seqs, lens, strict=True)]
