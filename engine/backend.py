@@ -72,7 +72,8 @@ TORCH = Backend(
     decode=lambda q, kc, vc, tables, lens, max_len: paged_decode_gather(q, kc, vc, tables, lens),
     rms_norm=rms_norm_ref,
     silu_and_mul=silu_and_mul_ref,
-    draw=sample_ref,  # draws its noise on the logits' device, so `generator` lives there
+    # Draws its noise on the logits' device, so `generator` lives there; in fp32, as the reference takes.
+    draw=lambda logits, temperatures, generator: sample_ref(logits.float(), temperatures, generator),
     cuda_graphs=False,
 )
 BACKENDS = {b.name: b for b in (TRITON, TORCH)}

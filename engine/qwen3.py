@@ -128,7 +128,7 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3ForCausalLM(nn.Module):
     """forward(input_ids, positions, kv_caches, meta) -> hidden states (num_tokens, hidden);
-    compute_logits(hidden) -> fp32 logits (rows, vocab), on every rank. kv_caches[i] is layer
+    compute_logits(hidden) -> logits (rows, vocab) in the model's dtype, on every rank. kv_caches[i] is layer
     i's (k_cache, v_cache) pair, each (num_blocks, block_size, num_kv_heads, head_dim) with this
     rank's `num_kv_heads`."""
 
@@ -152,4 +152,6 @@ class Qwen3ForCausalLM(nn.Module):
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.gather_last(self.lm_head(hidden).float())[:, : self.args.vocab_size]
+        # Left in the model's dtype: the sampler reads bf16 as it is, with no fp32 copy of the
+        # (batch, vocab) logits a step.
+        return self.tp.gather_last(self.lm_head(hidden))[:, : self.args.vocab_size]

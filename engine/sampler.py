@@ -15,8 +15,9 @@ def sample(
 ) -> torch.Tensor:
     """Pick one token per row.
 
-    logits: fp32 (batch, vocab). temperatures: fp32 (batch,), 0 means greedy (argmax); None means
-    every row is greedy. top_ks: int (batch,), 0 keeps every token; top_ps: fp32 (batch,), 1.0
+    logits: (batch, vocab), fp32 or the model's bf16/fp16 (filtering and the torch backend's draw
+    upcast; the triton draw reads them as they are). temperatures: fp32 (batch,), 0 means greedy
+    (argmax); None means every row is greedy. top_ks: int (batch,), 0 keeps every token; top_ps: fp32 (batch,), 1.0
     keeps every token; both None (the caller knows no row filters) skips the vocabulary sort that
     filtering needs. All tensors live on logits' device. The TRITON backend draws in one pass over
     the logits (kernels.sample_tokens) with a seed drawn on the host, so `generator` is a CPU one;
@@ -29,7 +30,7 @@ def sample(
     if top_ks is not None or top_ps is not None:
         # Filtering keeps each row's argmax, so greedy rows are unchanged by it; sampled rows then
         # draw from the kept tokens at temperature 1, the scaling being done.
-        logits = _filter(logits / temperatures.clamp_min(1e-6)[:, None], top_ks, top_ps)
+        logits = _filter(logits.float() / temperatures.clamp_min(1e-6)[:, None], top_ks, top_ps)
         temperatures = (temperatures > 0).float()
     return backend.draw(logits, temperatures, generator)
 

@@ -1,0 +1,289 @@
+"""Regression history: every benchmark run kept in an SQLite database, its trends, and a gate.
+
+    python -m benchmarks.history add DB RUN.json [RUN.json ...]
+    python -m benchmarks.history show DB [-k EXPR] [--gpu NAME] [--last N] [--plot DIR]
+    python -m benchmarks.history check DB [--threshold 10%] [--gpu NAME] [--last N]
+
+DB is a file path or an sqlite:/// URL. A run is keyed by its GPU, commit and time (pytest-benchmark's
+`datetime`), so adding the same file twice stores it once. Runs of different GPUs are never
+compared with each other. `check` compares each GPU's newest run with the runs before it: a
+benchmark fails when its median is slower than the median of its earlier medians by more than the
+noise band, the larger of --threshold and three times the history's own spread (the median
+absolute deviation of those medians, relative to their median). Exit status: 0 when nothing
+failed, 1 when something did (each named), 2 for a file or database that cannot be read.
+"""
+
+import argparse
+import json
+import re
+import sqlite3
+import statistics
+import sys
+from pathlib import Path
+
+from benchmarks.compare import threshold
+from benchmarks.report import SUITES
+from benchmarks.results import DASH, ResultsError, load, number, pipe_table
+
+MARKER = "minivllm benchmark history"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY, gpu TEXT NOT NULL, commit_id TEXT NOT NULL, time TEXT NOT NULL, source TEXT NOT NULL,
+    machine_info TEXT NOT NULL, commit_info TEXT NOT NULL, UNIQUE (gpu, commit_id, time)
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_id INTEGER NOT NULL REFERENCES runs (id), name TEXT NOT NULL, grp TEXT, median REAL, iqr REAL, rounds INTEGER,
+    extra_info TEXT NOT NULL, PRIMARY KEY (run_id, name)
+);
+"""
+SPREAD_FACTOR = 3  # the band is this many median absolute deviations of the history's medians
+
+
+class HistoryError(Exception):
+    """A database that is not a history, or is damaged."""
+
+
+def open_db(target: str, create: bool) -> sqlite3.Connection:
+    """The history at `target` (path or sqlite:/// URL); created when `create`, else it must exist.
+    A damaged file or another program's database raises HistoryError, never a silent reset."""
+    path = Path(target.removeprefix("sqlite:///") if target.startswith("sqlite:///") else target)
+    if not create and not path.is_file():
+        raise HistoryError(f"{path}: no such history database")
+    try:
+        db = sqlite3.connect(path)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "meta" not in tables:
+            raise HistoryError(f"{path}: an SQLite database, but not a benchmark history (tables {sorted(tables)})")
+        if not tables:
+            db.executescript(SCHEMA)
+            db.execute("INSERT INTO meta VALUES ('format', ?)", (MARKER,))
+            db.commit()
+        marker = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        if marker is None or marker[0] != MARKER:
+            raise HistoryError(f"{path}: not a benchmark history (no '{MARKER}' marker)")
+        db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise HistoryError(f"{path}: damaged or not an SQLite database: {exc}") from exc
+    return db
+
+
+def add(db: sqlite3.Connection, path: str) -> bool:
+    """Store one --benchmark-json file; False when its run (GPU, commit, time) is already there."""
+    data = load(path)
+    machine, commit = data["machine_info"], data.get("commit_info") or {}
+    gpu = str(machine.get("gpu") or machine.get("device") or machine.get("node") or "unknown")
+    key = (gpu, str(commit.get("id") or "unknown"), str(data.get("datetime") or commit.get("time") or "unknown"))
+    if db.execute("SELECT 1 FROM runs WHERE gpu = ? AND commit_id = ? AND time = ?", key).fetchone():
+        return False
+    run = db.execute(
+        "INSERT INTO runs (gpu, commit_id, time, source, machine_info, commit_info) VALUES (?, ?, ?, ?, ?, ?)",
+        (*key, str(path), json.dumps(machine), json.dumps(commit)),
+    ).lastrowid
+    rows = []
+    for bench in data["benchmarks"]:
+        stats = bench["stats"]
+        name = bench.get("fullname") or bench["name"]
+        rows.append((run, name, bench.get("group"), number(stats.get("median")), number(stats.get("iqr")), stats.get("rounds"), json.dumps(bench["extra_info"])))
+    db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    db.commit()
+    return True
+
+
+def keyword_filter(expr: str | None):
+    """pytest's -k: words match substrings of a benchmark's name, joined by and / or / not and
+    parentheses. None matches everything."""
+    if not expr:
+        return lambda name: True
+    tokens = re.findall(r"\(|\)|[^\s()]+", expr)
+    code = []
+    for tok in tokens:
+        code.append(tok if tok in ("and", "or", "not", "(", ")") else f"({tok!r} in name)")
+    source = " ".join(code)
+    try:
+        compiled = compile(source, "-k", "eval")
+    except SyntaxError as exc:
+        raise argparse.ArgumentTypeError(f"-k {expr!r} is not an expression of words, and, or, not and parentheses") from exc
+    return lambda name: eval(compiled, {"__builtins__": {}}, {"name": name})  # noqa: S307 - built from quoted words only
+
+
+def gpus(db: sqlite3.Connection, only: str | None) -> list[str]:
+    names = [row[0] for row in db.execute("SELECT DISTINCT gpu FROM runs ORDER BY gpu")]
+    return [g for g in names if only is None or g == only]
+
+
+def recent_runs(db: sqlite3.Connection, gpu: str, last: int) -> list[tuple]:
+    """(id, commit, time, machine_info) of the GPU's newest `last` runs, oldest first."""
+    rows = db.execute("SELECT id, commit_id, time, machine_info FROM runs WHERE gpu = ? ORDER BY time DESC, id DESC LIMIT ?", (gpu, last))
+    return list(reversed(rows.fetchall()))
+
+
+def series(db: sqlite3.Connection, runs: list[tuple], wanted) -> dict[str, list]:
+    """{benchmark: [(median, group, extra_info) or None per run]} for the benchmarks `wanted` names."""
+    out: dict[str, list] = {}
+    for i, (run_id, *_rest) in enumerate(runs):
+        for name, grp, median, extra in db.execute("SELECT name, grp, median, extra_info FROM results WHERE run_id = ?", (run_id,)):
+            if wanted(name):
+                out.setdefault(name, [None] * len(runs))[i] = (median, grp, json.loads(extra))
+    return out
+
+
+def show(db: sqlite3.Connection, args) -> int:
+    shown = 0
+    for gpu in gpus(db, args.gpu):
+        runs = recent_runs(db, gpu, args.last)
+        trends = series(db, runs, keyword_filter(args.k))
+        if not trends:
+            continue
+        print(f"## {gpu}: last {len(runs)} run(s), median times, oldest first\n")
+        print("runs: " + "; ".join(f"{i + 1} = {commit[:10]} {time}" for i, (_, commit, time, _) in enumerate(runs)) + "\n")
+        body = []
+        for name in sorted(trends):
+            points = trends[name]
+            medians = [p[0] if p else None for p in points]
+            known = [m for m in medians if m is not None]
+            change = f"{100 * (known[-1] / known[0] - 1):+.1f}%" if len(known) > 1 and known[0] else DASH
+            body.append([name, *(fmt_seconds(m) for m in medians), change])
+        print(pipe_table(["benchmark", *(str(i + 1) for i in range(len(runs))), "last vs first"], body, right=set(range(1, len(runs) + 2))) + "\n")
+        shown += len(trends)
+        if args.plot:
+            for path in plot(gpu, runs, trends, args.plot):
+                print(f"wrote {path}")
+    if not shown:
+        print("error: no benchmark in the history matches", file=sys.stderr)
+        return 1
+    return 0
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return DASH
+    for unit, scale in (("s", 1), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.4g} {unit}"
+    return f"{seconds / 1e-9:.4g} ns"
+
+
+def plot(gpu: str, runs: list[tuple], trends: dict[str, list], outdir: Path) -> list[Path]:
+    """One PNG per benchmark group: each benchmark's throughput (its suite's field; the median time
+    where it has none) across the runs, and the runs' measured ceiling dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[str]] = {}
+    for name, points in trends.items():
+        grp = next((p[1] for p in points if p and p[1]), None) or "ungrouped"
+        groups.setdefault(grp, []).append(name)
+    written = []
+    for grp, names in sorted(groups.items()):
+        fig = Figure(figsize=(8, 4.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        ceiling_key, unit = None, "median s"
+        for name in sorted(names):
+            extras = [p[2] if p else {} for p in trends[name]]
+            suite = SUITES.get(next((e.get("suite") for e in extras if e.get("suite")), ""))
+            if suite:
+                ys = [number(e.get(suite.throughput)) for e in extras]
+                ceiling_key, unit = next((e.get("ceiling") for e in extras if e.get("ceiling")), suite.ceiling), suite.unit
+            else:
+                ys = [p[0] if p else None for p in trends[name]]
+            xs = [i + 1 for i, y in enumerate(ys) if y is not None]
+            ax.plot(xs, [y for y in ys if y is not None], marker="o", label=name.rsplit("::", 1)[-1])
+        if ceiling_key:
+            ceilings = [number(json.loads(machine).get(ceiling_key)) for *_, machine in runs]
+            ax.plot(range(1, len(runs) + 1), ceilings, linestyle="--", color="grey", label=f"ceiling ({ceiling_key})")
+        ax.set(xlabel="run (oldest first)", ylabel=unit, title=f"{grp} on {gpu}")
+        ax.set_xticks(range(1, len(runs) + 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+        path = outdir / (re.sub(r"[^A-Za-z0-9.-]+", "-", f"{gpu} {grp}").strip("-") + ".png")
+        fig.savefig(path, dpi=100)
+        written.append(path)
+    return written
+
+
+def band(history: list[float], floor: float) -> float:
+    """The relative noise band for a benchmark with these earlier medians."""
+    center = statistics.median(history)
+    if len(history) < 3 or not center:
+        return floor
+    mad = statistics.median(abs(m - center) for m in history)
+    return max(floor, SPREAD_FACTOR * mad / center)
+
+
+def check(db: sqlite3.Connection, args) -> int:
+    failures, compared = [], 0
+    for gpu in gpus(db, args.gpu):
+        runs = recent_runs(db, gpu, args.last + 1)
+        if len(runs) < 2:
+            print(f"{gpu}: one run, nothing to compare it with")
+            continue
+        body = []
+        for name, points in sorted(series(db, runs, keyword_filter(None)).items()):
+            newest = points[-1][0] if points[-1] else None
+            history = [p[0] for p in points[:-1] if p and p[0] is not None]
+            if newest is None or not history:
+                continue
+            center, width = statistics.median(history), band(history, args.threshold / 100)
+            ratio = newest / center
+            verdict = "SLOWER" if ratio > 1 + width else "ok"
+            compared += 1
+            body.append([name, fmt_seconds(center), fmt_seconds(newest), f"{100 * (ratio - 1):+.1f}%", f"±{100 * width:.1f}%", verdict])
+            if verdict != "ok":
+                failures.append(f"{gpu}: {name}: {100 * (ratio - 1):+.1f}% against a band of {100 * width:.1f}%")
+        print(f"## {gpu}: run {runs[-1][1][:10]} {runs[-1][2]} against the {len(runs) - 1} before it\n")
+        if not body:
+            print("no benchmark of the newest run has a figure in the runs before it\n")
+            continue
+        print(pipe_table(["benchmark", "history median", "newest", "change", "band", "verdict"], body, right={1, 2, 3, 4}) + "\n")
+    if failures:
+        print(f"FAIL: {len(failures)} benchmark(s) slower than their history's band:\n" + "\n".join(f"  {f}" for f in failures))
+        return 1
+    print(f"OK: no benchmark slower than its history's band ({compared} compared)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.history", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("add", help="store runs")
+    p.add_argument("db", help="database file or sqlite:/// URL (created if missing)")
+    p.add_argument("files", nargs="+", help="pytest-benchmark JSON (--benchmark-json)")
+    p = sub.add_parser("show", help="each benchmark's trend over one GPU's last runs")
+    p.add_argument("db")
+    p.add_argument("-k", metavar="EXPR", help="benchmarks whose names match, as pytest's -k")
+    p.add_argument("--gpu", help="only this GPU (as machine_info names it)")
+    p.add_argument("--last", type=int, default=10, help="runs per GPU (default 10)")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="also write a PNG per benchmark group")
+    p = sub.add_parser("check", help="the newest run of each GPU against its history")
+    p.add_argument("db")
+    p.add_argument("--threshold", type=threshold, default=10, help="the band's floor, a whole percentage (default 10%%)")
+    p.add_argument("--gpu", help="only this GPU")
+    p.add_argument("--last", type=int, default=10, help="earlier runs the history holds (default 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "show":
+        try:
+            keyword_filter(args.k)  # a malformed -k is a usage error, before anything is read
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    try:
+        db = open_db(args.db, create=args.command == "add")
+        if args.command == "add":
+            for path in args.files:
+                print(f"{path}: {'added' if add(db, path) else 'already in the history, skipped'}")
+            return 0
+        return show(db, args) if args.command == "show" else check(db, args)
+    except (HistoryError, ResultsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
