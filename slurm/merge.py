@@ -1,12 +1,15 @@
 """Merge a sweep's task results into one pytest-benchmark JSON, with its report and regression check.
 
     python -m slurm.merge SWEEP OUT ARRAY_JOB_ID [--baseline BASE.json] [--compare "--threshold 10% --impl flash_triton"]
+        [--history DB]
 
 Reads OUT/<id>/<task>.{json,xml,exit} and OUT/logs/<id>_<task>.out, and writes into OUT/<id>/:
 merged.json (every task's benchmarks, each tagged with its task and node), report.md (the task
 table, the benchmark tables of `benchmarks.report`, and `benchmarks.compare` against the
 baseline) and plots/. Every task of the sweep gets a row: a task that failed, never finished or
 never ran is named there and makes the exit status 1; otherwise the status is the comparison's.
+With --history, merged.json is added to that regression history (benchmarks.history) and the
+GPU's new run checked against the runs before it; a slower-than-its-band figure makes the status 1.
 """
 
 import argparse
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import compare, report
+from benchmarks import compare, history, report
 from benchmarks.results import CEILING_KEYS, pipe_table
 from slurm.sweep import Sweep, read_sweep
 
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("array_job_id")
     parser.add_argument("--baseline", type=Path, help="pytest-benchmark JSON to check the merged run against")
     parser.add_argument("--compare", default="", help="options for benchmarks.compare, one string, e.g. '--threshold 5%% --impl flash_triton'")
+    parser.add_argument("--history", help="a benchmarks.history database (file or sqlite:/// URL) to add the merged run to and check it against")
     args = parser.parse_args(argv)
     try:
         sweep = read_sweep(args.sweep)
@@ -196,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             compare_code, text = captured(compare, [str(args.baseline), str(merged_path), *shlex.split(args.compare)])
             sections += [f"## Against {args.baseline} (benchmarks.compare exit {compare_code})", text]
             code = code or compare_code
+        if args.history:
+            add_code, text = captured(history, ["add", args.history, str(merged_path)])
+            gpu = str(merged["machine_info"].get("gpu", ""))
+            check_code, check_text = captured(history, ["check", args.history, "--gpu", gpu]) if add_code == 0 else (add_code, "")
+            sections += [f"## History {args.history} (add exit {add_code}, check exit {check_code})", text, check_text]
+            code = code or check_code
     else:
         sections.append("No task produced benchmark results: no tables, no comparison.")
     text = "\n\n".join(sections) + "\n"

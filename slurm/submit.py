@@ -1,7 +1,7 @@
 """One command for a whole sweep: generate it, submit the benchmark array and the merge job after it.
 
     python -m slurm.submit --preset qwen3-8b --tp 1 --tasks 8 --throttle 4 -p gpu -A myacct -t 01:00:00 \\
-        [--baseline benchmarks/baselines/B.json] [--out results] [--dry-run] [-- --benchmark-max-time=0.05]
+        [--baseline benchmarks/baselines/B.json] [--history history.db] [--out results] [--dry-run] [-- --benchmark-max-time=0.05]
 
 `--sweep FILE` submits an existing sweep file instead of generating one. `--dry-run` writes no
 file and submits nothing: it prints, as shell to paste, what a submission would do (create the
@@ -26,6 +26,13 @@ from slurm.sweep import default_path, provenance, read_sweep, sweep_from_args, s
 REPO = Path(__file__).resolve().parent.parent
 SWEEP_OPTIONS = ("--tasks", "--preset", "--tp", "--dtype", "--grid")
 HEREDOC_END = "MINIVLLM_SWEEP_EOF"
+
+
+def history_target(target: str) -> str:
+    """The history database as the merge job, started elsewhere, must name it: an absolute path
+    (an sqlite:/// URL keeps its form with its path made absolute)."""
+    prefix = "sqlite:///" if target.startswith("sqlite:///") else ""
+    return prefix + str(Path(target.removeprefix(prefix)).resolve())
 
 
 def check_compare_options(text: str) -> None:
@@ -80,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "results", help="results root: sweeps/, logs/ and <array id>/ go here (default results/)")
     parser.add_argument("--baseline", type=Path, help="the merge job compares the merged results with this pytest-benchmark JSON")
     parser.add_argument("--compare", default="", help="options for benchmarks.compare, one string, e.g. '--threshold 5%% --impl flash_triton'")
+    parser.add_argument("--history", help="the merge job adds the merged run to this benchmarks.history database and checks it")
     parser.add_argument("--dry-run", action="store_true",
                         help="write no file and submit nothing: print, as shell, the sweep file and the sbatch lines a submission would use")
     args = parser.parse_args(argv)
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     merge_args = ([f"--baseline={args.baseline.resolve()}"] if args.baseline else []) + ([f"--compare={args.compare}"] if args.compare else [])
+    merge_args += [f"--history={history_target(args.history)}"] if args.history else []
     array_cmd = array_command(path, len(sweep.tasks), args.out, opts)
     count = sum(map(len, sweep.tasks))
     unwritten = " (dry run: not written; the shell below writes it)" if text is not None else ""

@@ -84,7 +84,8 @@ def test_dry_run_prints_shell_that_chains_the_merge_to_the_array(tmp_path, capsy
     sweep = tmp_path / "sweep.txt"
     write_sweep(sweep, Sweep("gpu", [], [["a"], ["b"], ["c"], ["d"], ["e"]]), "test")
     baseline = write(tmp_path / "base.json", [bench("prefill", "flash_triton", 1e-3)])
-    argv = [f"--sweep={sweep}", "--throttle=2", "-p", "gb200", "-t", "01:00:00", "--exclusive", f"--out={tmp_path / 'r s'}", f"--baseline={baseline}", "--dry-run"]
+    argv = [f"--sweep={sweep}", "--throttle=2", "-p", "gb200", "-t", "01:00:00", "--exclusive", f"--out={tmp_path / 'r s'}", f"--baseline={baseline}",
+            "--history=sqlite:///rel/h.db", "--dry-run"]
     assert submit.main(argv) == 0
     script = capsys.readouterr().out.split("\n", 1)[1]
     mkdir_line, array_line, merge_line = script.strip().splitlines()
@@ -100,7 +101,8 @@ def test_dry_run_prints_shell_that_chains_the_merge_to_the_array(tmp_path, capsy
     calls = log.read_text().splitlines()
     assert len(calls) == 2 and "bench_array.sbatch" in calls[0] and (tmp_path / "r s" / "logs").is_dir()
     assert "--dependency=afterany:101 " in calls[1] and f"--output={tmp_path}/r s/logs/101_merge.out" in calls[1]
-    assert calls[1].endswith(f"merge.sbatch {sweep} {tmp_path}/r s 101 --baseline={baseline}")
+    # The history's relative path is made absolute: the merge job does not start where submit ran.
+    assert calls[1].endswith(f"merge.sbatch {sweep} {tmp_path}/r s 101 --baseline={baseline} --history=sqlite:///{Path.cwd()}/rel/h.db")
 
 
 def test_dry_run_writes_nothing_and_prints_the_sweep_it_would_write(tmp_path, capsys):
@@ -273,3 +275,22 @@ def test_merge_exit_follows_the_comparison_with_the_baseline(tmp_path, scale, ex
     baseline = write(tmp_path / "base.json", [bench("prefill", impl, 1e-3 / scale, size=512) for impl in IMPLS])
     code, report, _ = merge_run(tmp_path, rows, f"--baseline={baseline}", "--compare=--threshold 20%")
     assert code == expected and f"(benchmarks.compare exit {expected})" in report
+
+
+def test_merge_adds_the_run_to_the_history_and_fails_a_slowdown(tmp_path):
+    """Two sweeps' merges into one history: the first has nothing to compare with; the second,
+    3x slower on the same GPU, fails against it."""
+    db = tmp_path / "history.db"
+    for array_id, scale, expected in (("77", 1.0, 0), ("78", 3.0, 1)):
+        rows = [task_row(0)]
+        results = tmp_path / array_id
+        results.mkdir()
+        for b in rows[0]:
+            b["stats"]["median"] *= scale
+        finished(results, 0, 0, rows[0])
+        sweep = tmp_path / "sweep.txt"
+        write_sweep(sweep, Sweep("gpu", ["--preset=qwen3-8b"], [[b["fullname"] for b in row] for row in rows]), "test")
+        code = merge.main([str(sweep), str(tmp_path), array_id, f"--history={db}"])
+        report = (results / "report.md").read_text()
+        assert code == expected and f"## History {db} (add exit 0, check exit {expected})" in report
+    assert "FAIL: 3 benchmark(s) slower than their history's band" in report
