@@ -3,16 +3,24 @@
 # sweep scripts before a GB200 cluster. Needs root and Debian's packages:
 #     apt-get install -y slurmctld slurmd slurm-client munge
 #
-#     slurm/local_cluster.sh start DIR   # config, state and logs in DIR; prints SLURM_CONF=DIR/slurm.conf
-#     slurm/local_cluster.sh stop DIR    # stops the daemons this script started, by pid
+#     slurm/local_cluster.sh start DIR [GPUS]  # config, state and logs in DIR; prints SLURM_CONF=DIR/slurm.conf
+#     slurm/local_cluster.sh stop DIR          # stops the daemons this script started, by pid
+#
+# GPUS > 0 gives the node Gres=gpu:GPUS, backed by GPUS device nodes DIR/dev/nvidia0.. that stand
+# in for a GB200 node's GPUs: Slurm hands them out and sets each task's GPU variables as it would
+# for real devices, so the sbatch scripts' GPU binding can be tested without a GPU. They are
+# character devices with /dev/null's numbers (1, 3), not regular files: slurmd 22.05 drops a
+# gres.conf File= that is not a character or block device ("is not a valid character or block
+# device"), and the jobs then get no GPU variables at all.
 #
 # Every client command (sbatch, squeue, ...) needs SLURM_CONF=DIR/slurm.conf in its environment.
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
-[[ $# -eq 2 ]] || usage
+usage() { echo "usage: $0 start DIR [GPUS] | stop DIR" >&2; exit 2; }
+[[ $# -eq 2 || ( $# -eq 3 && $1 == start && $3 =~ ^[0-9]+$ ) ]] || usage
 action=$1
 dir=$(realpath -m "$2")
+gpus=${3:-0}
 conf=$dir/slurm.conf
 
 start() {
@@ -33,8 +41,21 @@ start() {
         munge -n </dev/null >/dev/null || { echo "local_cluster: munged did not come up" >&2; exit 1; }
     fi
 
-    local host mem_mb
+    local host mem_mb cpus gres="" gres_types="" overrides=""
     host=$(hostname -s)
+    cpus=$(nproc)
+    if (( gpus > 0 )); then
+        mkdir -p "$dir/dev"
+        for ((i = 0; i < gpus; i++)); do
+            [[ -c $dir/dev/nvidia$i ]] || { rm -f "$dir/dev/nvidia$i"; mknod "$dir/dev/nvidia$i" c 1 3; }
+        done
+        echo "Name=gpu File=$dir/dev/nvidia[0-$((gpus - 1))]" >"$dir/gres.conf"
+        gres="Gres=gpu:$gpus"
+        gres_types="GresTypes=gpu"
+        # At least two CPUs per GPU, so the GPUs, not a small machine's cores, limit how many
+        # one-GPU tasks run at once; slurmd takes the configured count over the one it detects.
+        (( cpus >= 2 * gpus )) || { cpus=$((2 * gpus)); overrides="SlurmdParameters=config_overrides"; }
+    fi
     mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     cat >"$conf" <<EOF
 ClusterName=minivllm-local
@@ -49,6 +70,8 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
+$gres_types
+$overrides
 ReturnToService=2
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 StateSaveLocation=$dir/state
@@ -57,7 +80,7 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$mem_mb State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb $gres State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     export SLURM_CONF=$conf

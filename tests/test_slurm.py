@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 WAIT_S = 600  # generous: a 5-task CPU sweep takes about 30 s on 2 cores
 BROKEN_ID = "benchmarks/test_prefill.py::test_prefill[no-such-shape]"
+GPUS = 4  # the local node's stand-in GPUs, as on a GB200 node
 
 
 def unavailable() -> str | None:
@@ -43,13 +44,14 @@ def cannot_run(reason: str):
 
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory):
-    """An environment whose SLURM_CONF points at a freshly started local cluster, stopped afterwards by pid."""
+    """An environment whose SLURM_CONF points at a freshly started local cluster of one node with
+    GPUS stand-in GPUs, stopped afterwards by pid."""
     reason = unavailable()
     if reason:
         cannot_run(reason)
     state = tmp_path_factory.mktemp("slurm")
     try:
-        start = subprocess.run([CLUSTER, "start", state], capture_output=True, text=True, timeout=120)
+        start = subprocess.run([CLUSTER, "start", state, str(GPUS)], capture_output=True, text=True, timeout=120)
         if start.returncode != 0:
             cannot_run(f"slurm/local_cluster.sh start failed (exit {start.returncode}): {start.stderr.strip()}")
         yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
@@ -120,7 +122,7 @@ def test_sweep_array_and_merge_report_every_task(slurm_env, tmp_path):
         assert (results / f"{task}.exit").read_text().strip() == "0"
         check_task(results, task, row)
         log = (good_out / "logs" / f"{array}_{task}.out").read_text()
-        assert f"task {task} of array {array}" in log and f"/minivllm-triton-{array}_{task}\n" in log
+        assert f"task {task} of array {array}" in log and f"/minivllm-triton-{array}_{task}, started " in log
     merged = json.loads((results / "merged.json").read_text())
     assert merged["slurm"]["not_ok_tasks"] == []
     timed = [task for task in range(5) for outcome in read_junit(results / f"{task}.xml")[0].values() if outcome == "passed"]
@@ -193,3 +195,25 @@ def test_partition_from_sbatch_environment_reaches_the_cluster(slurm_env, tmp_pa
     env = {**slurm_env, "SBATCH_PARTITION": "no-such-partition"}
     proc = run([sys.executable, "-m", "slurm.submit", "--grid=cpu", "--preset=tiny", "-k", "flash_triton", "--gpus-per-task=0", f"--out={tmp_path}"], env, check=False)
     assert proc.returncode == 1 and "sbatch failed" in proc.stderr and "invalid partition" in proc.stderr.lower(), proc.stderr
+
+
+def test_each_task_gets_its_own_gpu_and_no_more_than_four_run_at_once(slurm_env, tmp_path):
+    """Six one-GPU tasks on a node of four GPUs (device nodes standing in for them): every task
+    sees exactly one CUDA_VISIBLE_DEVICES entry, tasks running at the same time never share one,
+    at most four run at once, and the others wait for a GPU and then run."""
+    out = tmp_path / "gpus"
+    array, merge = submit(slurm_env, "--grid=cpu", "--tasks=6", "--throttle=6", "--gpus-per-task=1", f"--out={out}")
+    wait(slurm_env, array, merge)
+    spans = []
+    for task in range(6):
+        log = (out / "logs" / f"{array}_{task}.out").read_text()
+        found = re.search(r"CUDA_VISIBLE_DEVICES=([^,]*), TRITON_CACHE_DIR=.*, started ([\d.]+)", log)
+        assert found, log
+        assert found.group(1) in {str(i) for i in range(GPUS)}, f"task {task} sees CUDA_VISIBLE_DEVICES={found.group(1)!r}"
+        assert (out / array / f"{task}.exit").read_text().strip() == "0"
+        spans.append((float(found.group(2)), (out / array / f"{task}.exit").stat().st_mtime, found.group(1)))
+    for start, _, _ in spans:
+        running = [gpu for begin, end, gpu in spans if begin <= start < end]
+        assert len(running) <= GPUS and len(set(running)) == len(running), f"at {start}: GPUs {running}"
+    assert any(begin >= end for begin, _, _ in spans for _, end, _ in spans), "no task waited for a GPU"
+    assert exit_code(slurm_env, merge) == 0
