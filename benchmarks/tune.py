@@ -248,6 +248,36 @@ def write_table(path: Path, prov: dict, winners: list[dict]) -> dict:
     return table
 
 
+def merge_tables(tables: list[dict]) -> dict:
+    """One table from several runs' tables of one GPU model (the tasks of a tuning array): every
+    run kept, each entry still naming its own; a key tuned twice keeps the later run's winner.
+    ValueError when the tables come from different GPU models, whose figures must not mix."""
+    gpus = sorted({str(t["provenance"].get("gpu")) for t in tables})
+    if len(gpus) != 1:
+        raise ValueError(f"tables from different GPU models ({', '.join(gpus)}) cannot be merged into one")
+    merged: dict = {"provenance": {}, "runs": [], "entries": []}
+    by_key: dict[tuple, dict] = {}
+    for table in tables:
+        offset = len(merged["runs"])
+        merged["runs"] += table["runs"]
+        for e in table["entries"]:
+            by_key[(e["kernel"], e["dtype"], e["head_dim"], e["page"], json.dumps(e["bucket"]))] = dict(e, run=e["run"] + offset)
+    merged["entries"] = [by_key[k] for k in sorted(by_key)]
+    merged["provenance"] = dict(merged["runs"][-1], note=f"merged from {len(tables)} tables of one tuning array; `runs` lists every run")
+    return merged
+
+
+def shard(text: str) -> tuple[int, int]:
+    """Parse --shard I/N: this process tunes buckets I, I+N, I+2N, ... of the selection."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shard {text!r}: give I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"invalid shard {text!r}: I must be in [0, N)")
+    return index, count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", action="append", choices=("decode", "prefill"), help="only this kernel's buckets; repeatable")
@@ -258,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="do not time SDPA beside each bucket")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time each prefill winner without its softmax (a diagnostic)")
     parser.add_argument("--json", help="also write every candidate's row here")
+    parser.add_argument("--shard", type=shard, metavar="I/N", help="tune only buckets I, I+N, ... of the selection (a tuning array's task I of N)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -265,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
               if (not args.kernel or b.kernel in args.kernel) and (not args.bucket or any(t in b.name for t in args.bucket))]
     if not chosen:
         parser.error("no bucket matches --kernel/--bucket")
+    if args.shard:
+        chosen = chosen[args.shard[0] :: args.shard[1]]
+        if not chosen:
+            print(f"shard {args.shard[0]}/{args.shard[1]}: no bucket left for this shard", flush=True)
+            return 0
     path = (args.out or config_dir()) / f"{device_slug(device)}.json"
     prov = provenance(device)
     print(f"{prov['gpu']}: torch {prov['torch']}, triton {prov['triton']}; {len(chosen)} buckets -> {path}", flush=True)

@@ -59,10 +59,9 @@ def _common(opts: SlurmOptions, time: str | None) -> list[str]:
     return [f"{flag}={value}" for flag, value in named.items() if value] + [f"--chdir={REPO}", f"--export=ALL,MINIVLLM_PYTHON={sys.executable}"]
 
 
-def array_command(sweep: Path, tasks: int, out: Path, opts: SlurmOptions) -> list[str]:
-    """sbatch for the benchmark array: task i runs row i of `sweep`, writing OUT/<array id>/i.json."""
+def _array(job_name: str, tasks: int, out: Path, opts: SlurmOptions, script: list[str]) -> list[str]:
     throttle = min(opts.throttle or tasks, tasks)
-    cmd = ["sbatch", "--parsable", "--job-name=minivllm-bench", f"--array=0-{tasks - 1}%{throttle}", "--ntasks=1"]
+    cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--array=0-{tasks - 1}%{throttle}", "--ntasks=1"]
     cmd += [f"--output={out.resolve()}/logs/%A_%a.out", *_common(opts, opts.time)]
     if opts.gpus_per_task:
         cmd.append(f"--gpus-per-task={opts.gpus_per_task}")
@@ -70,14 +69,33 @@ def array_command(sweep: Path, tasks: int, out: Path, opts: SlurmOptions) -> lis
         cmd.append(f"--cpus-per-task={opts.cpus_per_task}")
     if opts.exclusive:
         cmd.append("--exclusive")
-    return [*cmd, *opts.sbatch_args, str(SLURM_DIR / "bench_array.sbatch"), str(sweep.resolve()), str(out.resolve())]
+    return [*cmd, *opts.sbatch_args, *script]
+
+
+def _after(job_name: str, out: Path, array_id: str, opts: SlurmOptions, script: list[str]) -> list[str]:
+    cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--dependency=afterany:{array_id}", "--ntasks=1"]
+    cmd += [f"--output={out.resolve()}/logs/{array_id}_merge.out", *_common(opts, opts.merge_time)]
+    return [*cmd, *script]
+
+
+def array_command(sweep: Path, tasks: int, out: Path, opts: SlurmOptions) -> list[str]:
+    """sbatch for the benchmark array: task i runs row i of `sweep`, writing OUT/<array id>/i.json."""
+    return _array("minivllm-bench", tasks, out, opts, [str(SLURM_DIR / "bench_array.sbatch"), str(sweep.resolve()), str(out.resolve())])
 
 
 def merge_command(sweep: Path, out: Path, array_id: str, opts: SlurmOptions, merge_args: list[str]) -> list[str]:
     """sbatch for the merge job, which starts when every array task has ended, however it ended."""
-    cmd = ["sbatch", "--parsable", "--job-name=minivllm-merge", f"--dependency=afterany:{array_id}", "--ntasks=1"]
-    cmd += [f"--output={out.resolve()}/logs/{array_id}_merge.out", *_common(opts, opts.merge_time)]
-    return [*cmd, str(SLURM_DIR / "merge.sbatch"), str(sweep.resolve()), str(out.resolve()), array_id, *merge_args]
+    return _after("minivllm-merge", out, array_id, opts, [str(SLURM_DIR / "merge.sbatch"), str(sweep.resolve()), str(out.resolve()), array_id, *merge_args])
+
+
+def tune_array_command(tasks: int, out: Path, opts: SlurmOptions, tune_args: list[str]) -> list[str]:
+    """sbatch for a tuning array: task i of N tunes buckets i, i+N, ... (benchmarks.tune --shard)."""
+    return _array("minivllm-tune", tasks, out, opts, [str(SLURM_DIR / "tune_array.sbatch"), str(out.resolve()), *tune_args])
+
+
+def tune_merge_command(out: Path, array_id: str, tasks: int, opts: SlurmOptions) -> list[str]:
+    """sbatch for the job that merges a tuning array's tables once every task has ended."""
+    return _after("minivllm-tune-merge", out, array_id, opts, [str(SLURM_DIR / "tune_merge.sbatch"), str(out.resolve()), array_id, str(tasks)])
 
 
 def shell_script(array_cmd: list[str], merge_cmd: list[str]) -> str:

@@ -3,6 +3,9 @@
     python -m slurm.submit --preset qwen3-8b --tp 1 --tasks 8 --throttle 4 -p gpu -A myacct -t 01:00:00 \\
         [--baseline benchmarks/baselines/B.json] [--history history.db] [--out results] [--dry-run] [-- --benchmark-max-time=0.05]
 
+`--tune` submits a tuning array instead: `--tasks` tasks, each tuning its share of
+`benchmarks.tune`'s buckets on its GPU (`--kernel` narrows them; the arguments after `--` go to
+the tuner), and a job that merges their tables into OUT/<array id>/<gpu>.json (slurm/tune_merge.py).
 `--sweep FILE` submits an existing sweep file instead of generating one. `--dry-run` writes no
 file and submits nothing: it prints, as shell to paste, what a submission would do (create the
 logs directory, write the generated sweep file, and the two sbatch lines). Otherwise it writes the
@@ -18,7 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import compare
-from slurm.jobs import ARRAY_ID, array_command, merge_command, options_from_args, shell_script
+from slurm.jobs import ARRAY_ID, array_command, merge_command, options_from_args, shell_script, tune_array_command, tune_merge_command
 from slurm.jobs import add_arguments as add_slurm_arguments
 from slurm.sweep import add_arguments as add_sweep_arguments
 from slurm.sweep import default_path, provenance, read_sweep, sweep_from_args, sweep_text, write_sweep
@@ -79,6 +82,40 @@ def sbatch(cmd: list[str]) -> str:
     return proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
 
 
+def submit_tuning(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--tune: the tuning array and its merge job (or, with --dry-run, their shell)."""
+    sweep_only = [o for o, v in (("--sweep", args.sweep), ("--baseline", args.baseline), ("--compare", args.compare), ("--history", args.history),
+                                 ("-k", args.keyword), ("-m", args.markexpr), ("--preset", args.preset), ("--tp", args.tp), ("--dtype", args.dtype)) if v]
+    if not args.tune:
+        parser.error("--kernel chooses what a tuning array tunes: add --tune")
+    if sweep_only:
+        parser.error(f"--tune: {', '.join(sweep_only)} belong to benchmark sweeps; the tuner takes its options after --")
+    if args.tasks < 1:
+        parser.error(f"--tasks must be >= 1, got {args.tasks}")
+    try:
+        opts = options_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    tune_args = [f"--kernel={k}" for k in args.kernel] + list(args.pytest_extra)
+    array_cmd = tune_array_command(args.tasks, args.out, opts, tune_args)
+    print(f"tune   {args.tasks} tasks, tuner args {shlex.join(tune_args) or '(none)'}")
+    if args.dry_run:
+        print(f"mkdir -p {shlex.quote(str(args.out.resolve() / 'logs'))}\n" + shell_script(array_cmd, tune_merge_command(args.out, ARRAY_ID, args.tasks, opts)))
+        return 0
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        array_id = sbatch(array_cmd)
+        merge_id = sbatch(tune_merge_command(args.out, array_id, args.tasks, opts))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results = args.out.resolve() / array_id
+    print(f"array  job {array_id}: tables {results}/tables/<task>/; logs {args.out.resolve()}/logs/{array_id}_<task>.out")
+    print(f"merge  job {merge_id}, when the array has ended: {results}/<gpu>.json")
+    print(f"watch  squeue -j {array_id},{merge_id}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.splitlines()[0])
     add_sweep_arguments(parser)
@@ -88,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, help="the merge job compares the merged results with this pytest-benchmark JSON")
     parser.add_argument("--compare", default="", help="options for benchmarks.compare, one string, e.g. '--threshold 5%% --impl flash_triton'")
     parser.add_argument("--history", help="the merge job adds the merged run to this benchmarks.history database and checks it")
+    parser.add_argument("--tune", action="store_true", help="submit a tuning array (benchmarks.tune split over --tasks) and its table merge, not a sweep")
+    parser.add_argument("--kernel", action="append", choices=("decode", "prefill"), default=[], help="with --tune: only this kernel's buckets; repeatable")
     parser.add_argument("--dry-run", action="store_true",
                         help="write no file and submit nothing: print, as shell, the sweep file and the sbatch lines a submission would use")
     args = parser.parse_args(argv)
+    if args.tune or args.kernel:
+        return submit_tuning(parser, args)
     text = None  # the generated sweep's file text, which a dry run prints instead of writing
     try:
         opts = options_from_args(args)

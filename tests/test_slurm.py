@@ -217,3 +217,18 @@ def test_each_task_gets_its_own_gpu_and_no_more_than_four_run_at_once(slurm_env,
         assert len(running) <= GPUS and len(set(running)) == len(running), f"at {start}: GPUs {running}"
     assert any(begin >= end for begin, _, _ in spans for _, end, _ in spans), "no task waited for a GPU"
     assert exit_code(slurm_env, merge) == 0
+
+
+def test_a_tuning_array_merges_one_table_for_its_gpu(slurm_env, tmp_path):
+    """submit --tune over two tasks: each tunes its share of the tuner's buckets (on the CPU, in
+    the interpreter, with the tuner's tiny candidate sets), and the merge job writes one table
+    holding both tasks' winners and both runs' provenance."""
+    out = tmp_path / "tune"
+    printed = run([sys.executable, "-m", "slurm.submit", "--tune", "--tasks=2", "--gpus-per-task=0", f"--out={out}"], slurm_env).stdout
+    array, merge = (re.search(rf"^{word}\s+job (\d+)", printed, re.M).group(1) for word in ("array", "merge"))
+    wait(slurm_env, array, merge)
+    assert exit_code(slurm_env, merge) == 0, (out / "logs" / f"{array}_merge.out").read_text()
+    table = json.loads((out / array / "cpu.json").read_text())
+    assert sorted(e["kernel"] for e in table["entries"]) == ["decode", "prefill"]
+    assert sorted(e["run"] for e in table["entries"]) == [0, 1] and len(table["runs"]) == 2
+    assert all(r["tool"] == "python -m benchmarks.tune" and r["commit"] and r["gpu"] == table["provenance"]["gpu"] for r in table["runs"])

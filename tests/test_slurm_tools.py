@@ -294,3 +294,38 @@ def test_merge_adds_the_run_to_the_history_and_fails_a_slowdown(tmp_path):
         report = (results / "report.md").read_text()
         assert code == expected and f"## History {db} (add exit 0, check exit {expected})" in report
     assert "FAIL: 3 benchmark(s) slower than their history's band" in report
+
+
+def tuning_table(gpu: str, kernel: str) -> dict:
+    entry = {"kernel": kernel, "dtype": "bfloat16", "head_dim": 128, "page": 16, "bucket": [64, 2048], "config": {"tile": [64, 64, 4, 3]}, "run": 0}
+    return {"provenance": {"gpu": gpu}, "runs": [{"gpu": gpu, "tool": "python -m benchmarks.tune"}], "entries": [entry]}
+
+
+def test_tune_merge_refuses_tables_of_two_gpu_models_and_names_missing_tasks(tmp_path, capsys):
+    from slurm import tune_merge
+
+    results = tmp_path / "9"
+    for task, (gpu, kernel) in enumerate((("NVIDIA GB200", "decode"), ("NVIDIA H200", "prefill"))):
+        (results / "tables" / str(task)).mkdir(parents=True)
+        (results / "tables" / str(task) / "nvidia-gb200.json").write_text(json.dumps(tuning_table(gpu, kernel)))
+        (results / f"{task}.exit").write_text("0\n")
+    assert tune_merge.main([str(tmp_path), "9", "2"]) == 2
+    assert "different GPU models (NVIDIA GB200, NVIDIA H200)" in capsys.readouterr().err
+    assert not (results / "nvidia-gb200.json").exists()
+    (results / "tables" / "1" / "nvidia-gb200.json").write_text(json.dumps(tuning_table("NVIDIA GB200", "prefill")))
+    (results / "2.exit").unlink(missing_ok=True)
+    assert tune_merge.main([str(tmp_path), "9", "3"]) == 1  # task 2 never ran
+    out = capsys.readouterr().out
+    assert "task 2: unfinished or never ran" in out and "NOT OK: tasks 2" in out
+    merged = json.loads((results / "nvidia-gb200.json").read_text())
+    assert [(e["kernel"], e["run"]) for e in merged["entries"]] == [("decode", 0), ("prefill", 1)] and len(merged["runs"]) == 2
+
+
+def test_submit_tune_prints_the_array_and_its_merge(tmp_path, capsys):
+    assert submit.main(["--tune", "--tasks=3", "--kernel=decode", "-p", "gb200", f"--out={tmp_path}", "--dry-run", "--", "--budget-s=300"]) == 0
+    out = capsys.readouterr().out
+    assert "--array=0-2%3" in out and "--gpus-per-task=1" in out and "tune_array.sbatch" in out and "--kernel=decode --budget-s=300" in out
+    assert 'tune_merge.sbatch' in out and '"${ARRAY_JOB_ID}" 3' in out
+    with pytest.raises(SystemExit):
+        submit.main(["--tune", "--preset=qwen3-8b", "--dry-run"])
+    assert "belong to benchmark sweeps" in capsys.readouterr().err
