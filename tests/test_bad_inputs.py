@@ -1,5 +1,8 @@
 """Every malformed call raises ValueError naming the argument at fault, before any launch."""
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 import triton
@@ -78,40 +81,29 @@ def silu_args(device):
     return dict(x=randn((3, 32), F16, device, generator(0, device)))
 
 
-def flash(device, **bad):
-    return flash_attn_varlen(**{**flash_args(device), **bad})
+@dataclass(frozen=True)
+class Call:
+    """A public kernel with the builder of a valid set of its arguments: call(device, **bad) runs
+    it on those arguments with `bad` replacing some."""
+
+    name: str
+    kernel: Callable
+    args: Callable
+
+    def __call__(self, device, **bad):
+        return self.kernel(**{**self.args(device), **bad})
 
 
-def flash_paged(device, **bad):
-    return flash_attn_varlen(**{**flash_args(device, paged=True), **bad})
-
-
-def naive(device, **bad):
-    return naive_attention(**{**naive_args(device), **bad})
-
-
-def decode(device, **bad):
-    return paged_attention_decode(**{**decode_args(device), **bad})
-
-
-def store(device, **bad):
-    return store_kvcache(**{**store_args(device), **bad})
-
-
-def norm_rope(device, **bad):
-    return qk_norm_rope(**{**norm_rope_args(device), **bad})
-
-
-def rms(device, **bad):
-    return rms_norm(**{**rms_args(device), **bad})
-
-
-def sample(device, **bad):
-    return sample_tokens(**{**sample_args(device), **bad})
-
-
-def silu(device, **bad):
-    return silu_and_mul(**{**silu_args(device), **bad})
+flash = Call("flash", flash_attn_varlen, flash_args)
+flash_paged = Call("flash_paged", flash_attn_varlen, lambda device: flash_args(device, paged=True))
+naive = Call("naive", naive_attention, naive_args)
+decode = Call("decode", paged_attention_decode, decode_args)
+store = Call("store", store_kvcache, store_args)
+norm_rope = Call("norm_rope", qk_norm_rope, norm_rope_args)
+rms = Call("rms", rms_norm, rms_args)
+sample = Call("sample", sample_tokens, sample_args)
+silu = Call("silu", silu_and_mul, silu_args)
+CALLS = (flash, flash_paged, naive, decode, store, norm_rope, rms, sample, silu)
 
 
 def half(t):
@@ -188,10 +180,6 @@ BAD_CALLS = {
 # Caught by reading tensor contents, which the wrappers only do for CPU tensors.
 READS_DEVICE_DATA = {"decode context over capacity", "decode negative context", "decode max_context_len below contexts"}
 
-ARG_BUILDERS = {flash: flash_args, flash_paged: lambda d: flash_args(d, paged=True), naive: naive_args,
-                decode: decode_args, store: store_args, norm_rope: norm_rope_args, rms: rms_args,
-                sample: sample_args, silu: silu_args}
-
 # Every public kernel, called validly but with host tensors, and the argument its error names.
 HOST_TENSOR_CALLS = {
     "flash_attn_varlen": (flash, "q"),
@@ -211,10 +199,10 @@ def test_bad_input_raises_value_error(name, device):
     if name in READS_DEVICE_DATA and device.type != "cpu":
         pytest.skip("the host cannot see device contents without a sync; test_paged_attention checks the NaN instead")
     with pytest.raises(ValueError, match=message):
-        call(device, **mutate(ARG_BUILDERS[call](device)))
+        call(device, **mutate(call.args(device)))
 
 
-@pytest.mark.parametrize("call", list(ARG_BUILDERS), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("call", CALLS, ids=lambda c: c.name)
 def test_valid_baseline_calls_pass(call, device):
     """The unmutated arguments are valid, so each failure above is due to its one mutation."""
     call(device)
