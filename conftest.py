@@ -1,7 +1,7 @@
 """Device selection, the Triton interpreter on CPU, hypothesis profiles and markers.
 
-Importing `kernels` sets TRITON_INTERPRET without a GPU, before anything imports
-triton: the one place that decides it.
+Without a GPU the kernels run in Triton's interpreter: interpret_without_gpu() sets
+TRITON_INTERPRET before any test module imports a kernel.
 """
 
 import os
@@ -10,9 +10,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-import kernels  # noqa: F401  (sets up the interpreter; nothing above imports triton)
+from minivllm.interpreter import interpret_without_gpu
 
 HAS_CUDA = torch.cuda.is_available()
+interpret_without_gpu()
 
 # deadline=None: the first example of each shape JIT-compiles (or interprets) for seconds.
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from minivllm.interpreter import interpret_without_gpu
+
 DEMO_PROMPTS = [
     "Hello, my name is",
     "The capital of France is",
@@ -59,11 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # Before any kernel is imported: kernels on CPU tensors need Triton's interpreter.
     if args.device and args.device.startswith("cpu"):
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on CPU tensors need the interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    else:
+        interpret_without_gpu()
 
-    from engine import LLM, SamplingParams
-    from engine.random_checkpoint import default_checkpoint
+    from minivllm.engine import LLM, SamplingParams
+    from minivllm.testing.random_checkpoint import default_checkpoint
 
     # `is None`, not `or`: an explicit value is never swapped for the default.
     max_tokens = args.max_tokens if args.max_tokens is not None else (256 if args.model else 16)
@@ -97,7 +102,7 @@ def main(argv=None) -> None:
         completion = out["text"] if out["text"] is not None else str(out["token_ids"])
         print(f"\nPrompt:     {prompt!r}\nCompletion: {completion!r}")
     if args.profile:
-        from engine.step_profile import format_summary
+        from minivllm.engine.step_profile import format_summary
 
         print("\nStep profile (median per step; host % = scheduling, input building and bookkeeping over all step time):")
         print(format_summary(llm.step_records))

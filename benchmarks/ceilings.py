@@ -22,7 +22,7 @@ import triton.language as tl
 
 from benchmarks.extra_info import dtype_name
 from benchmarks.timing import CudaEventClock
-from kernels.launch import interpreting
+from minivllm.interpreter import interpreting
 
 # (BLOCK, STEPS, num_warps) of the streaming read kernel. On an H200 each read 1 GiB within 0.5%
 # of the best of 60 shapes tried (4.55 TB/s); three, so that another card finds its own best.

@@ -2,7 +2,7 @@
 
 `--preset` (repeatable, or `all`) and `--tp` pick the model shards; `--dtype` the element types.
 The root conftest has already chosen the device and, without a GPU, set TRITON_INTERPRET, so
-triton may be imported here; whether the kernels are interpreted is kernels.launch.interpreting(),
+triton may be imported here; whether the kernels are interpreted is minivllm.interpreter.interpreting(),
 the predicate the kernels themselves use.
 """
 
@@ -13,7 +13,7 @@ from benchmarks.ceilings import ceilings, machine_facts
 from benchmarks.grid import GPU_GRID
 from benchmarks.presets import PRESETS, select
 from benchmarks.timing import ColdRound
-from kernels.launch import interpreting
+from minivllm.interpreter import interpreting
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -7,7 +7,7 @@ copy_gbps, which a read-only kernel can beat. benchmarks/ceilings.py measures bo
 
 import torch
 
-from engine.request_metrics import percentiles
+from minivllm.engine.request_metrics import percentiles
 
 PREFILL_CEILING, DECODE_CEILING = "matmul_tflops", "read_gbps"
 

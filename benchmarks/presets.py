@@ -9,7 +9,7 @@ the engine suite also builds whole dense Qwen3 models from `ffn` (intermediate_s
 
 from dataclasses import dataclass
 
-from engine.tensor_parallel import head_shard
+from minivllm.engine.tensor_parallel import head_shard
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from benchmarks.extra_info import decode_counts, dtype_name, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
-from kernels import paged_attention_decode
-from kernels.paged_attention import decode_config
-from reference import paged_decode_gather, paged_decode_loop
-from reference.inputs import generator, paged_cache, randn
-from reference.paging import paged_gather
-from reference.tolerance import assert_matches_reference
+from minivllm.kernels import paged_attention_decode
+from minivllm.kernels.paged_attention import decode_config
+from minivllm.reference import paged_decode_gather, paged_decode_loop
+from minivllm.reference.inputs import generator, paged_cache, randn
+from minivllm.reference.paging import paged_gather
+from minivllm.reference.tolerance import assert_matches_reference
 
 BATCHES = (1, 4, 16, 64, 256) if GPU_GRID else (3,)
 CONTEXTS = (512, 2048, 8192, 32768) if GPU_GRID else (77,)

@@ -36,9 +36,9 @@ import torch
 from benchmarks.engine_workloads import WORKLOADS, Workload
 from benchmarks.extra_info import dtype_name, engine_counts, record_engine, record_latency
 from benchmarks.presets import PRESETS
-from engine import LLM, SamplingParams
-from engine.random_checkpoint import write_random_qwen3
-from engine.step_profile import summarize
+from minivllm.engine import LLM, SamplingParams
+from minivllm.engine.step_profile import summarize
+from minivllm.testing.random_checkpoint import write_random_qwen3
 
 IMPLS = ("minivllm", "hf_transformers")
 DEFAULT_MODELS = ("qwen3-0.6b", "tiny")  # the suite's models when --preset names none: nano-vllm's, and the CPU smoke shape

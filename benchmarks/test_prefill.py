@@ -15,13 +15,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmarks.extra_info import dtype_name, prefill_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
-from kernels import flash_attn_varlen, naive_attention
-from kernels.flash_attention import prefill_config
-from kernels.launch import head_dim_block
-from kernels.naive_attention import NAIVE_MAX_SEQLEN
-from reference import attention_ref
-from reference.inputs import cu_seqlens, generator, randn
-from reference.prefill_check import check_prefill
+from minivllm.kernels import flash_attn_varlen, naive_attention
+from minivllm.kernels.flash_attention import prefill_config
+from minivllm.kernels.launch import head_dim_block
+from minivllm.kernels.naive_attention import NAIVE_MAX_SEQLEN
+from minivllm.reference import attention_ref
+from minivllm.reference.inputs import cu_seqlens, generator, randn
+from minivllm.reference.prefill_check import check_prefill
 
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384) if GPU_GRID else (67,)
 TOKENS = 16384 if GPU_GRID else 134  # batch x seqlen; the CPU smoke shape is 2 x 67

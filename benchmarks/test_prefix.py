@@ -11,11 +11,11 @@ import pytest
 from benchmarks.extra_info import dtype_name, prefix_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
-from kernels import flash_attn_varlen
-from kernels.flash_attention import prefill_config
-from reference.inputs import cu_seqlens, generator, paged_cache, randn
-from reference.paging import paged_gather
-from reference.prefill_check import check_prefill
+from minivllm.kernels import flash_attn_varlen
+from minivllm.kernels.flash_attention import prefill_config
+from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.paging import paged_gather
+from minivllm.reference.prefill_check import check_prefill
 
 SEQLENS = (4096,) if GPU_GRID else (67,)  # prefix + new tokens per sequence
 TOKENS = 16384 if GPU_GRID else 134

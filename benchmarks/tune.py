@@ -30,16 +30,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minivllm.interpreter import interpret_without_gpu, interpreting
+
+if __name__ == "__main__":  # run as a tool: choose the kernels' mode before they are imported
+    interpret_without_gpu()
+
+
 from benchmarks.ceilings import software_facts
 from benchmarks.test_decode import check_decode
 from benchmarks.timing import ColdRound, median_device_s
-from kernels.flash_attention import prefill_plan
-from kernels.launch import interpreting
-from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
-from kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, read_table
-from reference.inputs import cu_seqlens, generator, paged_cache, randn
-from reference.paging import paged_gather
-from reference.prefill_check import check_prefill
+from minivllm.kernels.flash_attention import prefill_plan
+from minivllm.kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
+from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, read_table
+from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.paging import paged_gather
+from minivllm.reference.prefill_check import check_prefill
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CACHE_LIMIT = 9 << 30  # bytes of K+V a decode representative may hold

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.tune import merge_tables
-from kernels.tuning_table import read_table
+from minivllm.kernels.tuning_table import read_table
 
 
 def task_status(results: Path, task: int) -> str:

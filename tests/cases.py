@@ -10,7 +10,7 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from reference.inputs import LAYOUT_NAMES
+from minivllm.reference.inputs import LAYOUT_NAMES
 
 
 @dataclass(frozen=True)

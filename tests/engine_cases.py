@@ -3,7 +3,7 @@ engine settings they run under, and transformers' greedy generation as the refer
 
 import torch
 
-from engine import LLM, SamplingParams
+from minivllm.engine import LLM, SamplingParams
 
 CONFIGS = {
     "gqa-d32": dict(num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=False),

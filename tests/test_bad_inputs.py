@@ -7,9 +7,9 @@ import pytest
 import torch
 import triton
 
-import kernels
-import kernels.checks
-from kernels import (
+from minivllm import kernels
+from minivllm.kernels import (
+    checks,
     flash_attn_varlen,
     naive_attention,
     paged_attention_decode,
@@ -19,7 +19,7 @@ from kernels import (
     silu_and_mul,
     store_kvcache,
 )
-from reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
 
 F16 = torch.float16
 
@@ -222,7 +222,7 @@ def test_host_tensors_are_refused_where_triton_compiles_for_a_gpu(name, monkeypa
     CPU tensors raise ValueError naming the argument, not Triton's 'cpu tensor?' error, and no
     kernel is launched. The arguments are otherwise valid (test_valid_baseline_calls_pass)."""
     call, arg = HOST_TENSOR_CALLS[name]
-    monkeypatch.setattr(kernels.checks, "interpreting", lambda: False)
+    monkeypatch.setattr(checks, "interpreting", lambda: False)
     monkeypatch.setattr(triton.KernelInterface, "__getitem__", refuse_launch)
     with pytest.raises(ValueError, match=rf"^{arg} is on cpu but Triton compiles for cuda"):
         call(torch.device("cpu"))

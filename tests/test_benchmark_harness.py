@@ -11,9 +11,9 @@ from benchmarks import ceilings
 from benchmarks.extra_info import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts, record
 from benchmarks.presets import PRESETS, select, shard
 from benchmarks.test_decode import check_decode
-from reference import attention_ref, paged_decode_gather
-from reference.inputs import cu_seqlens, generator, paged_cache, randn
-from reference.prefill_check import check_prefill
+from minivllm.reference import attention_ref, paged_decode_gather
+from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.prefill_check import check_prefill
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,7 @@ def test_engine_counts_weights_match_a_real_checkpoint_and_kv_sums_contexts(tmp_
 
     from transformers import AutoModelForCausalLM
 
-    from engine.random_checkpoint import write_random_qwen3
+    from minivllm.testing.random_checkpoint import write_random_qwen3
 
     p = replace(PRESETS["tiny"], tied=tied)
     path = write_random_qwen3(

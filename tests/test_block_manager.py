@@ -5,10 +5,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import engine.block_manager
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from minivllm.engine import block_manager
+from minivllm.engine.block_manager import BlockManager
+from minivllm.engine.sampling_params import SamplingParams
+from minivllm.engine.sequence import Sequence
 
 
 def seq_of(tokens: list[int], block_size: int) -> Sequence:
@@ -97,7 +97,7 @@ def test_eviction_takes_the_least_recently_freed_block():
 
 
 def test_hash_collision_is_not_a_hit(monkeypatch):
-    monkeypatch.setattr(engine.block_manager, "compute_hash", lambda token_ids, prefix_hash: 42)
+    monkeypatch.setattr(block_manager, "compute_hash", lambda token_ids, prefix_hash: 42)
     bm = BlockManager(num_blocks=12, block_size=2)
     a = seq_of([1, 2, 3, 4, 5], 2)
     allocate(bm, a)

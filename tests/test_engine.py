@@ -12,8 +12,8 @@ where exact equality holds.
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.random_checkpoint import write_random_qwen3
+from minivllm.engine import LLM, SamplingParams
+from minivllm.testing.random_checkpoint import write_random_qwen3
 from tests.engine_cases import BLOCK, CONFIGS, GREEDY, PROMPT_LENS, engine, prompts, transformers_greedy
 
 
@@ -129,8 +129,8 @@ def test_bf16_on_gpu_tracks_transformers(checkpoint, capsys):
     graphs."""
     from transformers import AutoModelForCausalLM
 
-    from engine.scheduler import ScheduledStep
-    from engine.sequence import Sequence
+    from minivllm.engine.scheduler import ScheduledStep
+    from minivllm.engine.sequence import Sequence
 
     batch = prompts(PROMPT_LENS)
     llm = LLM(str(checkpoint), dtype="bfloat16", kvcache_block_size=BLOCK, max_model_len=96, max_num_batched_tokens=256, gpu_memory_utilization=0.5)

@@ -5,7 +5,7 @@ model's layers see tensor parallelism's arithmetic only, never its processes or 
 import ast
 from pathlib import Path
 
-ENGINE = Path(__file__).resolve().parent.parent / "engine"
+ENGINE = Path(__file__).resolve().parent.parent / "minivllm" / "engine"
 
 
 def engine_imports() -> dict[str, set[str]]:
@@ -16,11 +16,11 @@ def engine_imports() -> dict[str, set[str]]:
             continue
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("engine"):
-                deps |= {f"engine.{a.name}" for a in node.names} if node.module == "engine" else {node.module}
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minivllm.engine"):
+                deps |= {f"minivllm.engine.{a.name}" for a in node.names} if node.module == "minivllm.engine" else {node.module}
             elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name.startswith("engine.")}
-        graph[f"engine.{path.stem}"] = deps - {f"engine.{path.stem}"}
+                deps |= {a.name for a in node.names if a.name.startswith("minivllm.engine.")}
+        graph[f"minivllm.engine.{path.stem}"] = deps - {f"minivllm.engine.{path.stem}"}
     return graph
 
 
@@ -59,10 +59,10 @@ def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_tensor_parallel_layers_import_downward_only():
     graph = engine_imports()
-    assert reaches(graph, "engine.tensor_parallel") == set()
-    assert reaches(graph, "engine.tp_processes") == {"engine.tensor_parallel"}
-    for layer in ("engine.qwen3", "engine.loader", "engine.model_runner"):
-        assert not reaches(graph, layer) & {"engine.tp_processes", "engine.llm"}, layer
+    assert reaches(graph, "minivllm.engine.tensor_parallel") == set()
+    assert reaches(graph, "minivllm.engine.tp_processes") == {"minivllm.engine.tensor_parallel"}
+    for layer in ("minivllm.engine.qwen3", "minivllm.engine.loader", "minivllm.engine.model_runner"):
+        assert not reaches(graph, layer) & {"minivllm.engine.tp_processes", "minivllm.engine.llm"}, layer
 
 
 def test_the_cycle_finder_finds_one():

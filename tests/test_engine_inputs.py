@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.backend import TORCH, TRITON, Backend
-from engine.config import Config
-from engine.random_checkpoint import write_random_qwen3
-from engine.sampler import sample
+from minivllm.engine import LLM, SamplingParams
+from minivllm.engine.backend import TORCH, TRITON, Backend
+from minivllm.engine.config import Config
+from minivllm.engine.sampler import sample
+from minivllm.testing.random_checkpoint import write_random_qwen3
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_main_refuses_counts_below_one(option, value, capsys):
 
 def test_main_refuses_bad_sampling_options_before_loading(monkeypatch):
     import main
-    from engine import random_checkpoint
+    from minivllm.testing import random_checkpoint
 
     monkeypatch.setattr(random_checkpoint, "default_checkpoint", lambda: pytest.fail("built a checkpoint for a refused run"))
     with pytest.raises(ValueError, match="temperature"):
@@ -247,7 +247,7 @@ def test_packed_decode_inputs(llm):
     """One packed buffer carries a decode step: each row's position is its length - 1 and its slot
     the block table's entry for that position, across block edges; padding rows up to the graph's
     size read nothing (context 0) and write nowhere (slot -1)."""
-    from engine.sequence import Sequence
+    from minivllm.engine.sequence import Sequence
 
     block = llm.config.kvcache_block_size
     lens = [5, block, block + 1, 2 * block - 1]

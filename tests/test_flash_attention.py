@@ -4,11 +4,11 @@ import pytest
 import torch
 from hypothesis import given
 
-from kernels import flash_attn_varlen, store_kvcache
-from kernels.flash_attention import _flash_fwd_tuned, _prune, _tile_of, tiles_for
-from reference import attention_ref
-from reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
-from reference.tolerance import assert_matches_reference
+from minivllm.kernels import flash_attn_varlen, store_kvcache
+from minivllm.kernels.flash_attention import _flash_fwd_tuned, _prune, _tile_of, tiles_for
+from minivllm.reference import attention_ref
+from minivllm.reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.tolerance import assert_matches_reference
 from tests.cases import AttnCase, attn_cases
 
 

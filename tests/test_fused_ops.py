@@ -9,10 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
-from reference import qk_norm_rope_ref, rms_norm_ref, rope_cos_sin, silu_and_mul_ref, store_kvcache_ref
-from reference.inputs import generator, randn
-from reference.tolerance import assert_within_tolerance
+from minivllm.kernels import qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
+from minivllm.reference import qk_norm_rope_ref, rms_norm_ref, rope_cos_sin, silu_and_mul_ref, store_kvcache_ref
+from minivllm.reference.inputs import generator, randn
+from minivllm.reference.tolerance import assert_within_tolerance
 from tests.cases import DTYPES
 
 EPS = 1e-6

@@ -4,9 +4,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import store_kvcache
-from reference import store_kvcache_ref
-from reference.inputs import as_layout, generator, randn
+from minivllm.kernels import store_kvcache
+from minivllm.reference import store_kvcache_ref
+from minivllm.reference.inputs import as_layout, generator, randn
 from tests.cases import BLOCK_SIZES, DTYPES, HEAD_DIMS, LAYOUTS
 
 

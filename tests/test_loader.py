@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, checkpoint_config, loader
-from engine.backend import TORCH
-from engine.qwen3 import Qwen3ForCausalLM
-from engine.random_checkpoint import write_random_qwen3
-from engine.tensor_parallel import TPGroup
+from minivllm.engine import LLM, checkpoint_config, loader
+from minivllm.engine.backend import TORCH
+from minivllm.engine.qwen3 import Qwen3ForCausalLM
+from minivllm.engine.tensor_parallel import TPGroup
+from minivllm.testing.random_checkpoint import write_random_qwen3
 
 # Rank (0 of 1), and ranks 0 and 1 of 2 built directly: loading needs no process group.
 RANKS = [TPGroup(), TPGroup(0, 2), TPGroup(1, 2)]

@@ -4,12 +4,12 @@ import pytest
 import torch
 from hypothesis import assume, given
 
-from kernels import naive_attention
-from kernels.launch import head_dim_block
-from kernels.naive_attention import NAIVE_MAX_SEQLEN
-from reference import attention_ref
-from reference.inputs import as_layout, cu_seqlens, generator, randn
-from reference.tolerance import assert_matches_reference
+from minivllm.kernels import naive_attention
+from minivllm.kernels.launch import head_dim_block
+from minivllm.kernels.naive_attention import NAIVE_MAX_SEQLEN
+from minivllm.reference import attention_ref
+from minivllm.reference.inputs import as_layout, cu_seqlens, generator, randn
+from minivllm.reference.tolerance import assert_matches_reference
 from tests.cases import attn_cases
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from hypothesis import given
 
-from kernels import paged_attention_decode
-from kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
-from reference import paged_decode_gather, paged_decode_loop
-from reference.inputs import as_layout, generator, paged_cache, randn
-from reference.tolerance import assert_matches_reference, assert_within_tolerance
+from minivllm.kernels import paged_attention_decode
+from minivllm.kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
+from minivllm.reference import paged_decode_gather, paged_decode_loop
+from minivllm.reference.inputs import as_layout, generator, paged_cache, randn
+from minivllm.reference.tolerance import assert_matches_reference, assert_within_tolerance
 from tests.cases import DecodeCase, decode_cases
 
 

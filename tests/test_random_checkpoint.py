@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import engine.random_checkpoint as rc
-from engine.random_checkpoint import default_checkpoint, write_random_qwen3
+import minivllm.testing.random_checkpoint as rc
+from minivllm.testing.random_checkpoint import default_checkpoint, write_random_qwen3
 
 transformers = pytest.importorskip("transformers")
 

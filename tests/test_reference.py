@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import (
+from minivllm.reference import (
     attention_ref,
     paged_decode_gather,
     paged_decode_loop,
     store_kvcache_ref,
 )
-from reference.inputs import PagedCache, cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.inputs import PagedCache, cu_seqlens, generator, paged_cache, randn
 
 F64 = torch.float64
 CPU = torch.device("cpu")

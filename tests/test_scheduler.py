@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import Config
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledStep, Scheduler
-from engine.sequence import PENDING, Sequence, SequenceStatus
+from minivllm.engine.config import Config
+from minivllm.engine.sampling_params import SamplingParams
+from minivllm.engine.scheduler import ScheduledStep, Scheduler
+from minivllm.engine.sequence import PENDING, Sequence, SequenceStatus
 
 BLOCK = 4
 
@@ -238,7 +238,7 @@ def test_random_workloads_finish_within_limits(num_blocks, max_num_seqs, request
 def test_admission_hashes_each_prefix_block_once(monkeypatch):
     """Admitting a sequence matches its prefix against the cache once, not once each for the
     hit count, the room check and the allocation."""
-    import engine.block_manager as bm
+    import minivllm.engine.block_manager as bm
 
     sched = make_scheduler()
     prompt = list(range(1, 6 * BLOCK + 2))  # 6 full blocks and a partial one

@@ -2,9 +2,9 @@
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.random_checkpoint import write_random_qwen3
-from engine.step_profile import StepRecord, batch_bucket, format_summary, summarize
+from minivllm.engine import LLM, SamplingParams
+from minivllm.engine.step_profile import StepRecord, batch_bucket, format_summary, summarize
+from minivllm.testing.random_checkpoint import write_random_qwen3
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

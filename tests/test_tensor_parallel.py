@@ -20,13 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import SamplingParams
-from engine.backend import TORCH
-from engine.checkpoint_config import load_model_args
-from engine.loader import load_weights
-from engine.qwen3 import Qwen3ForCausalLM
-from engine.random_checkpoint import write_random_qwen3
-from engine.tensor_parallel import TPGroup
+from minivllm.engine import SamplingParams
+from minivllm.engine.backend import TORCH
+from minivllm.engine.checkpoint_config import load_model_args
+from minivllm.engine.loader import load_weights
+from minivllm.engine.qwen3 import Qwen3ForCausalLM
+from minivllm.engine.tensor_parallel import TPGroup
+from minivllm.testing.random_checkpoint import write_random_qwen3
 from tests.engine_cases import CONFIGS, GREEDY, PROMPT_LENS, engine, prompts, transformers_greedy
 
 ROOT = Path(__file__).resolve().parent.parent

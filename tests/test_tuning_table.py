@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from benchmarks import tune
-from kernels import flash_attn_varlen, paged_attention_decode
-from kernels.flash_attention import prefill_config
-from kernels.paged_attention import DecodeConfig, decode_config
-from kernels.tuning_table import DEFAULT_DIR, ENV_DIR, _tables_for, bucket, clear_cache, lookup, read_table
-from reference import attention_ref, paged_decode_gather
-from reference.inputs import cu_seqlens, generator, paged_cache, randn
-from reference.tolerance import assert_matches_reference
+from minivllm.kernels import flash_attn_varlen, paged_attention_decode
+from minivllm.kernels.flash_attention import prefill_config
+from minivllm.kernels.paged_attention import DecodeConfig, decode_config
+from minivllm.kernels.tuning_table import DEFAULT_DIR, ENV_DIR, _tables_for, bucket, clear_cache, lookup, read_table
+from minivllm.reference import attention_ref, paged_decode_gather
+from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.tolerance import assert_matches_reference
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from engine import LLM
+from minivllm.engine import LLM
 from tests.engine_cases import GREEDY, PROMPT_LENS, engine, prompts
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import (
+from minivllm.interpreter import interpreting
+from minivllm.kernels.checks import (
     check_bool,
     check_cu_seqlens,
     check_float_inputs,
@@ -23,7 +24,7 @@ from kernels.checks import (
     check_rank,
     resolve_scale,
 )
-from kernels.launch import dot_precision, head_dim_block, interpreting
+from minivllm.kernels.launch import dot_precision, head_dim_block
 
 # Longest sequence per padded head_dim (head_dim rounded up to a power of two, at least 16):
 # the K and V tiles hold 16384 elements each, 128 KiB together in fp32, which fits the shared

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_kernel_device, check_rank
-from kernels.launch import parallel_slots
+from minivllm.kernels.checks import check_kernel_device, check_rank
+from minivllm.kernels.launch import parallel_slots
 
 BLOCK = 2048
 PROGRAMS_PER_SM = 8

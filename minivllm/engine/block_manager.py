@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import xxhash
 
-from engine.sequence import Sequence
+from minivllm.engine.sequence import Sequence
 
 
 def compute_hash(token_ids: list[int], prefix_hash: int | None) -> int:

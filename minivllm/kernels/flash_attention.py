@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_tile import online_softmax_step, score_kv_tile
-from kernels.checks import (
+from minivllm.interpreter import interpreting
+from minivllm.kernels.attention_tile import online_softmax_step, score_kv_tile
+from minivllm.kernels.checks import (
     check_block_size,
     check_block_table,
     check_bool,
@@ -35,8 +36,8 @@ from kernels.checks import (
     check_same_shape,
     resolve_scale,
 )
-from kernels.launch import dot_precision, head_dim_block, interpreting, tma_descriptor, tma_ok
-from kernels.tuning_table import bucket, lookup
+from minivllm.kernels.launch import dot_precision, head_dim_block, tma_descriptor, tma_ok
+from minivllm.kernels.tuning_table import bucket, lookup
 
 
 @triton.jit

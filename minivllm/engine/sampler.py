@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.backend import TRITON, Backend
+from minivllm.engine.backend import TRITON, Backend
 
 
 def sample(

@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_tile import online_softmax_step
-from kernels.checks import (
+from minivllm.interpreter import interpreting
+from minivllm.kernels.attention_tile import online_softmax_step
+from minivllm.kernels.checks import (
     check_block_size,
     check_block_table,
     check_capacity,
@@ -37,8 +38,8 @@ from kernels.checks import (
     check_same_shape,
     resolve_scale,
 )
-from kernels.launch import dot_precision, head_dim_block, interpreting, parallel_slots, tma_descriptor, tma_ok
-from kernels.tuning_table import bucket, lookup
+from minivllm.kernels.launch import dot_precision, head_dim_block, parallel_slots, tma_descriptor, tma_ok
+from minivllm.kernels.tuning_table import bucket, lookup
 
 
 @triton.jit(do_not_specialize=["max_blocks", "tokens_per_split"])

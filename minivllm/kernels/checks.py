@@ -9,7 +9,7 @@ strided view is copied on the way in (a device copy, no sync) rather than misrea
 
 import torch
 
-from kernels.launch import interpreting
+from minivllm.interpreter import interpreting
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256

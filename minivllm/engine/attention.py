@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.backend import Backend
+from minivllm.engine.backend import Backend
 
 
 @dataclass

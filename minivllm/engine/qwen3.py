@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, attend
-from engine.backend import TRITON, Backend
-from engine.tensor_parallel import TPGroup
-from reference import rope_cos_sin
+from minivllm.engine.attention import AttentionMetadata, attend
+from minivllm.engine.backend import TRITON, Backend
+from minivllm.engine.tensor_parallel import TPGroup
+from minivllm.reference import rope_cos_sin
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.config import Config
-from engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.block_manager import BlockManager
+from minivllm.engine.config import Config
+from minivllm.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import flash_attn_varlen, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
-from reference import (
+from minivllm.kernels import flash_attn_varlen, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
+from minivllm.reference import (
     attention_ref,
     paged_decode_gather,
     qk_norm_rope_ref,

@@ -7,14 +7,14 @@ import time
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.config import Config
-from engine.qwen3 import Qwen3ForCausalLM
-from engine.sampler import sample
-from engine.scheduler import ScheduledStep
-from engine.sequence import PENDING, Sequence
-from engine.step_profile import StepRecord
-from engine.tensor_parallel import TPGroup
+from minivllm.engine.attention import AttentionMetadata
+from minivllm.engine.config import Config
+from minivllm.engine.qwen3 import Qwen3ForCausalLM
+from minivllm.engine.sampler import sample
+from minivllm.engine.scheduler import ScheduledStep
+from minivllm.engine.sequence import PENDING, Sequence
+from minivllm.engine.step_profile import StepRecord
+from minivllm.engine.tensor_parallel import TPGroup
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 

@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_block_size, check_float_inputs, check_int_vector, check_rank, check_same_shape
-from kernels.launch import head_dim_block
+from minivllm.kernels.checks import check_block_size, check_float_inputs, check_int_vector, check_rank, check_same_shape
+from minivllm.kernels.launch import head_dim_block
 
 
 @triton.jit

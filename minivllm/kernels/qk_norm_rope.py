@@ -7,10 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_float_inputs, check_rank
-from kernels.kv_cache import check_kv_store
-from kernels.launch import interpreting
-from kernels.rounding import round_to
+from minivllm.interpreter import interpreting
+from minivllm.kernels.checks import check_float_inputs, check_rank
+from minivllm.kernels.kv_cache import check_kv_store
+from minivllm.kernels.rounding import round_to
 
 
 @triton.jit

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import DTYPES
-from engine.qwen3 import ModelArgs
-from engine.sampling_params import is_int, is_real
+from minivllm.engine.config import DTYPES
+from minivllm.engine.qwen3 import ModelArgs
+from minivllm.engine.sampling_params import is_int, is_real
 
 
 def _read_json(file: Path) -> dict:

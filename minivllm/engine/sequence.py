@@ -3,8 +3,8 @@
 from enum import Enum, auto
 from itertools import count
 
-from engine.request_metrics import RequestMetrics
-from engine.sampling_params import SamplingParams
+from minivllm.engine.request_metrics import RequestMetrics
+from minivllm.engine.sampling_params import SamplingParams
 
 PENDING = -1  # the id held for a token sampled on the device whose value the host does not know yet
 

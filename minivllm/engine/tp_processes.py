@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm.std import tqdm
 
-from engine.tensor_parallel import WATCH_EVERY_S, TPGroup
+from minivllm.engine.tensor_parallel import WATCH_EVERY_S, TPGroup
 
 TIMEOUT = timedelta(minutes=10)  # a collective waiting on a rank that died
 STOP_WAIT_S = 10.0  # how long close() lets the told-to-stop workers exit before terminating them

@@ -7,18 +7,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from engine.backend import BACKENDS
-from engine.checkpoint_config import load_model_args
-from engine.config import Config
-from engine.loader import load_weights
-from engine.model_runner import ModelRunner
-from engine.qwen3 import ModelArgs, Qwen3ForCausalLM
-from engine.sampling_params import SamplingParams, is_int
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from engine.step_profile import StepRecord
-from engine.tensor_parallel import TPGroup, check_shardable
-from engine.tp_processes import STOP_WAIT_S, Rendezvous, Workers, join_group, launcher_rendezvous, leave_group
+from minivllm.engine.backend import BACKENDS
+from minivllm.engine.checkpoint_config import load_model_args
+from minivllm.engine.config import Config
+from minivllm.engine.loader import load_weights
+from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.qwen3 import ModelArgs, Qwen3ForCausalLM
+from minivllm.engine.sampling_params import SamplingParams, is_int
+from minivllm.engine.scheduler import Scheduler
+from minivllm.engine.sequence import Sequence
+from minivllm.engine.step_profile import StepRecord
+from minivllm.engine.tensor_parallel import TPGroup, check_shardable
+from minivllm.engine.tp_processes import STOP_WAIT_S, Rendezvous, Workers, join_group, launcher_rendezvous, leave_group
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

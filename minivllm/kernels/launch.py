@@ -1,16 +1,10 @@
-"""Launch-time facts shared by the wrappers: interpreter mode, padded tile widths, SM count, TMA."""
+"""Launch-time facts shared by the wrappers: padded tile widths, SM count, TMA."""
 
 import functools
-import os
 
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def head_dim_block(head_dim: int) -> int:

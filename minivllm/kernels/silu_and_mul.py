@@ -4,9 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_float_inputs, check_rank
-from kernels.launch import interpreting
-from kernels.rounding import round_to
+from minivllm.interpreter import interpreting
+from minivllm.kernels.checks import check_float_inputs, check_rank
+from minivllm.kernels.rounding import round_to
 
 BLOCK = 1024
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.qwen3 import ModelArgs, Qwen3ForCausalLM
-from engine.tensor_parallel import TPGroup
+from minivllm.engine.qwen3 import ModelArgs, Qwen3ForCausalLM
+from minivllm.engine.tensor_parallel import TPGroup
 
 # Checkpoint projection name -> (fused parameter name, shard index).
 FUSED = {

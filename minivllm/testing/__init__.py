@@ -1,0 +1,2 @@
+"""What tests and benchmarks build without downloading anything: seeded random-weight checkpoints
+in real models' shapes (random_checkpoint)."""
