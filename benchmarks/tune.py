@@ -3,7 +3,7 @@
     python -m benchmarks.tune [--kernel decode|prefill] [--bucket TEXT] [--dtype bf16|fp16]
                               [--out DIR] [--budget-s 540] [--no-peers] [--matmuls-alone] [--json ROWS.json]
 
-For each bucket of the table's key (kernels/tuning_table.py) it builds one representative shape,
+For each bucket of the table's key (minivllm/kernels/tuning_table.py) it builds one representative shape,
 checks every candidate config's output against the float64 reference (the suites' checks), times
 the ones that pass the way the suites time (benchmarks/timing.py: CUDA events, L2 rewritten and
 the launch covered before each call, median), and writes the fastest into
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", action="append", choices=("decode", "prefill"), help="only this kernel's buckets; repeatable")
     parser.add_argument("--bucket", action="append", help="only buckets whose name contains this text; repeatable")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only this dtype; repeatable (default bf16 and fp16; bf16 on the CPU)")
-    parser.add_argument("--out", type=Path, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or kernels/configs)")
+    parser.add_argument("--out", type=Path, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or minivllm/kernels/configs)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="start no bucket after this many seconds (default 540)")
     parser.add_argument("--no-peers", action="store_true", help="do not time SDPA beside each bucket")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time each prefill winner without its softmax (a diagnostic)")

@@ -4,7 +4,7 @@
 
 Reads OUT/<id>/<task>.exit and OUT/<id>/tables/<task>/*.json (slurm/tune_array.sbatch writes
 them) and writes OUT/<id>/<gpu>.json: every task's winners, every task's run in `runs` (GPU,
-driver, torch, Triton, date, commit), each entry naming its own. Copy it into kernels/configs/
+driver, torch, Triton, date, commit), each entry naming its own. Copy it into minivllm/kernels/configs/
 (or point MINIVLLM_KERNEL_CONFIGS at OUT/<id>) for the kernels to use it. Exit status: 0 when every task finished and the tables merged; 1 when a task failed, never
 finished or never ran (the others' tables are still merged, and the missing ones named); 2 when
 the tables come from different GPU models, which are never merged into one (nothing is written).

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for attention problems; reference/inputs.py builds their tensors.
+"""Hypothesis strategies for attention problems; minivllm/reference/inputs.py builds their tensors.
 
 Shapes are bounded by the active hypothesis profile: small for the CPU interpreter (`ci`, `dev`),
 up to 8k-token sequences on a GPU (`gpu`).

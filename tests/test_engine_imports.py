@@ -1,5 +1,5 @@
 """The engine's modules import one way: no module reaches back to one that imports it (the
-spawned worker's entry point is handed to engine/tp_processes.py, not imported by it), and the
+spawned worker's entry point is handed to minivllm/engine/tp_processes.py, not imported by it), and the
 model's layers see tensor parallelism's arithmetic only, never its processes or the API."""
 
 import ast

@@ -19,7 +19,7 @@ from minivllm.reference.tolerance import assert_matches_reference
 
 @pytest.fixture
 def table_dir(tmp_path, monkeypatch) -> Path:
-    """An empty table directory that the kernels read instead of kernels/configs."""
+    """An empty table directory that the kernels read instead of minivllm/kernels/configs."""
     monkeypatch.setenv(ENV_DIR, str(tmp_path))
     clear_cache()
     yield tmp_path

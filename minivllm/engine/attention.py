@@ -2,7 +2,7 @@
 
 The model runner builds an AttentionMetadata once per step; every layer stores the step's keys
 and values in its KV cache (with the q/k norm and rotary, Backend.norm_rope_store), then passes
-the metadata and its cache to `attend`, which runs the backend's attention (engine/backend.py:
+the metadata and its cache to `attend`, which runs the backend's attention (minivllm/engine/backend.py:
 our kernels, or the PyTorch references of the same contracts).
 """
 

@@ -21,7 +21,7 @@ from minivllm.reference import (
 
 @dataclass(frozen=True)
 class Backend:
-    """The ops of one backend, with the kernels' signatures (kernels/README.md):
+    """The ops of one backend, with the kernels' signatures (minivllm/kernels/README.md):
     norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slot_mapping)
     returns the normalised, rotated (q, k) and writes k and v into their cache slots;
     prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table) is causal; decode(q, k_cache, v_cache,

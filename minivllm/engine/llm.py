@@ -32,8 +32,8 @@ class LLM:
     long_prefill_token_threshold, async_scheduling.
     After generate(), `step_records` holds one engine.step_profile.StepRecord per step it ran.
 
-    tensor_parallel_size N > 1 shards the model over N ranks (engine/tensor_parallel.py,
-    engine/tp_processes.py): under a
+    tensor_parallel_size N > 1 shards the model over N ranks (minivllm/engine/tensor_parallel.py,
+    minivllm/engine/tp_processes.py): under a
     launcher every rank's script builds its LLM and calls generate() alike, and rank 0's inputs
     count; otherwise this process is rank 0 and spawns the other N - 1 (so a script must build it
     under `if __name__ == "__main__":`). close() stops them; an error in any rank reaches the

@@ -1,5 +1,5 @@
 """Reading a Hugging Face Qwen3 checkpoint's safetensors shards (one or many) into the model's
-fused projections (engine/checkpoint_config.py reads its config.json). Under tensor parallelism a
+fused projections (minivllm/engine/checkpoint_config.py reads its config.json). Under tensor parallelism a
 rank reads only its slice of each tensor (safetensors slices), so its memory scales with 1/N.
 
 Loading is all or nothing: the weights are checked against config.json before any is copied.

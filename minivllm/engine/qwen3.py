@@ -2,7 +2,7 @@
 
 Layers take packed (num_tokens, hidden) activations, as the kernels do: no padding, no batch
 dimension. Projections are fused (qkv, gate_up); the loader splits checkpoint weights into them.
-Under tensor parallelism (engine/tensor_parallel.py) each rank holds its share: qkv and gate_up split by
+Under tensor parallelism (minivllm/engine/tensor_parallel.py) each rank holds its share: qkv and gate_up split by
 output rows (heads, FFN columns), o_proj and down_proj by input columns with a sum over ranks
 after them, and the embedding and lm_head by vocabulary rows.
 """

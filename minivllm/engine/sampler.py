@@ -22,7 +22,7 @@ def sample(
     filtering needs. All tensors live on logits' device. The TRITON backend draws in one pass over
     the logits (kernels.sample_tokens) with a seed drawn on the host, so `generator` is a CPU one;
     TORCH draws noise on the logits' device with reference.sample_ref, so `generator` lives there
-    (default, either way: torch's global one; engine/backend.py). Returns int64 (batch,); nothing
+    (default, either way: torch's global one; minivllm/engine/backend.py). Returns int64 (batch,); nothing
     here reads device memory on the host.
     """
     if temperatures is None:

@@ -57,7 +57,7 @@ class ScheduledStep:
 class Scheduler:
     """Decides which tokens of which sequences each step computes, and keeps their KV blocks in step
     with their tokens. With async scheduling the next step is planned before the tokens of the one
-    in flight are known: those are PENDING in their sequences (engine/sequence.py) until
+    in flight are known: those are PENDING in their sequences (minivllm/engine/sequence.py) until
     postprocess fills them in."""
 
     def __init__(self, config: Config):

@@ -1,6 +1,6 @@
 """Tensor parallelism's arithmetic and collectives: each rank's share of heads, FFN columns and
 vocabulary, and the all-reduce / gather / broadcast the sharded layers and the engine call. The
-model and the loader import this; how the ranks' processes come up is engine/tp_processes.py."""
+model and the loader import this; how the ranks' processes come up is minivllm/engine/tp_processes.py."""
 
 import time
 from collections.abc import Callable

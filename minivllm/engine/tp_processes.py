@@ -12,7 +12,7 @@ Spawned workers end with their LLM: close() tells them to stop; any error or int
 terminates them at once (they wait in a collective rank 0 will not join), and interpreter exit
 without close() does too. The rendezvous file goes with them.
 
-This module knows no engine above engine/tensor_parallel.py: the worker's entry point is handed in.
+This module knows no engine above minivllm/engine/tensor_parallel.py: the worker's entry point is handed in.
 """
 
 import contextlib

@@ -5,7 +5,7 @@ share the kv head is one tile of rows (padded to 16 for tl.dot), so each K/V til
 per group. Long contexts are split across programs (flash-decoding); each split writes a partial
 output and its log-sum-exp, and a second small kernel merges them.
 
-Two ways to fetch a K/V tile, chosen per device by its tuning table (kernels/tuning_table.py):
+Two ways to fetch a K/V tile, chosen per device by its tuning table (minivllm/kernels/tuning_table.py):
 - `tma`: the tile lies inside one page and arrives as one TMA box (Hopper or later);
 - `gather`: pointer loads with one block id per token, so a tile may span many pages; the
   loads are unmasked (tokens past the split re-read its last one, then their scores are

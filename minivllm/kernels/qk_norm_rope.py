@@ -1,7 +1,7 @@
 """Qwen3's attention inputs in one pass per token: the per-head RMSNorm of q and k followed by
 the rotary embedding, reading the fused qkv projection's q and k in place; optionally also
 writing the rotated k and the untouched v into their paged KV-cache slots, so the step needs no
-separate store kernel (kernels/kv_cache.py's contract)."""
+separate store kernel (minivllm/kernels/kv_cache.py's contract)."""
 
 import torch
 import triton

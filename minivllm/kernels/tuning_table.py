@@ -1,6 +1,6 @@
 """Per-device tuning tables: which tile, fetch scheme and split policy a kernel launches with.
 
-A table is `kernels/configs/<device slug>.json` (or in the directory named by
+A table is `minivllm/kernels/configs/<device slug>.json` (or in the directory named by
 MINIVLLM_KERNEL_CONFIGS), written by `python -m benchmarks.tune`:
 
     {"provenance": {"gpu": ..., "compute_capability": [9, 0], "sm_count": ..., ...},
