@@ -139,10 +139,10 @@ def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard,
         run_minivllm(llm, warm_prompts, [2] * workload.num_seqs)
         fn = partial(run_minivllm, llm, prompts, output_lens)
     else:
-        from transformers import AutoModelForCausalLM
+        from minivllm.testing.transformers_reference import load_transformers_model
 
         hf_batch = request.config.getoption("hf_batch")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        model = load_transformers_model(path, dtype=dtype, device=device, attn_implementation="sdpa")
         settings.update(hf_batch=hf_batch, hf_cache="dynamic")
         run_hf(model, warm_prompts[:hf_batch], [2] * min(hf_batch, workload.num_seqs), hf_batch)
         fn = partial(run_hf, model, prompts, output_lens, hf_batch)

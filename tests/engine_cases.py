@@ -4,6 +4,7 @@ engine settings they run under, and transformers' greedy generation as the refer
 import torch
 
 from minivllm.engine import LLM, SamplingParams
+from minivllm.testing.transformers_reference import load_transformers_model
 
 CONFIGS = {
     "gqa-d32": dict(num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=False),
@@ -29,9 +30,7 @@ def engine(checkpoint, backend, **config) -> LLM:
 
 def transformers_greedy(checkpoint, device):
     """run(prompt, n): transformers' own float32 Qwen3, greedy, exactly n new tokens."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    model = load_transformers_model(checkpoint, dtype=torch.float32, device=device)
 
     def run(prompt: list[int], n: int) -> list[int]:
         with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 
 from minivllm.engine import LLM, SamplingParams
 from minivllm.testing.random_checkpoint import write_random_qwen3
+from minivllm.testing.transformers_reference import load_transformers_model
 from tests.engine_cases import BLOCK, CONFIGS, GREEDY, PROMPT_LENS, engine, prompts, transformers_greedy
 
 
@@ -127,8 +128,6 @@ def test_bf16_on_gpu_tracks_transformers(checkpoint, capsys):
     as close to float32 transformers as transformers' own bf16 run is (flash-attn's 2x rule), and
     the greedy agreement is reported. The cache is sized from free memory and decode runs as CUDA
     graphs."""
-    from transformers import AutoModelForCausalLM
-
     from minivllm.engine.scheduler import ScheduledStep
     from minivllm.engine.sequence import Sequence
 
@@ -146,7 +145,7 @@ def test_bf16_on_gpu_tracks_transformers(checkpoint, capsys):
         llm.scheduler.block_manager.deallocate(seq)
 
     def hf_last_logits(dtype):
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).cuda().eval()
+        model = load_transformers_model(checkpoint, dtype=dtype, device="cuda")
         with torch.no_grad():
             return torch.stack([model(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in batch])
 
@@ -156,7 +155,7 @@ def test_bf16_on_gpu_tracks_transformers(checkpoint, capsys):
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     out = llm.generate(batch, params, use_tqdm=False)
-    model16 = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    model16 = load_transformers_model(checkpoint, dtype=torch.bfloat16, device="cuda")
     agree = []
     for prompt, o in zip(batch, out, strict=True):
         with torch.no_grad():
