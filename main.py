@@ -85,8 +85,7 @@ def main(argv=None) -> None:
     if tok is None:  # no tokenizer: feed UTF-8 bytes as token ids (the random checkpoints without one have 256)
         inputs = [list(p.encode()) for p in prompts]
     elif tok.chat_template:
-        inputs = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                  for p in prompts]
+        inputs = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
     else:
         inputs = prompts
 

@@ -18,6 +18,7 @@ from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_profile import StepRecord
 from minivllm.engine.tensor_parallel import TPGroup, check_shardable
+from minivllm.engine.tokenizer import Tokenizer
 from minivllm.engine.tp_processes import STOP_WAIT_S, Rendezvous, Workers, join_group, launcher_rendezvous, leave_group
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -82,6 +83,8 @@ class LLM:
             raise
 
     def _build(self, model: str, args: ModelArgs) -> None:
+        # The tokenizer first: a directory whose tokenizer cannot be read fails before the weights load.
+        self.tokenizer = Tokenizer(model) if any((Path(model) / f).is_file() for f in TOKENIZER_FILES) else None
         self.dtype = self.config.dtype or args.torch_dtype
         torch.set_default_dtype(self.dtype)
         try:
@@ -92,13 +95,8 @@ class LLM:
         load_weights(self.model, model)
         self.model.eval()
         self.eos_token_ids = set(args.eos_token_ids)
-        self.tokenizer = None
-        if any((Path(model) / f).is_file() for f in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            if self.tokenizer.eos_token_id is not None:
-                self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.runner = ModelRunner(self.config, self.model, self.dtype)
         self.scheduler = Scheduler(self.config)
         self.step_records: list[StepRecord] = []
