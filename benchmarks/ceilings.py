@@ -11,7 +11,6 @@ torch alone; they describe the host, not the interpreted kernels.
 """
 
 import functools
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -20,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.extra_info import dtype_name
-from benchmarks.timing import CudaEventClock
+from benchmarks.timing import CudaEventClock, median_s
+from minivllm.dtypes import dtype_name
 from minivllm.interpreter import interpreting
 
 # (BLOCK, STEPS, num_warps) of the streaming read kernel. On an H200 each read 1 GiB within 0.5%
@@ -30,7 +29,7 @@ READ_TILES = ((1024, 8, 8), (4096, 4, 16), (8192, 1, 16))
 
 
 @triton.jit
-def _read_kernel(x_ptr, partial_ptr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+def read_kernel(x_ptr, partial_ptr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
     """Sums this program's STEPS * BLOCK contiguous floats into partial_ptr[program]: one float
     written per 8K or more read, so the traffic is the reads."""
     start = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
@@ -46,29 +45,22 @@ def _median_seconds(fn, device: torch.device, reps: int) -> float:
     untimed one, still running when the start event is recorded, so the host's launch time
     (tens of µs for a Triton kernel, 7% of a 1 GiB read on an H200) stays out of the window."""
     on_gpu = device.type == "cuda"
-    clock = CudaEventClock() if on_gpu else time.perf_counter
     fn()  # warm-up: cuBLAS handle, allocator, Triton's compile
-    times = []
-    for _ in range(reps):
-        if on_gpu:
-            fn()
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times)
+    return median_s(fn, CudaEventClock() if on_gpu else time.perf_counter, reps, before=fn if on_gpu else None)
 
 
-def _random(device: torch.device, nbytes: int, seed: int) -> torch.Tensor:
+def random_buffer(device: torch.device, nbytes: int, seed: int) -> torch.Tensor:
+    """`nbytes` of seeded random float32 on `device`."""
     return torch.randn(nbytes // 4, device=device, generator=torch.Generator(device=device).manual_seed(seed))
 
 
 def _copy_gbps(device: torch.device, nbytes: int, reps: int) -> float:
-    src = _random(device, nbytes, 0)
+    src = random_buffer(device, nbytes, 0)
     dst = torch.empty_like(src)
     return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), device, reps) / 1e9
 
 
-def _read_methods(src: torch.Tensor) -> dict[str, Callable[[], object]]:
+def read_methods(src: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Calls that read all of float32 `src` and write next to nothing, by name: torch.sum and
     torch.amax, and on a GPU the streaming kernel at each of READ_TILES (never in the
     interpreter, where it would take minutes)."""
@@ -79,16 +71,16 @@ def _read_methods(src: torch.Tensor) -> dict[str, Callable[[], object]]:
         programs, rest = divmod(src.numel(), block * steps)
         assert rest == 0, f"{src.numel()} floats do not split into programs of {block * steps}"
         partial = torch.empty(programs, device=src.device)
-        launch = functools.partial(_read_kernel[(programs,)], src, partial, BLOCK=block, STEPS=steps, num_warps=warps)
+        launch = functools.partial(read_kernel[(programs,)], src, partial, BLOCK=block, STEPS=steps, num_warps=warps)
         methods[f"triton {block}x{steps} w{warps}"] = launch
     return methods
 
 
-def _read_gbps(device: torch.device, nbytes: int, reps: int) -> tuple[float, str]:
-    """The best of _read_methods' rates over a buffer of `nbytes`, each a median over `reps`, and
+def fastest_read(device: torch.device, nbytes: int, reps: int) -> tuple[float, str]:
+    """The best of read_methods' rates over a buffer of `nbytes`, each a median over `reps`, and
     the name of the method that gave it."""
-    src = _random(device, nbytes, 2)
-    rates = {name: nbytes / _median_seconds(fn, device, reps) / 1e9 for name, fn in _read_methods(src).items()}
+    src = random_buffer(device, nbytes, 2)
+    rates = {name: nbytes / _median_seconds(fn, device, reps) / 1e9 for name, fn in read_methods(src).items()}
     best = max(rates, key=rates.get)
     return rates[best], best
 
@@ -108,7 +100,7 @@ def ceilings(device: torch.device) -> dict:
     nbytes = (1 << 30) if on_gpu else (256 << 20)
     n, dtype = (8192, torch.bfloat16) if on_gpu else (1024, torch.float32)
     reps = 20 if on_gpu else 5
-    read_gbps, read_method = _read_gbps(device, nbytes, reps)
+    read_gbps, read_method = fastest_read(device, nbytes, reps)
     return {
         "copy_gbps": _copy_gbps(device, nbytes, reps),
         "read_gbps": read_gbps,

@@ -14,10 +14,13 @@ nothing has passed nothing.
 import argparse
 import re
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 from pytest_benchmark.utils import parse_compare_fail
 
-from benchmarks.results import ResultsError, is_interpreter, load, machine_lines, number, pipe_table
+from benchmarks.results import ResultsError, fmt_duration, is_interpreter, load, machine_lines, number, pipe_table
 
 
 def threshold(text: str) -> int:
@@ -26,14 +29,6 @@ def threshold(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"invalid threshold {text!r}: give a whole percentage such as 10% or 10")
     return int(match[1])
-
-
-def fmt_time(seconds: float) -> str:
-    """A duration in the largest unit that keeps it at or above 1: '812.4 µs', '3.142 ms'."""
-    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
-        if seconds >= scale:
-            return f"{seconds / scale:.4g} {unit}"
-    return f"{seconds / 1e-9:.4g} ns"
 
 
 def by_key(path: str, data: dict, field: str, impls: list[str]) -> dict[str, dict]:
@@ -112,67 +107,118 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the pairwise comparison; return 0, 1 (regression or missing benchmark) or 2 (bad or
-    mismatched input, or nothing to compare)."""
-    args = build_parser().parse_args(argv)
-    try:
-        base, new = load(args.baseline), load(args.new)
-        problem = unknown_impls(args.impl, base, new)
-        if problem:
-            raise ResultsError(problem)
-        base_stats, new_stats = (by_key(path, data, args.field, args.impl) for path, data in ((args.baseline, base), (args.new, new)))
-    except ResultsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    problems = mismatch(base, new)
-    if problems and not args.allow_different_gpu:
-        print(
-            f"error: refusing to compare {args.baseline} with {args.new}: {'; '.join(problems)} (override with --allow-different-gpu)",
-            file=sys.stderr,
-        )
-        return 2
-    warning = f"WARNING: TIMINGS NOT COMPARABLE: {'; '.join(problems)}"
-    banner = f"{'!' * len(warning)}\n{warning}\n{'!' * len(warning)}" if problems else ""
-    if banner:
-        print(banner + "\n")
-    for label, path, data in (("baseline", args.baseline, base), ("new", args.new, new)):
-        print("\n".join(machine_lines(f"{label} {path}", data["machine_info"])))
+@dataclass
+class Comparison:
+    """NEW against BASELINE, pair by pair: the table's rows (benchmark, both figures, ratio, change,
+    verdict), the regressions, the benchmarks only one file has, and why the runs' timings are not
+    comparable when they were compared anyway (--allow-different-gpu)."""
 
-    check = parse_compare_fail(f"{args.field}:{args.threshold}%")
-    rows, regressions = [], []
+    baseline: str
+    new: str
+    field: str
+    threshold: int
+    impls: list[str]
+    allow_missing: bool
+    machines: list[str]
+    problems: list[str]
+    rows: list[list[str]] = dataclass_field(default_factory=list)
+    regressions: list[str] = dataclass_field(default_factory=list)
+    added: list[str] = dataclass_field(default_factory=list)
+    missing: list[str] = dataclass_field(default_factory=list)
+
+    @property
+    def code(self) -> int:
+        """The exit status: 0 no regression; 1 a regression, or a missing benchmark (unless
+        allowed); 2 nothing compared."""
+        if not self.rows:
+            return 2
+        return 1 if self.regressions or (self.missing and not self.allow_missing) else 0
+
+    @property
+    def error(self) -> str | None:
+        """Why the comparison is a refusal (nothing compared), or None."""
+        if self.rows:
+            return None
+        filtered = f" with --impl {' '.join(self.impls)}" if self.impls else ""
+        return f"error: nothing compared: no benchmark{filtered} appears in both {self.baseline} and {self.new}"
+
+
+def compare_files(baseline: str, new: str, *, field: str = "median", threshold: int = 10, impls: Iterable[str] = (), allow_different_gpu: bool = False,
+                  allow_missing: bool = False) -> Comparison:
+    """Pair the two files' benchmarks and judge each with pytest-benchmark's regression check.
+    ResultsError for an unreadable file, an impl neither holds, or runs from different GPUs (or
+    interpreter against compiled) unless allow_different_gpu."""
+    impls = list(impls)
+    base_data, new_data = load(baseline), load(new)
+    problem = unknown_impls(impls, base_data, new_data)
+    if problem:
+        raise ResultsError(problem)
+    base_stats, new_stats = (by_key(path, data, field, impls) for path, data in ((baseline, base_data), (new, new_data)))
+    problems = mismatch(base_data, new_data)
+    if problems and not allow_different_gpu:
+        raise ResultsError(f"refusing to compare {baseline} with {new}: {'; '.join(problems)} (override with --allow-different-gpu)")
+    machines = ["\n".join(machine_lines(f"{label} {path}", data["machine_info"])) for label, path, data in (("baseline", baseline, base_data), ("new", new, new_data))]
+    result = Comparison(str(baseline), str(new), field, threshold, impls, allow_missing, machines, problems)
+    check = parse_compare_fail(f"{field}:{threshold}%")
     for key, stats in base_stats.items():
         if key not in new_stats:
             continue
-        before, after = stats[args.field], new_stats[key][args.field]
+        before, after = stats[field], new_stats[key][field]
         change = check.compute(new_stats[key], stats)
         failed = check.fails(new_stats[key], stats)
         if failed:
-            regressions.append(f"  {key}: {change:+.1f}% ({fmt_time(before)} -> {fmt_time(after)})")
+            result.regressions.append(f"  {key}: {change:+.1f}% ({fmt_duration(before)} -> {fmt_duration(after)})")
         ratio = f"{after / before:.3f}" if before else "inf"
-        rows.append([key, fmt_time(before), fmt_time(after), ratio, f"{change:+.1f}%", "REGRESSION" if failed else "ok"])
-    headers = ["benchmark", f"baseline {args.field}", f"new {args.field}", "new/base", "change", f"verdict (>{args.threshold}%)"]
-    print("\n" + pipe_table(headers, rows, right={1, 2, 3, 4}) if rows else "\nno benchmark appears in both files")
+        result.rows.append([key, fmt_duration(before), fmt_duration(after), ratio, f"{change:+.1f}%", "REGRESSION" if failed else "ok"])
+    result.missing = [key for key in base_stats if key not in new_stats]
+    result.added = [key for key in new_stats if key not in base_stats]
+    return result
 
-    missing = [key for key in base_stats if key not in new_stats]
-    added = [key for key in new_stats if key not in base_stats]
-    if added:
-        print(f"\nnew benchmarks, not in the baseline ({len(added)}, not compared):\n" + "\n".join(f"  {k}" for k in added))
-    if missing:
-        verdict = "accepted by --allow-missing" if args.allow_missing else "FAIL: a vanished benchmark can hide a regression"
-        print(f"\nMISSING FROM NEW ({len(missing)}; {verdict}):\n" + "\n".join(f"  {k}" for k in missing))
-    if regressions:
-        print(f"\nFAIL: {len(regressions)} benchmark(s) slower than baseline by more than {args.threshold}% in {args.field}:")
-        print("\n".join(regressions))
-    elif rows:
-        print(f"\nOK: no {args.field} slower than baseline by more than {args.threshold}% ({len(rows)} compared)")
+
+def render(c: Comparison) -> str:
+    """The comparison as `compare` prints it: the machines, the table, what only one file has, and
+    the verdict, between loud banners when the timings are not comparable."""
+    lines = []
+    warning = f"WARNING: TIMINGS NOT COMPARABLE: {'; '.join(c.problems)}"
+    banner = f"{'!' * len(warning)}\n{warning}\n{'!' * len(warning)}" if c.problems else ""
     if banner:
-        print("\n" + banner)
-    if not rows:
-        filtered = f" with --impl {' '.join(args.impl)}" if args.impl else ""
-        print(f"error: nothing compared: no benchmark{filtered} appears in both {args.baseline} and {args.new}", file=sys.stderr)
+        lines.append(banner + "\n")
+    lines += c.machines
+    headers = ["benchmark", f"baseline {c.field}", f"new {c.field}", "new/base", "change", f"verdict (>{c.threshold}%)"]
+    lines.append("\n" + pipe_table(headers, c.rows, right={1, 2, 3, 4}) if c.rows else "\nno benchmark appears in both files")
+    if c.added:
+        lines.append(f"\nnew benchmarks, not in the baseline ({len(c.added)}, not compared):\n" + "\n".join(f"  {k}" for k in c.added))
+    if c.missing:
+        verdict = "accepted by --allow-missing" if c.allow_missing else "FAIL: a vanished benchmark can hide a regression"
+        lines.append(f"\nMISSING FROM NEW ({len(c.missing)}; {verdict}):\n" + "\n".join(f"  {k}" for k in c.missing))
+    if c.regressions:
+        lines.append(f"\nFAIL: {len(c.regressions)} benchmark(s) slower than baseline by more than {c.threshold}% in {c.field}:")
+        lines.append("\n".join(c.regressions))
+    elif c.rows:
+        lines.append(f"\nOK: no {c.field} slower than baseline by more than {c.threshold}% ({len(c.rows)} compared)")
+    if banner:
+        lines.append("\n" + banner)
+    return "\n".join(lines)
+
+
+def from_args(args: argparse.Namespace) -> Comparison:
+    """compare_files with build_parser()'s parsed options."""
+    return compare_files(args.baseline, args.new, field=args.field, threshold=args.threshold, impls=args.impl,
+                         allow_different_gpu=args.allow_different_gpu, allow_missing=args.allow_missing)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the pairwise comparison; return 0, 1 (regression or missing benchmark) or 2 (bad or
+    mismatched input, or nothing to compare)."""
+    try:
+        comparison = from_args(build_parser().parse_args(argv))
+    except ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1 if regressions or (missing and not args.allow_missing) else 0
+    print(render(comparison))
+    if comparison.error:
+        print(comparison.error, file=sys.stderr)
+    return comparison.code
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from benchmarks.ceilings import ceilings, machine_facts
 from benchmarks.grid import GPU_GRID
 from benchmarks.presets import PRESETS, select
 from benchmarks.timing import ColdRound
+from minivllm.dtypes import SHORT_DTYPES
 from minivllm.interpreter import interpreting
 
 HAS_CUDA = torch.cuda.is_available()
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INTERPRETER_NOTE = "Triton INTERPRETER timings on CPU: a smoke run of every implementation, NOT kernel performance"
 
 
@@ -24,7 +24,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("minivllm benchmarks")
     group.addoption("--preset", action="append", default=[], help=f"model preset, repeatable: all, {', '.join(PRESETS)}")
     group.addoption("--tp", action="append", type=int, default=[], help="tensor-parallel degree to shard each preset by, repeatable (default 1)")
-    group.addoption("--dtype", action="append", choices=sorted(DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on the GPU grid, bf16 on the CPU grid)")
+    group.addoption("--dtype", action="append", choices=sorted(SHORT_DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on the GPU grid, bf16 on the CPU grid)")
     group.addoption("--hf-batch", type=int, default=64, help="sequences per transformers generate() call in the engine suite (default 64)")
 
 
@@ -56,7 +56,7 @@ def pytest_generate_tests(metafunc):
     if "dtype" in metafunc.fixturenames:
         names = metafunc.config.getoption("dtype") or (["bf16", "fp16"] if GPU_GRID else ["bf16"])
         names = list(dict.fromkeys(names))
-        metafunc.parametrize("dtype", [DTYPES[n] for n in names], ids=names)
+        metafunc.parametrize("dtype", [SHORT_DTYPES[n] for n in names], ids=names)
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,10 @@ copy_gbps, which a read-only kernel can beat. benchmarks/ceilings.py measures bo
 
 import torch
 
+from minivllm.dtypes import dtype_name
 from minivllm.engine.request_metrics import percentiles
 
 PREFILL_CEILING, DECODE_CEILING = "matmul_tflops", "read_gbps"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16', 'float16', 'float32': how extra_info and group names spell a dtype."""
-    return str(dtype).removeprefix("torch.")
 
 
 def prefill_counts(batch, seqlen, num_heads, num_kv_heads, head_dim, causal, dtype) -> tuple[int, int]:

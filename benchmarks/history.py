@@ -19,11 +19,12 @@ import re
 import sqlite3
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.compare import threshold
 from benchmarks.report import SUITES
-from benchmarks.results import DASH, ResultsError, load, number, pipe_table
+from benchmarks.results import DASH, ResultsError, fmt_duration, load, number, pipe_table
 
 MARKER = "minivllm benchmark history"
 SCHEMA = """
@@ -38,6 +39,8 @@ CREATE TABLE IF NOT EXISTS results (
 );
 """
 SPREAD_FACTOR = 3  # the band is this many median absolute deviations of the history's medians
+THRESHOLD = 10  # percent: the band's floor
+LAST = 10  # earlier runs a check compares the newest with
 
 
 class HistoryError(Exception):
@@ -143,7 +146,7 @@ def show(db: sqlite3.Connection, args) -> int:
             medians = [p[0] if p else None for p in points]
             known = [m for m in medians if m is not None]
             change = f"{100 * (known[-1] / known[0] - 1):+.1f}%" if len(known) > 1 and known[0] else DASH
-            body.append([name, *(fmt_seconds(m) for m in medians), change])
+            body.append([name, *(fmt_duration(m) for m in medians), change])
         print(pipe_table(["benchmark", *(str(i + 1) for i in range(len(runs))), "last vs first"], body, right=set(range(1, len(runs) + 2))) + "\n")
         shown += len(trends)
         if args.plot:
@@ -153,15 +156,6 @@ def show(db: sqlite3.Connection, args) -> int:
         print("error: no benchmark in the history matches", file=sys.stderr)
         return 1
     return 0
-
-
-def fmt_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return DASH
-    for unit, scale in (("s", 1), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.4g} {unit}"
-    return f"{seconds / 1e-9:.4g} ns"
 
 
 def plot(gpu: str, runs: list[tuple], trends: dict[str, list], outdir: Path) -> list[Path]:
@@ -213,36 +207,73 @@ def band(history: list[float], floor: float) -> float:
     return max(floor, SPREAD_FACTOR * mad / center)
 
 
-def check(db: sqlite3.Connection, args) -> int:
-    failures, compared = [], 0
-    for gpu in gpus(db, args.gpu):
-        runs = recent_runs(db, gpu, args.last + 1)
-        if len(runs) < 2:
-            print(f"{gpu}: one run, nothing to compare it with")
+@dataclass
+class GpuCheck:
+    """One GPU's newest run (commit, time) against the `earlier` runs before it: a table row per
+    benchmark that has figures on both sides (benchmark, history median, newest, change, band,
+    verdict). No earlier run: nothing compared."""
+
+    gpu: str
+    newest: tuple[str, str]
+    earlier: int
+    rows: list[list[str]]
+
+
+@dataclass
+class Check:
+    """Each GPU's newest run against its history; `failures` names every benchmark slower than its band."""
+
+    gpus: list[GpuCheck]
+    failures: list[str]
+    compared: int
+
+    @property
+    def code(self) -> int:
+        return 1 if self.failures else 0
+
+
+def check_history(db: sqlite3.Connection, threshold: int = THRESHOLD, gpu: str | None = None, last: int = LAST) -> Check:
+    """The newest run of each GPU (only `gpu` when given) against its `last` runs before it, with
+    a band no narrower than `threshold` percent."""
+    result = Check([], [], 0)
+    for name in gpus(db, gpu):
+        runs = recent_runs(db, name, last + 1)
+        verdicts = GpuCheck(name, (runs[-1][1], runs[-1][2]), len(runs) - 1, [])
+        result.gpus.append(verdicts)
+        if not verdicts.earlier:
             continue
-        body = []
-        for name, points in sorted(series(db, runs, keyword_filter(None)).items()):
+        for bench, points in sorted(series(db, runs, keyword_filter(None)).items()):
             newest = points[-1][0] if points[-1] else None
             history = [p[0] for p in points[:-1] if p and p[0] is not None]
             if newest is None or not history:
                 continue
-            center, width = statistics.median(history), band(history, args.threshold / 100)
+            center, width = statistics.median(history), band(history, threshold / 100)
             ratio = newest / center
             verdict = "SLOWER" if ratio > 1 + width else "ok"
-            compared += 1
-            body.append([name, fmt_seconds(center), fmt_seconds(newest), f"{100 * (ratio - 1):+.1f}%", f"±{100 * width:.1f}%", verdict])
+            result.compared += 1
+            verdicts.rows.append([bench, fmt_duration(center), fmt_duration(newest), f"{100 * (ratio - 1):+.1f}%", f"±{100 * width:.1f}%", verdict])
             if verdict != "ok":
-                failures.append(f"{gpu}: {name}: {100 * (ratio - 1):+.1f}% against a band of {100 * width:.1f}%")
-        print(f"## {gpu}: run {runs[-1][1][:10]} {runs[-1][2]} against the {len(runs) - 1} before it\n")
-        if not body:
-            print("no benchmark of the newest run has a figure in the runs before it\n")
+                result.failures.append(f"{name}: {bench}: {100 * (ratio - 1):+.1f}% against a band of {100 * width:.1f}%")
+    return result
+
+
+def render_check(result: Check) -> str:
+    """The check as `history check` prints it: a table per GPU, then the verdict."""
+    lines = []
+    for g in result.gpus:
+        if not g.earlier:
+            lines.append(f"{g.gpu}: one run, nothing to compare it with")
             continue
-        print(pipe_table(["benchmark", "history median", "newest", "change", "band", "verdict"], body, right={1, 2, 3, 4}) + "\n")
-    if failures:
-        print(f"FAIL: {len(failures)} benchmark(s) slower than their history's band:\n" + "\n".join(f"  {f}" for f in failures))
-        return 1
-    print(f"OK: no benchmark slower than its history's band ({compared} compared)")
-    return 0
+        lines.append(f"## {g.gpu}: run {g.newest[0][:10]} {g.newest[1]} against the {g.earlier} before it\n")
+        if not g.rows:
+            lines.append("no benchmark of the newest run has a figure in the runs before it\n")
+            continue
+        lines.append(pipe_table(["benchmark", "history median", "newest", "change", "band", "verdict"], g.rows, right={1, 2, 3, 4}) + "\n")
+    if result.failures:
+        lines.append(f"FAIL: {len(result.failures)} benchmark(s) slower than their history's band:\n" + "\n".join(f"  {f}" for f in result.failures))
+    else:
+        lines.append(f"OK: no benchmark slower than its history's band ({result.compared} compared)")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,9 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, metavar="DIR", help="also write a PNG per benchmark group")
     p = sub.add_parser("check", help="the newest run of each GPU against its history")
     p.add_argument("db")
-    p.add_argument("--threshold", type=threshold, default=10, help="the band's floor, a whole percentage (default 10%%)")
+    p.add_argument("--threshold", type=threshold, default=THRESHOLD, help=f"the band's floor, a whole percentage (default {THRESHOLD}%%)")
     p.add_argument("--gpu", help="only this GPU")
-    p.add_argument("--last", type=int, default=10, help="earlier runs the history holds (default 10)")
+    p.add_argument("--last", type=int, default=LAST, help=f"earlier runs the history holds (default {LAST})")
     return parser
 
 
@@ -279,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.files:
                 print(f"{path}: {'added' if add(db, path) else 'already in the history, skipped'}")
             return 0
-        return show(db, args) if args.command == "show" else check(db, args)
+        if args.command == "show":
+            return show(db, args)
+        result = check_history(db, args.threshold, args.gpu, args.last)
+        print(render_check(result))
+        return result.code
     except (HistoryError, ResultsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -296,6 +296,45 @@ def file_prefixes(paths: list[Path]) -> list[list[str]]:
     return [[stem] for stem in stems] if len(set(stems)) == len(stems) else [[str(i), stem] for i, stem in enumerate(stems)]
 
 
+@dataclass
+class Rendered:
+    """The report of some files: its text (what `report` prints before the figures' paths), how
+    many suite tables it holds, and the figures it wrote."""
+
+    text: str
+    tables: int
+    figures: list[Path]
+
+
+def render(loaded: list[tuple[Path, dict]], suite: str | None = None, plot: Path | None = None) -> Rendered:
+    """The tables for each (path, loaded file) pair, only `suite`'s when given; with `plot`, one
+    PNG per group written into that directory."""
+    lines, tables, figures = [], 0, []
+    for (path, data), prefix in zip(loaded, file_prefixes([p for p, _ in loaded]), strict=True):
+        machine = data["machine_info"]
+        by_suite: dict[str, list[dict]] = {}
+        for bench in data["benchmarks"]:
+            by_suite.setdefault(str(bench["extra_info"].get("suite")), []).append(bench)
+        chosen = [name for name in SUITES if by_suite.get(name) and suite in (None, name)]
+        lines += machine_lines(str(path), machine)
+        warning = untuned([b for name in chosen for b in by_suite[name]])
+        if warning:
+            lines.append(f"!!! UNTUNED TRITON CONFIGS: {warning} ran without this GPU's tuning table (marked [F]/[H] below) !!!")
+        lines.append("")
+        for name in chosen:
+            lines.append(suite_table(by_suite[name], name, SUITES[name]) + "\n")
+            if name == "engine" and latency_table(by_suite[name]):
+                lines.append(latency_table(by_suite[name]) + "\n")
+            tables += 1
+            if plot:
+                plot.mkdir(parents=True, exist_ok=True)
+                figures += plot_suite(by_suite[name], name, SUITES[name], machine, plot, prefix)
+        unknown = {name: len(b) for name, b in by_suite.items() if name not in SUITES}
+        if unknown and suite is None:
+            lines.append("note: no table for suite(s) " + ", ".join(f"{n} ({c} benchmarks)" for n, c in sorted(unknown.items())) + "\n")
+    return Rendered("\n".join(lines), tables, figures)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the tables for each file (and write plots with --plot); 0 when something was shown."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
@@ -308,32 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    shown, written = 0, []
-    for (path, data), prefix in zip(loaded, file_prefixes(args.files), strict=True):
-        machine = data["machine_info"]
-        by_suite: dict[str, list[dict]] = {}
-        for bench in data["benchmarks"]:
-            by_suite.setdefault(str(bench["extra_info"].get("suite")), []).append(bench)
-        chosen = [name for name in SUITES if by_suite.get(name) and args.suite in (None, name)]
-        print("\n".join(machine_lines(str(path), machine)))
-        warning = untuned([b for name in chosen for b in by_suite[name]])
-        if warning:
-            print(f"!!! UNTUNED TRITON CONFIGS: {warning} ran without this GPU's tuning table (marked [F]/[H] below) !!!")
-        print()
-        for name in chosen:
-            print(suite_table(by_suite[name], name, SUITES[name]) + "\n")
-            if name == "engine" and latency_table(by_suite[name]):
-                print(latency_table(by_suite[name]) + "\n")
-            shown += 1
-            if args.plot:
-                args.plot.mkdir(parents=True, exist_ok=True)
-                written += plot_suite(by_suite[name], name, SUITES[name], machine, args.plot, prefix)
-        unknown = {name: len(b) for name, b in by_suite.items() if name not in SUITES}
-        if unknown and args.suite is None:
-            print("note: no table for suite(s) " + ", ".join(f"{n} ({c} benchmarks)" for n, c in sorted(unknown.items())) + "\n")
-    for path in written:
+    rendered = render(loaded, args.suite, args.plot)
+    print(rendered.text)
+    for path in rendered.figures:
         print(f"wrote {path}")
-    if not shown:
+    if not rendered.tables:
         print(f"error: no {args.suite or 'prefill, prefix, decode or engine'} benchmarks in {', '.join(map(str, args.files))}", file=sys.stderr)
         return 1
     return 0

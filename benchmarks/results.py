@@ -1,7 +1,7 @@
-"""Reading pytest-benchmark JSON and the plain-text pieces shared by `report` and `compare`.
+"""Reading pytest-benchmark JSON and the plain-text pieces shared by `report`, `compare` and `history`.
 
-Both tools load files through `load`, describe the machine with `machine_lines` and print with
-`pipe_table`, so a file one of them accepts the other accepts too.
+They load files through `load`, describe the machine with `machine_lines` and print with
+`pipe_table`, `fmt` and `fmt_duration`, so a file one of them accepts the others accept too.
 """
 
 import json
@@ -61,6 +61,17 @@ def fmt(value, decimals: int | None = None) -> str:
     if x and abs(x) < 10 ** (1 - decimals):
         return f"{x:.2g}"
     return f"{x:.{decimals}f}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """A duration in the largest unit that keeps it at or above 1: '812.4 µs', '3.142 ms'; a dash
+    for a missing one."""
+    if seconds is None:
+        return DASH
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if seconds >= scale:
+            return f"{seconds / scale:.4g} {unit}"
+    return f"{seconds / 1e-9:.4g} ns"
 
 
 def is_interpreter(machine_info: dict) -> bool:

@@ -12,15 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.extra_info import decode_counts, dtype_name, record
+from benchmarks.extra_info import decode_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
+from minivllm.dtypes import dtype_name
 from minivllm.kernels import paged_attention_decode
 from minivllm.kernels.paged_attention import decode_config
 from minivllm.reference import paged_decode_gather, paged_decode_loop
+from minivllm.reference.decode_check import check_decode
 from minivllm.reference.inputs import generator, paged_cache, randn
 from minivllm.reference.paging import paged_gather
-from minivllm.reference.tolerance import assert_matches_reference
 
 BATCHES = (1, 4, 16, 64, 256) if GPU_GRID else (3,)
 CONTEXTS = (512, 2048, 8192, 32768) if GPU_GRID else (77,)
@@ -30,7 +31,6 @@ LOOP_MAX_BLOCKS = 4096  # torch_loop slices every block in Python; past this one
 # Copies of the K/V cache each implementation holds at its peak: the paged cache, plus a
 # gathered copy (torch_gather) or the contiguous cache built from it (sdpa_dense).
 CACHE_COPIES = {"torch_loop": 1, "torch_gather": 2, "triton_paged": 1, "sdpa_dense": 2}
-CHECKED_SEQUENCES = 3  # first, middle and last of the batch
 
 
 def _implementation(impl, q, cache, context_lens, context_len):
@@ -52,14 +52,6 @@ def _implementation(impl, q, cache, context_lens, context_len):
     q4 = q[:, :, None]
     gqa = q.shape[1] != k.shape[1]
     return lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=gqa)[:, :, 0]
-
-
-def check_decode(out, q, cache, context_lens, what):
-    """The first, middle and last sequences of the batch against the float64 reference."""
-    batch = q.shape[0]
-    rows = torch.tensor(sorted({0, batch // 2, batch - 1})[:CHECKED_SEQUENCES], device=q.device)
-    args = (q[rows], cache.k_cache, cache.v_cache, cache.block_table[rows], context_lens[rows])
-    assert_matches_reference(out[rows], paged_decode_gather, *args, what=what)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

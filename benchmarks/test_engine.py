@@ -34,8 +34,9 @@ import pytest
 import torch
 
 from benchmarks.engine_workloads import WORKLOADS, Workload
-from benchmarks.extra_info import dtype_name, engine_counts, record_engine, record_latency
+from benchmarks.extra_info import engine_counts, record_engine, record_latency
 from benchmarks.presets import PRESETS
+from minivllm.dtypes import dtype_name
 from minivllm.engine import LLM, SamplingParams
 from minivllm.engine.step_profile import summarize
 from minivllm.testing.random_checkpoint import write_random_qwen3

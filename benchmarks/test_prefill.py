@@ -12,9 +12,10 @@ import pytest
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.extra_info import dtype_name, prefill_counts, record
+from benchmarks.extra_info import prefill_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
+from minivllm.dtypes import dtype_name
 from minivllm.kernels import flash_attn_varlen, naive_attention
 from minivllm.kernels.flash_attention import prefill_config
 from minivllm.kernels.launch import head_dim_block

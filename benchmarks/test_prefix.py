@@ -8,9 +8,10 @@ checked against the float64 reference before it is timed.
 
 import pytest
 
-from benchmarks.extra_info import dtype_name, prefix_counts, record
+from benchmarks.extra_info import prefix_counts, record
 from benchmarks.grid import GPU_GRID
 from benchmarks.timing import measure
+from minivllm.dtypes import dtype_name
 from minivllm.kernels import flash_attn_varlen
 from minivllm.kernels.flash_attention import prefill_config
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn

@@ -96,17 +96,25 @@ def size_launch_cover(fn: Callable[[], object], cold_round: ColdRound) -> tuple[
     return statistics.median(host), statistics.median(dev)
 
 
-def median_device_s(fn: Callable[[], object], cold_round: ColdRound, rounds: int = 50) -> float:
-    """The median device time of `fn` over `rounds` calls, each after the cold round (L2 flushed,
-    launch covered), as the suites time it. For tools outside pytest-benchmark."""
-    size_launch_cover(fn, cold_round)
-    clock, times = CudaEventClock(), []
+def median_s(fn: Callable[[], object], clock: Callable[[], object], rounds: int, before: Callable[[], object] | None = None) -> float:
+    """The median over `rounds` calls of fn() of the difference of two `clock` readings around
+    each (time.perf_counter, or a CudaEventClock for device time), before() running untimed
+    ahead of each call when given."""
+    times = []
     for _ in range(rounds):
-        cold_round()
+        if before is not None:
+            before()
         start = clock()
         fn()
         times.append(clock() - start)
     return statistics.median(times)
+
+
+def median_device_s(fn: Callable[[], object], cold_round: ColdRound, rounds: int = 50) -> float:
+    """The median device time of `fn` over `rounds` calls, each after the cold round (L2 flushed,
+    launch covered), as the suites time it. For tools outside pytest-benchmark."""
+    size_launch_cover(fn, cold_round)
+    return median_s(fn, CudaEventClock(), rounds, before=cold_round)
 
 
 def measure(benchmark, fn: Callable[[], object], device: torch.device, config, cold_round: ColdRound | None) -> None:

@@ -1,6 +1,6 @@
 """Tune the Triton kernels for this device and write its tuning table.
 
-    python -m benchmarks.tune [--kernel decode|prefill] [--bucket TEXT] [--dtype bf16|fp16]
+    python -m benchmarks.tune [--kernel decode|prefill] [--bucket TEXT] [--dtype bf16|fp16] [--part I/N]
                               [--out DIR] [--budget-s 540] [--no-peers] [--matmuls-alone] [--json ROWS.json]
 
 For each bucket of the table's key (minivllm/kernels/tuning_table.py) it builds one representative shape,
@@ -19,8 +19,6 @@ what the tile's two matmuls cost, so the rest of the gap to cuDNN is the softmax
 import argparse
 import datetime
 import json
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,16 +35,19 @@ if __name__ == "__main__":  # run as a tool: choose the kernels' mode before the
 
 
 from benchmarks.ceilings import software_facts
-from benchmarks.test_decode import check_decode
-from benchmarks.timing import ColdRound, median_device_s
+from benchmarks.repo import commit
+from benchmarks.timing import ColdRound, median_device_s, median_s
+from minivllm.dtypes import SHORT_DTYPES, dtype_name
 from minivllm.kernels.flash_attention import prefill_plan
-from minivllm.kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
-from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, read_table
+from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able
+from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, write_table
+from minivllm.reference.decode_check import check_decode
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
 from minivllm.reference.paging import paged_gather
 from minivllm.reference.prefill_check import check_prefill
+from minivllm.reference.tolerance import ToleranceError
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TUNED_DTYPES = ("bf16", "fp16")  # of SHORT_DTYPES: what serving runs in
 CACHE_LIMIT = 9 << 30  # bytes of K+V a decode representative may hold
 ROUNDS = 20
 
@@ -119,25 +120,19 @@ def _timer(device: torch.device, cold_round: ColdRound | None):
     if device.type == "cuda":
         return lambda fn: 1e3 * median_device_s(fn, cold_round, rounds=ROUNDS)
     # The interpreter: wall time of a few calls, only so that the table's machinery runs.
-    return lambda fn: 1e3 * statistics.median(_wall(fn) for _ in range(3))
-
-
-def _wall(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return lambda fn: 1e3 * median_s(fn, time.perf_counter, 3)
 
 
 def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
     """(candidates {name: (config, fn)}, the output they write, check(what), SDPA's fn or None)
     for a decode bucket."""
-    s, dtype = b.shape, DTYPES[b.dtype]
+    s, dtype = b.shape, SHORT_DTYPES[b.dtype]
     q = randn((s["batch"], s["heads"], b.head_dim), dtype, device, gen)
     cache = paged_cache([s["context"]] * s["batch"], b.page, s["kv"], b.head_dim, dtype, device, gen)
     lens = torch.full((s["batch"],), s["context"], dtype=torch.int32, device=device)
     out = torch.empty_like(q)
     args = (q, cache.k_cache, cache.v_cache, cache.block_table, lens, out, s["context"], b.head_dim**-0.5)
-    tma = _tma_able(cache.k_cache, cache.v_cache, b.head_dim)
+    tma = tma_able(cache.k_cache, cache.v_cache, b.head_dim)
     candidates = {f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}": (c.as_dict(), partial(launch_decode, *args, c))
                   for c in decode_candidates(b.page, tma, device.type == "cuda") if c.fetch == "gather" or b.page % c.block_n == 0}
     peer = None
@@ -150,7 +145,7 @@ def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peer
 def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
     """The same for a prefill bucket, contiguous keys (page 0) or a paged prefix, and a sixth
     item: matmuls_alone(tile), the tile's launch with the softmax left out."""
-    s, dtype = b.shape, DTYPES[b.dtype]
+    s, dtype = b.shape, SHORT_DTYPES[b.dtype]
     batch, n, new, causal = s["batch"], s["seqlen"], s["new"], s["causal"]
     q = randn((batch * new, s["heads"], b.head_dim), dtype, device, gen)
     k, v = (randn((batch * n, s["kv"], b.head_dim), dtype, device, gen) for _ in "kv")
@@ -187,6 +182,11 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
     return candidates, out, check, peer, matmuls_alone
 
 
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message, at most 200 characters ('' for none)."""
+    return (str(e).splitlines() or [""])[0][:200]
+
+
 def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: bool = False) -> tuple[list[dict], float | None, float | None]:
     """Every candidate of the bucket as {name, config, ms or None, error}, fastest first; the
     peer's ms; and with `matmuls`, the prefill winner's ms with its softmax left out. A candidate
@@ -201,8 +201,10 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
             fn()
             check(name)
             rows.append(dict(name=name, config=config, ms=time_ms(fn), error=None))
-        except Exception as e:  # a config the compiler or the check refuses is reported, not fatal
-            rows.append(dict(name=name, config=config, ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+        except ToleranceError as e:  # a wrong answer, raised under python -O too: reported, never timed
+            rows.append(dict(name=name, config=config, ms=None, error=f"wrong output: {_first_line(e)}"))
+        except Exception as e:  # a config the compiler or the launch refuses is reported, not fatal
+            rows.append(dict(name=name, config=config, ms=None, error=f"{type(e).__name__}: {_first_line(e)}"))
     peer_ms = None
     if peer is not None:
         try:
@@ -219,67 +221,24 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
     return rows, peer_ms, alone_ms
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
 def provenance(device: torch.device) -> dict:
     """The card and software a table's figures were measured with, when, at which commit; the
     compute capability lets a card without a table of its own find this one as family."""
     return dict(
         software_facts(device, interpreting()),
         compute_capability=list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
-        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), commit=_commit(), tool="python -m benchmarks.tune",
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), commit=commit(), tool="python -m benchmarks.tune",
     )
 
 
-def write_table(path: Path, prov: dict, winners: list[dict]) -> dict:
-    """Merge `winners` into the table at `path` (a new one if absent): an entry of the same key
-    and bucket is replaced, the rest kept. Each entry names the run that measured it."""
-    table = read_table(path) if path.is_file() else {"provenance": {}, "runs": [], "entries": []}
-    table.setdefault("runs", []).append(prov)
-    run = len(table["runs"]) - 1
-    table["provenance"] = dict(prov, note="the latest run; `runs` lists every run, and each entry names its own")
-    fresh = {(w["kernel"], w["dtype"], w["head_dim"], w["page"], tuple(w["bucket"])) for w in winners}
-    kept = [e for e in table["entries"] if (e["kernel"], e["dtype"], e["head_dim"], e["page"], tuple(e["bucket"])) not in fresh]
-    table["entries"] = sorted(kept + [dict(w, run=run) for w in winners], key=lambda e: (e["kernel"], e["dtype"], e["head_dim"], e["page"], json.dumps(e["bucket"])))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1) + "\n")
-    return table
-
-
-def merge_tables(tables: list[dict]) -> dict:
-    """One table from several runs' tables of one GPU model (the tasks of a tuning array): every
-    run kept, each entry still naming its own; a key tuned twice keeps the later run's winner.
-    ValueError when the tables come from different GPU models, whose figures must not mix."""
-    gpus = sorted({str(t["provenance"].get("gpu")) for t in tables})
-    if len(gpus) != 1:
-        raise ValueError(f"tables from different GPU models ({', '.join(gpus)}) cannot be merged into one")
-    merged: dict = {"provenance": {}, "runs": [], "entries": []}
-    by_key: dict[tuple, dict] = {}
-    for table in tables:
-        offset = len(merged["runs"])
-        merged["runs"] += table["runs"]
-        for e in table["entries"]:
-            by_key[(e["kernel"], e["dtype"], e["head_dim"], e["page"], json.dumps(e["bucket"]))] = dict(e, run=e["run"] + offset)
-    merged["entries"] = [by_key[k] for k in sorted(by_key)]
-    merged["provenance"] = dict(merged["runs"][-1], note=f"merged from {len(tables)} tables of one tuning array; `runs` lists every run")
-    return merged
-
-
-def shard(text: str) -> tuple[int, int]:
-    """Parse --shard I/N: this process tunes buckets I, I+N, I+2N, ... of the selection."""
+def part(text: str) -> tuple[int, int]:
+    """Parse --part I/N: this process tunes buckets I, I+N, I+2N, ... of the selection."""
     try:
-        index, count = (int(part) for part in text.split("/"))
+        index, count = (int(n) for n in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid shard {text!r}: give I/N, e.g. 0/4") from None
+        raise argparse.ArgumentTypeError(f"invalid part {text!r}: give I/N, e.g. 0/4") from None
     if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"invalid shard {text!r}: I must be in [0, N)")
+        raise argparse.ArgumentTypeError(f"invalid part {text!r}: I must be in [0, N)")
     return index, count
 
 
@@ -287,24 +246,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", action="append", choices=("decode", "prefill"), help="only this kernel's buckets; repeatable")
     parser.add_argument("--bucket", action="append", help="only buckets whose name contains this text; repeatable")
-    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only this dtype; repeatable (default bf16 and fp16; bf16 on the CPU)")
+    parser.add_argument("--dtype", action="append", choices=TUNED_DTYPES, help="only this dtype; repeatable (default bf16 and fp16; bf16 on the CPU)")
     parser.add_argument("--out", type=Path, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or minivllm/kernels/configs)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="start no bucket after this many seconds (default 540)")
     parser.add_argument("--no-peers", action="store_true", help="do not time SDPA beside each bucket")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time each prefill winner without its softmax (a diagnostic)")
     parser.add_argument("--json", help="also write every candidate's row here")
-    parser.add_argument("--shard", type=shard, metavar="I/N", help="tune only buckets I, I+N, ... of the selection (a tuning array's task I of N)")
+    parser.add_argument("--part", type=part, metavar="I/N", help="tune only buckets I, I+N, ... of the selection (a tuning array's task I of N)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
-    chosen = [b for b in buckets(on_gpu, args.dtype or (["bf16", "fp16"] if on_gpu else ["bf16"]))
+    chosen = [b for b in buckets(on_gpu, args.dtype or (list(TUNED_DTYPES) if on_gpu else ["bf16"]))
               if (not args.kernel or b.kernel in args.kernel) and (not args.bucket or any(t in b.name for t in args.bucket))]
     if not chosen:
         parser.error("no bucket matches --kernel/--bucket")
-    if args.shard:
-        chosen = chosen[args.shard[0] :: args.shard[1]]
+    if args.part:
+        chosen = chosen[args.part[0] :: args.part[1]]
         if not chosen:
-            print(f"shard {args.shard[0]}/{args.shard[1]}: no bucket left for this shard", flush=True)
+            print(f"part {args.part[0]}/{args.part[1]}: no bucket left for this part", flush=True)
             return 0
     path = (args.out or config_dir()) / f"{device_slug(device)}.json"
     prov = provenance(device)
@@ -326,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         best = timed[0]
         margin = timed[1]["ms"] / best["ms"] - 1 if len(timed) > 1 else None
-        winners.append(dict(kernel=b.kernel, dtype=str(DTYPES[b.dtype]).removeprefix("torch."), head_dim=b.head_dim, page=b.page, bucket=list(b.key),
+        winners.append(dict(kernel=b.kernel, dtype=dtype_name(SHORT_DTYPES[b.dtype]), head_dim=b.head_dim, page=b.page, bucket=list(b.key),
                             config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape))
         versus = f"  peer {peer_ms:.4f} ms (ours {peer_ms / best['ms']:.2f}x)" if peer_ms else ""
         versus += f"  matmuls alone {alone_ms:.4f} ms ({100 * alone_ms / best['ms']:.0f}% of it)" if alone_ms else ""

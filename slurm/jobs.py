@@ -12,8 +12,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SLURM_DIR = Path(__file__).resolve().parent
-REPO = SLURM_DIR.parent
+from benchmarks.repo import REPO
+
+SLURM_DIR = REPO / "slurm"
 ARRAY_ID = "@ARRAY_JOB_ID@"  # stands for the array's job id until sbatch has given it
 # sbatch's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or no limit.
 SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:unlimited|infinite)")
@@ -89,7 +90,7 @@ def merge_command(sweep: Path, out: Path, array_id: str, opts: SlurmOptions, mer
 
 
 def tune_array_command(tasks: int, out: Path, opts: SlurmOptions, tune_args: list[str]) -> list[str]:
-    """sbatch for a tuning array: task i of N tunes buckets i, i+N, ... (benchmarks.tune --shard)."""
+    """sbatch for a tuning array: task i of N tunes buckets i, i+N, ... (benchmarks.tune --part)."""
     return _array("minivllm-tune", tasks, out, opts, [str(SLURM_DIR / "tune_array.sbatch"), str(out.resolve()), *tune_args])
 
 

@@ -13,8 +13,6 @@ GPU's new run checked against the runs before it; a slower-than-its-band figure 
 """
 
 import argparse
-import contextlib
-import io
 import json
 import shlex
 import statistics
@@ -26,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import compare, history, report
-from benchmarks.results import CEILING_KEYS, pipe_table
+from benchmarks.results import CEILING_KEYS, ResultsError, load, pipe_table
 from slurm.sweep import Sweep, read_sweep
 
 LOG_TAIL = 3  # log lines quoted for a task that went wrong
@@ -155,12 +153,38 @@ def task_table(tasks: list[TaskResult]) -> str:
     return pipe_table(["task", "status", "node", "gpu", "benchmarks", "detail"], rows, right={0})
 
 
-def captured(tool, argv: list[str]) -> tuple[int, str]:
-    """Run a benchmarks tool's main(argv); its exit status and everything it printed."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-        code = tool.main(argv)
-    return code, buffer.getvalue().rstrip()
+def report_section(merged_path: Path, plots: Path) -> list[str]:
+    """benchmarks.report's tables of the merged run, its figures written into `plots`."""
+    try:
+        rendered = report.render([(merged_path, load(merged_path))], plot=plots)
+    except ResultsError as e:
+        return ["## Benchmarks", f"error: {e}"]
+    summary = f"plots in {plots}: {len(rendered.figures)}" if rendered.tables else "no prefill, prefix, decode or engine benchmarks: no tables"
+    return ["## Benchmarks", rendered.text.rstrip(), summary]
+
+
+def compare_section(baseline: Path, merged_path: Path, options: str) -> tuple[int, list[str]]:
+    """benchmarks.compare of the merged run against `baseline` with `options` (its command-line
+    options, one string): its exit status and its section of the report."""
+    try:
+        comparison = compare.from_args(compare.build_parser().parse_args([str(baseline), str(merged_path), *shlex.split(options)]))
+        code, text = comparison.code, compare.render(comparison) + (f"\n{comparison.error}" if comparison.error else "")
+    except ResultsError as e:
+        code, text = 2, f"error: {e}"
+    return code, [f"## Against {baseline} (benchmarks.compare exit {code})", text]
+
+
+def history_section(target: str, merged_path: Path, gpu: str) -> tuple[int, list[str]]:
+    """The merged run added to the benchmarks.history at `target`, and the GPU's newest run
+    checked against the runs before it: the check's exit status and the report's section."""
+    try:
+        db = history.open_db(target, create=True)
+        added = history.add(db, str(merged_path))
+    except (history.HistoryError, ResultsError) as e:
+        return 2, [f"## History {target} (add exit 2, check exit 2)", f"error: {e}"]
+    check = history.check_history(db, gpu=gpu)
+    add_text = f"{merged_path}: {'added' if added else 'already in the history, skipped'}"
+    return check.code, [f"## History {target} (add exit 0, check exit {check.code})", add_text, history.render_check(check)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,17 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     code = 1 if not_ok else 0
     if merged["benchmarks"]:
-        _, text = captured(report, [str(merged_path), "--plot", str(results / "plots")])
-        sections += ["## Benchmarks", text]
+        sections += report_section(merged_path, results / "plots")
         if args.baseline:
-            compare_code, text = captured(compare, [str(args.baseline), str(merged_path), *shlex.split(args.compare)])
-            sections += [f"## Against {args.baseline} (benchmarks.compare exit {compare_code})", text]
+            compare_code, section = compare_section(args.baseline, merged_path, args.compare)
+            sections += section
             code = code or compare_code
         if args.history:
-            add_code, text = captured(history, ["add", args.history, str(merged_path)])
-            gpu = str(merged["machine_info"].get("gpu", ""))
-            check_code, check_text = captured(history, ["check", args.history, "--gpu", gpu]) if add_code == 0 else (add_code, "")
-            sections += [f"## History {args.history} (add exit {add_code}, check exit {check_code})", text, check_text]
+            check_code, section = history_section(args.history, merged_path, str(merged["machine_info"].get("gpu", "")))
+            sections += section
             code = code or check_code
     else:
         sections.append("No task produced benchmark results: no tables, no comparison.")

@@ -21,12 +21,12 @@ import sys
 from pathlib import Path
 
 from benchmarks import compare
+from benchmarks.repo import REPO
 from slurm.jobs import ARRAY_ID, array_command, merge_command, options_from_args, shell_script, tune_array_command, tune_merge_command
 from slurm.jobs import add_arguments as add_slurm_arguments
 from slurm.sweep import add_arguments as add_sweep_arguments
 from slurm.sweep import default_path, provenance, read_sweep, sweep_from_args, sweep_text, write_sweep
 
-REPO = Path(__file__).resolve().parent.parent
 SWEEP_OPTIONS = ("--tasks", "--preset", "--tp", "--dtype", "--grid")
 HEREDOC_END = "MINIVLLM_SWEEP_EOF"
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.repo import REPO, commit
 from slurm.jobs import ARRAY_ID, SlurmOptions, array_command, merge_command, shell_script
 
-REPO = Path(__file__).resolve().parent.parent
 GRIDS = ("gpu", "cpu")
 FORMAT = "minivllm-sweep 1"
 
@@ -142,11 +142,7 @@ def default_path(out: Path) -> Path:
 
 def provenance() -> str:
     """Where and when a sweep was generated, from which commit."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return f"generated {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} on {os.uname().nodename} at commit {commit or 'unknown'}"
+    return f"generated {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} on {os.uname().nodename} at commit {commit()}"
 
 
 def main(argv: list[str] | None = None) -> int:

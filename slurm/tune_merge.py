@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.tune import merge_tables
-from minivllm.kernels.tuning_table import read_table
+from minivllm.kernels.tuning_table import merge_tables, read_table
 
 
 def task_status(results: Path, task: int) -> str:

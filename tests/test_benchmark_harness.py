@@ -10,8 +10,8 @@ import torch
 from benchmarks import ceilings
 from benchmarks.extra_info import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts, record
 from benchmarks.presets import PRESETS, select, shard
-from benchmarks.test_decode import check_decode
 from minivllm.reference import attention_ref, paged_decode_gather
+from minivllm.reference.decode_check import check_decode
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
 from minivllm.reference.prefill_check import check_prefill
 
@@ -111,16 +111,15 @@ def test_engine_counts_weights_match_a_real_checkpoint_and_kv_sums_contexts(tmp_
     FLOPs' at the matmul ceiling."""
     from dataclasses import replace
 
-    from transformers import AutoModelForCausalLM
-
     from minivllm.testing.random_checkpoint import write_random_qwen3
+    from minivllm.testing.transformers_reference import load_transformers_model
 
     p = replace(PRESETS["tiny"], tied=tied)
     path = write_random_qwen3(
         tmp_path, num_layers=p.layers, hidden_size=p.hidden, num_heads=p.num_heads, num_kv_heads=p.num_kv_heads,
         head_dim=p.head_dim, intermediate_size=p.ffn, vocab_size=p.vocab, tie_word_embeddings=tied, with_tokenizer=False,
     )
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_transformers_model(path)
     params = sum(t.numel() for t in model.parameters()) - (0 if tied else p.vocab * p.hidden)
     counts = engine_counts(p, [2, 5], [3, 1], torch.bfloat16)
     assert counts["weight_bytes"] == 2 * params
@@ -156,21 +155,21 @@ def test_read_kernel_sums_each_programs_chunk(device):
     block, steps, programs = 16, 3, 4
     src = torch.arange(programs * block * steps, dtype=torch.float32, device=device)
     partial = torch.empty(programs, device=device)
-    ceilings._read_kernel[(programs,)](src, partial, BLOCK=block, STEPS=steps)
+    ceilings.read_kernel[(programs,)](src, partial, BLOCK=block, STEPS=steps)
     torch.testing.assert_close(partial, src.view(programs, -1).sum(1))
 
 
 def test_read_ceiling_on_the_cpu_uses_torch_alone():
-    assert set(ceilings._read_methods(torch.zeros(1 << 16))) == {"torch.sum", "torch.amax"}
-    gbps, method = ceilings._read_gbps(torch.device("cpu"), 4 << 20, reps=3)
+    assert set(ceilings.read_methods(torch.zeros(1 << 16))) == {"torch.sum", "torch.amax"}
+    gbps, method = ceilings.fastest_read(torch.device("cpu"), 4 << 20, reps=3)
     assert gbps > 0 and method in ("torch.sum", "torch.amax")
 
 
 @pytest.mark.gpu
 def test_read_ceiling_on_a_gpu_tries_the_streaming_kernel_and_beats_the_copy():
     device = torch.device("cuda")
-    src = ceilings._random(device, 1 << 20, 3)
-    methods = ceilings._read_methods(src)
+    src = ceilings.random_buffer(device, 1 << 20, 3)
+    methods = ceilings.read_methods(src)
     assert len(methods) == 2 + len(ceilings.READ_TILES)
     for name, launch in methods.items():
         if name.startswith("triton"):

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 from benchmarks import compare, report
+from benchmarks.results import ResultsError, load
 from tests.benchmark_json import H100, MACHINE, bench, write
 
 ROOT = Path(__file__).parents[1]
+
+
 def runs(
     tmp_path: Path, scale: dict[str, float], base_machine: dict | None = None, new_machine: dict | None = None
 ) -> tuple[str, str]:
@@ -89,6 +92,28 @@ def test_compare_fails_on_a_vanished_benchmark_unless_allowed(tmp_path, capsys):
     assert compare.main(files) == 1
     assert "test_prefill[sdpa_flash" in capsys.readouterr().out.split("MISSING FROM NEW")[-1]
     assert compare.main([*files, "--allow-missing"]) == 0
+
+
+def test_compare_files_returns_the_verdict_as_data(tmp_path):
+    """What slurm.merge reads instead of compare's printout: the rows, the regressions, what only
+    one file holds, the exit status; refusals raise ResultsError."""
+    base, new = runs(tmp_path, {"flash_triton": 1.2, "sdpa_flash": 0})
+    result = compare.compare_files(base, new, threshold=10)
+    slower, vanished = (bench("prefill", impl, 1.0)["fullname"] for impl in ("flash_triton", "sdpa_flash"))
+    assert result.code == 1 and [r[0] for r in result.rows] == [slower, bench("prefill", "sdpa_cudnn", 1.0)["fullname"]]
+    assert [r.split(": ")[0].strip() for r in result.regressions] == [slower] and result.missing == [vanished] and result.added == []
+    assert result.error is None and "FAIL: 1 benchmark(s)" in compare.render(result)
+    assert compare.compare_files(base, new, impls=["sdpa_cudnn"]).code == 0
+    with pytest.raises(ResultsError, match="different GPUs"):
+        compare.compare_files(base, str(write(tmp_path / "h200.json", [bench("prefill", "flash_triton", 1e-3)], gpu="NVIDIA H200")))
+
+
+def test_report_render_returns_the_text_and_what_it_wrote(tmp_path):
+    path = known_report(tmp_path)
+    rendered = report.render([(path, load(path))], plot=tmp_path / "plots")
+    assert rendered.tables == 2 and "## prefill" in rendered.text and "## decode" in rendered.text
+    assert sorted(rendered.figures) == sorted((tmp_path / "plots").iterdir()) and len(rendered.figures) == 2
+    assert report.render([(path, load(path))], suite="engine").tables == 0
 
 
 @pytest.mark.parametrize("bad", ["ten", "10.5%", "-5", "%"])

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 
 from minivllm.kernels import flash_attn_varlen, store_kvcache
-from minivllm.kernels.flash_attention import _flash_fwd_tuned, _prune, _tile_of, tiles_for
+from minivllm.kernels.flash_attention import flash_fwd_tuned, prune_tiles, tile_of, tiles_for
 from minivllm.reference import attention_ref
 from minivllm.reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
 from minivllm.reference.tolerance import assert_matches_reference
@@ -105,5 +105,5 @@ def test_autotune_prune_reads_keyword_launch_arguments():
     """Launches pass every argument by keyword, and Triton's autotuner then hands the prune hook
     an empty named_args: the hook must find the output's dtype among the keywords."""
     out = torch.empty(1, 1, 128, dtype=torch.bfloat16)
-    kept = _prune(list(_flash_fwd_tuned.configs), {}, O=out, BLOCK_D=128)
-    assert sorted(_tile_of(c) for c in kept) == sorted(tiles_for(128, torch.bfloat16))
+    kept = prune_tiles(list(flash_fwd_tuned.configs), {}, O=out, BLOCK_D=128)
+    assert sorted(tile_of(c) for c in kept) == sorted(tiles_for(128, torch.bfloat16))

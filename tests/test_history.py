@@ -40,6 +40,20 @@ def test_a_20_percent_slowdown_is_flagged(tmp_path, capsys):
     assert "FAIL: 1 benchmark(s)" in out and "GPU A: " + NAMES[0] + ": +20.0%" in out and NAMES[1] + ": " not in out.split("FAIL")[1]
 
 
+def test_check_history_returns_the_verdict_as_data(tmp_path):
+    """What slurm.merge reads instead of the check's printout: a section per GPU, the failures."""
+    db = tmp_path / "h.db"
+    add_runs(tmp_path, db, "GPU A", [1.00, 1.01, 0.99, 1.00, 1.20])
+    add_runs(tmp_path, db, "GPU B", [1.0])
+    result = history.check_history(history.open_db(str(db), create=False), threshold=10)
+    assert result.code == 1 and result.compared == 2 and result.failures == [f"GPU A: {NAMES[0]}: +20.0% against a band of 10.0%"]
+    a, b = result.gpus
+    assert (a.gpu, a.newest[0], a.earlier, [row[-1] for row in a.rows]) == ("GPU A", "c004", 4, ["SLOWER", "ok"])
+    assert (b.gpu, b.earlier, b.rows) == ("GPU B", 0, [])
+    assert "GPU B: one run, nothing to compare it with" in history.render_check(result)
+    assert history.check_history(history.open_db(str(db), create=False), gpu="GPU B").code == 0
+
+
 def test_noise_within_the_historys_spread_passes(tmp_path, capsys):
     """A benchmark that swings ±8% run to run gets a band wider than the 5% floor, so +9% passes;
     a steady one keeps the floor, so the same +9% fails there."""

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 
 from minivllm.kernels import paged_attention_decode
-from minivllm.kernels.paged_attention import DecodeConfig, _tma_able, launch_decode
+from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able
 from minivllm.reference import paged_decode_gather, paged_decode_loop
 from minivllm.reference.inputs import as_layout, generator, paged_cache, randn
 from minivllm.reference.tolerance import assert_matches_reference, assert_within_tolerance
@@ -72,7 +72,7 @@ def test_tuning_candidates_match_the_reference(config, page, device):
     longer than a page (spanning scattered pages) or within one, and TMA boxes where the device
     has TMA; contexts end mid-tile, mid-page and on a page edge."""
     head_dim = 64
-    if config.fetch == "tma" and not (_tma_able(*(torch.empty(1, page, 2, head_dim, dtype=torch.bfloat16, device=device),) * 2, head_dim) and page % config.block_n == 0):
+    if config.fetch == "tma" and not (tma_able(*(torch.empty(1, page, 2, head_dim, dtype=torch.bfloat16, device=device),) * 2, head_dim) and page % config.block_n == 0):
         pytest.skip("TMA needs a Hopper-class GPU and pages holding whole tiles")
     gen = generator(11, device)
     lens = (1, 200, 256, 97)

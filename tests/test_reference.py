@@ -1,5 +1,9 @@
 """Check the plain-PyTorch references against torch's scaled_dot_product_attention."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +15,7 @@ from minivllm.reference import (
     store_kvcache_ref,
 )
 from minivllm.reference.inputs import PagedCache, cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.tolerance import ToleranceError
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -280,3 +285,37 @@ def test_bf16_same_dtype_decode(decode):
     exact = decode(q, k_cache, v_cache, table, context_lens, compute_dtype=F64)
     assert same.dtype == torch.bfloat16 and exact.dtype == F64
     torch.testing.assert_close(same.double(), exact, atol=3e-2, rtol=3e-2)
+
+
+# Run under `python -O`, which strips every `assert`: the gate must still refuse a wrong output.
+WRONG_OUTPUT_UNDER_O = """
+import torch
+from minivllm.reference import paged_decode_gather
+from minivllm.reference.decode_check import check_decode
+from minivllm.reference.inputs import generator, paged_cache, randn
+from minivllm.reference.tolerance import ToleranceError, assert_within_tolerance
+
+assert False, "python -O strips asserts; this one ran"
+gen = generator(4, torch.device("cpu"))
+q = randn((3, 4, 16), torch.bfloat16, "cpu", gen)
+cache = paged_cache([20] * 3, 16, 2, 16, torch.bfloat16, "cpu", gen)
+lens = torch.full((3,), 20, dtype=torch.int32)
+wrong = paged_decode_gather(q, cache.k_cache, cache.v_cache, cache.block_table, lens) + 1
+for check in (lambda: check_decode(wrong, q, cache, lens, "wrong"), lambda: assert_within_tolerance(torch.ones(2), torch.zeros(2), torch.zeros(2), "wrong")):
+    try:
+        check()
+    except ToleranceError as e:
+        print("refused:", e)
+    else:
+        print("passed a wrong output")
+"""
+
+
+def test_the_tolerance_gate_holds_under_python_O():
+    """The tuner times only candidates that pass the gate; under -O a bare assert would let a
+    wrong one through. ToleranceError is raised explicitly, and is an AssertionError for pytest."""
+    assert issubclass(ToleranceError, AssertionError)
+    proc = subprocess.run([sys.executable, "-O", "-c", WRONG_OUTPUT_UNDER_O], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("refused: wrong: max error") for line in lines), proc.stdout

@@ -18,7 +18,6 @@ from slurm.jobs import SlurmOptions
 from slurm.sweep import Sweep, collect, read_sweep, split, write_sweep
 from tests.benchmark_json import bench, write
 
-REPO = Path(__file__).resolve().parents[1]
 ODD_IDS = ["benchmarks/test_prefill.py::test_prefill[a b]", "benchmarks/x.py::t[it's \"quoted\" $HOME `x`]", "benchmarks/y.py::t[*]"]
 
 
@@ -226,7 +225,7 @@ def test_merge_of_a_clean_sweep_exits_0(tmp_path):
     assert merged["machine_info"]["read_gbps"] == 3999.0
     assert merged["machine_info"]["node"] == "mixed: n0 | n1 | n2" and merged["machine_info"]["gpu"] == "NVIDIA H100 80GB HBM3"
     assert {b["extra_info"]["node"] for b in merged["benchmarks"]} == {"n0", "n1", "n2"}
-    assert "## prefill" in report and len(list((results / "plots").glob("*.png"))) == 1
+    assert "## prefill" in report and f"plots in {results / 'plots'}: 1" in report and len(list((results / "plots").glob("*.png"))) == 1
 
 
 def test_merge_names_every_task_that_went_wrong(tmp_path):

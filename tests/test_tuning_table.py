@@ -1,6 +1,7 @@
 """Per-device tuning tables: the lookup order, nearest buckets, the tuner that writes them, and
 the committed tables' validity."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from benchmarks import tune
 from minivllm.kernels import flash_attn_varlen, paged_attention_decode
 from minivllm.kernels.flash_attention import prefill_config
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config
-from minivllm.kernels.tuning_table import DEFAULT_DIR, ENV_DIR, _tables_for, bucket, clear_cache, lookup, read_table
+from minivllm.kernels.tuning_table import DEFAULT_DIR, ENV_DIR, bucket, clear_cache, lookup, read_table, tables_for
 from minivllm.reference import attention_ref, paged_decode_gather
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
 from minivllm.reference.tolerance import assert_matches_reference
@@ -38,13 +39,13 @@ def _decode_entry(page, bucket_, block_n, dtype="bfloat16", head_dim=128):
 def test_lookup_order_own_table_then_family_by_name_then_by_capability(table_dir):
     _table(table_dir / "nvidia-h100-80gb-hbm3.json", [9, 0], [_decode_entry(16, (128, 8192), 64)])
     _table(table_dir / "nvidia-a100-sxm4-80gb.json", [8, 0], [_decode_entry(16, (128, 8192), 32)])
-    assert _tables_for("nvidia-h100-80gb-hbm3", (9, 0), table_dir)[0] == "table"
-    source, index = _tables_for("nvidia-h100-nvl", (9, 0), table_dir)  # same name stem
+    assert tables_for("nvidia-h100-80gb-hbm3", (9, 0), table_dir)[0] == "table"
+    source, index = tables_for("nvidia-h100-nvl", (9, 0), table_dir)  # same name stem
     assert source == "family" and index[("decode", "bfloat16", 128, 16)][(128, 8192)]["block_n"] == 64
-    source, index = _tables_for("nvidia-a100-pcie-40gb", (9, 0), table_dir)  # the stem wins over capability
+    source, index = tables_for("nvidia-a100-pcie-40gb", (9, 0), table_dir)  # the stem wins over capability
     assert source == "family" and index[("decode", "bfloat16", 128, 16)][(128, 8192)]["block_n"] == 32
-    assert _tables_for("nvidia-h800", (9, 0), table_dir)[0] == "family"  # same compute capability
-    assert _tables_for("nvidia-gb200", (10, 0), table_dir) == ("heuristic", {})
+    assert tables_for("nvidia-h800", (9, 0), table_dir)[0] == "family"  # same compute capability
+    assert tables_for("nvidia-gb200", (10, 0), table_dir) == ("heuristic", {})
 
 
 def test_nearest_bucket_and_missing_keys(table_dir):
@@ -131,3 +132,15 @@ def test_tuner_times_the_prefill_winner_without_its_softmax(table_dir, tmp_path,
     assert rows and all(r["matmuls_alone_ms"] > 0 for r in rows)
     (entry,) = read_table(table_dir / "cpu.json")["entries"]
     assert entry["config"]["tile"] in [r["config"]["tile"] for r in rows]
+
+
+def test_tuner_part_takes_every_nth_bucket(table_dir, capsys):
+    """--part I/N (a tuning array's task I of N) parses and refuses what is not a part; a part
+    past the selection's end tunes nothing and says so."""
+    assert tune.part("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="invalid part"):
+            tune.part(bad)
+    chosen = len(tune.buckets(False, ["bf16"]))
+    assert tune.main(["--part", f"{chosen}/{chosen + 1}"]) == 0
+    assert "no bucket left for this part" in capsys.readouterr().out and not (table_dir / "cpu.json").exists()

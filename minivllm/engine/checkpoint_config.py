@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from minivllm.engine.config import DTYPES
+from minivllm.dtypes import DTYPES
 from minivllm.engine.qwen3 import ModelArgs
 from minivllm.engine.sampling_params import is_int, is_real
 

@@ -4,10 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
+from minivllm.dtypes import DTYPES
 from minivllm.engine.backend import BACKENDS
 from minivllm.kernels.checks import MAX_BLOCK_SIZE, check_block_size
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_TYPES = ("cpu", "cuda")  # the kernels run compiled on CUDA, interpreted on the CPU
 
 

@@ -212,22 +212,24 @@ def _config(tile: tuple[int, int, int, int]) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_block_shapes)
 
 
-def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
+def tile_of(config: triton.Config) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of an autotuner config: the form tiles_for lists."""
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def _prune(configs: list, named_args: dict, **kwargs) -> list:
+def prune_tiles(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's prune hook: of every config, those tiles_for offers for this launch's head dim and dtype."""
     # The autotuner's named_args hold only positional arguments; launches pass keywords.
     out = kwargs["O"] if "O" in kwargs else named_args["O"]
     wanted = set(tiles_for(kwargs["BLOCK_D"], out.dtype))
-    return [c for c in configs if _tile_of(c) in wanted]
+    return [c for c in configs if tile_of(c) in wanted]
 
 
 _ALL_TILES = sorted({t for tiles in (*TUNE_TILES.values(), *FP32_TILES.values()) for t in tiles})
-_flash_fwd_tuned = triton.autotune(
+flash_fwd_tuned = triton.autotune(
     [_config(t) for t in _ALL_TILES],
     key=["HEAD_DIM", "CAUSAL", "PAGED", "TMA", "num_heads", "seqlen_bucket"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": prune_tiles},
 )(_flash_fwd)
 
 
@@ -280,7 +282,7 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         # odd ones, exact-fp32 reference runs or launches of a few microseconds.
         tile = tiles_for(block_d, q.dtype)[0]
     if tile is None:
-        return _flash_fwd_tuned, grid, kwargs
+        return flash_fwd_tuned, grid, kwargs
     block_m, block_n, num_warps, num_stages = tile
     kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     _set_block_shapes(kwargs)

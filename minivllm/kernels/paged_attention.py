@@ -165,7 +165,7 @@ class DecodeConfig:
         return dict(fetch=self.fetch, block_n=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages, programs_per_sm=self.programs_per_sm)
 
 
-def _tma_able(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> bool:
+def tma_able(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> bool:
     """TMA boxes of whole 16-token page tiles or larger, whole heads, up to head_dim 128."""
     block_d = head_dim_block(head_dim)
     return not interpreting() and k_cache.shape[1] >= 16 and block_d <= 128 and all(tma_ok(t, head_dim, block_d) for t in (k_cache, v_cache))
@@ -190,7 +190,7 @@ def decode_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if found is None:
         return _heuristic(head_dim_block(head_dim), q.dtype)
     config = DecodeConfig(source=source, **found)
-    if config.fetch == "tma" and not (_tma_able(k_cache, v_cache, head_dim) and page % config.block_n == 0):
+    if config.fetch == "tma" and not (tma_able(k_cache, v_cache, head_dim) and page % config.block_n == 0):
         return DecodeConfig("gather", config.block_n, config.num_warps, config.num_stages, config.programs_per_sm, source)
     return config
 

@@ -14,6 +14,7 @@ dtype, head_dim and page. A device is looked up as itself, then as its family (a
 same name stem, as an H100 NVL falls back to the H100's, else of the same compute capability),
 then the kernels' own heuristics; the answer says which (`table`, `family`, `heuristic`).
 Lookups are cached, so a launch pays one dict access; under a CUDA graph it happens at capture.
+write_table and merge_tables, which the tuner and slurm.tune_merge use, touch JSON only.
 """
 
 import functools
@@ -24,6 +25,8 @@ import re
 from pathlib import Path
 
 import torch
+
+from minivllm.dtypes import dtype_name
 
 DEFAULT_DIR = Path(__file__).parent / "configs"
 ENV_DIR = "MINIVLLM_KERNEL_CONFIGS"
@@ -51,6 +54,12 @@ def entry_key(kernel: str, dtype: str, head_dim: int, page: int) -> tuple:
     return kernel, dtype, int(head_dim), int(page)
 
 
+def entry_id(entry: dict) -> tuple:
+    """An entry's full key, (kernel, dtype, head_dim, page, bucket as JSON): what a newer entry
+    replaces an older one by, and the order a table's entries are written in."""
+    return *entry_key(entry["kernel"], entry["dtype"], entry["head_dim"], entry["page"]), json.dumps(entry["bucket"])
+
+
 def read_table(path: Path) -> dict:
     """A table file, checked enough that a malformed one fails here, naming the file."""
     try:
@@ -61,6 +70,40 @@ def read_table(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"tuning table {path} is malformed: {type(e).__name__}: {e}") from None
     return table
+
+
+def write_table(path: Path, prov: dict, winners: list[dict]) -> dict:
+    """Merge `winners` into the table at `path` (a new one if absent): an entry of the same key
+    and bucket is replaced, the rest kept. Each entry names the run that measured it."""
+    table = read_table(path) if path.is_file() else {"provenance": {}, "runs": [], "entries": []}
+    table.setdefault("runs", []).append(prov)
+    run = len(table["runs"]) - 1
+    table["provenance"] = dict(prov, note="the latest run; `runs` lists every run, and each entry names its own")
+    fresh = {entry_id(w) for w in winners}
+    kept = [e for e in table["entries"] if entry_id(e) not in fresh]
+    table["entries"] = sorted(kept + [dict(w, run=run) for w in winners], key=entry_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def merge_tables(tables: list[dict]) -> dict:
+    """One table from several runs' tables of one GPU model (the tasks of a tuning array): every
+    run kept, each entry still naming its own; a key tuned twice keeps the later run's winner.
+    ValueError when the tables come from different GPU models, whose figures must not mix."""
+    gpus = sorted({str(t["provenance"].get("gpu")) for t in tables})
+    if len(gpus) != 1:
+        raise ValueError(f"tables from different GPU models ({', '.join(gpus)}) cannot be merged into one")
+    merged: dict = {"provenance": {}, "runs": [], "entries": []}
+    by_key: dict[tuple, dict] = {}
+    for table in tables:
+        offset = len(merged["runs"])
+        merged["runs"] += table["runs"]
+        for e in table["entries"]:
+            by_key[entry_id(e)] = dict(e, run=e["run"] + offset)
+    merged["entries"] = [by_key[k] for k in sorted(by_key)]
+    merged["provenance"] = dict(merged["runs"][-1], note=f"merged from {len(tables)} tables of one tuning array; `runs` lists every run")
+    return merged
 
 
 def _index(table: dict) -> dict[tuple, dict[tuple, dict]]:
@@ -77,7 +120,7 @@ def _family_stem(slug: str) -> str:
 
 
 @functools.cache
-def _tables_for(slug: str, capability: tuple[int, int] | None, directory: Path) -> tuple[str, dict]:
+def tables_for(slug: str, capability: tuple[int, int] | None, directory: Path) -> tuple[str, dict]:
     """(source, index) for a device: its own table, else its family's, else no entries."""
     own = directory / f"{slug}.json"
     if own.is_file():
@@ -120,8 +163,8 @@ def lookup(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
     """(config, source) for one launch: the config the device's table (or its family's) holds
     for this key and the nearest tuned bucket to `want` (power-of-two buckets), or
     (None, 'heuristic'). Cached: callers pass bucketed shapes, so the cache stays small."""
-    source, index = _tables_for(device_slug(device), _capability(device), config_dir())
-    group = index.get(entry_key(kernel, str(dtype).removeprefix("torch."), head_dim, page))
+    source, index = tables_for(device_slug(device), _capability(device), config_dir())
+    group = index.get(entry_key(kernel, dtype_name(dtype), head_dim, page))
     if not group:
         return None, "heuristic"
     return group[_nearest(tuple(group), tuple(want))], source
@@ -129,5 +172,5 @@ def lookup(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
 
 def clear_cache() -> None:
     """Forget loaded tables: after the tuner rewrites one, or a test points ENV_DIR elsewhere."""
-    _tables_for.cache_clear()
+    tables_for.cache_clear()
     lookup.cache_clear()

@@ -2,7 +2,7 @@
 
 Beside them, the harness the tests and the benchmarks share, with no test dependency:
 reference.inputs builds the inputs, reference.tolerance holds the accuracy rule, and
-reference.prefill_check is the benchmarks' windowed prefill gate."""
+reference.prefill_check and reference.decode_check are the benchmarks' (and the tuner's) gates."""
 
 from .activation import silu_and_mul_ref
 from .attention import attention_ref
