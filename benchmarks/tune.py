@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from minivllm.interpreter import interpret_without_gpu, interpreting
 
-if __name__ == "__main__":  # run as a tool: choose the kernels' mode before they are imported
+# Run as a tool: choose the kernels' mode before they are imported. A dry run compiles for a
+# target and launches nothing, so it keeps them compiled, GPU or not.
+if __name__ == "__main__" and "--dry-run" not in sys.argv[1:]:
     interpret_without_gpu()
 
 
@@ -38,6 +40,7 @@ from benchmarks.ceilings import software_facts
 from benchmarks.repo import commit
 from benchmarks.timing import ColdRound, median_device_s, median_s
 from minivllm.dtypes import SHORT_DTYPES, dtype_name
+from minivllm.kernels import compile_check as cc
 from minivllm.kernels.flash_attention import prefill_plan
 from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able
 from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, write_table
@@ -108,6 +111,19 @@ def decode_candidates(page: int, tma: bool, on_gpu: bool) -> list[DecodeConfig]:
     return [DecodeConfig(*t, pps) for t in tiles for pps in (2, 4, 8)]
 
 
+def fits_page(c: DecodeConfig, page: int) -> bool:
+    """A TMA tile lies inside one page; a gathered one may span pages."""
+    return c.fetch == "gather" or page % c.block_n == 0
+
+
+def decode_name(c: DecodeConfig) -> str:
+    return f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}"
+
+
+def prefill_name(tile: tuple, tma: bool) -> str:
+    return f"tile {tuple(tile)} tma={tma}"
+
+
 def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
     """(tile, tma) pairs: (BLOCK_M, BLOCK_N, num_warps, num_stages), TMA where it applies."""
     if not on_gpu:
@@ -133,8 +149,7 @@ def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peer
     out = torch.empty_like(q)
     args = (q, cache.k_cache, cache.v_cache, cache.block_table, lens, out, s["context"], b.head_dim**-0.5)
     tma = tma_able(cache.k_cache, cache.v_cache, b.head_dim)
-    candidates = {f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}": (c.as_dict(), partial(launch_decode, *args, c))
-                  for c in decode_candidates(b.page, tma, device.type == "cuda") if c.fetch == "gather" or b.page % c.block_n == 0}
+    candidates = {decode_name(c): (c.as_dict(), partial(launch_decode, *args, c)) for c in decode_candidates(b.page, tma, device.type == "cuda") if fits_page(c, b.page)}
     peer = None
     if peers:
         k, v = (paged_gather(c, cache.block_table, s["context"]).transpose(1, 2).contiguous() for c in (cache.k_cache, cache.v_cache))
@@ -160,7 +175,7 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
     candidates = {}
     for tile, tma in prefill_candidates(device.type == "cuda"):
         kernel, grid, kwargs = prefill_plan(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma)
-        candidates[f"tile {tile} tma={kwargs['TMA']}"] = (dict(tile=list(tile), tma=kwargs["TMA"]), partial(kernel[grid], **kwargs))
+        candidates[prefill_name(tile, kwargs["TMA"])] = (dict(tile=list(tile), tma=kwargs["TMA"]), partial(kernel[grid], **kwargs))
 
     def check(what):
         check_prefill(out, q, k, v, batch, new, causal, what, prefix=n - new)
@@ -182,6 +197,38 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
     return candidates, out, check, peer, matmuls_alone
 
 
+def compile_filter(candidates: dict, target: str) -> dict[str, str]:
+    """{name: why} for the candidates ({name: (config, fn)}) whose launches do not compile for
+    `target` or ask for more shared memory than it has per block; fn is recorded, not run."""
+    dropped = {}
+    for name, (_, fn) in candidates.items():
+        bad = cc.misfit(fn, target)
+        if bad is not None:
+            dropped[name] = bad.verdict()
+    return dropped
+
+
+def dry_run(chosen: list[Bucket], target: str) -> int:
+    """Print, per bucket, each candidate the tuner would time on a `target` GPU and the shared
+    memory its launches ask for, or why it would be dropped; times nothing. Returns how many
+    candidates would be dropped."""
+    from benchmarks.compile_check import bucket_candidates  # it imports this module
+
+    dropped = 0
+    for b in chosen:
+        print(f"{b.name}:", flush=True)
+        for name, launches in bucket_candidates(b, target).items():
+            results = [cc.compile_for(launch, target) for launch in launches]
+            bad = next((r for r in results if not r.fits), None)
+            dropped += bad is not None
+            if bad is None:
+                families = "+".join(sorted({f for r in results for f in r.families})) or "no MMA or TMA"
+                print(f"  {name}: kept: {max(r.shared for r in results)} B shared of {results[0].limit}, {families}", flush=True)
+            else:
+                print(f"  {name}: dropped: {bad.verdict()}", flush=True)
+    return dropped
+
+
 def _first_line(e: Exception) -> str:
     """The first line of an exception's message, at most 200 characters ('' for none)."""
     return (str(e).splitlines() or [""])[0][:200]
@@ -195,6 +242,9 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
     build = _decode_variants if b.kernel == "decode" else _prefill_variants
     candidates, out, check, peer, matmuls_alone = build(b, device, gen, peers)
     rows = []
+    if device.type == "cuda":  # what cannot compile or fit this card is dropped before anything is timed
+        for name, reason in compile_filter(candidates, cc.device_target(device)).items():
+            rows.append(dict(name=name, config=candidates.pop(name)[0], ms=None, error=f"filtered before timing: {reason}"))
     for name, (config, fn) in candidates.items():
         try:
             out.fill_(float("nan"))  # a candidate that leaves rows unwritten fails the check
@@ -253,9 +303,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmuls-alone", action="store_true", help="also time each prefill winner without its softmax (a diagnostic)")
     parser.add_argument("--json", help="also write every candidate's row here")
     parser.add_argument("--part", type=part, metavar="I/N", help="tune only buckets I, I+N, ... of the selection (a tuning array's task I of N)")
+    parser.add_argument("--dry-run", action="store_true", help="time nothing: list each bucket's candidates for --target (default: this GPU), with their shared memory or why they would be dropped")
+    parser.add_argument("--target", help="with --dry-run: the GPU to compile for, e.g. sm_100 (B200, GB200) or sm_90 (H100, H200)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.type == "cuda"
+    if args.target and not args.dry_run:
+        parser.error("--target goes with --dry-run: a tuning run times the GPU it runs on")
+    if args.dry_run:
+        if args.target:
+            try:
+                cc.target_of(args.target)
+            except ValueError as e:
+                parser.error(f"--target: {e}")
+            target = args.target
+        elif device.type == "cuda":
+            target = cc.device_target(device)
+        else:
+            parser.error("--dry-run without a GPU needs --target, e.g. --target sm_100")
+    on_gpu = device.type == "cuda" or args.dry_run  # a dry run lists what a GPU would tune
     chosen = [b for b in buckets(on_gpu, args.dtype or (list(TUNED_DTYPES) if on_gpu else ["bf16"]))
               if (not args.kernel or b.kernel in args.kernel) and (not args.bucket or any(t in b.name for t in args.bucket))]
     if not chosen:
@@ -265,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             print(f"part {args.part[0]}/{args.part[1]}: no bucket left for this part", flush=True)
             return 0
+    if args.dry_run:
+        dropped = dry_run(chosen, target)
+        print(f"{len(chosen)} buckets for {target}; {dropped} candidates would be dropped before timing", flush=True)
+        return 0
     path = (args.out or config_dir()) / f"{device_slug(device)}.json"
     prov = provenance(device)
     print(f"{prov['gpu']}: torch {prov['torch']}, triton {prov['triton']}; {len(chosen)} buckets -> {path}", flush=True)

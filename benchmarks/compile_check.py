@@ -1,0 +1,230 @@
+"""Every kernel config the harness can pick on a GPU, compiled ahead of time for that GPU's target.
+
+    python -m benchmarks.compile_check [--target sm_90 --target sm_100] [--dtype bf16 --dtype fp16] [--json OUT.json]
+
+For each target, dtype and preset head_dim it gathers the launches a device of that target can
+make (minivllm/kernels/compile_check.py compiles them):
+- heuristic: what the wrappers choose with no tuning table (the decode heuristic at each page
+  size and GQA group, the prefill autotuner's candidate tiles with and without TMA, contiguous
+  and paged, and the fused elementwise kernels at the presets' widths);
+- table: every entry of every committed table a device of that compute capability falls back to;
+- tuner: the candidates `python -m benchmarks.tune` would time.
+Each distinct launch compiles once per target. The exit status is 1 when any launch does not
+compile or asks for more shared memory than the target allows per block. It runs on any
+machine, GPU or not: Triton compiles for a target without one.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from minivllm.interpreter import interpreting
+
+if __name__ == "__main__" and interpreting():
+    # Interpreted kernels cannot be compiled: run again with them compiled.
+    import os
+    import subprocess
+
+    sys.exit(subprocess.run([sys.executable, "-m", "benchmarks.compile_check", *sys.argv[1:]], env=os.environ | {"TRITON_INTERPRET": "0"}).returncode)
+
+import torch  # noqa: E402
+
+from benchmarks import tune  # noqa: E402  (its candidate sets, looked up when used)
+from benchmarks.presets import PRESETS  # noqa: E402
+from minivllm.dtypes import SHORT_DTYPES, dtype_name  # noqa: E402
+from minivllm.kernels import compile_check as cc  # noqa: E402
+from minivllm.kernels import naive_attention, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul, store_kvcache  # noqa: E402
+from minivllm.kernels.flash_attention import prefill_plan, tiles_for  # noqa: E402
+from minivllm.kernels.launch import head_dim_block  # noqa: E402
+from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able  # noqa: E402
+from minivllm.kernels.tuning_table import DEFAULT_DIR, read_table  # noqa: E402
+
+PAGES = (16, 256)  # the block sizes the suites and the engine run with
+GROUPS = sorted({p.num_heads // p.num_kv_heads for p in PRESETS.values()})
+HEAD_DIMS = sorted({p.head_dim for p in PRESETS.values()})
+
+
+def _randn(*shape, dtype):
+    return torch.randn(*shape).to(dtype)
+
+
+def _decode_args(dtype, head_dim: int, page: int, group: int, kv_heads: int = 2):
+    """(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale): two sequences
+    over a scattered table, long enough that the split policy splits them."""
+    blocks = 8
+    q = _randn(2, kv_heads * group, head_dim, dtype=dtype)
+    kc, vc = (_randn(2 * blocks, page, kv_heads, head_dim, dtype=dtype) for _ in "kv")
+    table = torch.randperm(2 * blocks, dtype=torch.int32).reshape(2, blocks)
+    lens = torch.tensor([blocks * page - 3, blocks * page // 2 + 1], dtype=torch.int32)
+    return q, kc, vc, table, lens, torch.empty_like(q), int(lens.max()), head_dim**-0.5
+
+
+def prefill_launch_plan(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True) -> tuple:
+    """prefill_plan's (kernel, grid, kwargs) for `tile` on `target` with TMA asked for (it falls
+    back where it cannot apply), over contiguous keys (page 0) or a paged cache."""
+    heads, kv_heads, seq = 4, 2, 300
+    q = _randn(seq, heads, head_dim, dtype=dtype)
+    cu = torch.tensor([0, seq], dtype=torch.int32)
+    if page:
+        blocks = math.ceil(seq / page) + 1
+        k, v = (_randn(blocks, page, kv_heads, head_dim, dtype=dtype) for _ in "kv")
+        table = torch.randperm(blocks, dtype=torch.int32)[None]
+    else:
+        k, v = (_randn(seq, kv_heads, head_dim, dtype=dtype) for _ in "kv")
+        table = None
+    with cc.recording(target):  # planned, not launched: the device's capability decides TMA
+        return prefill_plan(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma)
+
+
+def _prefill_launch(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True) -> cc.Launch:
+    kernel, _, kwargs = prefill_launch_plan(target, dtype, head_dim, page, tile, tma, causal)
+    return cc.Launch.from_kwargs(kernel, (), kwargs)
+
+
+def heuristic_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
+    """What the wrappers launch on `target` with no tuning table."""
+    with cc.recording(target) as out:
+        for page in PAGES:
+            for group in GROUPS:  # split and unsplit: the merge kernel and both decode variants
+                q, kc, vc, table, lens, _, max_ctx, _ = _decode_args(dtype, head_dim, page, group)
+                paged_attention_decode(q, kc, vc, table, lens, max_context_len=max_ctx)
+                paged_attention_decode(q, kc, vc, table, lens, max_context_len=max_ctx, num_splits=1)
+    out += [_prefill_launch(target, dtype, head_dim, page, tile, tma) for page in (0, *PAGES) for tile in tiles_for(head_dim_block(head_dim), dtype) for tma in (True, False)]
+    with cc.recording(target) as elementwise:
+        for p in PRESETS.values():
+            if p.head_dim != head_dim:
+                continue
+            rms_norm(_randn(3, p.hidden, dtype=dtype), _randn(p.hidden, dtype=dtype), 1e-6, residual=_randn(3, p.hidden, dtype=dtype))
+            if p.ffn:
+                silu_and_mul(_randn(3, 2 * p.ffn, dtype=dtype))
+            q, k, v = _randn(3, p.num_heads, head_dim, dtype=dtype), _randn(3, p.num_kv_heads, head_dim, dtype=dtype), _randn(3, p.num_kv_heads, head_dim, dtype=dtype)
+            w, cos = _randn(head_dim, dtype=dtype), _randn(3, head_dim, dtype=dtype)
+            kc = _randn(4, PAGES[0], p.num_kv_heads, head_dim, dtype=dtype)
+            slots = torch.tensor([5, 17, 40], dtype=torch.int32)
+            qk_norm_rope(q, k, w, w, cos, cos, 1e-6, v=v, k_cache=kc, v_cache=kc.clone(), slot_mapping=slots)
+            store_kvcache(k, v, kc, kc.clone(), slots)
+            sample_tokens(_randn(2, p.vocab, dtype=dtype), torch.ones(2), 0)
+        cu = torch.tensor([0, 50, 77], dtype=torch.int32)
+        naive_attention(_randn(77, 4, head_dim, dtype=dtype), *(_randn(77, 2, head_dim, dtype=dtype) for _ in "kv"), cu, 50)
+    return out + elementwise
+
+
+def table_launches(target: str, dtype, head_dim: int, directory: Path = DEFAULT_DIR) -> list[tuple[str, cc.Launch]]:
+    """(table file, launch) for every entry of a committed table whose card has `target`'s
+    compute capability: what a device of that capability can fall back to."""
+    capability = divmod(cc.target_of(target).arch, 10)
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        table = read_table(path)
+        if tuple(table["provenance"].get("compute_capability") or ()) != capability:
+            continue
+        for e in table["entries"]:
+            if e["dtype"] != dtype_name(dtype) or e["head_dim"] != head_dim:
+                continue
+            if e["kernel"] == "decode":
+                with cc.recording(target) as launches:
+                    launch_decode(*_decode_args(dtype, head_dim, e["page"], GROUPS[-1]), DecodeConfig(**e["config"]))
+                out += [(path.name, launch) for launch in launches]
+            else:
+                out.append((path.name, _prefill_launch(target, dtype, head_dim, e["page"], e["config"]["tile"], e["config"]["tma"])))
+    return out
+
+
+def _decode_candidate_launches(target: str, dtype, head_dim: int, page: int) -> dict[str, list[cc.Launch]]:
+    """{tuner's name: launches} of the decode candidates the tuner times on `target` at this page:
+    TMA ones where TMA can address the cache, as the tuner decides."""
+    args = _decode_args(dtype, head_dim, page, GROUPS[-1])
+    out = {}
+    with cc.recording(target):
+        candidates = tune.decode_candidates(page, tma_able(args[1], args[2], head_dim), True)
+    for c in candidates:
+        if tune.fits_page(c, page):
+            with cc.recording(target) as out[tune.decode_name(c)]:
+                launch_decode(*args, c)
+    return out
+
+
+def _prefill_candidate_launches(target: str, dtype, head_dim: int, page: int, causal: bool = True) -> dict[str, list[cc.Launch]]:
+    """{tuner's name: [launch]} of the prefill candidates at this page (0: contiguous keys)."""
+    out = {}
+    for tile, tma in tune.prefill_candidates(True):
+        launch = _prefill_launch(target, dtype, head_dim, page, tile, tma, causal)
+        out[tune.prefill_name(tile, dict(launch.constexprs)["TMA"])] = [launch]
+    return out
+
+
+def bucket_candidates(b: "tune.Bucket", target: str) -> dict[str, list[cc.Launch]]:
+    """{name: launches} of what `python -m benchmarks.tune` would time for bucket `b` on a GPU of `target`."""
+    if b.kernel == "decode":
+        return _decode_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page)
+    return _prefill_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page, b.shape["causal"])
+
+
+def tuner_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
+    """The candidates `python -m benchmarks.tune` times on a GPU of `target`."""
+    out = []
+    for page in PAGES:
+        out += [x for launches in _decode_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
+    for page in (0, *PAGES):
+        out += [x for launches in _prefill_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
+    return out
+
+
+def check(targets: list[str], dtypes: list[str]) -> list[dict]:
+    """One row per (origin, launch, dtype, head_dim, target): where the launch came from and
+    what compiling it gave."""
+    rows = []
+    for target in targets:
+        for short in dtypes:
+            dtype = SHORT_DTYPES[short]
+            for head_dim in HEAD_DIMS:
+                origins = [("heuristic", x) for x in heuristic_launches(target, dtype, head_dim)]
+                origins += [(f"table {name}", x) for name, x in table_launches(target, dtype, head_dim)]
+                origins += [("tuner", x) for x in tuner_launches(target, dtype, head_dim)]
+                for origin, launch in dict.fromkeys(origins):
+                    result = cc.compile_for(launch, target)
+                    rows.append(dict(target=target, dtype=short, head_dim=head_dim, origin=origin, kernel=launch.name, config=launch.describe(),
+                                     ok=result.fits, shared=result.shared, limit=result.limit, families=list(result.families), verdict=result.verdict()))
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Per target: launches compiled, distinct ones, failures, and the families each kernel's launches use."""
+    lines = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        mine = [r for r in rows if r["target"] == target]
+        bad = [r for r in mine if not r["ok"]]
+        lines.append(f"{target}: {len(mine)} (launch, dtype, head_dim, origin) rows, {len({(r['config'], r['dtype'], r['head_dim']) for r in mine})} distinct compiles, {len(bad)} failing")
+        for kernel in sorted({r["kernel"] for r in mine}):
+            fams = sorted({f for r in mine if r["kernel"] == kernel for f in r["families"]})
+            peak = max(r["shared"] for r in mine if r["kernel"] == kernel)
+            lines.append(f"  {kernel}: families {'+'.join(fams) or 'none'}, peak shared {peak} B")
+        lines += [f"  FAIL {r['dtype']} d{r['head_dim']} {r['origin']}: {r['config']}: {r['verdict']}" for r in bad]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", action="append", help=f"sm_ and a compute capability, repeatable (default: {' and '.join(cc.TARGETS)})")
+    parser.add_argument("--dtype", action="append", choices=["bf16", "fp16"], help="repeatable (default: both)")
+    parser.add_argument("--json", type=Path, help="write every row here")
+    args = parser.parse_args(argv)
+    for target in args.target or ():
+        try:
+            cc.target_of(target)
+        except ValueError as e:
+            parser.error(f"--target: {e}")
+    start = time.perf_counter()
+    rows = check(args.target or list(cc.TARGETS), args.dtype or ["bf16", "fp16"])
+    print(summary(rows))
+    print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
