@@ -182,6 +182,10 @@ def _flash_fwd(
 # fits shared memory with its K/V stages and keeps the accumulator in registers. The first is
 # the choice where no autotuning happens. fp32 inputs (exact but slow, for references) get small
 # tiles only. `python -m benchmarks.tune` times these and more per device and writes the winner.
+# A Blackwell card (sm_100, B200/GB200) has no table until its tuning array runs, so it autotunes
+# among these: `python -m benchmarks.compile_check` shows every one compiling there to tcgen05 MMAs
+# with TMA loads and fitting its 227 KB per block (the first takes 230400 B; 230416 on sm_90), so they stand
+# unchanged until measured there.
 TUNE_TILES = {
     64: ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)),
     128: ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),

@@ -175,7 +175,10 @@ def _heuristic(block_d: int, dtype: torch.dtype) -> DecodeConfig:
     """The untuned choice: gathered tiles, whose unmasked pointer loads every GPU since Ampere
     pipelines through cp.async (3 stages buffer one tile ahead), spanning pages so that each
     step moves tens of KB; fp32 or wide heads halve the tile to keep registers. TMA is left to
-    tables that measured it winning."""
+    tables that measured it winning. The same holds on Blackwell (sm_100) until its table is
+    tuned: the compile check shows this tile compiling there as on Hopper, with warp-level mma
+    (the q tile is one GQA group, at most 16 rows, below the 64 rows tcgen05 takes), and decode
+    is bound by reading the cache, not by the MMA."""
     if interpreting():
         return DecodeConfig("gather", 16, 4, 1, 2)
     return DecodeConfig("gather", 32 if dtype == torch.float32 or block_d > 128 else 64, 4, 3, 4)
