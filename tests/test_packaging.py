@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 HF_KERNELS = importlib.util.find_spec("kernels")
@@ -88,3 +89,25 @@ def test_every_transformers_model_load_goes_through_the_reference_loader():
         if loads.search(line)
     ]
     assert offenders == []
+
+
+def test_the_reference_loader_turns_hub_kernels_off(monkeypatch, tmp_path):
+    """load_transformers_model asks for use_kernels=False and refuses a model that still reports
+    Hub kernels (what transformers >= 5.25 would otherwise swap in by default)."""
+    transformers = pytest.importorskip("transformers")
+    from minivllm.testing.transformers_reference import load_transformers_model
+
+    seen = {}
+
+    class Loaded(torch.nn.Module):
+        use_kernels = False
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    assert isinstance(load_transformers_model(tmp_path), Loaded) and seen["use_kernels"] is False
+    Loaded.use_kernels = True
+    with pytest.raises(RuntimeError, match="Hub kernels"):
+        load_transformers_model(tmp_path)
