@@ -176,6 +176,17 @@ def test_a_dtype_the_kernels_do_not_take_is_refused(dtype):
         Config("unused", dtype=dtype)
 
 
+def test_the_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    """Compiled kernels cannot take CPU tensors: refused when the engine is configured, naming
+    the way out, not at the first launch inside generate."""
+    import minivllm.engine.config as config_module
+
+    monkeypatch.setattr(config_module, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match=r"attention_backend 'triton' on device 'cpu' needs Triton's interpreter.*interpret_without_gpu"):
+        Config("unused", device="cpu", attention_backend="triton")
+    assert Config("unused", device="cpu", attention_backend="torch").attention_backend == "torch"
+
+
 def test_supported_devices_and_dtypes_are_accepted():
     assert Config("unused", device=torch.device("cpu"), dtype=torch.bfloat16).dtype == torch.bfloat16
     assert Config("unused", device="cpu", dtype="float16").device == torch.device("cpu")

@@ -36,7 +36,7 @@ def check_kernel_device(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.device.type != "cuda":
             raise ValueError(f"{name} is on {t.device} but Triton compiles for cuda here; pass CUDA tensors "
-                             "(or run under TRITON_INTERPRET=1)")
+                             "(or choose the interpreter before the kernels are imported: minivllm.interpret_without_gpu() or TRITON_INTERPRET=1)")
 
 
 def check_float_inputs(**tensors: torch.Tensor) -> None:
