@@ -188,8 +188,9 @@ def test_the_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_supported_devices_and_dtypes_are_accepted():
-    assert Config("unused", device=torch.device("cpu"), dtype=torch.bfloat16).dtype == torch.bfloat16
-    assert Config("unused", device="cpu", dtype="float16").device == torch.device("cpu")
+    # The torch backend: on a GPU machine the triton one on the CPU is refused (kernels compiled).
+    assert Config("unused", device=torch.device("cpu"), dtype=torch.bfloat16, attention_backend="torch").dtype == torch.bfloat16
+    assert Config("unused", device="cpu", dtype="float16", attention_backend="torch").device == torch.device("cpu")
     assert Config("unused", dtype=None).dtype is None
 
 
@@ -223,7 +224,7 @@ def test_main_refuses_bad_sampling_options_before_loading(monkeypatch):
 
 def test_cache_that_cannot_hold_one_sequence_is_refused(checkpoint):
     with pytest.raises(ValueError, match="cannot hold one"):
-        LLM(str(checkpoint), max_model_len=64, max_num_batched_tokens=64, kvcache_block_size=16, num_kvcache_blocks=3, device="cpu")
+        LLM(str(checkpoint), max_model_len=64, max_num_batched_tokens=64, kvcache_block_size=16, num_kvcache_blocks=3, device="cpu", attention_backend="torch")
 
 
 def test_unknown_config_key_is_refused(checkpoint):

@@ -114,11 +114,11 @@ class Config:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} are visible")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {sorted(BACKENDS)}, got {self.attention_backend!r}")
+        self.dtype = check_dtype(self.dtype)
         if self.attention_backend == "triton" and self.device.type == "cpu" and not interpreting():
             # Refused here, not at the first kernel launch deep inside generate.
             raise ValueError("attention_backend 'triton' on device 'cpu' needs Triton's interpreter, chosen before the kernels are imported: "
                              "call minivllm.interpret_without_gpu() first or set TRITON_INTERPRET=1, or use attention_backend='torch'")
-        self.dtype = check_dtype(self.dtype)
 
     def check_cache_holds_one_sequence(self) -> None:
         """Once the cache is sized: a lone sequence of max_model_len tokens must fit, or the scheduler
