@@ -4,6 +4,8 @@
 The root conftest has already chosen the device and, without a GPU, set TRITON_INTERPRET, so
 triton may be imported here; whether the kernels are interpreted is minivllm.interpreter.interpreting(),
 the predicate the kernels themselves use.
+
+A run cut short keeps what it measured, and prints its progress: benchmarks/run_guard.py.
 """
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from benchmarks.ceilings import ceilings, machine_facts
 from benchmarks.grid import GPU_GRID
 from benchmarks.presets import PRESETS, select
+from benchmarks.run_guard import RunGuard
 from benchmarks.timing import ColdRound
 from minivllm.dtypes import SHORT_DTYPES
 from minivllm.interpreter import interpreting
@@ -26,6 +29,7 @@ def pytest_addoption(parser):
     group.addoption("--tp", action="append", type=int, default=[], help="tensor-parallel degree to shard each preset by, repeatable (default 1)")
     group.addoption("--dtype", action="append", choices=sorted(SHORT_DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on the GPU grid, bf16 on the CPU grid)")
     group.addoption("--hf-batch", type=int, default=64, help="sequences per transformers generate() call in the engine suite (default 64)")
+    group.addoption("--bench-progress", type=float, default=30.0, metavar="SECONDS", help="a progress line at most this often within a suite (default 30; 0: after every test); -q: none")
 
 
 SHARDS = pytest.StashKey[tuple]()
@@ -37,6 +41,7 @@ def pytest_configure(config):
         config.stash[SHARDS] = select(config.getoption("preset"), config.getoption("tp") or [1], on_gpu=GPU_GRID)
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
+    config.pluginmanager.register(RunGuard(config), "minivllm-run-guard")
 
 
 def pytest_report_header(config):
@@ -87,3 +92,4 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def pytest_terminal_summary(terminalreporter, config):
     if interpreting():
         terminalreporter.write_sep("=", INTERPRETER_NOTE, yellow=True, bold=True)
+

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.compare import threshold
 from benchmarks.report import SUITES
-from benchmarks.results import DASH, ResultsError, fmt_duration, load, number, pipe_table
+from benchmarks.results import DASH, ResultsError, fmt_duration, load, number, partial_info, partial_line, pipe_table
 
 MARKER = "minivllm benchmark history"
 SCHEMA = """
@@ -121,6 +121,15 @@ def recent_runs(db: sqlite3.Connection, gpu: str, last: int) -> list[tuple]:
     return list(reversed(rows.fetchall()))
 
 
+def run_note(machine_info: str) -> str:
+    """' (PARTIAL: reason)' for a stored run that was cut short, else ''."""
+    try:
+        partial = partial_info({"machine_info": json.loads(machine_info)})
+    except (TypeError, ValueError, AttributeError):
+        return ""
+    return f" (PARTIAL: {partial.get('reason', 'cut short')})" if partial else ""
+
+
 def series(db: sqlite3.Connection, runs: list[tuple], wanted) -> dict[str, list]:
     """{benchmark: [(median, group, extra_info) or None per run]} for the benchmarks `wanted` names."""
     out: dict[str, list] = {}
@@ -139,7 +148,7 @@ def show(db: sqlite3.Connection, args) -> int:
         if not trends:
             continue
         print(f"## {gpu}: last {len(runs)} run(s), median times, oldest first\n")
-        print("runs: " + "; ".join(f"{i + 1} = {commit[:10]} {time}" for i, (_, commit, time, _) in enumerate(runs)) + "\n")
+        print("runs: " + "; ".join(f"{i + 1} = {commit[:10]} {time}{run_note(machine)}" for i, (_, commit, time, machine) in enumerate(runs)) + "\n")
         body = []
         for name in sorted(trends):
             points = trends[name]
@@ -309,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "add":
             for path in args.files:
                 print(f"{path}: {'added' if add(db, path) else 'already in the history, skipped'}")
+                partial = partial_info(load(path))
+                if partial:
+                    print(f"{path}: {partial_line(partial)}")
             return 0
         if args.command == "show":
             return show(db, args)

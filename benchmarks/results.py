@@ -2,6 +2,11 @@
 
 They load files through `load`, describe the machine with `machine_lines` and print with
 `pipe_table`, `fmt` and `fmt_duration`, so a file one of them accepts the others accept too.
+
+A run cut short is still read. benchmarks/conftest.py records a run stopped by SIGTERM or SIGINT
+as `machine_info["partial"]` in its JSON, and appends each finished benchmark to `jsonl_path(json)`
+as it is measured; `load` reads that JSON-lines file when the JSON is missing or empty (SIGKILL,
+a lost node), and marks what it returns partial either way. `partial_line` says so in one line.
 """
 
 import json
@@ -22,12 +27,92 @@ class ResultsError(Exception):
     """A file that is unreadable, not pytest-benchmark JSON, or holds no benchmarks."""
 
 
-def load(path: str | Path) -> dict:
-    """Read and check one `--benchmark-json` file; raise ResultsError saying what is wrong with it."""
+def jsonl_path(json_path: str | Path) -> Path:
+    """The JSON-lines file a run writes beside its `--benchmark-json` file: out.json -> out.jsonl."""
+    path = Path(json_path)
+    return path.with_suffix(".jsonl") if path.suffix == ".json" else path.with_name(path.name + ".jsonl")
+
+
+def read_jsonl(path: str | Path) -> dict:
+    """A run's JSON-lines file as pytest-benchmark-shaped JSON, marked partial: its header line's
+    machine_info, commit_info, datetime and version, and one benchmark per line after it. A torn
+    last line (the writer killed mid-line) is left out. Raises ResultsError when unreadable."""
     try:
-        data = json.loads(Path(path).read_text())
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: cannot read JSON lines: {exc}") from exc
+    header: dict = {}
+    benchmarks = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if lineno == len(lines):
+                break  # torn by a kill mid-write
+            raise ResultsError(f"{path}: line {lineno} is not JSON: {exc}") from exc
+        if not isinstance(record, dict):
+            raise ResultsError(f"{path}: line {lineno} is not a JSON object")
+        if "stats" in record:
+            benchmarks.append(record)
+        else:
+            header.update(record)
+    machine = header.get("machine_info") if isinstance(header.get("machine_info"), dict) else {}
+    partial = dict(machine.get("partial") or {})
+    partial.setdefault("reason", "killed: no JSON written")
+    partial.update(source=str(path), benchmarks=len(benchmarks), after=benchmarks[-1].get("fullname") if benchmarks else None)
+    partial.setdefault("collected", header.get("collected"))
+    return {
+        "machine_info": {**machine, "partial": partial},
+        "commit_info": header.get("commit_info") or {},
+        "benchmarks": benchmarks,
+        "datetime": header.get("datetime"),
+        "version": header.get("version"),
+    }
+
+
+def read_any(path: str | Path) -> dict:
+    """One run's JSON, or its JSON-lines file when the JSON is missing, empty or torn, unchecked.
+    Raises ResultsError when neither can be read."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    try:
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if jsonl_path(path).exists():
+            data = read_jsonl(jsonl_path(path))
+            if data["benchmarks"]:
+                return data
         raise ResultsError(f"{path}: cannot read JSON: {exc}") from exc
+
+
+def partial_info(data: dict) -> dict | None:
+    """The record of a run cut short ({"reason", "after", "finished", "collected", ...}), or None for a whole run."""
+    partial = (data.get("machine_info") or {}).get("partial")
+    return partial if isinstance(partial, dict) else None
+
+
+def partial_line(partial: dict) -> str:
+    """The one line that says a run is partial: why, how far it got and where it stopped."""
+    counts = []
+    if partial.get("finished") is not None:
+        counts.append(f"{partial['finished']} of {partial.get('collected', '?')} tests finished")
+    elif partial.get("collected") is not None:
+        counts.append(f"{partial['collected']} tests collected")
+    if partial.get("benchmarks") is not None:
+        counts.append(f"{partial['benchmarks']} benchmarks recorded")
+    done = ", ".join(counts) or "how far unknown"
+    source = f", read from {partial['source']}" if partial.get("source") else ""
+    return f"!!! PARTIAL RUN ({partial.get('reason', 'cut short')}): {done}, last {partial.get('after') or 'none'}{source} !!!"
+
+
+def load(path: str | Path) -> dict:
+    """Read and check one `--benchmark-json` file (or, when it is missing or empty, the JSON-lines
+    file beside it; or a .jsonl file named directly); raise ResultsError saying what is wrong with it.
+    A run cut short comes back with `machine_info["partial"]` (see `partial_info`)."""
+    data = read_any(path)
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ResultsError(f"{path}: not pytest-benchmark JSON (no 'benchmarks' list at top level)")
     if not isinstance(data.get("machine_info", {}), dict):
@@ -83,6 +168,9 @@ def machine_lines(label: str, machine_info: dict) -> list[str]:
     """A one-line description of the machine a file was measured on, plus a loud line for interpreter runs."""
     parts = [f"{key}={fmt(machine_info.get(key), 1 if key in CEILING_KEYS else None)}" for key in MACHINE_KEYS]
     lines = [f"{label}: " + ", ".join(parts)]
+    partial = partial_info({"machine_info": machine_info})
+    if partial:
+        lines.append(partial_line(partial))
     if is_interpreter(machine_info):
         lines.append("!!! TRITON INTERPRETER TIMINGS ON CPU: these are NOT kernel performance figures !!!")
     return lines

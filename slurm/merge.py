@@ -8,6 +8,9 @@ merged.json (every task's benchmarks, each tagged with its task and node), repor
 table, the benchmark tables of `benchmarks.report`, and `benchmarks.compare` against the
 baseline) and plots/. Every task of the sweep gets a row: a task that failed, never finished or
 never ran is named there and makes the exit status 1; otherwise the status is the comparison's.
+A task cut short (SIGTERM at its time limit's warning, or killed) is PARTIAL: what it measured,
+from its JSON or else its JSON-lines file (benchmarks.results.load), is merged, and it too makes
+the status 1.
 With --history, merged.json is added to that regression history (benchmarks.history) and the
 GPU's new run checked against the runs before it; a slower-than-its-band figure makes the status 1.
 """
@@ -24,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import compare, history, report
-from benchmarks.results import CEILING_KEYS, ResultsError, load, pipe_table
+from benchmarks.results import CEILING_KEYS, ResultsError, load, partial_info, pipe_table, read_any
 from slurm.sweep import Sweep, read_sweep
 
 LOG_TAIL = 3  # log lines quoted for a task that went wrong
@@ -69,27 +72,40 @@ def log_tail(path: Path) -> str:
 
 
 def read_task(task: int, expected: list[str], results: Path, log: Path) -> TaskResult:
-    """The verdict on one task from its files; never raises for a missing or broken file."""
+    """The verdict on one task from its files; never raises for a missing or broken file. Its
+    results come from its JSON or, when that is missing or empty, its JSON-lines file."""
     exit_file, json_file = results / f"{task}.exit", results / f"{task}.json"
+    result = TaskResult(task, "ok")
+    json_problem = ""
+    try:
+        result.data = read_any(json_file)
+        result.benchmarks = list(result.data["benchmarks"])
+        result.node = str(result.data["machine_info"].get("node", ""))
+        result.gpu = str(result.data["machine_info"].get("gpu", ""))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ResultsError) as e:
+        result.data, result.benchmarks = None, []
+        json_problem = f"no readable {json_file.name} ({type(e).__name__})"
+    partial = partial_info(result.data) if result.data else None
+    kept = f"{len(result.benchmarks)} benchmarks kept"
+    if partial:
+        kept += f" ({partial.get('reason')}" + (f"; from {Path(partial['source']).name})" if partial.get("source") else ")")
     if not exit_file.exists():
+        result.benchmarks = [b for b in result.benchmarks if b.get("fullname") in set(expected)]
+        if result.benchmarks:
+            result.status = "partial"
+            result.detail = f"no exit status: killed, timed out or lost its node; {kept}. log: {log_tail(log)}"
+            result.outcomes = Counter(read_junit(results / f"{task}.xml")[0].get(node_id, "not run") for node_id in expected)
+            return result
         if log.exists():
             return TaskResult(task, "unfinished", f"no exit status: killed, timed out or lost its node. log: {log_tail(log)}")
         return TaskResult(task, "never ran", f"no log at {log}: cancelled, or never started")
     code = exit_file.read_text().strip()
-    result = TaskResult(task, "ok")
-    outcomes, result.node = read_junit(results / f"{task}.xml")
+    outcomes, host = read_junit(results / f"{task}.xml")
+    result.node = result.node or host
     result.outcomes = Counter(outcomes.get(node_id, "not run") for node_id in expected)
-    json_problem = ""
-    try:
-        result.data = json.loads(json_file.read_text())
-        result.benchmarks = list(result.data["benchmarks"])
-        result.node = str(result.data["machine_info"].get("node", result.node))
-        result.gpu = str(result.data["machine_info"].get("gpu", ""))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        result.data, result.benchmarks = None, []
-        # pytest-benchmark writes no file when every benchmark of the task was skipped.
-        if result.outcomes["passed"] or json_file.exists():
-            json_problem = f"no readable {json_file.name} ({type(e).__name__})"
+    # pytest-benchmark writes no file when every benchmark of the task was skipped.
+    if json_problem and not (result.outcomes["passed"] or json_file.exists()):
+        json_problem = ""
     bad = [f"{node_id} {outcomes.get(node_id, 'not run')}" for node_id in expected if outcomes.get(node_id, "not run") not in ("passed", "skipped")]
     # Results from outside the task's row would duplicate another task's; they are dropped, loudly.
     row = set(expected)
@@ -97,7 +113,12 @@ def read_task(task: int, expected: list[str], results: Path, log: Path) -> TaskR
     if outside:
         result.benchmarks = [b for b in result.benchmarks if b.get("fullname") in row]
         bad.insert(0, f"{len(outside)} results from outside its row, dropped")
-    if code != "0" or json_problem or bad:
+    ran_bad = [b for b in bad if not b.endswith(" not run")]
+    if partial and result.benchmarks and not json_problem and not ran_bad:
+        # Stopped by a signal (its time limit's warning): the tests it did not reach are expected missing.
+        result.status = "partial"
+        result.detail = f"pytest exit {code}, cut short: {kept}, last {partial.get('after') or 'none'}"
+    elif code != "0" or json_problem or bad:
         result.status = "failed"
         parts = [f"pytest exit {code}"] + ([json_problem] if json_problem else []) + bad[:LOG_TAIL]
         if len(bad) > LOG_TAIL:
@@ -119,8 +140,13 @@ def merge(sweep: Sweep, array_id: str, tasks: list[TaskResult]) -> dict:
     """One pytest-benchmark-shaped dict of every task's benchmarks, with a `slurm` section naming each task's verdict."""
     ran = [t for t in tasks if t.data]
     machine: dict = {}
-    for key in dict.fromkeys(k for t in ran for k in t.data.get("machine_info", {})):
+    for key in dict.fromkeys(k for t in ran for k in t.data.get("machine_info", {}) if k != "partial"):
         machine[key] = merged_value(key, [t.data["machine_info"].get(key) for t in ran])
+    partial = [t.task for t in tasks if t.status == "partial"]
+    if partial:
+        # benchmarks.results.partial_info reads this, so report, compare and history say the sweep is partial.
+        kept = sum(len(t.benchmarks) for t in tasks if t.status == "partial")
+        machine["partial"] = {"reason": f"sweep tasks cut short: {', '.join(map(str, partial))}", "tasks": partial, "benchmarks": kept}
     commit: dict = {}
     for key in dict.fromkeys(k for t in ran for k in t.data.get("commit_info", {})):
         commit[key] = merged_value(key, [t.data["commit_info"].get(key) for t in ran])
@@ -140,7 +166,8 @@ def merge(sweep: Sweep, array_id: str, tasks: list[TaskResult]) -> dict:
             "grid": sweep.grid,
             "pytest_args": sweep.pytest_args,
             "tasks": [{"task": t.task, "status": t.status, "detail": t.detail, "node": t.node, "gpu": t.gpu, "benchmarks": len(t.benchmarks)} for t in tasks],
-            "not_ok_tasks": [t.task for t in tasks if t.status != "ok"],
+            "not_ok_tasks": [t.task for t in tasks if t.status not in ("ok", "partial")],
+            "partial_tasks": partial,
         },
     }
 
@@ -207,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     merged_path = results / "merged.json"
     merged_path.write_text(json.dumps(merged, indent=2))
 
-    not_ok = merged["slurm"]["not_ok_tasks"]
-    verdict = f"NOT OK: tasks {', '.join(map(str, not_ok))} (see their rows)" if not_ok else "all tasks ok"
+    not_ok, partial = merged["slurm"]["not_ok_tasks"], merged["slurm"]["partial_tasks"]
+    verdicts = [f"NOT OK: tasks {', '.join(map(str, not_ok))} (see their rows)"] if not_ok else []
+    if partial:
+        verdicts.append(f"PARTIAL: tasks {', '.join(map(str, partial))} were cut short; what they measured is merged")
+    verdict = "; ".join(verdicts) or "all tasks ok"
     counts = Counter(t.status for t in tasks)
     sections = [
         f"# Sweep {args.sweep}, array job {args.array_job_id}",
@@ -216,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(merged['benchmarks'])} benchmark results in {merged_path}. {verdict}.",
         task_table(tasks),
     ]
-    code = 1 if not_ok else 0
+    code = 1 if not_ok or partial else 0
     if merged["benchmarks"]:
         sections += report_section(merged_path, results / "plots")
         if args.baseline:

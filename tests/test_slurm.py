@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.results import load, partial_info
 from slurm.merge import read_junit
 from slurm.sweep import Sweep, collect, read_sweep, write_sweep
 
@@ -232,3 +233,29 @@ def test_a_tuning_array_merges_one_table_for_its_gpu(slurm_env, tmp_path):
     assert sorted(e["kernel"] for e in table["entries"]) == ["decode", "prefill"]
     assert sorted(e["run"] for e in table["entries"]) == [0, 1] and len(table["runs"]) == 2
     assert all(r["tool"] == "python -m benchmarks.tune" and r["commit"] and r["gpu"] == table["provenance"]["gpu"] for r in table["runs"])
+
+
+def test_a_task_cut_short_by_its_time_limit_is_merged_as_partial(slurm_env, tmp_path):
+    """One task holding the whole CPU smoke grid (18 benchmarks, each held to about 8 s by
+    --benchmark-max-time), with a one-minute limit and a 10 s warning signal. Slurm's SIGTERM (the
+    warning, at 20-50 s since slurmctld checks every 30 s, or else the limit itself) reaches pytest,
+    which stops after the benchmark in progress and writes its JSON marked partial. The merge keeps
+    what the task measured and marks it PARTIAL, not lost, and exits 1."""
+    out = tmp_path / "late"
+    array, merge = submit(slurm_env, "--grid=cpu", "--tasks=1", "--time=1", "--sbatch-arg=--signal=TERM@10", f"--out={out}", "--", "--benchmark-max-time=8")
+    wait(slurm_env, array, merge)
+    results = out / array
+    log = (out / "logs" / f"{array}_0.out").read_text()
+    assert "SIGTERM: stopping after the test in progress" in log, log
+    data = load(results / "0.json")  # the JSON, or the JSON-lines file had KillWait's SIGKILL come first
+    partial = partial_info(data)
+    assert partial and partial["reason"].startswith(("SIGTERM", "killed")), partial
+    names = [b["fullname"] for b in data["benchmarks"]]
+    assert 1 <= len(names) < len(collect(["--benchmark-max-time=8"], "cpu")) and all(b["stats"]["median"] > 0 for b in data["benchmarks"])
+    merged = json.loads((results / "merged.json").read_text())
+    assert merged["slurm"]["partial_tasks"] == [0] and merged["slurm"]["not_ok_tasks"] == []
+    assert merged["slurm"]["tasks"][0]["status"] == "partial" and merged["slurm"]["tasks"][0]["benchmarks"] == len(names)
+    assert sorted(b["fullname"] for b in merged["benchmarks"]) == sorted(names)
+    report = (results / "report.md").read_text()
+    assert "PARTIAL: tasks 0 were cut short" in report and "!!! PARTIAL RUN (sweep tasks cut short: 0)" in report
+    assert exit_code(slurm_env, merge) == 1
