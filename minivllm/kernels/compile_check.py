@@ -83,6 +83,14 @@ def _type_of(value) -> str:
     raise TypeError(f"no Triton type for an argument of type {type(value).__name__}")
 
 
+def _divisible_by_16(value) -> bool:
+    """What the JIT marks tt.divisibility=16: 16-byte aligned pointers and multiples of 16. The
+    pipeliner and vectorizer rely on it, so shared memory is counted as the real launch asks."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as the compiler sees it: the kernel, each argument's type (constexprs
@@ -92,6 +100,7 @@ class Launch:
     signature: tuple[tuple[str, str], ...]
     constexprs: tuple[tuple[str, object], ...]
     options: tuple[tuple[str, int], ...]
+    aligned: tuple[int, ...] = ()  # argument positions Triton's JIT would specialize as divisible by 16
 
     @property
     def name(self) -> str:
@@ -108,7 +117,8 @@ class Launch:
             raise ValueError(f"{kernel.fn.__name__}: no value for {', '.join(missing)}")
         signature = tuple((p.name, "constexpr" if p.is_constexpr else _type_of(values[p.name])) for p in kernel.params)
         constexprs = tuple((p.name, values[p.name]) for p in kernel.params if p.is_constexpr)
-        return cls(kernel, signature, constexprs, options)
+        aligned = tuple(i for i, p in enumerate(kernel.params) if not p.is_constexpr and not p.do_not_specialize and _divisible_by_16(values[p.name]))
+        return cls(kernel, signature, constexprs, options, aligned)
 
     def describe(self) -> str:
         """The kernel and what selects its code: block sizes, flags and launch options."""
@@ -152,7 +162,8 @@ def compile_for(launch: Launch, target: str) -> Compiled:
     gpu = target_of(target)
     limit = shared_limit(gpu.arch)
     try:
-        source = ASTSource(launch.kernel, dict(launch.signature), dict(launch.constexprs))
+        attrs = {(i,): [["tt.divisibility", 16]] for i in launch.aligned}
+        source = ASTSource(launch.kernel, dict(launch.signature), dict(launch.constexprs), attrs)
         kernel = triton.compile(source, target=gpu, options=dict(launch.options))
     except Exception as e:  # noqa: BLE001 - Triton raises many types; each is a verdict on this launch
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
