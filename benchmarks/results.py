@@ -3,7 +3,7 @@
 They load files through `load`, describe the machine with `machine_lines` and print with
 `pipe_table`, `fmt` and `fmt_duration`, so a file one of them accepts the others accept too.
 
-A run cut short is still read. benchmarks/conftest.py records a run stopped by SIGTERM or SIGINT
+A run cut short is still read. benchmarks/run_guard.py records a run stopped by SIGTERM or SIGINT
 as `machine_info["partial"]` in its JSON, and appends each finished benchmark to `jsonl_path(json)`
 as it is measured; `load` reads that JSON-lines file when the JSON is missing or empty (SIGKILL,
 a lost node), and marks what it returns partial either way. `partial_line` says so in one line.
