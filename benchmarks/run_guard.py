@@ -45,6 +45,8 @@ class RunGuard:
     def __init__(self, config):
         self.config = config
         self.json = config.getoption("benchmark_json", None)
+        # pytest-benchmark < 5 opens the file itself (argparse.FileType); 5 hands over the Path.
+        self.json = self.json.name if hasattr(self.json, "write") else self.json
         self.jsonl = jsonl_path(self.json) if self.json else None
         self.signal_name: str | None = None
         self.aborted = False

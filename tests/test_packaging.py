@@ -18,7 +18,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# HF's kernels where installed. A kernels/ directory without an __init__.py, such as the
+# __pycache__ that git leaves behind in a checkout from before the move, is a namespace package
+# (no origin), not HF's.
 HF_KERNELS = importlib.util.find_spec("kernels")
+HF_KERNELS = HF_KERNELS if HF_KERNELS is not None and HF_KERNELS.origin is not None else None
 
 
 @pytest.mark.slow
@@ -28,7 +32,12 @@ def test_the_wheel_ships_one_top_level_name(tmp_path):
     # Built from a copy: setuptools leaves build/ and *.egg-info beside the source it builds.
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".benchmarks"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)], check=True, capture_output=True)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)]
+    done = subprocess.run(build, capture_output=True, text=True)
+    if done.returncode != 0 and "setuptools" in done.stderr:
+        # No package index (the GPU machines): build with the installed setuptools instead.
+        done = subprocess.run([*build, "--no-build-isolation"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("minivllm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if ".dist-info/" not in n}
@@ -57,8 +66,8 @@ def test_hf_kernels_is_importable_beside_minivllm(order):
     theirs = "from transformers import Qwen3ForCausalLM"
     steps = [ours, theirs] if order == "minivllm first" else [theirs, ours]
     if HF_KERNELS is None:
-        with pytest.raises(subprocess.CalledProcessError, match="ModuleNotFoundError"):
-            import_in_order(*steps, KERNELS_ORIGIN)
+        # Absent, or at most an empty namespace directory: no module of ours answers to the name.
+        assert import_in_order(*steps, "import importlib.util as u; print(getattr(u.find_spec('kernels'), 'origin', None))") == "None"
         return
     origin = Path(import_in_order(*steps, KERNELS_ORIGIN))
     assert origin == Path(HF_KERNELS.origin) and origin.parent != ROOT / "kernels" and "minivllm" not in origin.parts

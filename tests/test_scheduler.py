@@ -15,7 +15,8 @@ BLOCK = 4
 
 
 def make_scheduler(num_blocks=64, max_model_len=32, max_num_batched_tokens=64, max_num_seqs=8, chunk_cap=None) -> Scheduler:
-    config = Config(model="unused", device="cpu", kvcache_block_size=BLOCK, num_kvcache_blocks=num_blocks,
+    # The scheduler runs no attention; "torch" keeps Config from asking for the interpreter on a GPU machine.
+    config = Config(model="unused", device="cpu", attention_backend="torch", kvcache_block_size=BLOCK, num_kvcache_blocks=num_blocks,
                     max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                     long_prefill_token_threshold=chunk_cap)
     return Scheduler(config)
