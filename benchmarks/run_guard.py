@@ -44,9 +44,11 @@ class RunGuard:
 
     def __init__(self, config):
         self.config = config
-        self.json = config.getoption("benchmark_json", None)
-        # pytest-benchmark < 5 opens the file itself (argparse.FileType); 5 hands over the Path.
-        self.json = self.json.name if hasattr(self.json, "write") else self.json
+        json_option = config.getoption("benchmark_json", None)
+        # pytest-benchmark 5.2 (on the GPU machines) hands over the file it has already opened and
+        # truncated (argparse.FileType), 5.3 a Path. An opened file is this run's, and stays.
+        self.json_opened = hasattr(json_option, "write")
+        self.json = json_option.name if self.json_opened else json_option
         self.jsonl = jsonl_path(self.json) if self.json else None
         self.signal_name: str | None = None
         self.aborted = False
@@ -79,7 +81,8 @@ class RunGuard:
         if self.jsonl:
             # A new run: an older run's JSON and lines must not pass for this one's if it is killed.
             # Like the JSON, the JSON-lines file is written only once a benchmark has finished.
-            Path(self.json).unlink(missing_ok=True)
+            if not self.json_opened:
+                Path(self.json).unlink(missing_ok=True)
             self.jsonl.unlink(missing_ok=True)
 
     def _on_signal(self, signum, frame):
