@@ -1,7 +1,7 @@
 """Prefill attention: our Triton kernels against the PyTorch reference and SDPA's backends.
 
 Grid as in flash-attn's benchmark: seqlen 512..16k with batch x seqlen near 16k tokens, causal and
-not, per model shard and dtype. Every implementation's output is checked against the float64
+not, per model shard and dtype; plus seqlen 128, where the naive one-tile kernel still runs. Every implementation's output is checked against the float64
 reference (the tests' tolerance rule) before it is timed; a wrong one fails and is never timed.
 """
 
@@ -24,7 +24,8 @@ from minivllm.reference import attention_ref
 from minivllm.reference.inputs import cu_seqlens, generator, randn
 from minivllm.reference.prefill_check import check_prefill
 
-SEQLENS = (512, 1024, 2048, 4096, 8192, 16384) if GPU_GRID else (67,)
+# On a GPU, 128 first: naive_triton's one-tile limit at head_dim 128 (every preset's), its one shape there.
+SEQLENS = (NAIVE_MAX_SEQLEN[128], 512, 1024, 2048, 4096, 8192, 16384) if GPU_GRID else (67,)
 TOKENS = 16384 if GPU_GRID else 134  # batch x seqlen; the CPU smoke shape is 2 x 67
 CAUSAL = (False, True) if GPU_GRID else (True,)
 SDPA = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}

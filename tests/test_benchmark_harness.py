@@ -2,6 +2,11 @@
 ceilings and the % of them each benchmark records, and the correctness gate that keeps a wrong
 implementation from ever being timed."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,10 +15,24 @@ import torch
 from benchmarks import ceilings
 from benchmarks.extra_info import decode_counts, engine_counts, engine_floor_s, prefill_counts, prefix_counts, record
 from benchmarks.presets import PRESETS, select, shard
+from minivllm.kernels.launch import head_dim_block
+from minivllm.kernels.naive_attention import NAIVE_MAX_SEQLEN
 from minivllm.reference import attention_ref, paged_decode_gather
 from minivllm.reference.decode_check import check_decode
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
 from minivllm.reference.prefill_check import check_prefill
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_grid_has_a_prefill_shape_the_naive_kernel_runs():
+    """naive_triton holds a whole sequence in one tile; unless the GPU grid (collected here on the
+    CPU, as a Slurm login node does) has a seqlen at its limit, no card's baseline compares it."""
+    env = os.environ | {"MINIVLLM_BENCH_GRID": "gpu"}
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/test_prefill.py", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    ids = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    runs = [(model, int(seqlen)) for model, seqlen in re.findall(r"\[([\w.-]+?)-tp\d+-\w+-(\d+)-(?:full|causal)-naive_triton\]", ids)]
+    assert runs and all(any(s <= NAIVE_MAX_SEQLEN[head_dim_block(PRESETS[m].head_dim)] for n, s in runs if n == m) for m, _ in runs), runs
 
 
 @pytest.mark.parametrize(
