@@ -77,8 +77,10 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
     decode_steps: max(output_lens) - 1. Each sequence's first token comes from its prefill; after
         that, a schedule that decodes every sequence in the same step needs this many steps, and
         each reads the weights once.
-    kv_bytes: each decoded token reads its whole context's K and V once; the t-th decoded token of
-        a sequence with prompt p sees p + t tokens.
+    kv_bytes: each decode step reads the K and V of every token some sequence attends to, once: the
+        t-th decoded token of a sequence with prompt p sees p + t tokens, of which the shared
+        prefix's are the same blocks for every sequence, read once per step while any decodes
+        (charging it once per sequence made the shared-prefix workload beat its floor).
     prefill_flops: 2 x the layers' matmul parameters per prompt token, causal attention at
         flash-attn's 2·h·s²·d per layer, and one lm_head row per sequence. The shared prefix counts
         once: its own tokens and attention once, then each prompt's suffix attending over it
@@ -91,8 +93,9 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
     layer_norms = 2 * p.hidden + 2 * p.head_dim  # input and post-attention norms, q and k norms
     weight_bytes = elem * (p.layers * (layer_matmul + layer_norms) + p.hidden + p.vocab * p.hidden)
     kv_per_token = elem * 2 * p.layers * kv
-    decoded_context = sum((o - 1) * pl + (o - 1) * o // 2 for pl, o in zip(prompt_lens, output_lens, strict=True))
     prefix = shared_prefix
+    own_context = sum((o - 1) * (pl - prefix) + (o - 1) * o // 2 for pl, o in zip(prompt_lens, output_lens, strict=True))
+    decoded_context = own_context + prefix * (max(output_lens) - 1)
     prefill_flops = (
         2 * p.layers * layer_matmul * (prefix + sum(n - prefix for n in prompt_lens))
         + 2 * p.layers * p.num_heads * p.head_dim * (prefix * prefix + sum(n * n - prefix * prefix for n in prompt_lens))

@@ -88,15 +88,23 @@ def impl_columns(impls: set[str]) -> list[str]:
     return known + sorted(impls - set(known))
 
 
+def beats_its_bound(bench: dict) -> bool:
+    """True when the benchmark recorded more than 100% of its ceiling or floor: the bound's count
+    is wrong, since nothing measured can beat a true bound."""
+    pct = number(bench["extra_info"].get("pct_of_ceiling"))
+    return pct is not None and pct > 100
+
+
 def cell(bench: dict, suite: Suite) -> str:
     """'452.1 (56%)': the recorded throughput and its recorded % of ceiling, then ' [H]' or ' [F]'
-    when its configs came from the heuristics or another card's table."""
+    when its configs came from the heuristics or another card's table, and ' [!]' when it beats
+    its bound."""
     extra = bench["extra_info"]
     throughput, pct = number(extra.get(suite.throughput)), number(extra.get("pct_of_ceiling"))
     if throughput is None:
         return DASH
-    mark = UNTUNED_MARKS.get(extra.get("config_source"))
-    return fmt(throughput, 1) + (f" ({fmt(pct, 0)}%)" if pct is not None else "") + (f" [{mark}]" if mark else "")
+    marks = [m for m in (UNTUNED_MARKS.get(extra.get("config_source")), "!" if beats_its_bound(bench) else None) if m]
+    return fmt(throughput, 1) + (f" ({fmt(pct, 0)}%)" if pct is not None else "") + "".join(f" [{m}]" for m in marks)
 
 
 def ceiling_names(benches: list[dict], suite: Suite) -> str:
@@ -178,6 +186,9 @@ def suite_table(benches: list[dict], name: str, suite: Suite) -> str:
     lines = [f"{title}\n", pipe_table(headers, body, right=set(range(4, len(headers)))), config_line(benches)]
     if duplicates:
         lines.append(f"note: {duplicates} benchmark(s) repeat a row and impl already shown; the first is kept")
+    broken = sum(beats_its_bound(b) for b in benches)
+    if broken:
+        lines.append(f"!!! BROKEN BOUND: {broken} figure(s) above 100% of {ceiling_names(benches, suite)} [!]; a bound that a measurement beats counts wrong (benchmarks/extra_info.py)")
     return "\n".join(filter(None, lines))
 
 

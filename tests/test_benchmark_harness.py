@@ -145,6 +145,13 @@ def test_engine_counts_weights_match_a_real_checkpoint_and_kv_sums_contexts(tmp_
     assert counts["decode_steps"] == 2
     # The first sequence decodes two tokens over contexts of 3 and 4; the second decodes none.
     assert counts["kv_bytes"] == (3 + 4) * 2 * 2 * p.layers * p.num_kv_heads * p.head_dim
+    # Prompts of 4 and 5 tokens, outputs of 3 and 2, by hand. Alone, each decoded token reads its
+    # context: 5 and 6 for the first sequence, 6 for the second (17). With the first 2 tokens a
+    # shared prefix, each step reads them once: step 1 reads 2 + (5 - 2) + (6 - 2) = 9 tokens,
+    # step 2 reads 2 + (6 - 2) = 6.
+    shared = engine_counts(p, [4, 5], [3, 2], torch.bfloat16, shared_prefix=2)
+    assert shared["kv_bytes"] == (9 + 6) * 2 * 2 * p.layers * p.num_kv_heads * p.head_dim
+    assert engine_counts(p, [4, 5], [3, 2], torch.bfloat16)["kv_bytes"] == (5 + 6 + 6) * 2 * 2 * p.layers * p.num_kv_heads * p.head_dim
     # The bytes are all reads: the floor takes them at read_gbps, not at the copy rate.
     floor = engine_floor_s(counts, {"copy_gbps": 1000.0, "read_gbps": 1.0, "matmul_tflops": 1.0})
     assert floor == pytest.approx((2 * counts["weight_bytes"] + counts["kv_bytes"]) / 1e9 + counts["prefill_flops"] / 1e12)

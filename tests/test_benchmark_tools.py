@@ -235,6 +235,20 @@ def test_report_puts_the_engine_against_transformers(tmp_path, capsys):
     assert row[3:] == ["nano", "256", "minivllm", "340", "540", "548", "6.4", "6.8", "14.4", "3", "78%"]
 
 
+def test_report_flags_a_figure_that_beats_its_bound(tmp_path, capsys):
+    """112% of a roofline (the shared-prefix row before its floor was fixed) is a wrong floor, flagged
+    in its cell and under the table; 100% is not."""
+    benches = []
+    for workload, pct in (("shared_prefix", 112.3), ("nano", 100.0)):
+        b = bench("engine", "minivllm", 8.0)
+        b["extra_info"].update(workload=workload, num_seqs=256, max_len=1024, tokens_per_s=1000.0, pct_of_ceiling=pct, ceiling="roofline")
+        benches.append(b)
+    assert report.main([str(write(tmp_path / "engine.json", benches))]) == 0
+    table = capsys.readouterr().out.split("## engine")[1]
+    assert sorted(c for row in table_rows(table) for c in row if c.startswith("1000.0")) == ["1000.0 (100%)", "1000.0 (112%) [!]"]
+    assert "!!! BROKEN BOUND: 1 figure(s) above 100% of roofline [!]" in table
+
+
 def test_report_puts_paged_prefix_against_contiguous(tmp_path, capsys):
     benches = [bench("prefill", impl, median) for impl, median in (("flash_triton", 1e-3), ("flash_triton_paged16", 1.25e-3), ("flash_triton_paged256", 1.05e-3))]
     for b in benches:
@@ -289,7 +303,7 @@ def test_report_shows_where_triton_configs_came_from(tmp_path, capsys):
     benches = [
         sourced("prefill", "flash_triton", 1e-3, "table", size=1024),
         sourced("prefill", "flash_triton", 1e-3, "family", size=2048),
-        sourced("prefill", "flash_triton", 1e-3, "heuristic", size=4096),
+        sourced("prefill", "flash_triton", 2e-3, "heuristic", size=4096),  # under 100% of the ceiling
         sourced("prefill", "sdpa_cudnn", 1e-3, None, size=4096),
         sourced("decode", "triton_paged", 2e-5, "table", size=2048),
         sourced("decode", "triton_paged", 2e-5, "table", size=4096),
