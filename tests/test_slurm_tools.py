@@ -72,6 +72,18 @@ def test_slurm_options_refuse_bad_values(kwargs):
         SlurmOptions(**kwargs)
 
 
+def spy_replace(monkeypatch) -> list[Path]:
+    """Record the target of every os.replace from now on: each file a tool writes atomically."""
+    replaced, real = [], os.replace
+
+    def spy(src, dst):
+        real(src, dst)
+        replaced.append(Path(dst))
+
+    monkeypatch.setattr(os, "replace", spy)
+    return replaced
+
+
 def fake_sbatch(bin_dir: Path, log: Path) -> None:
     """An `sbatch` that records its arguments and answers --parsable with job ids 101, 102, ..."""
     script = bin_dir / "sbatch"
@@ -318,6 +330,30 @@ def test_tune_merge_refuses_tables_of_two_gpu_models_and_names_missing_tasks(tmp
     assert "task 2: unfinished or never ran" in out and "NOT OK: tasks 2" in out
     merged = json.loads((results / "nvidia-gb200.json").read_text())
     assert [(e["kernel"], e["run"]) for e in merged["entries"]] == [("decode", 0), ("prefill", 1)] and len(merged["runs"]) == 2
+
+
+@pytest.mark.parametrize("damage", ['{"provenance": {"gpu": "NVIDIA GB200"}, "runs": [{"gp', '{"provenance": {"gpu": "NVIDIA GB200"}, "entries": []}'], ids=["truncated", "no runs"])
+def test_tune_merge_skips_an_unreadable_table_and_merges_the_others(tmp_path, capsys, monkeypatch, damage):
+    """A task killed mid-write (or a table missing a key) costs that task's buckets only: the other
+    tables are merged, the bad one is named, and the task counts as not ok (exit 1)."""
+    from slurm import tune_merge
+
+    results = tmp_path / "9"
+    for task, kernel in enumerate(("decode", "prefill", "decode")):
+        (results / "tables" / str(task)).mkdir(parents=True)
+        table = tuning_table("NVIDIA GB200", kernel)
+        table["entries"][0]["bucket"] = [64, 1024 << task]
+        (results / "tables" / str(task) / "nvidia-gb200.json").write_text(json.dumps(table))
+        (results / f"{task}.exit").write_text("0\n")
+    bad = results / "tables" / "1" / "nvidia-gb200.json"
+    bad.write_text(damage)
+    replaced = spy_replace(monkeypatch)
+    assert tune_merge.main([str(tmp_path), "9", "3"]) == 1
+    out, err = capsys.readouterr()
+    assert f"warning: skipped tuning table {bad}" in err and "task 1: ok, but its table is unreadable: skipped" in out and "NOT OK: tasks 1" in out
+    merged = json.loads((results / "nvidia-gb200.json").read_text())
+    assert [(e["bucket"], e["run"]) for e in merged["entries"]] == [([64, 1024], 0), ([64, 4096], 1)] and len(merged["runs"]) == 2
+    assert results / "nvidia-gb200.json" in replaced  # written atomically
 
 
 def test_submit_tune_prints_the_array_and_its_merge(tmp_path, capsys):
