@@ -22,6 +22,7 @@ A GPU's first run, with nothing before it, is not a refusal.
 
 import argparse
 import json
+import os
 import re
 import sqlite3
 import statistics
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.compare import threshold
-from benchmarks.output_paths import output_dir
+from benchmarks.output_paths import output_dir, writable_dir
 from benchmarks.report import SUITES, save_figure
 from benchmarks.results import DASH, ResultsError, by_name, fmt_duration, load, number, partial_info, partial_line, pipe_table
 
@@ -100,7 +101,8 @@ def use_wal(db: sqlite3.Connection) -> None:
 
 
 def open_db(target: str, create: bool) -> sqlite3.Connection:
-    """The history at `target` (path or sqlite:/// URL); created when `create`, else it must exist.
+    """The history at `target` (path or sqlite:/// URL); created when `create` (its directory too),
+    else it must exist.
     An `add` (create) puts it in WAL mode once it is known to be a history, so another program's
     database is left as it was. HistoryError names the file when it cannot be opened or written, is damaged, or is another
     program's database; nothing is ever reset."""
@@ -110,6 +112,8 @@ def open_db(target: str, create: bool) -> sqlite3.Connection:
     if not create and not path.is_file():
         raise HistoryError(f"{path}: no such history database")
     try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: every write is an explicit write_transaction.
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         if create:
@@ -127,11 +131,25 @@ def open_db(target: str, create: bool) -> sqlite3.Connection:
         db.execute("PRAGMA quick_check").fetchone()
         if create:
             use_wal(db)
-    except sqlite3.OperationalError as exc:  # read-only, locked past the timeout, no such directory
+    except (OSError, sqlite3.OperationalError) as exc:  # read-only, locked past the timeout, a directory it cannot make
         raise HistoryError(f"{path}: cannot {'write' if create else 'read'} the history: {exc}") from exc
     except sqlite3.DatabaseError as exc:
         raise HistoryError(f"{path}: damaged or not an SQLite database: {exc}") from exc
     return db
+
+
+def check_writable(target: str) -> None:
+    """HistoryError when `add` could not store a run at `target`, for a job that will add one only
+    later (slurm.submit --history) to refuse now: an existing file must be a history this process
+    may write, and its directory (where SQLite keeps its journal) must be one it can write or create."""
+    path = db_path(target)
+    if path.exists():
+        open_db(target, create=False).close()
+        if not os.access(path, os.W_OK):
+            raise HistoryError(f"{path}: cannot write the history: no write permission")
+    problem = writable_dir(path.parent)
+    if problem:
+        raise HistoryError(f"{path}: {problem}")
 
 
 def add(db: sqlite3.Connection, path: str) -> bool:

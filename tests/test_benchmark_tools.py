@@ -129,6 +129,26 @@ def test_report_plot_naming_a_file_is_a_usage_error(tmp_path, capsys):
     assert exc.value.code == 2 and f"--plot: {taken} is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "module, option, value, message",
+    [
+        ("tune", "--json", "{d}", "{d} is a directory, not a file"),
+        ("tune", "--out", "{d}/file", "{d}/file is not a directory"),
+        ("compile_check", "--json", "{d}/file/rows.json", "{d}/file is not a directory"),
+        ("report", "--plot", "{d}/file", "{d}/file is not a directory"),
+    ],
+)
+def test_tools_refuse_an_output_path_when_parsing_not_after_the_work(tmp_path, capsys, module, option, value, message):
+    """The tuner and the compile check wrote their --json only after minutes of work; a bad path then lost every row."""
+    import importlib
+
+    (tmp_path / "file").write_text("")
+    args = [str(known_report(tmp_path))] if module == "report" else []
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"benchmarks.{module}").main([*args, option, value.format(d=tmp_path)])
+    assert exc.value.code == 2 and f"argument {option}: {message.format(d=tmp_path)}" in capsys.readouterr().err
+
+
 def test_report_render_returns_the_text_and_what_it_wrote(tmp_path):
     path = known_report(tmp_path)
     rendered = report.render([(path, load(path))], plot=tmp_path / "plots")

@@ -168,6 +168,58 @@ def test_submit_refuses_bad_options_before_writing_anything(tmp_path, capsys, mo
         assert not out.exists()
 
 
+PATH_CASES = {
+    "out is a file": (lambda d: [f"--out={d / 'file'}"], "argument --out: {d}/file is not a directory"),
+    "out under a file": (lambda d: [f"--out={d / 'file' / 'r'}"], "argument --out: {d}/file is not a directory, so {d}/file/r cannot be created"),
+    "history is a directory": (lambda d: [f"--history={d}"], "--history: {d}: a directory, not a history database"),
+    "history is not one": (lambda d: [f"--history=sqlite:///{d / 'file'}"], "--history: {d}/file: damaged or not an SQLite database"),
+    "history under a file": (lambda d: [f"--history={d / 'file' / 'h.db'}"], "--history: {d}/file/h.db: {d}/file is not a directory"),
+    "baseline missing": (lambda d: [f"--baseline={d / 'nope.json'}"], "--baseline: {d}/nope.json: cannot read JSON"),
+    "baseline not a run": (lambda d: [f"--baseline={d / 'file'}"], "--baseline: {d}/file: cannot read JSON"),
+    "baseline zero median": (lambda d: [f"--baseline={d / 'zero.json'}"], "--baseline: {d}/zero.json: benchmark .* has no positive stats.median"),
+    "baseline field": (lambda d: [f"--baseline={d / 'nomin.json'}", "--compare=--field min"], "--baseline: {d}/nomin.json: benchmark .* has no positive stats.min"),
+    "sweep missing": (lambda d: [f"--sweep={d / 'nope.txt'}"], "sweep {d}/nope.txt: cannot read"),
+    "tune out is a file": (lambda d: ["--tune", f"--out={d / 'file'}"], "argument --out: {d}/file is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", PATH_CASES)
+def test_submit_checks_every_path_before_writing_or_submitting(tmp_path, capsys, monkeypatch, case):
+    """Every path option, with or without --dry-run, is checked before anything is collected,
+    written or submitted: a --history that is a directory used to fail only in the merge job,
+    after the whole array had run; an --out that is a file, as a raw traceback (or, in a dry
+    run, as a printed mkdir that would fail)."""
+    (tmp_path / "file").write_text("not a directory, a database or a run")
+    zero, nomin = bench("prefill", "flash_triton", 1e-3), bench("prefill", "flash_triton", 1e-3)
+    zero["stats"]["median"] = 0.0
+    del nomin["stats"]["min"]
+    write(tmp_path / "zero.json", [zero])
+    write(tmp_path / "nomin.json", [nomin])
+    sweep = tmp_path / "sweep.txt"
+    write_sweep(sweep, Sweep("cpu", [], [["a"]]), "test")
+    options, message = PATH_CASES[case]
+    argv = options(tmp_path)
+    if not any(o.startswith(("--sweep", "--tune")) for o in argv):
+        argv.append(f"--sweep={sweep}")
+    if not any(o.startswith("--out") for o in argv):
+        argv.append(f"--out={tmp_path / 'out'}")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: a check that is missing shows as exit 1, not 2
+    before = sorted(tmp_path.rglob("*"))
+    for dry_run in ([], ["--dry-run"]):
+        with pytest.raises(SystemExit) as exc:
+            submit.main([*argv, *dry_run])
+        assert exc.value.code == 2 and re.search(message.format(d=tmp_path), capsys.readouterr().err)
+        assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_sweep_output_naming_a_directory_is_refused_before_collecting(tmp_path, capsys):
+    from slurm import sweep
+
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--grid=cpu", "-o", str(tmp_path)])
+    assert exc.value.code == 2 and f"argument -o/--output: {tmp_path} is a directory, not a file" in capsys.readouterr().err
+
+
 def test_submit_passes_good_compare_options_to_the_merge_job(tmp_path, capsys):
     sweep = tmp_path / "sweep.txt"
     write_sweep(sweep, Sweep("cpu", [], [["a"]]), "test")
@@ -224,7 +276,8 @@ def merge_run(tmp_path: Path, rows: list[list[dict]], *extra: str) -> tuple[int,
     return code, (tmp_path / "77" / "report.md").read_text(), json.loads((tmp_path / "77" / "merged.json").read_text())
 
 
-def test_merge_of_a_clean_sweep_exits_0(tmp_path):
+def test_merge_of_a_clean_sweep_exits_0(tmp_path, monkeypatch):
+    replaced = spy_replace(monkeypatch)
     rows = [task_row(t) for t in range(3)]
     results = tmp_path / "77"
     results.mkdir()
@@ -238,6 +291,8 @@ def test_merge_of_a_clean_sweep_exits_0(tmp_path):
     assert merged["machine_info"]["node"] == "mixed: n0 | n1 | n2" and merged["machine_info"]["gpu"] == "NVIDIA H100 80GB HBM3"
     assert {b["extra_info"]["node"] for b in merged["benchmarks"]} == {"n0", "n1", "n2"}
     assert "## prefill" in report and f"plots in {results / 'plots'}: 1" in report and len(list((results / "plots").glob("*.png"))) == 1
+    # Every file the merge wrote was renamed into place whole (and the sweep file before it).
+    assert sorted(replaced) == sorted([tmp_path / "sweep.txt", results / "merged.json", results / "report.md", *(results / "plots").glob("*.png")])
 
 
 def test_merge_names_every_task_that_went_wrong(tmp_path):

@@ -3,6 +3,7 @@ the committed tables' validity."""
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -161,13 +162,16 @@ def test_committed_tables_hold_valid_configs(path):
             assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0 and num_warps in (4, 8) and num_stages >= 1
 
 
-def test_tuner_times_the_prefill_winner_without_its_softmax(table_dir, tmp_path, device):
+def test_tuner_times_the_prefill_winner_without_its_softmax(table_dir, tmp_path, device, monkeypatch):
     """--matmuls-alone measures the winner with one stage left out, and never makes that wrong
-    answer a table entry."""
+    answer a table entry. The rows and the table are written atomically."""
     if device.type == "cuda":
         pytest.skip("the tuner's GPU run takes minutes; tests exercise its CPU run")
     rows_file = tmp_path / "rows.json"
+    replaced, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (real(src, dst), replaced.append(Path(dst))))
     assert tune.main(["--kernel", "prefill", "--matmuls-alone", "--json", str(rows_file)]) == 0
+    assert sorted(replaced) == [table_dir / "cpu.json", rows_file]
     rows = json.loads(rows_file.read_text())["rows"]
     assert rows and all(r["matmuls_alone_ms"] > 0 for r in rows)
     (entry,) = read_table(table_dir / "cpu.json")["entries"]
