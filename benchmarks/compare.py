@@ -5,11 +5,12 @@
 
 Benchmarks pair by fullname (name when a file lacks it). The verdict is pytest-benchmark's own
 PercentageRegressionCheck, the one behind `--benchmark-compare-fail`. Exit status: 0 no regression;
-1 a regression, or a baseline benchmark missing from NEW; 2 a refusal: unreadable input (a
-benchmark twice in one file, a time that is not a positive number: benchmarks.results.by_name,
-which `history add` applies too), runs from different GPUs (or interpreter against compiled) without --allow-different-gpu, an --impl that
-neither file holds, or no benchmark in both files (after --impl), since a gate that compared
-nothing has passed nothing.
+1 a regression, or a baseline benchmark missing from NEW; 2 a refusal: unreadable input (including
+a benchmark twice in one file, or a compared figure that is not a positive time:
+benchmarks.results.by_name, which `history add` applies too), runs from different GPUs (or
+interpreter against compiled) without --allow-different-gpu, an --impl that neither file holds,
+or no benchmark in both files (after --impl), since a gate that compared nothing has passed
+nothing.
 """
 
 import argparse

@@ -58,7 +58,7 @@ LAST = 10  # earlier runs a check compares the newest with
 
 
 class HistoryError(Exception):
-    """A database that is not a history, or is damaged."""
+    """A database that is not a history, is damaged, or cannot be read or written."""
 
 
 def db_path(target: str) -> Path:
@@ -102,10 +102,9 @@ def use_wal(db: sqlite3.Connection) -> None:
 
 def open_db(target: str, create: bool) -> sqlite3.Connection:
     """The history at `target` (path or sqlite:/// URL); created when `create` (its directory too),
-    else it must exist.
-    An `add` (create) puts it in WAL mode once it is known to be a history, so another program's
-    database is left as it was. HistoryError names the file when it cannot be opened or written, is damaged, or is another
-    program's database; nothing is ever reset."""
+    else it must exist. With `create` (an add) it is put in WAL mode once it is known to be a
+    history, so another program's database is left as it was. HistoryError names the file when it
+    cannot be opened or written, is damaged, or is another program's database; nothing is reset."""
     path = db_path(target)
     if path.is_dir():
         raise HistoryError(f"{path}: a directory, not a history database")
@@ -349,8 +348,8 @@ def check_history(db: sqlite3.Connection, threshold: int = THRESHOLD, gpu: str |
             medians = [p[0] if p else None for p in points]
             bad = [(run, m) for run, m in zip(runs, medians, strict=True) if m is not None and m <= 0]
             if bad:  # stored before add refused such figures, or by another tool
-                (_, commit, time, _), m = bad[0]
-                result.refusals.append(f"{name}: {bench}: the median of run {commit[:10]} {time} is {m:g} s, not a time; nothing is compared against it")
+                (_, commit, when, _), m = bad[0]
+                result.refusals.append(f"{name}: {bench}: the median of run {commit[:10]} {when} is {m:g} s, not a time; nothing is compared against it")
                 continue
             newest, history = medians[-1], [m for m in medians[:-1] if m is not None]
             if newest is None or not history:
@@ -363,8 +362,8 @@ def check_history(db: sqlite3.Connection, threshold: int = THRESHOLD, gpu: str |
             if verdict != "ok":
                 result.failures.append(f"{name}: {bench}: {100 * (ratio - 1):+.1f}% against a band of {100 * width:.1f}%")
         if not verdicts.rows and len(result.refusals) == refused:
-            newest = f"{verdicts.newest[0][:10]} {verdicts.newest[1]}"
-            result.refusals.append(f"{name}: nothing compared: no benchmark of the newest run ({newest}) has a median both there and in the {verdicts.earlier} earlier run(s)")
+            commit, when = verdicts.newest
+            result.refusals.append(f"{name}: nothing compared: no benchmark of the newest run ({commit[:10]} {when}) has a median both there and in the {verdicts.earlier} earlier run(s)")
     return result
 
 

@@ -6,13 +6,15 @@
 Reads OUT/<id>/<task>.{json,xml,exit} and OUT/logs/<id>_<task>.out, and writes into OUT/<id>/:
 merged.json (every task's benchmarks, each tagged with its task and node), report.md (the task
 table, the benchmark tables of `benchmarks.report`, and `benchmarks.compare` against the
-baseline) and plots/, each file atomically (minivllm.atomic_write). Every task of the sweep gets a row: a task that failed, never finished or
-never ran is named there and makes the exit status 1; otherwise the status is the comparison's.
+baseline) and plots/, each file atomically (minivllm.atomic_write). Every task of the sweep gets
+a row: a task that failed, never finished or never ran is named there and makes the exit status
+1; otherwise the status is the comparison's.
 A task cut short (SIGTERM at its time limit's warning, or killed) is PARTIAL: what it measured,
 from its JSON or else its JSON-lines file (benchmarks.results.load), is merged, and it too makes
 the status 1.
 With --history, merged.json is added to that regression history (benchmarks.history) and the
-GPU's new run checked against the runs before it; a slower-than-its-band figure makes the status 1.
+GPU's new run checked against the runs before it; a slower-than-its-band figure makes the status 1,
+a check that cannot judge (nothing compared, a stored median that is not a time) 2.
 """
 
 import argparse
