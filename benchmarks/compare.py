@@ -5,10 +5,12 @@
 
 Benchmarks pair by fullname (name when a file lacks it). The verdict is pytest-benchmark's own
 PercentageRegressionCheck, the one behind `--benchmark-compare-fail`. Exit status: 0 no regression;
-1 a regression, or a baseline benchmark missing from NEW; 2 a refusal: unreadable input, runs from
-different GPUs (or interpreter against compiled) without --allow-different-gpu, an --impl that
-neither file holds, or no benchmark in both files (after --impl), since a gate that compared
-nothing has passed nothing.
+1 a regression, or a baseline benchmark missing from NEW; 2 a refusal: unreadable input (including
+a benchmark twice in one file, or a compared figure that is not a positive time:
+benchmarks.results.by_name, which `history add` applies too), runs from different GPUs (or
+interpreter against compiled) without --allow-different-gpu, an --impl that neither file holds,
+or no benchmark in both files (after --impl), since a gate that compared nothing has passed
+nothing.
 """
 
 import argparse
@@ -20,7 +22,7 @@ from dataclasses import field as dataclass_field
 
 from pytest_benchmark.utils import parse_compare_fail
 
-from benchmarks.results import ResultsError, fmt_duration, is_interpreter, load, machine_lines, number, pipe_table
+from benchmarks.results import ResultsError, by_name, fmt_duration, is_interpreter, load, machine_lines, pipe_table
 
 
 def threshold(text: str) -> int:
@@ -29,22 +31,6 @@ def threshold(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"invalid threshold {text!r}: give a whole percentage such as 10% or 10")
     return int(match[1])
-
-
-def by_key(path: str, data: dict, field: str, impls: list[str]) -> dict[str, dict]:
-    """The file's stats keyed by fullname, only for `impls` when given; ResultsError on a repeated
-    key or a missing `field`."""
-    stats = {}
-    for bench in data["benchmarks"]:
-        if impls and bench["extra_info"].get("impl") not in impls:
-            continue
-        key = bench.get("fullname") or bench["name"]
-        if key in stats:
-            raise ResultsError(f"{path}: benchmark {key!r} appears twice")
-        if number(bench["stats"].get(field)) is None:
-            raise ResultsError(f"{path}: benchmark {key!r} has no numeric stats.{field}")
-        stats[key] = bench["stats"]
-    return stats
 
 
 def mismatch(base: dict, new: dict) -> list[str]:
@@ -146,14 +132,14 @@ class Comparison:
 def compare_files(baseline: str, new: str, *, field: str = "median", threshold: int = 10, impls: Iterable[str] = (), allow_different_gpu: bool = False,
                   allow_missing: bool = False) -> Comparison:
     """Pair the two files' benchmarks and judge each with pytest-benchmark's regression check.
-    ResultsError for an unreadable file, an impl neither holds, or runs from different GPUs (or
-    interpreter against compiled) unless allow_different_gpu."""
+    ResultsError for an unreadable file (by_name's refusals included), an impl neither holds, or
+    runs from different GPUs (or interpreter against compiled) unless allow_different_gpu."""
     impls = list(impls)
     base_data, new_data = load(baseline), load(new)
     problem = unknown_impls(impls, base_data, new_data)
     if problem:
         raise ResultsError(problem)
-    base_stats, new_stats = (by_key(path, data, field, impls) for path, data in ((baseline, base_data), (new, new_data)))
+    base_stats, new_stats = ({key: b["stats"] for key, b in by_name(path, data, field, impls).items()} for path, data in ((baseline, base_data), (new, new_data)))
     problems = mismatch(base_data, new_data)
     if problems and not allow_different_gpu:
         raise ResultsError(f"refusing to compare {baseline} with {new}: {'; '.join(problems)} (override with --allow-different-gpu)")
@@ -168,8 +154,7 @@ def compare_files(baseline: str, new: str, *, field: str = "median", threshold: 
         failed = check.fails(new_stats[key], stats)
         if failed:
             result.regressions.append(f"  {key}: {change:+.1f}% ({fmt_duration(before)} -> {fmt_duration(after)})")
-        ratio = f"{after / before:.3f}" if before else "inf"
-        result.rows.append([key, fmt_duration(before), fmt_duration(after), ratio, f"{change:+.1f}%", "REGRESSION" if failed else "ok"])
+        result.rows.append([key, fmt_duration(before), fmt_duration(after), f"{after / before:.3f}", f"{change:+.1f}%", "REGRESSION" if failed else "ok"])
     result.missing = [key for key in base_stats if key not in new_stats]
     result.added = [key for key in new_stats if key not in base_stats]
     return result

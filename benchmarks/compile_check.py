@@ -33,7 +33,9 @@ if __name__ == "__main__" and interpreting():
 import torch  # noqa: E402
 
 from benchmarks import tune  # noqa: E402  (its candidate sets, looked up when used)
+from benchmarks.output_paths import output_file  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
+from minivllm.atomic_write import write_atomic  # noqa: E402
 from minivllm.dtypes import SHORT_DTYPES, dtype_name  # noqa: E402
 from minivllm.kernels import compile_check as cc  # noqa: E402
 from minivllm.kernels import naive_attention, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul, store_kvcache  # noqa: E402
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", action="append", help=f"sm_ and a compute capability, repeatable (default: {' and '.join(cc.TARGETS)})")
     parser.add_argument("--dtype", action="append", choices=["bf16", "fp16"], help="repeatable (default: both)")
-    parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--json", type=output_file, help="write every row here")
     args = parser.parse_args(argv)
     for target in args.target or ():
         try:
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(rows))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_atomic(args.json, json.dumps(rows, indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
 
 

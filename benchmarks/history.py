@@ -5,91 +5,175 @@
     python -m benchmarks.history check DB [--threshold 10%] [--gpu NAME] [--last N]
 
 DB is a file path or an sqlite:/// URL. A run is keyed by its GPU, commit and time (pytest-benchmark's
-`datetime`), so adding the same file twice stores it once. Runs of different GPUs are never
-compared with each other. `check` compares each GPU's newest run with the runs before it: a
-benchmark fails when its median is slower than the median of its earlier medians by more than the
-noise band, the larger of --threshold and three times the history's own spread (the median
-absolute deviation of those medians, relative to their median). Exit status: 0 when nothing
-failed, 1 when something did (each named), 2 for a file or database that cannot be read.
+`datetime`), so adding the same file twice stores it once. Each run is added in one transaction,
+and the database is in WAL mode with a busy timeout, so several `add`s at once (merge jobs, CI
+runs) each wait their turn. A file is refused whole, as `compare` refuses it, when it holds a
+benchmark twice or a median that is not a positive time (benchmarks.results.by_name).
+Runs of different GPUs are never compared with each other. `check` compares each GPU's newest run
+with the runs before it: a benchmark fails when its median is slower than the median of its
+earlier medians by more than the noise band, the larger of --threshold and three times the
+history's own spread (the median absolute deviation of those medians, relative to their median).
+Exit status: 0 when nothing failed, 1 when something did (each named), 2 for a file or database
+that cannot be read or written, or a check that cannot judge: a median in the history that is
+not a positive time, a GPU whose newest run has earlier runs but no figure in common with them,
+a --gpu the history lacks, or an empty history (a gate that compared nothing has passed nothing).
+A GPU's first run, with nothing before it, is not a refusal.
 """
 
 import argparse
 import json
+import os
 import re
 import sqlite3
 import statistics
 import sys
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.compare import threshold
-from benchmarks.report import SUITES
-from benchmarks.results import DASH, ResultsError, fmt_duration, load, number, partial_info, partial_line, pipe_table
+from benchmarks.output_paths import output_dir, writable_dir
+from benchmarks.report import SUITES, save_figure
+from benchmarks.results import DASH, ResultsError, by_name, fmt_duration, load, number, partial_info, partial_line, pipe_table
 
 MARKER = "minivllm benchmark history"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
+SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE runs (
     id INTEGER PRIMARY KEY, gpu TEXT NOT NULL, commit_id TEXT NOT NULL, time TEXT NOT NULL, source TEXT NOT NULL,
     machine_info TEXT NOT NULL, commit_info TEXT NOT NULL, UNIQUE (gpu, commit_id, time)
-);
-CREATE TABLE IF NOT EXISTS results (
+)""",
+    """CREATE TABLE results (
     run_id INTEGER NOT NULL REFERENCES runs (id), name TEXT NOT NULL, grp TEXT, median REAL, iqr REAL, rounds INTEGER,
     extra_info TEXT NOT NULL, PRIMARY KEY (run_id, name)
-);
-"""
+)""",
+)
+# How long a writer waits for another's transaction before giving up. Adding even a whole sweep's
+# merged run takes well under a second, so only a stuck writer would exhaust it.
+BUSY_TIMEOUT_S = 120
 SPREAD_FACTOR = 3  # the band is this many median absolute deviations of the history's medians
 THRESHOLD = 10  # percent: the band's floor
 LAST = 10  # earlier runs a check compares the newest with
 
 
 class HistoryError(Exception):
-    """A database that is not a history, or is damaged."""
+    """A database that is not a history, is damaged, or cannot be read or written."""
+
+
+def db_path(target: str) -> Path:
+    """The file a history target, a path or an sqlite:/// URL, names."""
+    return Path(target.removeprefix("sqlite:///"))
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error. IMMEDIATE takes the write lock at the
+    start, so concurrent writers queue on the busy timeout; a deferred transaction would let two
+    of them read 'not there yet' and then fail one on the UNIQUE key."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:  # SQLite rolls some failures back itself
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def tables(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def use_wal(db: sqlite3.Connection) -> None:
+    """Put the database in WAL mode: readers never wait for the writer, nor it for them. The mode
+    is stored in the file. Switching needs the database to itself, and SQLite answers 'locked' at
+    once, without the busy timeout, while another add's transaction holds it: so retry until then."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:  # the primary code of an extended one
+                raise
+            time.sleep(0.01)
 
 
 def open_db(target: str, create: bool) -> sqlite3.Connection:
-    """The history at `target` (path or sqlite:/// URL); created when `create`, else it must exist.
-    A damaged file or another program's database raises HistoryError, never a silent reset."""
-    path = Path(target.removeprefix("sqlite:///") if target.startswith("sqlite:///") else target)
+    """The history at `target` (path or sqlite:/// URL); created when `create` (its directory too),
+    else it must exist. With `create` (an add) it is put in WAL mode once it is known to be a
+    history, so another program's database is left as it was. HistoryError names the file when it
+    cannot be opened or written, is damaged, or is another program's database; nothing is reset."""
+    path = db_path(target)
+    if path.is_dir():
+        raise HistoryError(f"{path}: a directory, not a history database")
     if not create and not path.is_file():
         raise HistoryError(f"{path}: no such history database")
     try:
-        db = sqlite3.connect(path)
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables and "meta" not in tables:
-            raise HistoryError(f"{path}: an SQLite database, but not a benchmark history (tables {sorted(tables)})")
-        if not tables:
-            db.executescript(SCHEMA)
-            db.execute("INSERT INTO meta VALUES ('format', ?)", (MARKER,))
-            db.commit()
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: every write is an explicit write_transaction.
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        if create:
+            with write_transaction(db):  # two first adds at once: one creates the schema, the other sees it
+                if not tables(db):
+                    for statement in SCHEMA:
+                        db.execute(statement)
+                    db.execute("INSERT INTO meta VALUES ('format', ?)", (MARKER,))
+        found = tables(db)
+        if "meta" not in found:
+            raise HistoryError(f"{path}: an SQLite database, but not a benchmark history (tables {sorted(found)})")
         marker = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
         if marker is None or marker[0] != MARKER:
             raise HistoryError(f"{path}: not a benchmark history (no '{MARKER}' marker)")
         db.execute("PRAGMA quick_check").fetchone()
+        if create:
+            use_wal(db)
+    except (OSError, sqlite3.OperationalError) as exc:  # read-only, locked past the timeout, a directory it cannot make
+        raise HistoryError(f"{path}: cannot {'write' if create else 'read'} the history: {exc}") from exc
     except sqlite3.DatabaseError as exc:
         raise HistoryError(f"{path}: damaged or not an SQLite database: {exc}") from exc
     return db
 
 
+def check_writable(target: str) -> None:
+    """HistoryError when `add` could not store a run at `target`, for a job that will add one only
+    later (slurm.submit --history) to refuse now: an existing file must be a history this process
+    may write, and its directory (where SQLite keeps its journal) must be one it can write or create."""
+    path = db_path(target)
+    if path.exists():
+        open_db(target, create=False).close()
+        if not os.access(path, os.W_OK):
+            raise HistoryError(f"{path}: cannot write the history: no write permission")
+    problem = writable_dir(path.parent)
+    if problem:
+        raise HistoryError(f"{path}: {problem}")
+
+
 def add(db: sqlite3.Connection, path: str) -> bool:
-    """Store one --benchmark-json file; False when its run (GPU, commit, time) is already there."""
+    """Store one --benchmark-json file, in one transaction; False when its run (GPU, commit, time)
+    is already there. ResultsError for a file that load or by_name refuses (a benchmark twice, a
+    median that is not a positive time); HistoryError when the database cannot be written."""
     data = load(path)
+    benches = by_name(path, data)
     machine, commit = data["machine_info"], data.get("commit_info") or {}
     gpu = str(machine.get("gpu") or machine.get("device") or machine.get("node") or "unknown")
     key = (gpu, str(commit.get("id") or "unknown"), str(data.get("datetime") or commit.get("time") or "unknown"))
-    if db.execute("SELECT 1 FROM runs WHERE gpu = ? AND commit_id = ? AND time = ?", key).fetchone():
-        return False
-    run = db.execute(
-        "INSERT INTO runs (gpu, commit_id, time, source, machine_info, commit_info) VALUES (?, ?, ?, ?, ?, ?)",
-        (*key, str(path), json.dumps(machine), json.dumps(commit)),
-    ).lastrowid
-    rows = []
-    for bench in data["benchmarks"]:
-        stats = bench["stats"]
-        name = bench.get("fullname") or bench["name"]
-        rows.append((run, name, bench.get("group"), number(stats.get("median")), number(stats.get("iqr")), stats.get("rounds"), json.dumps(bench["extra_info"])))
-    db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-    db.commit()
+    rows = [(name, b.get("group"), number(b["stats"]["median"]), number(b["stats"].get("iqr")), b["stats"].get("rounds"), json.dumps(b["extra_info"]))
+            for name, b in benches.items()]
+    try:
+        with write_transaction(db):
+            if db.execute("SELECT 1 FROM runs WHERE gpu = ? AND commit_id = ? AND time = ?", key).fetchone():
+                return False
+            run = db.execute(
+                "INSERT INTO runs (gpu, commit_id, time, source, machine_info, commit_info) VALUES (?, ?, ?, ?, ?, ?)",
+                (*key, str(path), json.dumps(machine), json.dumps(commit)),
+            ).lastrowid
+            db.executemany("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", [(run, *row) for row in rows])
+    except sqlite3.DatabaseError as exc:
+        database = db.execute("PRAGMA database_list").fetchone()[2]
+        raise HistoryError(f"{database}: cannot write {path} into the history: {exc}") from exc
     return True
 
 
@@ -163,7 +247,7 @@ def show(db: sqlite3.Connection, args) -> int:
                 print(f"wrote {path}")
     if not shown:
         print("error: no benchmark in the history matches", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -173,7 +257,7 @@ def plot(gpu: str, runs: list[tuple], trends: dict[str, list], outdir: Path) -> 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir.mkdir(parents=True, exist_ok=True)  # output_dir checked it can be, when the command line was parsed
     groups: dict[str, list[str]] = {}
     for name, points in trends.items():
         grp = next((p[1] for p in points if p and p[1]), None) or "ungrouped"
@@ -202,7 +286,7 @@ def plot(gpu: str, runs: list[tuple], trends: dict[str, list], outdir: Path) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
         path = outdir / (re.sub(r"[^A-Za-z0-9.-]+", "-", f"{gpu} {grp}").strip("-") + ".png")
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
         written.append(path)
     return written
 
@@ -210,7 +294,7 @@ def plot(gpu: str, runs: list[tuple], trends: dict[str, list], outdir: Path) -> 
 def band(history: list[float], floor: float) -> float:
     """The relative noise band for a benchmark with these earlier medians."""
     center = statistics.median(history)
-    if len(history) < 3 or not center:
+    if len(history) < 3:
         return floor
     mad = statistics.median(abs(m - center) for m in history)
     return max(floor, SPREAD_FACTOR * mad / center)
@@ -230,30 +314,44 @@ class GpuCheck:
 
 @dataclass
 class Check:
-    """Each GPU's newest run against its history; `failures` names every benchmark slower than its band."""
+    """Each GPU's newest run against its history; `failures` names every benchmark slower than its
+    band, `refusals` why the check cannot judge (a median that is not a time, nothing compared)."""
 
     gpus: list[GpuCheck]
     failures: list[str]
     compared: int
+    refusals: list[str] = field(default_factory=list)
 
     @property
     def code(self) -> int:
-        return 1 if self.failures else 0
+        return 2 if self.refusals else 1 if self.failures else 0
 
 
 def check_history(db: sqlite3.Connection, threshold: int = THRESHOLD, gpu: str | None = None, last: int = LAST) -> Check:
     """The newest run of each GPU (only `gpu` when given) against its `last` runs before it, with
     a band no narrower than `threshold` percent."""
+    if last < 1:
+        raise ValueError(f"last: expected a whole number of runs >= 1, got {last}")
     result = Check([], [], 0)
-    for name in gpus(db, gpu):
+    names = gpus(db, gpu)
+    if not names:
+        present = gpus(db, None)
+        result.refusals.append(f"--gpu {gpu!r}: no run of that GPU in the history; it holds {', '.join(present)}" if present else "the history holds no run")
+    for name in names:
         runs = recent_runs(db, name, last + 1)
         verdicts = GpuCheck(name, (runs[-1][1], runs[-1][2]), len(runs) - 1, [])
         result.gpus.append(verdicts)
         if not verdicts.earlier:
             continue
+        refused = len(result.refusals)
         for bench, points in sorted(series(db, runs, keyword_filter(None)).items()):
-            newest = points[-1][0] if points[-1] else None
-            history = [p[0] for p in points[:-1] if p and p[0] is not None]
+            medians = [p[0] if p else None for p in points]
+            bad = [(run, m) for run, m in zip(runs, medians, strict=True) if m is not None and m <= 0]
+            if bad:  # stored before add refused such figures, or by another tool
+                (_, commit, when, _), m = bad[0]
+                result.refusals.append(f"{name}: {bench}: the median of run {commit[:10]} {when} is {m:g} s, not a time; nothing is compared against it")
+                continue
+            newest, history = medians[-1], [m for m in medians[:-1] if m is not None]
             if newest is None or not history:
                 continue
             center, width = statistics.median(history), band(history, threshold / 100)
@@ -263,6 +361,9 @@ def check_history(db: sqlite3.Connection, threshold: int = THRESHOLD, gpu: str |
             verdicts.rows.append([bench, fmt_duration(center), fmt_duration(newest), f"{100 * (ratio - 1):+.1f}%", f"±{100 * width:.1f}%", verdict])
             if verdict != "ok":
                 result.failures.append(f"{name}: {bench}: {100 * (ratio - 1):+.1f}% against a band of {100 * width:.1f}%")
+        if not verdicts.rows and len(result.refusals) == refused:
+            commit, when = verdicts.newest
+            result.refusals.append(f"{name}: nothing compared: no benchmark of the newest run ({commit[:10]} {when}) has a median both there and in the {verdicts.earlier} earlier run(s)")
     return result
 
 
@@ -280,9 +381,19 @@ def render_check(result: Check) -> str:
         lines.append(pipe_table(["benchmark", "history median", "newest", "change", "band", "verdict"], g.rows, right={1, 2, 3, 4}) + "\n")
     if result.failures:
         lines.append(f"FAIL: {len(result.failures)} benchmark(s) slower than their history's band:\n" + "\n".join(f"  {f}" for f in result.failures))
-    else:
+    if result.refusals:
+        lines.append(f"CANNOT JUDGE ({len(result.refusals)}; exit 2):\n" + "\n".join(f"  {r}" for r in result.refusals))
+    if not result.failures and not result.refusals:
         lines.append(f"OK: no benchmark slower than its history's band ({result.compared} compared)")
     return "\n".join(lines)
+
+
+def runs_count(text: str) -> int:
+    """Parse --last: a whole number of runs, at least 1 (0 would compare with nothing, and SQLite
+    reads a negative LIMIT as none)."""
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of runs >= 1, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,13 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db")
     p.add_argument("-k", metavar="EXPR", help="benchmarks whose names match, as pytest's -k")
     p.add_argument("--gpu", help="only this GPU (as machine_info names it)")
-    p.add_argument("--last", type=int, default=10, help="runs per GPU (default 10)")
-    p.add_argument("--plot", type=Path, metavar="DIR", help="also write a PNG per benchmark group")
+    p.add_argument("--last", type=runs_count, default=LAST, help=f"runs per GPU (default {LAST})")
+    p.add_argument("--plot", type=output_dir, metavar="DIR", help="also write a PNG per benchmark group")
     p = sub.add_parser("check", help="the newest run of each GPU against its history")
     p.add_argument("db")
     p.add_argument("--threshold", type=threshold, default=THRESHOLD, help=f"the band's floor, a whole percentage (default {THRESHOLD}%%)")
     p.add_argument("--gpu", help="only this GPU")
-    p.add_argument("--last", type=int, default=LAST, help=f"earlier runs the history holds (default {LAST})")
+    p.add_argument("--last", type=runs_count, default=LAST, help=f"earlier runs the newest is compared with (default {LAST})")
     return parser
 
 
@@ -326,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             return show(db, args)
         result = check_history(db, args.threshold, args.gpu, args.last)
         print(render_check(result))
+        for refusal in result.refusals:
+            print(f"error: {refusal}", file=sys.stderr)
         return result.code
     except (HistoryError, ResultsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,13 +15,16 @@ tables, and non-Triton impls, record none and show none.
 """
 
 import argparse
+import io
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.output_paths import output_dir
 from benchmarks.results import DASH, ResultsError, fmt, is_interpreter, load, machine_lines, number, pipe_table
+from minivllm.atomic_write import write_atomic
 
 # Columns in this order; an impl not listed here goes after these, alphabetically.
 IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged", "minivllm")
@@ -280,6 +283,13 @@ def figure(members: list[dict], suite: Suite, machine: dict, title: str):
     return fig
 
 
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """Write `fig` as a PNG at `path` atomically: a run killed mid-plot leaves no half-written image."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_atomic(path, buffer.getvalue())
+
+
 def plot_suite(benches: list[dict], name: str, suite: Suite, machine: dict, outdir: Path, prefix: list[str]) -> list[Path]:
     """Write one PNG per group of `suite.group`, named after the group, with `prefix` leading the name."""
     groups: dict[tuple, list[dict]] = {}
@@ -294,7 +304,7 @@ def plot_suite(benches: list[dict], name: str, suite: Suite, machine: dict, outd
         if untuned(groups[key]):
             title += f"\nUNTUNED CONFIGS: {untuned(groups[key])}"
         path = outdir / ("_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p) for p in [*prefix, name, *parts]) + ".png")
-        figure(groups[key], suite, machine, title).savefig(path, dpi=110)
+        save_figure(figure(groups[key], suite, machine, title), path, dpi=110)
         written.append(path)
     return written
 
@@ -351,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--suite", choices=sorted(SUITES), help="show only this suite")
-    parser.add_argument("--plot", type=Path, metavar="DIR", help="also write one PNG per group into DIR")
+    parser.add_argument("--plot", type=output_dir, metavar="DIR", help="also write one PNG per group into DIR (created if missing)")
     args = parser.parse_args(argv)
     try:
         loaded = [(path, load(path)) for path in args.files]

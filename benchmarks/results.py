@@ -128,6 +128,25 @@ def load(path: str | Path) -> dict:
     return data
 
 
+def by_name(path: str | Path, data: dict, field: str = "median", impls: Collection[str] = ()) -> dict[str, dict]:
+    """A loaded file's benchmarks keyed by fullname (name when it lacks one), only those whose
+    extra_info impl is in `impls` when given. ResultsError on a name that appears twice (one copy
+    would silently stand for both) or a stats.`field` that is not a positive number: a time of zero
+    or less is no measurement, and a ratio against it is meaningless."""
+    benches = {}
+    for bench in data["benchmarks"]:
+        if impls and bench["extra_info"].get("impl") not in impls:
+            continue
+        key = bench.get("fullname") or bench["name"]
+        if key in benches:
+            raise ResultsError(f"{path}: benchmark {key!r} appears twice")
+        value = number(bench["stats"].get(field))
+        if value is None or value <= 0:
+            raise ResultsError(f"{path}: benchmark {key!r} has no positive stats.{field} (it has {bench['stats'].get(field)!r})")
+        benches[key] = bench
+    return benches
+
+
 def number(value) -> float | None:
     """`value` as a finite float, or None for a missing, non-numeric or non-finite value."""
     if isinstance(value, bool) or not isinstance(value, int | float):

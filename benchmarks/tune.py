@@ -23,7 +23,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +36,10 @@ if __name__ == "__main__" and "--dry-run" not in sys.argv[1:]:
 
 
 from benchmarks.ceilings import software_facts
+from benchmarks.output_paths import output_dir, output_file
 from benchmarks.repo import commit
 from benchmarks.timing import ColdRound, median_device_s, median_s
+from minivllm.atomic_write import write_atomic
 from minivllm.dtypes import SHORT_DTYPES, dtype_name
 from minivllm.kernels import compile_check as cc
 from minivllm.kernels.flash_attention import prefill_plan
@@ -297,11 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", action="append", choices=("decode", "prefill"), help="only this kernel's buckets; repeatable")
     parser.add_argument("--bucket", action="append", help="only buckets whose name contains this text; repeatable")
     parser.add_argument("--dtype", action="append", choices=TUNED_DTYPES, help="only this dtype; repeatable (default bf16 and fp16; bf16 on the CPU)")
-    parser.add_argument("--out", type=Path, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or minivllm/kernels/configs)")
+    parser.add_argument("--out", type=output_dir, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or minivllm/kernels/configs)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="start no bucket after this many seconds (default 540)")
     parser.add_argument("--no-peers", action="store_true", help="do not time SDPA beside each bucket")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time each prefill winner without its softmax (a diagnostic)")
-    parser.add_argument("--json", help="also write every candidate's row here")
+    parser.add_argument("--json", type=output_file, help="also write every candidate's row here")
     parser.add_argument("--part", type=part, metavar="I/N", help="tune only buckets I, I+N, ... of the selection (a tuning array's task I of N)")
     parser.add_argument("--dry-run", action="store_true", help="time nothing: list each bucket's candidates for --target (default: this GPU), with their shared memory or why they would be dropped")
     parser.add_argument("--target", help="with --dry-run: the GPU to compile for, e.g. sm_100 (B200, GB200) or sm_90 (H100, H200)")
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         write_table(path, prov, winners)
         clear_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(provenance=prov, rows=rows), indent=1))
+        write_atomic(args.json, json.dumps(dict(provenance=prov, rows=rows), indent=1))
     print(f"wrote {len(winners)} entries to {path} in {time.monotonic() - start:.0f} s", flush=True)
     if left_out:
         print(f"budget of {args.budget_s:.0f} s spent; {len(left_out)} buckets left out: " + "; ".join(left_out), flush=True)

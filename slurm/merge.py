@@ -6,13 +6,15 @@
 Reads OUT/<id>/<task>.{json,xml,exit} and OUT/logs/<id>_<task>.out, and writes into OUT/<id>/:
 merged.json (every task's benchmarks, each tagged with its task and node), report.md (the task
 table, the benchmark tables of `benchmarks.report`, and `benchmarks.compare` against the
-baseline) and plots/. Every task of the sweep gets a row: a task that failed, never finished or
-never ran is named there and makes the exit status 1; otherwise the status is the comparison's.
+baseline) and plots/, each file atomically (minivllm.atomic_write). Every task of the sweep gets
+a row: a task that failed, never finished or never ran is named there and makes the exit status
+1; otherwise the status is the comparison's.
 A task cut short (SIGTERM at its time limit's warning, or killed) is PARTIAL: what it measured,
 from its JSON or else its JSON-lines file (benchmarks.results.load), is merged, and it too makes
 the status 1.
 With --history, merged.json is added to that regression history (benchmarks.history) and the
-GPU's new run checked against the runs before it; a slower-than-its-band figure makes the status 1.
+GPU's new run checked against the runs before it; a slower-than-its-band figure makes the status 1,
+a check that cannot judge (nothing compared, a stored median that is not a time) 2.
 """
 
 import argparse
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from benchmarks import compare, history, report
 from benchmarks.results import CEILING_KEYS, ResultsError, load, partial_info, pipe_table, read_any
+from minivllm.atomic_write import write_atomic
 from slurm.sweep import Sweep, read_sweep
 
 LOG_TAIL = 3  # log lines quoted for a task that went wrong
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [read_task(i, ids, results, args.out / "logs" / f"{args.array_job_id}_{i}.out") for i, ids in enumerate(sweep.tasks)]
     merged = merge(sweep, args.array_job_id, tasks)
     merged_path = results / "merged.json"
-    merged_path.write_text(json.dumps(merged, indent=2))
+    write_atomic(merged_path, json.dumps(merged, indent=2))
 
     not_ok, partial = merged["slurm"]["not_ok_tasks"], merged["slurm"]["partial_tasks"]
     verdicts = [f"NOT OK: tasks {', '.join(map(str, not_ok))} (see their rows)"] if not_ok else []
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sections.append("No task produced benchmark results: no tables, no comparison.")
     text = "\n\n".join(sections) + "\n"
-    (results / "report.md").write_text(text)
+    write_atomic(results / "report.md", text)
     print(text)
     print(f"merge: exit {code}; report {results / 'report.md'}")
     return code

@@ -11,7 +11,9 @@ file and submits nothing: it prints, as shell to paste, what a submission would 
 logs directory, write the generated sweep file, and the two sbatch lines). Otherwise it writes the
 sweep file to OUT/sweeps/ and prints the job ids and where the results, logs and merged report
 will land. Bad options (a --time Slurm would refuse, --compare options benchmarks.compare would
-refuse) stop it before anything is written.
+refuse) and bad paths (an --out that is a file or under one, a --sweep or --baseline that cannot
+be read, a --history that is a directory, another program's database or not writable) stop it,
+dry run or not, before anything is collected, written or submitted.
 """
 
 import argparse
@@ -20,8 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import compare
+from benchmarks import compare, history
+from benchmarks.output_paths import output_dir
 from benchmarks.repo import REPO
+from benchmarks.results import ResultsError, by_name, load
 from slurm.jobs import ARRAY_ID, array_command, merge_command, options_from_args, shell_script, tune_array_command, tune_merge_command
 from slurm.jobs import add_arguments as add_slurm_arguments
 from slurm.sweep import add_arguments as add_sweep_arguments
@@ -38,9 +42,9 @@ def history_target(target: str) -> str:
     return prefix + str(Path(target.removeprefix(prefix)).resolve())
 
 
-def check_compare_options(text: str) -> None:
-    """ValueError when benchmarks.compare would refuse `text`: otherwise the merge job would find
-    out only after the whole array ran."""
+def check_compare_options(text: str) -> argparse.Namespace:
+    """benchmarks.compare's options parsed from `text`; ValueError when compare would refuse them:
+    otherwise the merge job would find out only after the whole array ran."""
     try:
         words = shlex.split(text)
     except ValueError as e:
@@ -52,9 +56,27 @@ def check_compare_options(text: str) -> None:
 
     parser.error = refuse  # argparse would print its usage and exit, as if the whole command were compare
     try:
-        parser.parse_args(["BASELINE.json", "NEW.json", *words])
+        return parser.parse_args(["BASELINE.json", "NEW.json", *words])
     except SystemExit:  # -h or --version: compare printed and would exit; the merge job would do no comparing
         raise ValueError(f"--compare: {text!r} asks benchmarks.compare for help, not a comparison") from None
+
+
+def check_merge_inputs(baseline: Path | None, compare_text: str, history_db: str | None) -> None:
+    """ValueError when the merge job would refuse what it is given: compare options benchmarks.compare
+    refuses, a baseline it cannot compare with (unreadable, not a run, a benchmark twice, a compared
+    figure that is not a positive time), or a history `add` could not write. Checked before the
+    array runs, not after."""
+    options = check_compare_options(compare_text)
+    if baseline:
+        try:
+            by_name(baseline, load(baseline), options.field)
+        except ResultsError as e:
+            raise ValueError(f"--baseline: {e}") from None
+    if history_db:
+        try:
+            history.check_writable(history_db)
+        except history.HistoryError as e:
+            raise ValueError(f"--history: {e}") from None
 
 
 def dry_run_script(path: Path, text: str | None, out: Path, array_cmd: list[str], merge_cmd: list[str]) -> str:
@@ -121,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     add_sweep_arguments(parser)
     add_slurm_arguments(parser)
     parser.add_argument("--sweep", type=Path, help="submit this sweep file, as written, instead of generating one")
-    parser.add_argument("--out", type=Path, default=REPO / "results", help="results root: sweeps/, logs/ and <array id>/ go here (default results/)")
+    parser.add_argument("--out", type=output_dir, default=str(REPO / "results"),
+                        help="results root: sweeps/, logs/ and <array id>/ go here, created if missing (default results/)")
     parser.add_argument("--baseline", type=Path, help="the merge job compares the merged results with this pytest-benchmark JSON")
     parser.add_argument("--compare", default="", help="options for benchmarks.compare, one string, e.g. '--threshold 5%% --impl flash_triton'")
     parser.add_argument("--history", help="the merge job adds the merged run to this benchmarks.history database and checks it")
@@ -135,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     text = None  # the generated sweep's file text, which a dry run prints instead of writing
     try:
         opts = options_from_args(args)
-        if args.baseline and not args.baseline.is_file():
-            raise ValueError(f"--baseline: {args.baseline} is not a file")
-        check_compare_options(args.compare)
+        check_merge_inputs(args.baseline, args.compare, args.history)
         if args.sweep:
             chosen = [name for name in SWEEP_OPTIONS if getattr(args, name.lstrip("-").replace("-", "_")) != parser.get_default(name.lstrip("-").replace("-", "_"))]
             if chosen or args.pytest_extra or args.keyword or args.markexpr:

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.output_paths import output_file
 from benchmarks.repo import REPO, commit
+from minivllm.atomic_write import write_atomic
 from slurm.jobs import ARRAY_ID, SlurmOptions, array_command, merge_command, shell_script
 
 GRIDS = ("gpu", "cpu")
@@ -89,11 +91,8 @@ def sweep_text(sweep: Sweep, provenance: str) -> str:
 
 def write_sweep(path: Path, sweep: Sweep, provenance: str) -> None:
     """Write `sweep` to `path` (atomically: a reader sees the old file or the whole new one)."""
-    text = sweep_text(sweep, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, sweep_text(sweep, provenance))
 
 
 def read_sweep(path: Path) -> Sweep:
@@ -148,7 +147,7 @@ def provenance() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slurm.sweep", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    parser.add_argument("-o", "--output", type=Path, help="sweep file to write (default OUT/sweeps/<UTC time>.txt)")
+    parser.add_argument("-o", "--output", type=output_file, help="sweep file to write (default OUT/sweeps/<UTC time>.txt)")
     parser.add_argument("--out", type=Path, default=REPO / "results", help="results root the printed commands use (default results/)")
     args = parser.parse_args(argv)
     try:

@@ -6,16 +6,17 @@ Reads OUT/<id>/<task>.exit and OUT/<id>/tables/<task>/*.json (slurm/tune_array.s
 them) and writes OUT/<id>/<gpu>.json: every task's winners, every task's run in `runs` (GPU,
 driver, torch, Triton, date, commit), each entry naming its own. Copy it into minivllm/kernels/configs/
 (or point MINIVLLM_KERNEL_CONFIGS at OUT/<id>) for the kernels to use it. Exit status: 0 when every task finished and the tables merged; 1 when a task failed, never
-finished or never ran (the others' tables are still merged, and the missing ones named); 2 when
+finished or never ran, or left a table that cannot be read (a task killed mid-write): the others'
+tables are still merged, and the missing or skipped ones named; 2 when no table can be read, or
 the tables come from different GPU models, which are never merged into one (nothing is written).
+The merged table is written atomically.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from minivllm.kernels.tuning_table import merge_tables, read_table
+from minivllm.kernels.tuning_table import merge_tables, read_table, save_table
 
 
 def task_status(results: Path, task: int) -> str:
@@ -35,11 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = args.out / args.array_job_id
     statuses = {task: task_status(results, task) for task in range(args.tasks)}
-    paths = sorted((results / "tables").glob("*/*.json"))
+    paths, tables = [], []
+    for path in sorted((results / "tables").glob("*/*.json")):
+        try:
+            tables.append(read_table(path))
+            paths.append(path)
+        except ValueError as e:
+            # One task killed mid-write must not cost the others' buckets: its own are left out, and named.
+            print(f"warning: skipped {e}", file=sys.stderr)
+            task = int(path.parent.name) if path.parent.name.isdigit() else None
+            if task in statuses:
+                statuses[task] += ", but its table is unreadable: skipped"
     try:
-        tables = [read_table(p) for p in paths]
         if not tables:
-            raise ValueError("no task wrote a table")
+            raise ValueError("no task wrote a readable table")
         merged = merge_tables(tables)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -51,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the tasks' tables are named {sorted(names)}; one GPU model writes one name", file=sys.stderr)
         return 2
     target = results / names.pop()
-    target.write_text(json.dumps(merged, indent=1) + "\n")
+    save_table(target, merged)
     for task, status in statuses.items():
         print(f"task {task}: {status}")
     print(f"merged {len(merged['entries'])} entries from {len(tables)} tables ({merged['provenance'].get('gpu')}) into {target}")

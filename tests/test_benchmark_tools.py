@@ -1,6 +1,7 @@
 """benchmarks.report and benchmarks.compare on small synthetic pytest-benchmark JSON files."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,46 @@ def test_compare_files_returns_the_verdict_as_data(tmp_path):
         compare.compare_files(base, str(write(tmp_path / "h200.json", [bench("prefill", "flash_triton", 1e-3)], gpu="NVIDIA H200")))
 
 
+@pytest.mark.parametrize("median", [0.0, -1.1e-3])
+def test_compare_refuses_a_time_that_is_not_positive(tmp_path, capsys, median):
+    """A zero baseline once gave an 'inf' ratio, and negative times a +100% 'regression' for a
+    figure that halved; history add refuses such a file with the same check."""
+    base, new = runs(tmp_path, {})
+    data = json.loads(Path(base).read_text())
+    data["benchmarks"][0]["stats"]["median"] = median
+    Path(base).write_text(json.dumps(data))
+    assert compare.main([base, new]) == 2
+    assert f"has no positive stats.median (it has {median!r})" in capsys.readouterr().err
+
+
+def test_report_plot_naming_a_file_is_a_usage_error(tmp_path, capsys):
+    taken = tmp_path / "plots"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(known_report(tmp_path)), "--plot", str(taken)])
+    assert exc.value.code == 2 and f"--plot: {taken} is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "module, option, value, message",
+    [
+        ("tune", "--json", "{d}", "{d} is a directory, not a file"),
+        ("tune", "--out", "{d}/file", "{d}/file is not a directory"),
+        ("compile_check", "--json", "{d}/file/rows.json", "{d}/file is not a directory"),
+        ("report", "--plot", "{d}/file", "{d}/file is not a directory"),
+    ],
+)
+def test_tools_refuse_an_output_path_when_parsing_not_after_the_work(tmp_path, capsys, module, option, value, message):
+    """The tuner and the compile check wrote their --json only after minutes of work; a bad path then lost every row."""
+    import importlib
+
+    (tmp_path / "file").write_text("")
+    args = [str(known_report(tmp_path))] if module == "report" else []
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"benchmarks.{module}").main([*args, option, value.format(d=tmp_path)])
+    assert exc.value.code == 2 and f"argument {option}: {message.format(d=tmp_path)}" in capsys.readouterr().err
+
+
 def test_report_render_returns_the_text_and_what_it_wrote(tmp_path):
     path = known_report(tmp_path)
     rendered = report.render([(path, load(path))], plot=tmp_path / "plots")
@@ -201,7 +242,9 @@ def test_report_suite_filter_and_interpreter_warning(tmp_path, capsys):
     assert "## decode" in out and "## prefill" not in out
 
 
-def test_report_plots_one_png_per_group(tmp_path, capsys):
+def test_report_plots_one_png_per_group(tmp_path, capsys, monkeypatch):
+    replaced, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (real(src, dst), replaced.append(Path(dst))))
     assert report.main([str(known_report(tmp_path)), "--plot", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
@@ -210,6 +253,7 @@ def test_report_plots_one_png_per_group(tmp_path, capsys):
     for name in pngs:
         assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
         assert f"wrote {tmp_path / 'plots' / name}" in out
+    assert sorted(p.name for p in replaced) == pngs  # each written atomically
 
 
 def test_report_without_shown_suite_fails(tmp_path):

@@ -110,6 +110,16 @@ def test_without_tokenizer_writes_no_tokenizer_files(tmp_path):
     assert json.loads((path / "config.json").read_text())["vocab_size"] == 256
 
 
+def test_json_and_tokenizer_files_are_written_atomically(tmp_path, monkeypatch):
+    """config, generation config, index and tokenizer files are renamed into place whole; only the
+    shards (large, and a cache is built in a temporary directory renamed whole) are written in place."""
+    replaced, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (real(src, dst), replaced.append(Path(dst).name)))
+    path = write_random_qwen3(tmp_path, max_shard_bytes=40_000, **(SMALL | dict(with_tokenizer=True)))
+    assert sorted(replaced) == sorted(p.name for p in path.iterdir() if not p.name.endswith(".safetensors"))
+    assert set(replaced) == {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"}
+
+
 def test_tokenizer_matches_the_tokenizers_library_and_the_config(ckpt):
     from tokenizers import Tokenizer
 

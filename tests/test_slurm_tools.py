@@ -72,6 +72,18 @@ def test_slurm_options_refuse_bad_values(kwargs):
         SlurmOptions(**kwargs)
 
 
+def spy_replace(monkeypatch) -> list[Path]:
+    """Record the target of every os.replace from now on: each file a tool writes atomically."""
+    replaced, real = [], os.replace
+
+    def spy(src, dst):
+        real(src, dst)
+        replaced.append(Path(dst))
+
+    monkeypatch.setattr(os, "replace", spy)
+    return replaced
+
+
 def fake_sbatch(bin_dir: Path, log: Path) -> None:
     """An `sbatch` that records its arguments and answers --parsable with job ids 101, 102, ..."""
     script = bin_dir / "sbatch"
@@ -156,6 +168,58 @@ def test_submit_refuses_bad_options_before_writing_anything(tmp_path, capsys, mo
         assert not out.exists()
 
 
+PATH_CASES = {
+    "out is a file": (lambda d: [f"--out={d / 'file'}"], "argument --out: {d}/file is not a directory"),
+    "out under a file": (lambda d: [f"--out={d / 'file' / 'r'}"], "argument --out: {d}/file is not a directory, so {d}/file/r cannot be created"),
+    "history is a directory": (lambda d: [f"--history={d}"], "--history: {d}: a directory, not a history database"),
+    "history is not one": (lambda d: [f"--history=sqlite:///{d / 'file'}"], "--history: {d}/file: damaged or not an SQLite database"),
+    "history under a file": (lambda d: [f"--history={d / 'file' / 'h.db'}"], "--history: {d}/file/h.db: {d}/file is not a directory"),
+    "baseline missing": (lambda d: [f"--baseline={d / 'nope.json'}"], "--baseline: {d}/nope.json: cannot read JSON"),
+    "baseline not a run": (lambda d: [f"--baseline={d / 'file'}"], "--baseline: {d}/file: cannot read JSON"),
+    "baseline zero median": (lambda d: [f"--baseline={d / 'zero.json'}"], "--baseline: {d}/zero.json: benchmark .* has no positive stats.median"),
+    "baseline field": (lambda d: [f"--baseline={d / 'nomin.json'}", "--compare=--field min"], "--baseline: {d}/nomin.json: benchmark .* has no positive stats.min"),
+    "sweep missing": (lambda d: [f"--sweep={d / 'nope.txt'}"], "sweep {d}/nope.txt: cannot read"),
+    "tune out is a file": (lambda d: ["--tune", f"--out={d / 'file'}"], "argument --out: {d}/file is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", PATH_CASES)
+def test_submit_checks_every_path_before_writing_or_submitting(tmp_path, capsys, monkeypatch, case):
+    """Every path option, with or without --dry-run, is checked before anything is collected,
+    written or submitted: a --history that is a directory used to fail only in the merge job,
+    after the whole array had run; an --out that is a file, as a raw traceback (or, in a dry
+    run, as a printed mkdir that would fail)."""
+    (tmp_path / "file").write_text("not a directory, a database or a run")
+    zero, nomin = bench("prefill", "flash_triton", 1e-3), bench("prefill", "flash_triton", 1e-3)
+    zero["stats"]["median"] = 0.0
+    del nomin["stats"]["min"]
+    write(tmp_path / "zero.json", [zero])
+    write(tmp_path / "nomin.json", [nomin])
+    sweep = tmp_path / "sweep.txt"
+    write_sweep(sweep, Sweep("cpu", [], [["a"]]), "test")
+    options, message = PATH_CASES[case]
+    argv = options(tmp_path)
+    if not any(o.startswith(("--sweep", "--tune")) for o in argv):
+        argv.append(f"--sweep={sweep}")
+    if not any(o.startswith("--out") for o in argv):
+        argv.append(f"--out={tmp_path / 'out'}")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: a check that is missing shows as exit 1, not 2
+    before = sorted(tmp_path.rglob("*"))
+    for dry_run in ([], ["--dry-run"]):
+        with pytest.raises(SystemExit) as exc:
+            submit.main([*argv, *dry_run])
+        assert exc.value.code == 2 and re.search(message.format(d=tmp_path), capsys.readouterr().err)
+        assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_sweep_output_naming_a_directory_is_refused_before_collecting(tmp_path, capsys):
+    from slurm import sweep
+
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--grid=cpu", "-o", str(tmp_path)])
+    assert exc.value.code == 2 and f"argument -o/--output: {tmp_path} is a directory, not a file" in capsys.readouterr().err
+
+
 def test_submit_passes_good_compare_options_to_the_merge_job(tmp_path, capsys):
     sweep = tmp_path / "sweep.txt"
     write_sweep(sweep, Sweep("cpu", [], [["a"]]), "test")
@@ -212,7 +276,8 @@ def merge_run(tmp_path: Path, rows: list[list[dict]], *extra: str) -> tuple[int,
     return code, (tmp_path / "77" / "report.md").read_text(), json.loads((tmp_path / "77" / "merged.json").read_text())
 
 
-def test_merge_of_a_clean_sweep_exits_0(tmp_path):
+def test_merge_of_a_clean_sweep_exits_0(tmp_path, monkeypatch):
+    replaced = spy_replace(monkeypatch)
     rows = [task_row(t) for t in range(3)]
     results = tmp_path / "77"
     results.mkdir()
@@ -226,6 +291,8 @@ def test_merge_of_a_clean_sweep_exits_0(tmp_path):
     assert merged["machine_info"]["node"] == "mixed: n0 | n1 | n2" and merged["machine_info"]["gpu"] == "NVIDIA H100 80GB HBM3"
     assert {b["extra_info"]["node"] for b in merged["benchmarks"]} == {"n0", "n1", "n2"}
     assert "## prefill" in report and f"plots in {results / 'plots'}: 1" in report and len(list((results / "plots").glob("*.png"))) == 1
+    # Every file the merge wrote was renamed into place whole (and the sweep file before it).
+    assert sorted(replaced) == sorted([tmp_path / "sweep.txt", results / "merged.json", results / "report.md", *(results / "plots").glob("*.png")])
 
 
 def test_merge_names_every_task_that_went_wrong(tmp_path):
@@ -318,6 +385,30 @@ def test_tune_merge_refuses_tables_of_two_gpu_models_and_names_missing_tasks(tmp
     assert "task 2: unfinished or never ran" in out and "NOT OK: tasks 2" in out
     merged = json.loads((results / "nvidia-gb200.json").read_text())
     assert [(e["kernel"], e["run"]) for e in merged["entries"]] == [("decode", 0), ("prefill", 1)] and len(merged["runs"]) == 2
+
+
+@pytest.mark.parametrize("damage", ['{"provenance": {"gpu": "NVIDIA GB200"}, "runs": [{"gp', '{"provenance": {"gpu": "NVIDIA GB200"}, "entries": []}'], ids=["truncated", "no runs"])
+def test_tune_merge_skips_an_unreadable_table_and_merges_the_others(tmp_path, capsys, monkeypatch, damage):
+    """A task killed mid-write (or a table missing a key) costs that task's buckets only: the other
+    tables are merged, the bad one is named, and the task counts as not ok (exit 1)."""
+    from slurm import tune_merge
+
+    results = tmp_path / "9"
+    for task, kernel in enumerate(("decode", "prefill", "decode")):
+        (results / "tables" / str(task)).mkdir(parents=True)
+        table = tuning_table("NVIDIA GB200", kernel)
+        table["entries"][0]["bucket"] = [64, 1024 << task]
+        (results / "tables" / str(task) / "nvidia-gb200.json").write_text(json.dumps(table))
+        (results / f"{task}.exit").write_text("0\n")
+    bad = results / "tables" / "1" / "nvidia-gb200.json"
+    bad.write_text(damage)
+    replaced = spy_replace(monkeypatch)
+    assert tune_merge.main([str(tmp_path), "9", "3"]) == 1
+    out, err = capsys.readouterr()
+    assert f"warning: skipped tuning table {bad}" in err and "task 1: ok, but its table is unreadable: skipped" in out and "NOT OK: tasks 1" in out
+    merged = json.loads((results / "nvidia-gb200.json").read_text())
+    assert [(e["bucket"], e["run"]) for e in merged["entries"]] == [([64, 1024], 0), ([64, 4096], 1)] and len(merged["runs"]) == 2
+    assert results / "nvidia-gb200.json" in replaced  # written atomically
 
 
 def test_submit_tune_prints_the_array_and_its_merge(tmp_path, capsys):

@@ -3,6 +3,7 @@ the committed tables' validity."""
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,11 @@ from benchmarks import tune
 from minivllm.kernels import flash_attn_varlen, paged_attention_decode
 from minivllm.kernels.flash_attention import prefill_config
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config
-from minivllm.kernels.tuning_table import DEFAULT_DIR, ENV_DIR, bucket, clear_cache, lookup, read_table, tables_for
+from minivllm.kernels.tuning_table import DEFAULT_DIR, ENV_DIR, bucket, clear_cache, lookup, read_table, tables_for, write_table
 from minivllm.reference import attention_ref, paged_decode_gather
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
 from minivllm.reference.tolerance import assert_matches_reference
+from tests.full_disk import write_on_full_disk
 
 
 @pytest.fixture
@@ -28,12 +30,13 @@ def table_dir(tmp_path, monkeypatch) -> Path:
 
 
 def _table(path: Path, capability, entries) -> None:
-    path.write_text(json.dumps(dict(provenance=dict(gpu=path.stem, compute_capability=capability), runs=[], entries=entries)))
+    prov = dict(gpu=path.stem, compute_capability=capability)
+    path.write_text(json.dumps(dict(provenance=prov, runs=[prov], entries=entries)))
 
 
 def _decode_entry(page, bucket_, block_n, dtype="bfloat16", head_dim=128):
     config = dict(fetch="gather", block_n=block_n, num_warps=4, num_stages=3, programs_per_sm=2)
-    return dict(kernel="decode", dtype=dtype, head_dim=head_dim, page=page, bucket=list(bucket_), config=config)
+    return dict(kernel="decode", dtype=dtype, head_dim=head_dim, page=page, bucket=list(bucket_), config=config, run=0)
 
 
 def test_lookup_order_own_table_then_family_by_name_then_by_capability(table_dir):
@@ -62,6 +65,44 @@ def test_malformed_table_names_the_file(table_dir):
     (table_dir / "cpu.json").write_text('{"entries": [{"kernel": "decode"}]}')
     with pytest.raises(ValueError, match="cpu.json"):
         lookup("decode", torch.device("cpu"), torch.bfloat16, 16, 16, (4, 64))
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda t: t.pop("runs"), "no 'runs' list"),
+        (lambda t: t.update(runs=[]), "'runs' is empty"),
+        (lambda t: t.update(runs=["x"]), "run 0 is not an object"),
+        (lambda t: t.pop("provenance"), "no 'provenance' object"),
+        (lambda t: t.update(entries={}), "no 'entries' list"),
+        (lambda t: t["entries"][1].pop("run"), "entry 1 has no 'run' \\(an integer\\)"),
+        (lambda t: t["entries"][1].update(run=3), "entry 1's 'run' 3 is not an index into 'runs' \\(1 run\\)"),
+        (lambda t: t["entries"][0].update(head_dim="128"), "entry 0 has no 'head_dim' \\(an integer\\)"),
+        (lambda t: t["entries"][0].pop("config"), "entry 0 has no 'config' \\(an object\\)"),
+        (lambda t: t["entries"].append(7), "entry 2 is not an object"),
+    ],
+)
+def test_read_table_names_the_file_and_the_key_it_lacks(tmp_path, breakage, message):
+    """Every key the lookups, write_table and merge_tables read is checked here, so none of them
+    meets a raw KeyError later."""
+    path = tmp_path / "nvidia-h100.json"
+    _table(path, [9, 0], [_decode_entry(16, (8, 2048), 16), _decode_entry(16, (64, 4096), 32)])
+    table = json.loads(path.read_text())
+    breakage(table)
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=f"tuning table {path} is malformed: {message}"):
+        read_table(path)
+
+
+def test_a_table_write_that_fails_half_way_keeps_the_old_table(tmp_path):
+    """The tuner killed, or its disk full, mid-write: the table it had is still whole."""
+    path = tmp_path / "cpu.json"
+    old = write_table(path, {"gpu": "cpu"}, [_decode_entry(16, (8, 2048), 16)])
+    winners = [_decode_entry(16, (8, 1 << i), 16) for i in range(200)]
+    setup = f"from pathlib import Path\nfrom minivllm.kernels.tuning_table import write_table\nwinners = {winners!r}"
+    proc = write_on_full_disk(setup, f"write_table(Path({str(path)!r}), {{'gpu': 'cpu'}}, winners)", 8192)
+    assert "File too large" in proc.stderr
+    assert read_table(path) == old and [p.name for p in tmp_path.iterdir()] == ["cpu.json"]
 
 
 def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
@@ -121,13 +162,16 @@ def test_committed_tables_hold_valid_configs(path):
             assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0 and num_warps in (4, 8) and num_stages >= 1
 
 
-def test_tuner_times_the_prefill_winner_without_its_softmax(table_dir, tmp_path, device):
+def test_tuner_times_the_prefill_winner_without_its_softmax(table_dir, tmp_path, device, monkeypatch):
     """--matmuls-alone measures the winner with one stage left out, and never makes that wrong
-    answer a table entry."""
+    answer a table entry. The rows and the table are written atomically."""
     if device.type == "cuda":
         pytest.skip("the tuner's GPU run takes minutes; tests exercise its CPU run")
     rows_file = tmp_path / "rows.json"
+    replaced, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (real(src, dst), replaced.append(Path(dst))))
     assert tune.main(["--kernel", "prefill", "--matmuls-alone", "--json", str(rows_file)]) == 0
+    assert sorted(replaced) == [table_dir / "cpu.json", rows_file]
     rows = json.loads(rows_file.read_text())["rows"]
     assert rows and all(r["matmuls_alone_ms"] > 0 for r in rows)
     (entry,) = read_table(table_dir / "cpu.json")["entries"]

@@ -14,7 +14,8 @@ dtype, head_dim and page. A device is looked up as itself, then as its family (a
 same name stem, as an H100 NVL falls back to the H100's, else of the same compute capability),
 then the kernels' own heuristics; the answer says which (`table`, `family`, `heuristic`).
 Lookups are cached, so a launch pays one dict access; under a CUDA graph it happens at capture.
-write_table and merge_tables, which the tuner and slurm.tune_merge use, touch JSON only.
+write_table, save_table and merge_tables, which the tuner and slurm.tune_merge use, touch JSON only;
+the writers replace a table atomically.
 """
 
 import functools
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from minivllm.atomic_write import write_atomic
 from minivllm.dtypes import dtype_name
 
 DEFAULT_DIR = Path(__file__).parent / "configs"
@@ -60,30 +62,65 @@ def entry_id(entry: dict) -> tuple:
     return *entry_key(entry["kernel"], entry["dtype"], entry["head_dim"], entry["page"]), json.dumps(entry["bucket"])
 
 
+# What every entry holds, with its JSON type: the lookups read the key and config, write_table and
+# merge_tables the run (an index into the table's `runs`).
+ENTRY_FIELDS = {"kernel": (str, "a string"), "dtype": (str, "a string"), "head_dim": (int, "an integer"), "page": (int, "an integer"),
+                "bucket": (list, "a list"), "config": (dict, "an object"), "run": (int, "an integer")}
+
+
+def table_problem(table) -> str | None:
+    """What a parsed table lacks that the lookups, write_table or merge_tables would read, or None."""
+    if not isinstance(table, dict):
+        return "not a JSON object"
+    for key, kind, what in (("provenance", dict, "object"), ("runs", list, "list"), ("entries", list, "list")):
+        if not isinstance(table.get(key), kind):
+            return f"no '{key}' {what}"
+    if not table["runs"]:
+        return "'runs' is empty: every table names the run(s) that wrote it"
+    for i, run in enumerate(table["runs"]):
+        if not isinstance(run, dict):
+            return f"run {i} is not an object"
+    for i, entry in enumerate(table["entries"]):
+        if not isinstance(entry, dict):
+            return f"entry {i} is not an object"
+        for key, (kind, what) in ENTRY_FIELDS.items():
+            if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+                return f"entry {i} has no '{key}' ({what})"
+        if not 0 <= entry["run"] < len(table["runs"]):
+            return f"entry {i}'s 'run' {entry['run']} is not an index into 'runs' ({len(table['runs'])} run{'s' * (len(table['runs']) > 1)})"
+    return None
+
+
 def read_table(path: Path) -> dict:
-    """A table file, checked enough that a malformed one fails here, naming the file."""
+    """A table file, checked for every key the lookups, write_table and merge_tables read; ValueError
+    names the file and what is wrong with it."""
     try:
         table = json.loads(path.read_text())
-        for e in table["entries"]:
-            entry_key(e["kernel"], e["dtype"], e["head_dim"], e["page"]), tuple(e["bucket"]), dict(e["config"])
-        dict(table["provenance"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"tuning table {path} is malformed: {type(e).__name__}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tuning table {path} is unreadable: {type(e).__name__}: {e}") from None
+    problem = table_problem(table)
+    if problem:
+        raise ValueError(f"tuning table {path} is malformed: {problem}")
     return table
+
+
+def save_table(path: Path, table: dict) -> None:
+    """Write `table` to `path` atomically, so a tuner killed mid-write leaves the old table whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(table, indent=1) + "\n")
 
 
 def write_table(path: Path, prov: dict, winners: list[dict]) -> dict:
     """Merge `winners` into the table at `path` (a new one if absent): an entry of the same key
     and bucket is replaced, the rest kept. Each entry names the run that measured it."""
     table = read_table(path) if path.is_file() else {"provenance": {}, "runs": [], "entries": []}
-    table.setdefault("runs", []).append(prov)
+    table["runs"].append(prov)
     run = len(table["runs"]) - 1
     table["provenance"] = dict(prov, note="the latest run; `runs` lists every run, and each entry names its own")
     fresh = {entry_id(w) for w in winners}
     kept = [e for e in table["entries"] if entry_id(e) not in fresh]
     table["entries"] = sorted(kept + [dict(w, run=run) for w in winners], key=entry_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1) + "\n")
+    save_table(path, table)
     return table
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from minivllm.atomic_write import write_atomic
 from minivllm.dtypes import DTYPES, dtype_name
 
 # Bump when the builder's output changes, so default_checkpoint() stops reusing a stale cache.
@@ -221,7 +222,7 @@ def _model_config(sizes: dict, token_ids: dict, dtype: torch.dtype, init_std: fl
 
 
 def _write_json(file: Path, value: dict) -> None:
-    file.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(file, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def _default_device() -> str:
@@ -292,7 +293,7 @@ def write_random_qwen3(
     _write_json(path / "config.json", _model_config(sizes, token_ids, dtype, init_std, rope_theta, max_position_embeddings))
     _write_json(path / "generation_config.json", token_ids | {"do_sample": False})
     if tokenizer is not None:
-        tokenizer.save(str(path / "tokenizer.json"))
+        write_atomic(path / "tokenizer.json", tokenizer.to_str(pretty=True))  # what tokenizer.save writes
         _write_json(path / "tokenizer_config.json", TOKENIZER_CONFIG)
     return path
 
