@@ -5,9 +5,10 @@
     python -m benchmarks.history check DB [--threshold 10%] [--gpu NAME] [--last N]
 
 DB is a file path or an sqlite:/// URL. A run is keyed by its GPU, commit and time (pytest-benchmark's
-`datetime`), so adding the same file twice stores it once. Each run is added in one transaction,
-and the database is in WAL mode with a busy timeout, so several `add`s at once (merge jobs, CI
-runs) each wait their turn. A file is refused whole, as `compare` refuses it, when it holds a
+`datetime`), so adding the same file twice stores it once. Each run is added in one BEGIN IMMEDIATE
+transaction with a busy timeout, so several `add`s at once (merge jobs, CI runs) each wait their
+turn. The journal stays SQLite's default rollback one, not WAL: WAL needs every writer on one host,
+and merge jobs on several nodes write one history on a shared file system. A file is refused whole, as `compare` refuses it, when it holds a
 benchmark twice or a median that is not a positive time (benchmarks.results.by_name).
 Runs of different GPUs are never compared with each other. `check` compares each GPU's newest run
 with the runs before it: a benchmark fails when its median is slower than the median of its
@@ -27,7 +28,6 @@ import re
 import sqlite3
 import statistics
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,25 +85,9 @@ def tables(db: sqlite3.Connection) -> set[str]:
     return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
-def use_wal(db: sqlite3.Connection) -> None:
-    """Put the database in WAL mode: readers never wait for the writer, nor it for them. The mode
-    is stored in the file. Switching needs the database to itself, and SQLite answers 'locked' at
-    once, without the busy timeout, while another add's transaction holds it: so retry until then."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:  # the primary code of an extended one
-                raise
-            time.sleep(0.01)
-
-
 def open_db(target: str, create: bool) -> sqlite3.Connection:
     """The history at `target` (path or sqlite:/// URL); created when `create` (its directory too),
-    else it must exist. With `create` (an add) it is put in WAL mode once it is known to be a
-    history, so another program's database is left as it was. HistoryError names the file when it
+    else it must exist. HistoryError names the file when it
     cannot be opened or written, is damaged, or is another program's database; nothing is reset."""
     path = db_path(target)
     if path.is_dir():
@@ -128,8 +112,6 @@ def open_db(target: str, create: bool) -> sqlite3.Connection:
         if marker is None or marker[0] != MARKER:
             raise HistoryError(f"{path}: not a benchmark history (no '{MARKER}' marker)")
         db.execute("PRAGMA quick_check").fetchone()
-        if create:
-            use_wal(db)
     except (OSError, sqlite3.OperationalError) as exc:  # read-only, locked past the timeout, a directory it cannot make
         raise HistoryError(f"{path}: cannot {'write' if create else 'read'} the history: {exc}") from exc
     except sqlite3.DatabaseError as exc:

@@ -166,7 +166,8 @@ def test_concurrent_adds_to_a_fresh_database_store_every_run(tmp_path):
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 5
             assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 10
-            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            # Not WAL, which needs every writer on one host: merge jobs on several nodes share the file.
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
 
 def read_only(monkeypatch):
