@@ -187,6 +187,23 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def abort_all(self) -> list[Sequence]:
+        """Drop every request, waiting or running, when the steps run for them stop part way (an
+        exception or KeyboardInterrupt in the engine loop); returns the dropped ones, marked
+        finished with their pending tokens dropped. Their blocks are freed, and those of running
+        requests also leave the prefix cache: the step scheduled last may have registered them
+        without ever writing their KV. Blocks freed earlier, by finished or preempted requests,
+        were written by steps already launched and stay cached."""
+        dropped = [*self.running, *self.waiting]
+        for seq in dropped:
+            if seq.block_table:
+                self.block_manager.deallocate(seq, forget=True)
+            seq.drop_pending()
+            seq.status = SequenceStatus.FINISHED
+        self.running.clear()
+        self.waiting.clear()
+        return dropped
+
     def postprocess(self, step: ScheduledStep, token_ids: list[int], eos_token_ids: Collection[int]) -> list[Sequence]:
         """Fill in the tokens `step` sampled (one per step.sampled_seqs, in order) and retire the
         sequences that are done; returns the finished ones. A sequence that ended on an EOS drops
