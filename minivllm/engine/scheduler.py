@@ -144,7 +144,10 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, hits):
                 break
             self.block_manager.allocate(seq, hits)
-            seq.metrics.num_cached_tokens = seq.num_cached_tokens
+            if not seq.metrics.num_preemptions:
+                # First admission only: a readmission hits blocks computed for this request
+                # itself, generated tokens included, which are no prefix hit of its prompt.
+                seq.metrics.num_cached_tokens = seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
             chunk = min(len(seq) - seq.num_computed_tokens, budget, self.chunk_cap)
