@@ -1,6 +1,8 @@
 """Bad input to the engine raises ValueError naming what is wrong; sampling filters do what they say."""
 
 import json
+import re
+from dataclasses import fields
 
 import pytest
 import torch
@@ -141,6 +143,56 @@ def test_good_sampling_params_are_kept():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Config("unused", **kwargs)
+
+
+# Every Config option by the kind of value it takes; device and dtype have tests of their own.
+INT_OPTIONS = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "cpu_kvcache_bytes", "kvcache_block_size", "num_kvcache_blocks",
+               "tensor_parallel_size", "long_prefill_token_threshold")
+FLAG_OPTIONS = ("enforce_eager", "async_scheduling")
+
+
+def test_every_config_option_is_checked_here():
+    checked = {"model", "device", "dtype", "gpu_memory_utilization", "attention_backend", *INT_OPTIONS, *FLAG_OPTIONS}
+    assert {f.name for f in fields(Config)} == checked
+
+
+@pytest.mark.parametrize("name", INT_OPTIONS)
+@pytest.mark.parametrize("value", [True, False, "16", 16.0, [16]], ids=repr)
+def test_an_int_option_refuses_other_types(name, value):
+    """True is no count of 1, and a string or a float would fail deep inside torch, if at all."""
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
+        Config("unused", attention_backend="torch", **{name: value})
+
+
+@pytest.mark.parametrize("name", FLAG_OPTIONS)
+@pytest.mark.parametrize("value", ["no", 1, None], ids=repr)
+def test_a_flag_option_refuses_anything_but_a_bool(name, value):
+    """A string such as "no" is truthy: taking it as True would silently do the opposite."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a bool, got {re.escape(repr(value))}"):
+        Config("unused", attention_backend="torch", **{name: value})
+
+
+@pytest.mark.parametrize("value", [True, "0.5", float("nan"), float("inf"), 0, 1.5, None, [0.5]], ids=repr)
+def test_gpu_memory_utilization_must_be_a_fraction(value):
+    with pytest.raises(ValueError, match=rf"^gpu_memory_utilization must be a number in \(0, 1\], got {re.escape(repr(value))}"):
+        Config("unused", attention_backend="torch", gpu_memory_utilization=value)
+
+
+@pytest.mark.parametrize("value", [["torch"], None, 5], ids=repr)
+def test_attention_backend_must_be_a_backend_name(value):
+    with pytest.raises(ValueError, match=r"^attention_backend must be one of \['torch', 'triton'\]"):
+        Config("unused", attention_backend=value)
+
+
+@pytest.mark.parametrize("value", [5, None, b"ckpt"], ids=repr)
+def test_model_must_be_a_path(value):
+    with pytest.raises(ValueError, match="^model must be a checkpoint directory's path"):
+        Config(value, attention_backend="torch")
+
+
+def test_good_config_values_are_kept(tmp_path):
+    config = Config(tmp_path, attention_backend="torch", gpu_memory_utilization=1, cpu_kvcache_bytes=1 << 20, enforce_eager=True)
+    assert (config.model, config.gpu_memory_utilization, config.cpu_kvcache_bytes, config.enforce_eager) == (str(tmp_path), 1, 1 << 20, True)
 
 
 def test_max_model_len_past_the_checkpoints_positions_raises(checkpoint):

@@ -1,13 +1,15 @@
 """The engine's configuration: one dataclass that refuses inconsistent settings."""
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from minivllm.dtypes import DTYPES
 from minivllm.engine.backend import BACKENDS
+from minivllm.engine.sampling_params import check_int, is_int, is_real
 from minivllm.interpreter import interpreting
-from minivllm.kernels.checks import MAX_BLOCK_SIZE, check_block_size
+from minivllm.kernels.checks import MAX_BLOCK_SIZE, check_block_size, check_bool
 
 DEVICE_TYPES = ("cpu", "cuda")  # the kernels run compiled on CUDA, interpreted on the CPU
 
@@ -52,7 +54,8 @@ def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 @dataclass
 class Config:
-    """Engine settings. `model` is a Hugging Face Qwen3 checkpoint directory.
+    """Engine settings, each checked for its type and range (ValueError naming the field). `model`
+    is a Hugging Face Qwen3 checkpoint directory (a str or os.PathLike, kept as a str).
 
     kvcache_block_size: tokens per KV block, a power of two in [1, MAX_BLOCK_SIZE]; None means MAX_BLOCK_SIZE on a GPU
         and 16 on the CPU, where the interpreter makes every block visit cost.
@@ -91,28 +94,29 @@ class Config:
     async_scheduling: bool = True
 
     def __post_init__(self):
+        # Every field is checked for its type as well as its range: True would pass for a count of 1,
+        # and a str would fail deep inside torch, if at all.
+        if not isinstance(self.model, str | os.PathLike):
+            raise ValueError(f"model must be a checkpoint directory's path (a str or os.PathLike), got {self.model!r}")
+        self.model = str(self.model)
         self.device = check_device(self.device)
         if self.kvcache_block_size is None:
             self.kvcache_block_size = MAX_BLOCK_SIZE if self.device.type == "cuda" else 16
         check_block_size(self.kvcache_block_size, "kvcache_block_size")
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "cpu_kvcache_bytes", "tensor_parallel_size"):
+            check_int(name, getattr(self, name), 1)
         if self.long_prefill_token_threshold is None:
             self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 4)
-        if not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 1:
-            raise ValueError(f"long_prefill_token_threshold must be an int >= 1 or None, got {self.long_prefill_token_threshold!r}")
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if not isinstance(self.num_kvcache_blocks, int) or (self.num_kvcache_blocks < 1 and self.num_kvcache_blocks != -1):
+        check_int("long_prefill_token_threshold", self.long_prefill_token_threshold, 1, " or None")
+        check_bool("async_scheduling", self.async_scheduling)
+        check_bool("enforce_eager", self.enforce_eager)
+        if not is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not is_int(self.num_kvcache_blocks) or (self.num_kvcache_blocks < 1 and self.num_kvcache_blocks != -1):
             raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or an int >= 1, got {self.num_kvcache_blocks!r}")
-        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
         if self.device.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} are visible")
-        if self.attention_backend not in BACKENDS:
+        if not isinstance(self.attention_backend, str) or self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {sorted(BACKENDS)}, got {self.attention_backend!r}")
         self.dtype = check_dtype(self.dtype)
         if self.attention_backend == "triton" and self.device.type == "cpu" and not interpreting():

@@ -14,6 +14,14 @@ def is_real(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_int(name: str, value, minimum: int, note: str = "") -> int:
+    """`value`, once it is an int (is_int) >= minimum; else ValueError naming `name`, with `note`
+    after what was expected."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{note}, got {value!r}")
+    return value
+
+
 @dataclass
 class SamplingParams:
     """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. With ignore_eos
@@ -28,12 +36,10 @@ class SamplingParams:
     def __post_init__(self):
         if not is_real(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        check_int("max_tokens", self.max_tokens, 1)
         if not isinstance(self.ignore_eos, bool):
             # A string such as "no" is truthy: taking it as True would silently do the opposite.
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 is off), got {self.top_k!r}")
+        check_int("top_k", self.top_k, 0, " (0 is off)")
         if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1] (1 is off), got {self.top_p!r}")
