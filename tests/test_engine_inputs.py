@@ -103,6 +103,9 @@ def test_bad_prompts_name_the_prompt_and_what_was_expected(llm, monkeypatch, pro
         (dict(temperature=-0.5), "temperature"),
         (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
         (dict(temperature=float("nan")), "temperature"),
+        # Finite in Python but inf in the device's float32.
+        (dict(temperature=1e300), r"temperature must be a finite number >= 0 .*float32.*, got 1e\+300"),
+        (dict(temperature=3.5e38), "temperature must be a finite number >= 0"),
         (dict(temperature=True), "temperature"),
         (dict(temperature="0.5"), "temperature"),
         (dict(ignore_eos="no"), "ignore_eos must be True or False, got 'no'"),
@@ -360,6 +363,43 @@ def test_sampler_filters(backend, device):
     signs = torch.tensor([[1.0], [-1.0]], device=device)
     greedy = sample(logits[:2] * signs, torch.zeros(2, device=device), no_k[:2], ones[:2], gen, backend)
     assert greedy.tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)
+def test_filters_rank_tokens_whatever_the_temperature(backend, device):
+    """A temperature float32 holds but that scales the logits' differences below its resolution
+    ties them: ranked after scaling, top_k=1 kept whichever of the tied tokens sorted first, not
+    the argmax, and top-p cut the wrong tokens. Ranked on the logits, top_k=1 is greedy at any
+    temperature, and top-p keeps the highest logits."""
+    gen = sampler_generator(2, backend, device)
+    logits = (0.5 - 1e-7 * torch.arange(64, device=device)).repeat(4, 1)  # descending: token 0 is the argmax
+    temps = torch.tensor([3e38, 3e38, 1e30, 1.0], device=device)
+    top1 = sample(logits, temps, torch.ones(4, dtype=torch.long, device=device), None, gen, backend)
+    assert top1.tolist() == [0] * 4
+    # At so high a temperature the distribution is uniform: top_p 0.1 keeps the 7 highest logits.
+    kept = sample(logits[:1].repeat(DRAWS, 1), temps[:1].repeat(DRAWS), None, torch.full((DRAWS,), 0.1, device=device), gen, backend)
+    assert set(kept.tolist()) == set(range(7))
+
+
+def test_a_top_k_past_int64_is_off(llm):
+    """top_k beyond the vocabulary keeps every token, as 0 does, however large: the device's
+    int64 cannot hold 2**70, which once failed inside torch."""
+    prompt = [1, 2, 3]
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]["token_ids"]
+    for top_k in (256, 2**63, 2**70):
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, top_k=top_k)
+        assert llm.generate(prompt, params, use_tqdm=False)[0]["token_ids"] == want
+
+
+def test_a_kv_cache_past_int32_slots_is_refused(llm, monkeypatch):
+    """Cache slots (block * block_size + offset) reach the device as int32: a larger cache would
+    wrap them and write KV over other tokens'. An explicit size is refused, one sized from
+    memory is capped."""
+    with pytest.raises(ValueError, match=r"num_kvcache_blocks \(134217729\) of 16 tokens .* int32"):
+        Config("unused", attention_backend="torch", kvcache_block_size=16, num_kvcache_blocks=2**27 + 1)
+    assert Config("unused", attention_backend="torch", kvcache_block_size=16, num_kvcache_blocks=2**27).num_kvcache_blocks == 2**27
+    monkeypatch.setattr(llm.config, "cpu_kvcache_bytes", 1 << 60)
+    assert llm.runner._blocks_that_fit() == 2**31 // llm.config.kvcache_block_size
 
 
 @pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)

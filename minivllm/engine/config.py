@@ -12,6 +12,9 @@ from minivllm.interpreter import interpreting
 from minivllm.kernels.checks import MAX_BLOCK_SIZE, check_block_size, check_bool
 
 DEVICE_TYPES = ("cpu", "cuda")  # the kernels run compiled on CUDA, interpreted on the CPU
+# Cache slots (block * block_size + offset) reach the kernels as int32: a cache of more would wrap
+# a slot onto another token's.
+MAX_CACHE_SLOTS = 2**31
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -114,6 +117,9 @@ class Config:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
         if not is_int(self.num_kvcache_blocks) or (self.num_kvcache_blocks < 1 and self.num_kvcache_blocks != -1):
             raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or an int >= 1, got {self.num_kvcache_blocks!r}")
+        if self.num_kvcache_blocks * self.kvcache_block_size > MAX_CACHE_SLOTS:
+            raise ValueError(f"num_kvcache_blocks ({self.num_kvcache_blocks}) of {self.kvcache_block_size} tokens exceed the {MAX_CACHE_SLOTS} cache slots "
+                             "that int32 slot ids address")
         if self.device.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} are visible")
         if not isinstance(self.attention_backend, str) or self.attention_backend not in BACKENDS:

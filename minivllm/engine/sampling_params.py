@@ -3,6 +3,12 @@
 import math
 from dataclasses import dataclass
 
+import torch
+
+# The largest float32: the device takes the sampling parameters as float32, and a larger number
+# would reach it as inf.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def is_int(value) -> bool:
     """A real int: bool is an int subclass, but True as a token count is a mistake, not a 1."""
@@ -34,8 +40,8 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not is_real(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not is_real(self.temperature) or not 0 <= self.temperature <= FLOAT32_MAX:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy) that float32 holds (at most {FLOAT32_MAX:.4g}), got {self.temperature!r}")
         check_int("max_tokens", self.max_tokens, 1)
         if not isinstance(self.ignore_eos, bool):
             # A string such as "no" is truthy: taking it as True would silently do the opposite.
