@@ -7,9 +7,9 @@ import torch
 
 from minivllm.dtypes import DTYPES
 from minivllm.engine.backend import BACKENDS
-from minivllm.engine.sampling_params import check_int, is_int, is_real
 from minivllm.interpreter import interpreting
-from minivllm.kernels.checks import MAX_BLOCK_SIZE, check_block_size, check_bool
+from minivllm.kernels.checks import MAX_BLOCK_SIZE, check_block_size
+from minivllm.values import check_bool, check_int, is_int, is_real
 
 DEVICE_TYPES = ("cpu", "cuda")  # the kernels run compiled on CUDA, interpreted on the CPU
 # Cache slots (block * block_size + offset) reach the kernels as int32: a cache of more would wrap

@@ -14,13 +14,14 @@ from minivllm.engine.config import Config
 from minivllm.engine.loader import load_weights
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.qwen3 import ModelArgs, Qwen3ForCausalLM
-from minivllm.engine.sampling_params import SamplingParams, is_int
+from minivllm.engine.sampling_params import SamplingParams
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_profile import StepRecord
 from minivllm.engine.tensor_parallel import TPGroup, check_shardable
 from minivllm.engine.tokenizer import Tokenizer
 from minivllm.engine.tp_processes import STOP_WAIT_S, Rendezvous, Workers, join_group, launcher_rendezvous, leave_group
+from minivllm.values import is_int
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

@@ -1,31 +1,14 @@
 """What a request asks of generation: how to sample and when to stop."""
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from minivllm.values import check_int, is_real
+
 # The largest float32: the device takes the sampling parameters as float32, and a larger number
 # would reach it as inf.
 FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def is_int(value) -> bool:
-    """A real int: bool is an int subclass, but True as a token count is a mistake, not a 1."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    """A finite int or float, bools excluded; inf and nan cannot be scaled or compared sensibly."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_int(name: str, value, minimum: int, note: str = "") -> int:
-    """`value`, once it is an int (is_int) >= minimum; else ValueError naming `name`, with `note`
-    after what was expected."""
-    if not is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}{note}, got {value!r}")
-    return value
 
 
 @dataclass
