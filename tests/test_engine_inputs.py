@@ -94,6 +94,22 @@ def test_bad_prompts_name_the_prompt_and_what_was_expected(llm, monkeypatch, pro
     assert llm.scheduler.is_finished()
 
 
+class WideTokenizer(ByteTokenizer):
+    """A tokenizer that does not match the checkpoint: its ids run past the model's 256."""
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 200 for b in text.encode()]
+
+
+def test_a_tokenizer_id_past_the_vocabulary_is_refused(llm, monkeypatch):
+    """It once reached the embedding and died there with an IndexError (on a GPU, a device assert)."""
+    monkeypatch.setattr(llm, "tokenizer", WideTokenizer())
+    match = r"prompts\[1\]: the tokenizer encoded it with id 304 at position 0, outside the model's vocabulary \[0, 256\)"
+    with pytest.raises(ValueError, match=match):
+        llm.generate([[1, 2], "hi"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.scheduler.is_finished()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -170,13 +170,16 @@ class LLM:
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list | tuple):
             token_ids = list(prompt)
-            for pos, t in enumerate(token_ids):
-                # bool is an int subclass, but True as a token id is a mistake, not token 1.
-                if not is_int(t) or not 0 <= t < vocab:
-                    raise ValueError(f"{where}: token ids must be ints in [0, {vocab}), got {t!r} at position {pos}")
         else:
             mixed = " (a list mixing token ids and prompts is neither one prompt nor a list of them)" if isinstance(prompt, int) else ""
             raise ValueError(f"{where}: expected a str or a list of token ids, got {type(prompt).__name__}{mixed}")
+        for pos, t in enumerate(token_ids):
+            # bool is an int subclass, but True as a token id is a mistake, not token 1.
+            if not is_int(t) or not 0 <= t < vocab:
+                if isinstance(prompt, str):  # the embedding would index past its rows
+                    raise ValueError(f"{where}: the tokenizer encoded it with id {t} at position {pos}, outside the model's vocabulary [0, {vocab}): "
+                                     "the checkpoint's tokenizer does not match its model")
+                raise ValueError(f"{where}: token ids must be ints in [0, {vocab}), got {t!r} at position {pos}")
         if not token_ids:
             raise ValueError(f"{where}: the prompt is empty")
         if len(token_ids) >= self.config.max_model_len:
