@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minivllm.dtypes import DTYPES
+from minivllm.dtypes import check_dtype
 from minivllm.engine.backend import BACKENDS
 from minivllm.interpreter import interpreting
 from minivllm.kernels.checks import MAX_BLOCK_SIZE, check_block_size
@@ -38,21 +38,6 @@ def check_device(device: str | torch.device | None) -> torch.device:
             visible = f" (cuda:0 to cuda:{count - 1})" if count else ""
             raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} CUDA devices{visible}")
     return parsed
-
-
-def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """The compute dtype as a torch.dtype (None: the checkpoint's); ValueError for one the kernels
-    do not take, before any kernel meets it."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    raise ValueError(
-        f"dtype must be one of {sorted(DTYPES)} (a name or the torch dtype) or None (the checkpoint's): "
-        f"the kernels take no other; got {dtype!r}"
-    )
 
 
 @dataclass
@@ -124,7 +109,8 @@ class Config:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} are visible")
         if not isinstance(self.attention_backend, str) or self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {sorted(BACKENDS)}, got {self.attention_backend!r}")
-        self.dtype = check_dtype(self.dtype)
+        # Refused here, before any kernel meets a dtype it does not take; None keeps the checkpoint's.
+        self.dtype = None if self.dtype is None else check_dtype(self.dtype)
         if self.attention_backend == "triton" and self.device.type == "cpu" and not interpreting():
             # Refused here, not at the first kernel launch deep inside generate.
             raise ValueError("attention_backend 'triton' on device 'cpu' needs Triton's interpreter, chosen before the kernels are imported: "
