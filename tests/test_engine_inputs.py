@@ -1,8 +1,8 @@
 """Bad input to the engine raises ValueError naming what is wrong; sampling filters do what they say."""
 
+import dataclasses
 import json
 import re
-from dataclasses import fields
 
 import pytest
 import torch
@@ -140,6 +140,17 @@ def test_bad_sampling_params(kwargs, match):
         SamplingParams(**kwargs)
 
 
+def test_sampling_params_cannot_change_after_their_checks():
+    """A field set after construction would reach the device unchecked (temperature 1e300 became
+    inf there): a request's parameters are fixed once checked; dataclasses.replace checks anew."""
+    params = SamplingParams(temperature=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.temperature = 1e300
+    with pytest.raises(ValueError, match="temperature"):
+        dataclasses.replace(params, temperature=1e300)
+    assert dataclasses.replace(params, top_k=3).top_k == 3
+
+
 def test_good_sampling_params_are_kept():
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, top_k=5, top_p=1)
     assert (params.temperature, params.max_tokens, params.ignore_eos, params.top_k, params.top_p) == (0, 1, True, 5, 1)
@@ -172,7 +183,7 @@ FLAG_OPTIONS = ("enforce_eager", "async_scheduling")
 
 def test_every_config_option_is_checked_here():
     checked = {"model", "device", "dtype", "gpu_memory_utilization", "attention_backend", *INT_OPTIONS, *FLAG_OPTIONS}
-    assert {f.name for f in fields(Config)} == checked
+    assert {f.name for f in dataclasses.fields(Config)} == checked
 
 
 @pytest.mark.parametrize("name", INT_OPTIONS)

@@ -11,7 +11,8 @@ from minivllm.values import check_int, is_real
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-@dataclass
+# Frozen: a field set after the checks would reach the device unchecked; dataclasses.replace checks anew.
+@dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. With ignore_eos
     a sequence runs to max_tokens even past the end-of-sequence token."""
