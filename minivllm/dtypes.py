@@ -11,6 +11,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SHORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`dtype`, a name of DTYPES or the torch dtype, as the torch dtype; ValueError for any other,
+    which the kernels do not take."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} (a name or the torch dtype): the kernels take no other; got {dtype!r}")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """'bfloat16', 'float16', 'float32': torch's name of `dtype`, the key of DTYPES."""
     return str(dtype).removeprefix("torch.")

@@ -1,6 +1,8 @@
 """Bad input to the engine raises ValueError naming what is wrong; sampling filters do what they say."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -92,6 +94,22 @@ def test_bad_prompts_name_the_prompt_and_what_was_expected(llm, monkeypatch, pro
     assert llm.scheduler.is_finished()
 
 
+class WideTokenizer(ByteTokenizer):
+    """A tokenizer that does not match the checkpoint: its ids run past the model's 256."""
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 200 for b in text.encode()]
+
+
+def test_a_tokenizer_id_past_the_vocabulary_is_refused(llm, monkeypatch):
+    """It once reached the embedding and died there with an IndexError (on a GPU, a device assert)."""
+    monkeypatch.setattr(llm, "tokenizer", WideTokenizer())
+    match = r"prompts\[1\]: the tokenizer encoded it with id 304 at position 0, outside the model's vocabulary \[0, 256\)"
+    with pytest.raises(ValueError, match=match):
+        llm.generate([[1, 2], "hi"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.scheduler.is_finished()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -101,6 +119,9 @@ def test_bad_prompts_name_the_prompt_and_what_was_expected(llm, monkeypatch, pro
         (dict(temperature=-0.5), "temperature"),
         (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
         (dict(temperature=float("nan")), "temperature"),
+        # Finite in Python but inf in the device's float32.
+        (dict(temperature=1e300), r"temperature must be a finite number >= 0 .*float32.*, got 1e\+300"),
+        (dict(temperature=3.5e38), "temperature must be a finite number >= 0"),
         (dict(temperature=True), "temperature"),
         (dict(temperature="0.5"), "temperature"),
         (dict(ignore_eos="no"), "ignore_eos must be True or False, got 'no'"),
@@ -117,6 +138,17 @@ def test_bad_prompts_name_the_prompt_and_what_was_expected(llm, monkeypatch, pro
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_cannot_change_after_their_checks():
+    """A field set after construction would reach the device unchecked (temperature 1e300 became
+    inf there): a request's parameters are fixed once checked; dataclasses.replace checks anew."""
+    params = SamplingParams(temperature=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.temperature = 1e300
+    with pytest.raises(ValueError, match="temperature"):
+        dataclasses.replace(params, temperature=1e300)
+    assert dataclasses.replace(params, top_k=3).top_k == 3
 
 
 def test_good_sampling_params_are_kept():
@@ -141,6 +173,56 @@ def test_good_sampling_params_are_kept():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Config("unused", **kwargs)
+
+
+# Every Config option by the kind of value it takes; device and dtype have tests of their own.
+INT_OPTIONS = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "cpu_kvcache_bytes", "kvcache_block_size", "num_kvcache_blocks",
+               "tensor_parallel_size", "long_prefill_token_threshold")
+FLAG_OPTIONS = ("enforce_eager", "async_scheduling")
+
+
+def test_every_config_option_is_checked_here():
+    checked = {"model", "device", "dtype", "gpu_memory_utilization", "attention_backend", *INT_OPTIONS, *FLAG_OPTIONS}
+    assert {f.name for f in dataclasses.fields(Config)} == checked
+
+
+@pytest.mark.parametrize("name", INT_OPTIONS)
+@pytest.mark.parametrize("value", [True, False, "16", 16.0, [16]], ids=repr)
+def test_an_int_option_refuses_other_types(name, value):
+    """True is no count of 1, and a string or a float would fail deep inside torch, if at all."""
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
+        Config("unused", attention_backend="torch", **{name: value})
+
+
+@pytest.mark.parametrize("name", FLAG_OPTIONS)
+@pytest.mark.parametrize("value", ["no", 1, None], ids=repr)
+def test_a_flag_option_refuses_anything_but_a_bool(name, value):
+    """A string such as "no" is truthy: taking it as True would silently do the opposite."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a bool, got {re.escape(repr(value))}"):
+        Config("unused", attention_backend="torch", **{name: value})
+
+
+@pytest.mark.parametrize("value", [True, "0.5", float("nan"), float("inf"), 0, 1.5, None, [0.5]], ids=repr)
+def test_gpu_memory_utilization_must_be_a_fraction(value):
+    with pytest.raises(ValueError, match=rf"^gpu_memory_utilization must be a number in \(0, 1\], got {re.escape(repr(value))}"):
+        Config("unused", attention_backend="torch", gpu_memory_utilization=value)
+
+
+@pytest.mark.parametrize("value", [["torch"], None, 5], ids=repr)
+def test_attention_backend_must_be_a_backend_name(value):
+    with pytest.raises(ValueError, match=r"^attention_backend must be one of \['torch', 'triton'\]"):
+        Config("unused", attention_backend=value)
+
+
+@pytest.mark.parametrize("value", [5, None, b"ckpt"], ids=repr)
+def test_model_must_be_a_path(value):
+    with pytest.raises(ValueError, match="^model must be a checkpoint directory's path"):
+        Config(value, attention_backend="torch")
+
+
+def test_good_config_values_are_kept(tmp_path):
+    config = Config(tmp_path, attention_backend="torch", gpu_memory_utilization=1, cpu_kvcache_bytes=1 << 20, enforce_eager=True)
+    assert (config.model, config.gpu_memory_utilization, config.cpu_kvcache_bytes, config.enforce_eager) == (str(tmp_path), 1, 1 << 20, True)
 
 
 def test_max_model_len_past_the_checkpoints_positions_raises(checkpoint):
@@ -308,6 +390,43 @@ def test_sampler_filters(backend, device):
     signs = torch.tensor([[1.0], [-1.0]], device=device)
     greedy = sample(logits[:2] * signs, torch.zeros(2, device=device), no_k[:2], ones[:2], gen, backend)
     assert greedy.tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)
+def test_filters_rank_tokens_whatever_the_temperature(backend, device):
+    """A temperature float32 holds but that scales the logits' differences below its resolution
+    ties them: ranked after scaling, top_k=1 kept whichever of the tied tokens sorted first, not
+    the argmax, and top-p cut the wrong tokens. Ranked on the logits, top_k=1 is greedy at any
+    temperature, and top-p keeps the highest logits."""
+    gen = sampler_generator(2, backend, device)
+    logits = (0.5 - 1e-7 * torch.arange(64, device=device)).repeat(4, 1)  # descending: token 0 is the argmax
+    temps = torch.tensor([3e38, 3e38, 1e30, 1.0], device=device)
+    top1 = sample(logits, temps, torch.ones(4, dtype=torch.long, device=device), None, gen, backend)
+    assert top1.tolist() == [0] * 4
+    # At so high a temperature the distribution is uniform: top_p 0.1 keeps the 7 highest logits.
+    kept = sample(logits[:1].repeat(DRAWS, 1), temps[:1].repeat(DRAWS), None, torch.full((DRAWS,), 0.1, device=device), gen, backend)
+    assert set(kept.tolist()) == set(range(7))
+
+
+def test_a_top_k_past_int64_is_off(llm):
+    """top_k beyond the vocabulary keeps every token, as 0 does, however large: the device's
+    int64 cannot hold 2**70, which once failed inside torch."""
+    prompt = [1, 2, 3]
+    want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]["token_ids"]
+    for top_k in (256, 2**63, 2**70):
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, top_k=top_k)
+        assert llm.generate(prompt, params, use_tqdm=False)[0]["token_ids"] == want
+
+
+def test_a_kv_cache_past_int32_slots_is_refused(llm, monkeypatch):
+    """Cache slots (block * block_size + offset) reach the device as int32: a larger cache would
+    wrap them and write KV over other tokens'. An explicit size is refused, one sized from
+    memory is capped."""
+    with pytest.raises(ValueError, match=r"num_kvcache_blocks \(134217729\) of 16 tokens .* int32"):
+        Config("unused", attention_backend="torch", kvcache_block_size=16, num_kvcache_blocks=2**27 + 1)
+    assert Config("unused", attention_backend="torch", kvcache_block_size=16, num_kvcache_blocks=2**27).num_kvcache_blocks == 2**27
+    monkeypatch.setattr(llm.config, "cpu_kvcache_bytes", 1 << 60)
+    assert llm.runner._blocks_that_fit() == 2**31 // llm.config.kvcache_block_size
 
 
 @pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)

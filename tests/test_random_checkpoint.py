@@ -325,3 +325,42 @@ def test_default_checkpoint_crash_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         default_checkpoint()
     assert list((tmp_path / "minivllm").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_layers=True), "num_layers must be an int >= 1, got True"),
+        (dict(num_layers=2.0), "num_layers must be an int >= 1, got 2.0"),
+        (dict(hidden_size=0), "hidden_size must be an int >= 1, got 0"),
+        (dict(num_heads="4"), "num_heads must be an int >= 1, got '4'"),
+        (dict(num_kv_heads=0), "num_kv_heads must be an int >= 1, got 0"),
+        (dict(num_kv_heads=3), r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+        (dict(head_dim=31), "head_dim must be even"),
+        (dict(intermediate_size=-1), "intermediate_size must be an int >= 1"),
+        (dict(vocab_size=True, with_tokenizer=False), "vocab_size must be an int >= 1 or None, got True"),
+        (dict(vocab_size=100), r"vocab_size \(100\) must hold the tokenizer's"),
+        (dict(tie_word_embeddings="no"), "tie_word_embeddings must be a bool, got 'no'"),
+        (dict(with_tokenizer=1), "with_tokenizer must be a bool, got 1"),
+        (dict(init_std=0), "init_std must be a finite number > 0, got 0"),
+        (dict(init_std=float("nan")), "init_std must be a finite number > 0"),
+        (dict(init_std=True), "init_std must be a finite number > 0, got True"),
+        (dict(rope_theta=-1.0), "rope_theta must be a finite number > 0"),
+        (dict(rope_theta="1e4"), "rope_theta must be a finite number > 0"),
+        (dict(max_position_embeddings=0), "max_position_embeddings must be an int >= 1"),
+        (dict(seed=True), "seed must be an int >= 0, got True"),
+        (dict(seed=-1), "seed must be an int >= 0"),
+        (dict(dtype=torch.float64), r"dtype must be one of \['bfloat16', 'float16', 'float32'\]"),
+        (dict(dtype=5), "dtype must be one of"),
+        (dict(dtype="fp16"), "dtype must be one of"),
+        (dict(max_shard_bytes=0), "max_shard_bytes must be an int >= 1, got 0"),
+        (dict(max_shard_bytes=1e9), "max_shard_bytes must be an int >= 1, got 1000000000.0"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, kwargs, match):
+    """Each once wrote a checkpoint the engine refuses or misreads (True layers as 1, a float64
+    checkpoint, a tokenizer for with_tokenizer=1's truthiness), or died in the middle with a
+    ZeroDivisionError or AttributeError."""
+    with pytest.raises(ValueError, match=f"^{match}"):
+        write_random_qwen3(tmp_path / "ckpt", device="cpu", **kwargs)
+    assert not (tmp_path / "ckpt").exists()

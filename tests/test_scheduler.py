@@ -207,6 +207,21 @@ def test_finished_requests_leave_their_prefix_cached():
     assert b.num_cached_tokens == 8 and sched.block_manager.num_cache_hit_blocks == 2
 
 
+@pytest.mark.parametrize("num_blocks", [7, 8, 9, 10])
+def test_prefix_hits_count_the_prompt_at_first_admission(num_blocks):
+    """A request's metrics count the prompt tokens the prefix cache served when it was first
+    admitted. Readmitted after a preemption it hits blocks of its own, generated tokens included,
+    which were computed for it and are no prefix hit: an 11-token prompt once reported 16."""
+    sched = make_scheduler(num_blocks=num_blocks, max_model_len=32, max_num_batched_tokens=32)
+    shared = list(range(8))
+    a, b = request(shared + [8], max_tokens=14), request(shared + [20, 21, 22], max_tokens=14)
+    sched.add(a)
+    sched.add(b)
+    run_to_completion(sched)
+    assert b.metrics.num_preemptions == (num_blocks < 10)  # the smaller caches preempt b
+    assert (a.metrics.num_cached_tokens, b.metrics.num_cached_tokens) == (0, 8)
+
+
 def test_impossible_request_raises_instead_of_looping():
     sched = make_scheduler(num_blocks=2, max_model_len=16, max_num_batched_tokens=16)
     sched.add(request(range(12)))

@@ -3,6 +3,7 @@ ids and text, the same chat prompts from Qwen3's real chat template, the same re
 engine that serves text prompts without importing transformers at all."""
 
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -270,3 +271,82 @@ def test_the_engine_serves_text_without_transformers(checkpoint):
     proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(checkpoint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+CORRUPT = {"truncated": b'{"model": {', "not JSON": b"\xff\xfe", "an array": b"[1, 2]"}
+
+
+@pytest.mark.parametrize("content", list(CORRUPT.values()) + [b"{}"], ids=[*CORRUPT, "no model"])
+def test_a_corrupt_tokenizer_json_is_named(tmp_path, content):
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'tokenizer.json'))} is not a readable tokenizer"):
+        Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("content", list(CORRUPT.values()), ids=list(CORRUPT))
+def test_a_corrupt_tokenizer_config_is_named(tmp_path, checkpoint, content):
+    tokenizer_dir(tmp_path, checkpoint)
+    (tmp_path / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'tokenizer_config.json'))}"):
+        Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"eos_token": 5}, "eos_token"),
+        ({"pad_token": ["<pad>"]}, "pad_token"),
+        ({"eos_token": {"id": 3}}, "eos_token"),
+        ({"chat_template": 5}, "chat_template"),
+        ({"chat_template": [5]}, "chat_template"),
+        ({"chat_template": [{"name": "default"}]}, "chat_template"),
+        ({"chat_template": [{"name": "default", "template": None}]}, "chat_template"),
+    ],
+)
+def test_a_tokenizer_config_value_of_the_wrong_type_is_named(tmp_path, checkpoint, config, key):
+    """Each once failed with a TypeError, AttributeError or KeyError naming no file, or (an
+    AddedToken without content) silently dropped the token."""
+    tokenizer_dir(tmp_path, checkpoint, config)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'tokenizer_config.json'))}: '{key}' must be"):
+        Tokenizer(tmp_path)
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_named(tmp_path, checkpoint):
+    tokenizer_dir(tmp_path, checkpoint)
+    (tmp_path / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'chat_template.jinja'))} is not UTF-8 text"):
+        Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_chat_template_that_does_not_compile_is_named(tmp_path, checkpoint, where):
+    """Found when a prompt is rendered, as transformers does: a checkpoint whose template is
+    broken still serves plain prompts."""
+    template = "{% for %}"
+    tok = Tokenizer(tokenizer_dir(tmp_path, checkpoint, {"chat_template": template} if where != "chat_template.jinja" else None,
+                                  template if where == "chat_template.jinja" else None))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / where))}: the chat template does not compile"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert tok.decode(tok.encode("hi")) == "hi"
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda tok: tok.encode(None), "^text must be a str, got None"),
+        (lambda tok: tok.encode(b"hi"), "^text must be a str, got b'hi'"),
+        (lambda tok: tok.decode([1, -1]), r"^ids must be a list of token ids \(ints >= 0\), got -1 at position 1"),
+        (lambda tok: tok.decode([1, True]), r"^ids must be .* got True at position 1"),
+        (lambda tok: tok.decode([1.0]), r"^ids must be .* got 1.0 at position 0"),
+        (lambda tok: tok.decode(5), r"^ids must be a list of token ids .* got int"),
+        (lambda tok: tok.decode([1], skip_special_tokens="no"), "^skip_special_tokens must be a bool, got 'no'"),
+        (lambda tok: tok.apply_chat_template("hi"), r"^messages must be a list of dicts \(a conversation\), got str"),
+        (lambda tok: tok.apply_chat_template([{"role": "user", "content": "hi"}, "hi"]), r"^messages\[1\] must be a dict, got 'hi'"),
+        (lambda tok: tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt="no"), "^add_generation_prompt must be a bool"),
+        (lambda tok: tok.apply_chat_template([{"role": "user", "content": "hi"}], tools={"name": "f"}), r"^tools must be a list of dicts or None"),
+        (lambda tok: tok.apply_chat_template([{"role": "user", "content": "hi"}], documents=["doc"]), r"^documents must be a list of dicts or None"),
+    ],
+)
+def test_bad_arguments_name_the_argument(ours, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(ours)

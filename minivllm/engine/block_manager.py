@@ -118,8 +118,10 @@ class BlockManager:
             self._register(self.blocks[seq.block_table[i]], tokens, compute_hash(tokens, prefix_hash))
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
-    def deallocate(self, seq: Sequence) -> None:
-        """Release seq's blocks. Freed blocks keep their hash so a later request can still hit them."""
+    def deallocate(self, seq: Sequence, forget: bool = False) -> None:
+        """Release seq's blocks. Freed blocks keep their hash so a later request can still hit them,
+        unless `forget`: then they leave the prefix cache, since their KV may never have been
+        written, and are the first to be reused."""
         # Tail first, so a prefix's tail is evicted before its head, which more requests share.
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
@@ -128,6 +130,9 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
+                if forget:
+                    self._forget(block)
+                    self.free_blocks.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_cached_tokens = seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
@@ -149,11 +154,15 @@ class BlockManager:
         """Claim the least recently freed block for new tokens, evicting whatever it cached."""
         block_id, _ = self.free_blocks.popitem(last=False)
         block = self.blocks[block_id]
-        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
-            del self.hash_to_block[block.hash]
-        block.reset()
+        self._forget(block)
         block.ref_count = 1
         return block
+
+    def _forget(self, block: Block) -> None:
+        """Take block out of the prefix cache: no request hits it again."""
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block.block_id:
+            del self.hash_to_block[block.hash]
+        block.reset()
 
     def _register(self, block: Block, tokens: list[int], block_hash: int) -> None:
         """Make a full block hittable; a newer copy of the same prefix replaces an older one."""

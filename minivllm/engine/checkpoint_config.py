@@ -6,25 +6,14 @@ kv heads do not divide would otherwise surface later as a TypeError, a ZeroDivis
 wrong output.
 """
 
-import json
 from pathlib import Path
 
 import torch
 
 from minivllm.dtypes import DTYPES
+from minivllm.engine.json_file import read_json_object
 from minivllm.engine.qwen3 import ModelArgs
-from minivllm.engine.sampling_params import is_int, is_real
-
-
-def _read_json(file: Path) -> dict:
-    """A JSON object from `file`; ValueError naming the file when it is not one."""
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(value).__name__}")
-    return value
+from minivllm.values import is_int, is_real
 
 
 def _read_config(path: Path) -> tuple[dict, Path]:
@@ -34,7 +23,7 @@ def _read_config(path: Path) -> tuple[dict, Path]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json")
-    config = _read_json(config_file)
+    config = read_json_object(config_file)
     if config.get("model_type") != "qwen3":
         raise ValueError(f"model {str(path)!r} is a {config.get('model_type')!r} checkpoint; this engine runs model_type 'qwen3'")
     if not list(path.glob("*.safetensors")):
@@ -147,7 +136,7 @@ def load_model_args(model_dir: str | Path) -> ModelArgs:
     eos_ids = _ids(config, file)
     generation = path / "generation_config.json"
     if generation.is_file():
-        eos_ids += _ids(_read_json(generation), generation)
+        eos_ids += _ids(read_json_object(generation), generation)
     return ModelArgs(
         vocab_size=_positive_int(config, "vocab_size", file),
         hidden_size=hidden,

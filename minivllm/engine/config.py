@@ -1,15 +1,20 @@
 """The engine's configuration: one dataclass that refuses inconsistent settings."""
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-from minivllm.dtypes import DTYPES
+from minivllm.dtypes import check_dtype
 from minivllm.engine.backend import BACKENDS
 from minivllm.interpreter import interpreting
 from minivllm.kernels.checks import MAX_BLOCK_SIZE, check_block_size
+from minivllm.values import check_bool, check_int, is_int, is_real
 
 DEVICE_TYPES = ("cpu", "cuda")  # the kernels run compiled on CUDA, interpreted on the CPU
+# Cache slots (block * block_size + offset) reach the kernels as int32: a cache of more would wrap
+# a slot onto another token's.
+MAX_CACHE_SLOTS = 2**31
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -35,24 +40,10 @@ def check_device(device: str | torch.device | None) -> torch.device:
     return parsed
 
 
-def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """The compute dtype as a torch.dtype (None: the checkpoint's); ValueError for one the kernels
-    do not take, before any kernel meets it."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    raise ValueError(
-        f"dtype must be one of {sorted(DTYPES)} (a name or the torch dtype) or None (the checkpoint's): "
-        f"the kernels take no other; got {dtype!r}"
-    )
-
-
 @dataclass
 class Config:
-    """Engine settings. `model` is a Hugging Face Qwen3 checkpoint directory.
+    """Engine settings, each checked for its type and range (ValueError naming the field). `model`
+    is a Hugging Face Qwen3 checkpoint directory (a str or os.PathLike, kept as a str).
 
     kvcache_block_size: tokens per KV block, a power of two in [1, MAX_BLOCK_SIZE]; None means MAX_BLOCK_SIZE on a GPU
         and 16 on the CPU, where the interpreter makes every block visit cost.
@@ -91,30 +82,35 @@ class Config:
     async_scheduling: bool = True
 
     def __post_init__(self):
+        # Every field is checked for its type as well as its range: True would pass for a count of 1,
+        # and a str would fail deep inside torch, if at all.
+        if not isinstance(self.model, str | os.PathLike):
+            raise ValueError(f"model must be a checkpoint directory's path (a str or os.PathLike), got {self.model!r}")
+        self.model = str(self.model)
         self.device = check_device(self.device)
         if self.kvcache_block_size is None:
             self.kvcache_block_size = MAX_BLOCK_SIZE if self.device.type == "cuda" else 16
         check_block_size(self.kvcache_block_size, "kvcache_block_size")
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "cpu_kvcache_bytes", "tensor_parallel_size"):
+            check_int(name, getattr(self, name), 1)
         if self.long_prefill_token_threshold is None:
             self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens // 4)
-        if not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 1:
-            raise ValueError(f"long_prefill_token_threshold must be an int >= 1 or None, got {self.long_prefill_token_threshold!r}")
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if not isinstance(self.num_kvcache_blocks, int) or (self.num_kvcache_blocks < 1 and self.num_kvcache_blocks != -1):
+        check_int("long_prefill_token_threshold", self.long_prefill_token_threshold, 1, " or None")
+        check_bool("async_scheduling", self.async_scheduling)
+        check_bool("enforce_eager", self.enforce_eager)
+        if not is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not is_int(self.num_kvcache_blocks) or (self.num_kvcache_blocks < 1 and self.num_kvcache_blocks != -1):
             raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or an int >= 1, got {self.num_kvcache_blocks!r}")
-        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
+        if self.num_kvcache_blocks * self.kvcache_block_size > MAX_CACHE_SLOTS:
+            raise ValueError(f"num_kvcache_blocks ({self.num_kvcache_blocks}) of {self.kvcache_block_size} tokens exceed the {MAX_CACHE_SLOTS} cache slots "
+                             "that int32 slot ids address")
         if self.device.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; {torch.cuda.device_count()} are visible")
-        if self.attention_backend not in BACKENDS:
+        if not isinstance(self.attention_backend, str) or self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {sorted(BACKENDS)}, got {self.attention_backend!r}")
-        self.dtype = check_dtype(self.dtype)
+        # Refused here, before any kernel meets a dtype it does not take; None keeps the checkpoint's.
+        self.dtype = None if self.dtype is None else check_dtype(self.dtype)
         if self.attention_backend == "triton" and self.device.type == "cpu" and not interpreting():
             # Refused here, not at the first kernel launch deep inside generate.
             raise ValueError("attention_backend 'triton' on device 'cpu' needs Triton's interpreter, chosen before the kernels are imported: "

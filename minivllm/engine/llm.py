@@ -1,5 +1,6 @@
 """The user-facing engine: LLM(model, **config).generate(prompts, sampling_params)."""
 
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -13,13 +14,14 @@ from minivllm.engine.config import Config
 from minivllm.engine.loader import load_weights
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.qwen3 import ModelArgs, Qwen3ForCausalLM
-from minivllm.engine.sampling_params import SamplingParams, is_int
+from minivllm.engine.sampling_params import SamplingParams
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_profile import StepRecord
 from minivllm.engine.tensor_parallel import TPGroup, check_shardable
 from minivllm.engine.tokenizer import Tokenizer
 from minivllm.engine.tp_processes import STOP_WAIT_S, Rendezvous, Workers, join_group, launcher_rendezvous, leave_group
+from minivllm.values import is_int
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -60,6 +62,9 @@ class LLM:
         check_shardable(args.num_heads, args.num_kv_heads, args.intermediate_size, args.attention_bias, size)
         self.workers = None
         self.closed = False  # set by close() or a tensor-parallel failure; a closed LLM refuses calls
+        # One generate call at a time: the scheduler, the KV cache and the runner's state belong to it.
+        self._generate_lock = threading.Lock()
+        self._generating_thread: int | None = None
         if size > 1 and rendezvous is None:
             rendezvous = launcher_rendezvous()
         if rendezvous is not None:
@@ -165,13 +170,16 @@ class LLM:
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list | tuple):
             token_ids = list(prompt)
-            for pos, t in enumerate(token_ids):
-                # bool is an int subclass, but True as a token id is a mistake, not token 1.
-                if not is_int(t) or not 0 <= t < vocab:
-                    raise ValueError(f"{where}: token ids must be ints in [0, {vocab}), got {t!r} at position {pos}")
         else:
             mixed = " (a list mixing token ids and prompts is neither one prompt nor a list of them)" if isinstance(prompt, int) else ""
             raise ValueError(f"{where}: expected a str or a list of token ids, got {type(prompt).__name__}{mixed}")
+        for pos, t in enumerate(token_ids):
+            # bool is an int subclass, but True as a token id is a mistake, not token 1.
+            if not is_int(t) or not 0 <= t < vocab:
+                if isinstance(prompt, str):  # the embedding would index past its rows
+                    raise ValueError(f"{where}: the tokenizer encoded it with id {t} at position {pos}, outside the model's vocabulary [0, {vocab}): "
+                                     "the checkpoint's tokenizer does not match its model")
+                raise ValueError(f"{where}: token ids must be ints in [0, {vocab}), got {t!r} at position {pos}")
         if not token_ids:
             raise ValueError(f"{where}: the prompt is empty")
         if len(token_ids) >= self.config.max_model_len:
@@ -193,7 +201,23 @@ class LLM:
         per prompt, in input order. A single prompt, a str or one list of token ids, gets a list of
         one. "text" is None when the checkpoint has no tokenizer; "metrics" is the request's
         engine.request_metrics.RequestMetrics (arrival, each token's time, TTFT and ITL,
-        preemptions, prefix-cache hits)."""
+        preemptions, prefix-cache hits).
+
+        A call that raises part way, KeyboardInterrupt included, drops its requests: their KV
+        blocks are freed and the LLM serves the next call as a fresh one would (a tensor-parallel
+        LLM is closed instead). Calls from several threads run one after the other, each with its
+        own tokens; a call from inside a running call on the same thread raises RuntimeError."""
+        if self._generating_thread == threading.get_ident():
+            raise RuntimeError("generate is already running on this thread: an LLM runs one generate call at a time, so it cannot be called from inside one")
+        with self._generate_lock:
+            self._generating_thread = threading.get_ident()
+            try:
+                return self._generate(prompts, sampling_params, use_tqdm)
+            finally:
+                self._generating_thread = None
+
+    def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[dict]:
+        """generate()'s work, under its lock."""
         if self.closed:
             raise RuntimeError("this LLM was closed")
         prompts = self._prompt_list(prompts)
@@ -210,6 +234,7 @@ class LLM:
                 seqs = [Sequence(ids, sp, self.config.kvcache_block_size) for ids, sp in requests]
             self._run(seqs, use_tqdm and self.tp.rank == 0)
         except BaseException as e:
+            self.scheduler.abort_all()
             self._fail(e)
             raise
         return [
@@ -228,24 +253,24 @@ class LLM:
         next is planned. Either way the tokens are the same."""
         for seq in seqs:
             self.scheduler.add(seq)
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         self.step_records = []  # the last call's steps only
         in_flight = None  # (step, its record, its SampledTokens) launched and not yet postprocessed
-        while in_flight or not self.scheduler.is_finished():
-            start = time.perf_counter()
-            step = self.scheduler.schedule(in_flight=in_flight is not None)
-            launched = None
-            if step.seqs:
-                record = StepRecord(
-                    not step.is_decode, len(step.seqs), step.num_tokens, sum(s + n for s, n in zip(step.starts, step.num_new, strict=True)),
-                    schedule_s=time.perf_counter() - start,
-                )
-                self.step_records.append(record)
-                launched = (step, record, self.runner.launch(step, record))
-            done, in_flight = (in_flight, launched) if self.config.async_scheduling else (launched, None)
-            if done is not None:
-                bar.update(len(self._finish(*done)))
-        bar.close()
+        # A context, so an interrupted call closes its bar too.
+        with tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            while in_flight or not self.scheduler.is_finished():
+                start = time.perf_counter()
+                step = self.scheduler.schedule(in_flight=in_flight is not None)
+                launched = None
+                if step.seqs:
+                    record = StepRecord(
+                        not step.is_decode, len(step.seqs), step.num_tokens, sum(s + n for s, n in zip(step.starts, step.num_new, strict=True)),
+                        schedule_s=time.perf_counter() - start,
+                    )
+                    self.step_records.append(record)
+                    launched = (step, record, self.runner.launch(step, record))
+                done, in_flight = (in_flight, launched) if self.config.async_scheduling else (launched, None)
+                if done is not None:
+                    bar.update(len(self._finish(*done)))
 
     def _finish(self, step, record: StepRecord, sampled) -> list[Sequence]:
         """Wait for a launched step's tokens and hand them to the scheduler; the finished sequences."""

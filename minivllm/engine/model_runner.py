@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from minivllm.engine.attention import AttentionMetadata
-from minivllm.engine.config import Config
+from minivllm.engine.config import MAX_CACHE_SLOTS, Config
 from minivllm.engine.qwen3 import Qwen3ForCausalLM
 from minivllm.engine.sampler import sample
 from minivllm.engine.scheduler import ScheduledStep
@@ -74,15 +74,17 @@ class ModelRunner:
 
     def _blocks_that_fit(self) -> int:
         """Blocks for what is left of gpu_memory_utilization x total memory once the weights and
-        the largest prefill's activations are in; on the CPU, cpu_kvcache_bytes worth."""
+        the largest prefill's activations are in; on the CPU, cpu_kvcache_bytes worth. At most
+        MAX_CACHE_SLOTS tokens' worth, whatever the memory."""
         if self.device.type != "cuda":
-            return max(1, self.config.cpu_kvcache_bytes // self._block_bytes())
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._dry_run_prefill()
-        free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.gpu_memory_utilization - used_by_others - torch.cuda.max_memory_allocated(self.device)
-        return max(1, int(budget) // self._block_bytes())
+            budget = self.config.cpu_kvcache_bytes
+        else:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._dry_run_prefill()
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+            budget = total * self.config.gpu_memory_utilization - used_by_others - torch.cuda.max_memory_allocated(self.device)
+        return max(1, min(int(budget) // self._block_bytes(), MAX_CACHE_SLOTS // self.block_size))
 
     @torch.inference_mode()
     def _dry_run_prefill(self) -> None:
@@ -234,7 +236,9 @@ class ModelRunner:
         if any(s.temperature > 0 for s in seqs):
             temps = self._to_device([s.temperature for s in seqs], torch.float32)
         if any(s.top_k > 0 for s in seqs):
-            top_ks = self._to_device([s.top_k for s in seqs], torch.long)
+            # A top_k past the vocabulary keeps every token: clamped, any int fits the device's int64.
+            vocab = self.model.args.vocab_size
+            top_ks = self._to_device([min(s.top_k, vocab) for s in seqs], torch.long)
         if any(s.top_p < 1 for s in seqs):
             top_ps = self._to_device([s.top_p for s in seqs], torch.float32)
         # Ranks sample from the same logits but with their own random streams: rank 0's choice holds.

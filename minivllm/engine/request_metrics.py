@@ -15,7 +15,7 @@ class RequestMetrics:
     arrival_s: float = 0.0  # when generate() queued the request
     token_times_s: list[float] = field(default_factory=list)  # when each output token became known
     num_preemptions: int = 0  # times its KV was freed to make room, to be recomputed
-    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at its latest admission
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at its first admission
 
     @property
     def ttft_s(self) -> float | None:

@@ -28,24 +28,25 @@ def sample(
     if temperatures is None:
         return logits.argmax(dim=-1)
     if top_ks is not None or top_ps is not None:
-        # Filtering keeps each row's argmax, so greedy rows are unchanged by it; sampled rows then
-        # draw from the kept tokens at temperature 1, the scaling being done.
-        logits = _filter(logits.float() / temperatures.clamp_min(1e-6)[:, None], top_ks, top_ps)
-        temperatures = (temperatures > 0).float()
+        # Filtering keeps each row's argmax, so greedy rows are unchanged by it.
+        logits = _filter(logits.float(), temperatures, top_ks, top_ps)
     return backend.draw(logits, temperatures, generator)
 
 
-def _filter(scaled: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:
-    """`scaled` with the tokens outside each row's top-k and top-p set to -inf."""
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    vocab = scaled.shape[-1]
+def _filter(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:
+    """fp32 `logits` with the tokens outside each row's top-k and top-p set to -inf. Tokens are
+    ranked by their logits, which no temperature reorders, and only top-p's probabilities are
+    taken at the row's temperature: logits scaled first by a huge temperature could tie below
+    float32's resolution, and top_k=1 would then keep whichever tied token sorted first."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
     drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
     if top_ks is not None:
-        rank = torch.arange(vocab, device=scaled.device)[None, :]
+        rank = torch.arange(vocab, device=logits.device)[None, :]
         drop |= rank >= torch.where(top_ks > 0, top_ks, vocab)[:, None]
     if top_ps is not None:
         # top-p keeps the smallest prefix whose mass reaches p: a token goes once the mass before it does.
-        probs_sorted = sorted_logits.softmax(dim=-1)
+        probs_sorted = (sorted_logits / temperatures.clamp_min(1e-6)[:, None]).softmax(dim=-1)
         drop |= (probs_sorted.cumsum(dim=-1) - probs_sorted) >= top_ps[:, None]
     drop[:, 0] = False
-    return torch.empty_like(scaled).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -144,7 +144,10 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, hits):
                 break
             self.block_manager.allocate(seq, hits)
-            seq.metrics.num_cached_tokens = seq.num_cached_tokens
+            if not seq.metrics.num_preemptions:
+                # First admission only: a readmission hits blocks computed for this request
+                # itself, generated tokens included, which are no prefix hit of its prompt.
+                seq.metrics.num_cached_tokens = seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
             chunk = min(len(seq) - seq.num_computed_tokens, budget, self.chunk_cap)
@@ -186,6 +189,23 @@ class Scheduler:
         seq.metrics.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop every request, waiting or running, when the steps run for them stop part way (an
+        exception or KeyboardInterrupt in the engine loop); returns the dropped ones, marked
+        finished with their pending tokens dropped. Their blocks are freed, and those of running
+        requests also leave the prefix cache: the step scheduled last may have registered them
+        without ever writing their KV. Blocks freed earlier, by finished or preempted requests,
+        were written by steps already launched and stay cached."""
+        dropped = [*self.running, *self.waiting]
+        for seq in dropped:
+            if seq.block_table:
+                self.block_manager.deallocate(seq, forget=True)
+            seq.drop_pending()
+            seq.status = SequenceStatus.FINISHED
+        self.running.clear()
+        self.waiting.clear()
+        return dropped
 
     def postprocess(self, step: ScheduledStep, token_ids: list[int], eos_token_ids: Collection[int]) -> list[Sequence]:
         """Fill in the tokens `step` sampled (one per step.sampled_seqs, in order) and retire the

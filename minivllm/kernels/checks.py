@@ -131,13 +131,6 @@ def check_context_lens(context_lens: torch.Tensor, max_context_len: int | None) 
                          "max_context_len must bound every context")
 
 
-def check_bool(name: str, value) -> bool:
-    """A real bool: a string such as "no" would otherwise read as True."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
 def check_capacity(name: str, max_len: int | None, lens: torch.Tensor | None, block_table: torch.Tensor,
                    block_size: int, num_blocks: int) -> None:
     """A sequence holds at most max_blocks_per_seq * block_size tokens, and every block its tokens

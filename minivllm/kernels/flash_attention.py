@@ -24,7 +24,6 @@ from minivllm.kernels.attention_tile import online_softmax_step, score_kv_tile
 from minivllm.kernels.checks import (
     check_block_size,
     check_block_table,
-    check_bool,
     check_capacity,
     check_cu_seqlens,
     check_float_inputs,
@@ -38,6 +37,7 @@ from minivllm.kernels.checks import (
 )
 from minivllm.kernels.launch import dot_precision, head_dim_block, tma_descriptor, tma_ok
 from minivllm.kernels.tuning_table import bucket, lookup
+from minivllm.values import check_bool
 
 
 @triton.jit

@@ -14,7 +14,6 @@ import triton.language as tl
 
 from minivllm.interpreter import interpreting
 from minivllm.kernels.checks import (
-    check_bool,
     check_cu_seqlens,
     check_float_inputs,
     check_head_dim,
@@ -25,6 +24,7 @@ from minivllm.kernels.checks import (
     resolve_scale,
 )
 from minivllm.kernels.launch import dot_precision, head_dim_block
+from minivllm.values import check_bool
 
 # Longest sequence per padded head_dim (head_dim rounded up to a power of two, at least 16):
 # the K and V tiles hold 16384 elements each, 128 KiB together in fp32, which fits the shared

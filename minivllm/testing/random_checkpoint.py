@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from minivllm.atomic_write import write_atomic
-from minivllm.dtypes import DTYPES, dtype_name
+from minivllm.dtypes import check_dtype, dtype_name
+from minivllm.values import check_bool, check_int, is_real
 
 # Bump when the builder's output changes, so default_checkpoint() stops reusing a stale cache.
 CHECKPOINT_VERSION = "v2"
@@ -258,16 +259,26 @@ def write_random_qwen3(
     seeded with `seed`, so the same arguments give the same tensors on the same kind of device;
     they are written in `dtype` to shards of at most max_shard_bytes (one model.safetensors when
     everything fits, else model-0000i-of-0000n.safetensors plus model.safetensors.index.json).
-    Returns `path` as a Path.
+    Returns `path` as a Path. Every argument is checked, and ValueError names the one that is
+    wrong, before anything is written.
     """
+    counts = dict(num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                 intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings, max_shard_bytes=max_shard_bytes)
+    for name, value in counts.items():
+        check_int(name, value, 1)
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, for RoPE's rotated pairs, got {head_dim}")
+    if vocab_size is not None:
+        check_int("vocab_size", vocab_size, 1, " or None")
+    for name, value in (("init_std", init_std), ("rope_theta", rope_theta)):
+        if not is_real(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    check_int("seed", seed, 0)
+    dtype = check_dtype(dtype)
+    check_bool("tie_word_embeddings", tie_word_embeddings)
+    check_bool("with_tokenizer", with_tokenizer)
 
     tokenizer = _build_tokenizer() if with_tokenizer else None
     least = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer is not None else 1
@@ -275,6 +286,8 @@ def write_random_qwen3(
         vocab_size = -(-least // 64) * 64 if tokenizer is not None else NO_TOKENIZER_VOCAB_SIZE
     elif vocab_size < least:
         raise ValueError(f"vocab_size ({vocab_size}) must hold the tokenizer's {least} tokens")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     eos_id = tokenizer.token_to_id(EOS_TOKEN) if tokenizer is not None else None
     token_ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
 
