@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 
-from minivllm.engine import LLM, SamplingParams
+from minivllm.engine import LLM, SamplingParams, sampler
 from minivllm.engine.backend import TORCH, TRITON, Backend
 from minivllm.engine.config import Config
 from minivllm.engine.sampler import sample
+from minivllm.reference import filter_probs_ref
 from minivllm.testing.random_checkpoint import write_random_qwen3
 
 
@@ -133,6 +134,11 @@ def test_a_tokenizer_id_past_the_vocabulary_is_refused(llm, monkeypatch):
         (dict(top_p=True), "top_p"),
         (dict(top_p="0.9"), "top_p"),
         (dict(top_p=float("nan")), "top_p"),
+        (dict(min_p=-0.1), r"min_p must be a number in \[0, 1\]"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(min_p=True), "min_p"),
+        (dict(min_p=float("nan")), "min_p"),
+        (dict(min_p="0.1"), "min_p"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
@@ -406,6 +412,85 @@ def test_filters_rank_tokens_whatever_the_temperature(backend, device):
     # At so high a temperature the distribution is uniform: top_p 0.1 keeps the 7 highest logits.
     kept = sample(logits[:1].repeat(DRAWS, 1), temps[:1].repeat(DRAWS), None, torch.full((DRAWS,), 0.1, device=device), gen, backend)
     assert set(kept.tolist()) == set(range(7))
+
+
+# Upper 0.1% points of the chi-square distribution by degrees of freedom (1 to 7): a right
+# sampler fails a case with probability 0.001; the seeds are fixed, so the test is deterministic.
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
+LOGITS8 = [3.0, 2.2, 1.9, 1.0, 0.4, 0.0, -0.5, -1.5]
+# (temperature, top_k, top_p, min_p) per case; each is one block of CHI2_DRAWS rows of one batch.
+FILTER_CASES = [(0.6, 5, 0.95, 0.0), (1.3, 0, 0.8, 0.0), (1.3, 0, 0.5, 0.0), (1.0, 0, 1.0, 0.1), (2.0, 3, 0.9, 0.3), (0.8, 0, 1.0, 0.0)]
+CHI2_DRAWS = 2000
+
+
+def chi_square_fits(draws: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Whether int64 `draws` fit fp64 `probs` (vocab,): no draw of a token of probability 0, and
+    Pearson's statistic below CHI2_999 at (tokens of nonzero probability - 1) degrees of freedom."""
+    seen = torch.bincount(draws.cpu(), minlength=len(probs)).double()
+    live = probs > 0
+    if seen[~live].any():
+        return False
+    want = probs[live] * len(draws)
+    return int(live.sum()) == 1 or float(((seen[live] - want) ** 2 / want).sum()) < CHI2_999[int(live.sum()) - 1]
+
+
+def filter_case_draws(backend: Backend, device, monkeypatch) -> torch.Tensor:
+    """(cases, CHI2_DRAWS) draws from one batch holding every FILTER_CASES row. Two candidates only,
+    so the top-p rows without top-k take both paths: p = 0.5 is covered by them, 0.8 is not."""
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 2)
+
+    def rows(i: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([c[i] for c in FILTER_CASES], dtype=dtype, device=device).repeat_interleave(CHI2_DRAWS)
+
+    logits = torch.tensor(LOGITS8, device=device).repeat(len(FILTER_CASES) * CHI2_DRAWS, 1)
+    gen = sampler_generator(3, backend, device)
+    draws = sample(logits, rows(0, torch.float32), rows(1, torch.long), rows(2, torch.float32), gen, backend, min_ps=rows(3, torch.float32))
+    return draws.view(len(FILTER_CASES), CHI2_DRAWS)
+
+
+@pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)
+def test_filtered_draws_follow_the_sort_based_distribution(backend, device, monkeypatch):
+    """Every case's draws fit filter_probs_ref's distribution, and not that of a filter taking
+    top-p's mass before the temperature (at 1.0), which keeps other tokens in case 0."""
+    draws = filter_case_draws(backend, device, monkeypatch)
+    logits = torch.tensor(LOGITS8)
+    for case, (t, k, p, m) in zip(draws, FILTER_CASES, strict=True):
+        assert chi_square_fits(case, filter_probs_ref(logits, t, k, p, m)), (t, k, p, m)
+    t, k, p, m = FILTER_CASES[0]
+    wrong = filter_probs_ref(logits, 1.0, k, p, m)  # the kept set at temperature 1 ...
+    wrong = torch.where(wrong > 0, filter_probs_ref(logits, t, k), 0)  # ... drawn from at t
+    assert not chi_square_fits(draws[0], wrong / wrong.sum())
+
+
+@pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)
+@pytest.mark.parametrize("one", [dict(top_ks=1), dict(top_ps=1e-6), dict(min_ps=1.0)], ids=lambda d: next(iter(d)))
+def test_a_filter_leaving_one_token_is_greedy(backend, device, one):
+    gen = sampler_generator(4, backend, device)
+    logits = torch.randn(64, 32, generator=torch.Generator().manual_seed(4)).to(device)
+    (name, value), = one.items()
+    tensor = torch.full((64,), value, dtype=torch.long if name == "top_ks" else torch.float32, device=device)
+    assert torch.equal(sample(logits, torch.full((64,), 1.5, device=device), generator=gen, backend=backend, **{name: tensor}), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("case", ["top_k", "top_p", "min_p"])
+def test_filters_never_sort_the_vocabulary(device, monkeypatch, case):
+    """torch.topk over the few candidates, not a sort over the vocabulary (which at Qwen3's
+    151,936 tokens took about as long as a decode step); a top-p row without top-k too, once
+    its candidates hold its mass."""
+    def no_sort(*args, **kwargs):
+        raise AssertionError("the filters sorted the vocabulary")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    monkeypatch.setattr(torch, "argsort", no_sort)
+    monkeypatch.setattr(torch.Tensor, "argsort", no_sort)
+    logits = torch.randn(4, 4096, generator=torch.Generator().manual_seed(5)).to(device)
+    filters = {
+        "top_k": dict(top_ks=torch.full((4,), 20, device=device)),
+        "top_p": dict(top_ps=torch.full((4,), 0.5, device=device)),
+        "min_p": dict(min_ps=torch.full((4,), 0.5, device=device)),
+    }[case]
+    sample(logits, torch.ones(4, device=device), generator=sampler_generator(5, TORCH, device), backend=TORCH, **filters)
 
 
 def test_a_top_k_past_int64_is_off(llm):

@@ -13,6 +13,7 @@ import torch
 from minivllm.dtypes import DTYPES
 from minivllm.engine.json_file import read_json_object
 from minivllm.engine.qwen3 import ModelArgs
+from minivllm.engine.sampling_params import LIBRARY_DEFAULTS, SamplingParams
 from minivllm.values import is_int, is_real
 
 
@@ -153,3 +154,25 @@ def load_model_args(model_dir: str | Path) -> ModelArgs:
         torch_dtype=_dtype(config, file),
         eos_token_ids=tuple(dict.fromkeys(eos_ids)),
     )
+
+
+def load_generation_defaults(model_dir: str | Path) -> dict:
+    """The sampling defaults of a checkpoint's generation_config.json: those of temperature, top_k,
+    top_p and min_p it sets (not null), as vLLM's generation_config="auto" takes them; {} without
+    the file. do_sample is not read, as vLLM does not read it: transformers decodes greedily under
+    `"do_sample": false` whatever the temperature, but the checkpoints that write it (transformers'
+    own default, and write_random_qwen3's) mostly set no sampling field at all, so sampling stays
+    as the request and the library defaults say; a request wants temperature 0 for greedy. Other keys (repetition_penalty, max_new_tokens, ...) are not taken: this engine has no such
+    penalty, and a request's length is its own max_tokens. ValueError naming the file and the key
+    for a value a request could not give."""
+    file = Path(model_dir) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    config = read_json_object(file)
+    defaults = {key: config[key] for key in LIBRARY_DEFAULTS if config.get(key) is not None}
+    for key, value in defaults.items():
+        try:
+            SamplingParams(**{key: value})  # the checks a request's own value gets
+        except ValueError as e:
+            raise ValueError(f"{file}: {key!r}: {e}") from None
+    return defaults

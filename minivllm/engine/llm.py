@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minivllm.engine.backend import BACKENDS
-from minivllm.engine.checkpoint_config import load_model_args
+from minivllm.engine.checkpoint_config import load_generation_defaults, load_model_args
 from minivllm.engine.config import Config
 from minivllm.engine.loader import load_weights
 from minivllm.engine.model_runner import ModelRunner
@@ -54,6 +54,8 @@ class LLM:
         self.config = Config(str(model), **config)
         size = self.config.tensor_parallel_size
         args = load_model_args(model)
+        # A request's unset sampling fields come from here (SamplingParams.resolve).
+        self.generation_defaults = load_generation_defaults(model)
         if self.config.max_model_len > args.max_position_embeddings:
             raise ValueError(
                 f"max_model_len ({self.config.max_model_len}) exceeds the checkpoint's max_position_embeddings "
@@ -189,7 +191,7 @@ class LLM:
             )
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        return Sequence(token_ids, params, self.config.kvcache_block_size)
+        return Sequence(token_ids, params.resolve(self.generation_defaults), self.config.kvcache_block_size)
 
     def generate(
         self,
@@ -230,7 +232,7 @@ class LLM:
         try:
             if self.tp.size > 1:
                 # Rank 0's requests are the ones every rank runs.
-                requests = self.tp.broadcast_object(("generate", [(s.token_ids, sp) for s, sp in zip(seqs, sampling_params, strict=True)]))[1]
+                requests = self.tp.broadcast_object(("generate", [(s.token_ids, s.sampling_params) for s in seqs]))[1]
                 seqs = [Sequence(ids, sp, self.config.kvcache_block_size) for ids, sp in requests]
             self._run(seqs, use_tqdm and self.tp.rank == 0)
         except BaseException as e:

@@ -231,18 +231,25 @@ class ModelRunner:
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         logits = self.model.compute_logits(hidden)
         # The host knows every row's sampling parameters, so the sampler skips what no row needs
-        # (sampling when all are greedy, the vocabulary sort when none filters) without a sync.
-        temps = top_ks = top_ps = None
+        # (sampling when all are greedy, the filters when none filters) without a sync.
+        temps = top_ks = top_ps = min_ps = None
         if any(s.temperature > 0 for s in seqs):
             temps = self._to_device([s.temperature for s in seqs], torch.float32)
-        if any(s.top_k > 0 for s in seqs):
-            # A top_k past the vocabulary keeps every token: clamped, any int fits the device's int64.
-            vocab = self.model.args.vocab_size
+        # A top_k past the vocabulary keeps every token: clamped, any int fits the device's int64.
+        vocab = self.model.args.vocab_size
+        top_k_max = min(max(s.top_k for s in seqs), vocab)
+        if top_k_max > 0:
             top_ks = self._to_device([min(s.top_k, vocab) for s in seqs], torch.long)
         if any(s.top_p < 1 for s in seqs):
             top_ps = self._to_device([s.top_p for s in seqs], torch.float32)
+        if any(s.min_p > 0 for s in seqs):
+            min_ps = self._to_device([s.min_p for s in seqs], torch.float32)
+        sampled = sample(
+            logits, temps, top_ks, top_ps, backend=self.model.backend, min_ps=min_ps,
+            top_k_max=top_k_max, top_p_without_top_k=any(s.top_p < 1 and s.top_k == 0 for s in seqs),
+        )
         # Ranks sample from the same logits but with their own random streams: rank 0's choice holds.
-        tokens = self.model.tp.broadcast_tensor(sample(logits, temps, top_ks, top_ps, backend=self.model.backend))
+        tokens = self.model.tp.broadcast_tensor(sampled)
         if self.config.async_scheduling:
             self.sampled[: len(seqs)].copy_(tokens)
             self.sampled_row = {s.seq_id: row for row, s in enumerate(seqs)}

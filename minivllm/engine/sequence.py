@@ -47,11 +47,16 @@ class Sequence:
         self.num_pending_tokens = 0
         self.block_table: list[int] = []
         self.block_size = block_size
+        # The LLM fills unset fields from the checkpoint's generation defaults; any it left (a
+        # Sequence built directly) take the library's. Kept whole for tensor-parallel workers.
+        sampling_params = sampling_params.resolve({})
+        self.sampling_params = sampling_params
         self.temperature = sampling_params.temperature
         self.max_tokens = sampling_params.max_tokens
         self.ignore_eos = sampling_params.ignore_eos
         self.top_k = sampling_params.top_k
         self.top_p = sampling_params.top_p
+        self.min_p = sampling_params.min_p
         self.metrics = RequestMetrics()
 
     def __len__(self) -> int:

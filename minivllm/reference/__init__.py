@@ -10,11 +10,12 @@ from .kv_cache import store_kvcache_ref
 from .paged_decode import paged_decode_gather, paged_decode_loop
 from .rms_norm import rms_norm_ref
 from .rotary import apply_rope_ref, qk_norm_rope_ref, rope_cos_sin
-from .sampling import sample_ref
+from .sampling import filter_probs_ref, sample_ref
 
 __all__ = [
     "apply_rope_ref",
     "attention_ref",
+    "filter_probs_ref",
     "paged_decode_gather",
     "paged_decode_loop",
     "qk_norm_rope_ref",
