@@ -43,9 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("prompts", nargs="*", help="prompts to complete (default: a handful of demo prompts)")
     p.add_argument("--model", help="Hugging Face Qwen3 checkpoint directory (default: the tiny random-weight demo checkpoint)")
     p.add_argument("--max-tokens", type=positive_int, help="tokens to generate per prompt (default: 16 for the demo checkpoint, 256 with --model)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy (default: 0.6)")
-    p.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens; 0 is off (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 is off (default: 1.0)")
+    # Unset sampling options take the checkpoint's generation_config.json, else the library defaults.
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 is greedy (default: the checkpoint's, else 1.0)")
+    p.add_argument("--top-k", type=int, help="keep only the k most likely tokens; 0 is off (default: the checkpoint's, else 0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass; 1.0 is off (default: the checkpoint's, else 1.0)")
+    p.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the likeliest; 0 is off (default: the checkpoint's, else 0)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the checkpoint's)")
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
     max_tokens = args.max_tokens if args.max_tokens is not None else (256 if args.model else 16)
     # Built first so a bad sampling option is refused before any checkpoint is written or loaded.
     params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens, ignore_eos=args.ignore_eos,
-                            top_k=args.top_k, top_p=args.top_p)
+                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     tp = args.tensor_parallel_size if args.tensor_parallel_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     model = args.model or str(default_checkpoint())
     llm = LLM(model, max_model_len=args.max_model_len, max_num_batched_tokens=max(16384, args.max_model_len),

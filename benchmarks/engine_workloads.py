@@ -6,6 +6,8 @@
   first request computes it, the prefix cache serves it to the rest.
 - long_context: a few prompts several times the step's token budget, so they are prefilled in
   chunks over many steps, beside the decodes of those already started.
+- qwen3_sampling: nano's requests with Qwen3's generation defaults (temperature 0.6, top_k 20,
+  top_p 0.95) on every one, where the others sample at temperature 0.6 alone: the filters' cost.
 
 Sizes are the GPU's; on the CPU (the Triton interpreter) each shrinks to a smoke run of the same
 shape. Every workload is drawn with a seeded generator, the same on every run.
@@ -23,7 +25,8 @@ MAX_TOKEN_ID = 10000  # prompt ids are drawn from [0, min(this, vocab - 1)], as 
 class Workload:
     """Requests of prompt lengths uniform in prompt_lens and output lengths in output_lens, each
     prompt after `shared_prefix` tokens common to all; run with max_num_batched_tokens (None:
-    the engine's default) and a max_model_len that holds the longest request."""
+    the engine's default) and a max_model_len that holds the longest request. Every request
+    samples at the suite's temperature with these top_k and top_p (0 and 1.0: off)."""
 
     name: str
     num_seqs: int
@@ -31,6 +34,8 @@ class Workload:
     output_lens: tuple[int, int]
     shared_prefix: int = 0
     max_num_batched_tokens: int | None = None
+    top_k: int = 0
+    top_p: float = 1.0
 
     @property
     def max_model_len(self) -> int:
@@ -55,11 +60,13 @@ if GPU_GRID:
         Workload("nano", 256, (100, 1024), (100, 1024), max_num_batched_tokens=16384),
         Workload("shared_prefix", 256, (100, 1024), (100, 1024), shared_prefix=2048, max_num_batched_tokens=16384),
         Workload("long_context", 16, (16384, 32768), (128, 512), max_num_batched_tokens=8192),
+        Workload("qwen3_sampling", 256, (100, 1024), (100, 1024), max_num_batched_tokens=16384, top_k=20, top_p=0.95),
     )
 else:
     WORKLOADS = (
         Workload("nano", 4, (3, 9), (3, 9)),
         Workload("shared_prefix", 4, (3, 9), (3, 9), shared_prefix=34),
         Workload("long_context", 2, (40, 60), (3, 9), max_num_batched_tokens=16),
+        Workload("qwen3_sampling", 4, (3, 9), (3, 9), top_k=20, top_p=0.95),
     )
 WORKLOADS_BY_NAME = {w.name: w for w in WORKLOADS}

@@ -4,7 +4,7 @@ prefilled in chunks) through our engine, and nano-vllm's also through transforme
 on the same random weights in a real model's shapes.
 
 Every workload is drawn with seed 0: prompts of random token ids, ignore_eos, temperature 0.6
-and no top-k or top-p. The model is a dense Qwen3 preset (default qwen3-0.6b on the GPU, `tiny`
+and the workload's top-k and top-p (off but in qwen3_sampling). The model is a dense Qwen3 preset (default qwen3-0.6b on the GPU, `tiny`
 on the CPU, `--preset` for others) written with seeded random weights by transformers'
 save_pretrained, in the run's dtype (bf16 unless `--dtype` asks for others).
 
@@ -67,12 +67,16 @@ def checkpoints(tmp_path_factory):
     return get
 
 
-def run_minivllm(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> list[dict]:
-    params = [SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True) for n in output_lens]
+def run_minivllm(llm: LLM, prompts: list[list[int]], output_lens: list[int], workload: Workload) -> list[dict]:
+    # Every sampling field explicit: a checkpoint's generation_config.json would fill in unset ones.
+    params = [
+        SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True, top_k=workload.top_k, top_p=workload.top_p, min_p=0.0)
+        for n in output_lens
+    ]
     return llm.generate(prompts, params, use_tqdm=False)
 
 
-def run_hf(model, prompts: list[list[int]], output_lens: list[int], batch: int) -> list[list[int]]:
+def run_hf(model, prompts: list[list[int]], output_lens: list[int], batch: int, workload: Workload) -> list[list[int]]:
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -88,7 +92,7 @@ def run_hf(model, prompts: list[list[int]], output_lens: list[int], batch: int) 
             mask[r, width - len(prompts[i]) :] = 1
         new = max(output_lens[i] for i in rows)
         config = GenerationConfig(
-            do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+            do_sample=True, temperature=TEMPERATURE, top_k=workload.top_k, top_p=workload.top_p, max_new_tokens=new, min_new_tokens=new,
             eos_token_id=None, pad_token_id=0,
         )
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
@@ -137,16 +141,16 @@ def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard,
             block_size=c.kvcache_block_size, num_kvcache_blocks=c.num_kvcache_blocks, max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=c.max_model_len, async_scheduling=c.async_scheduling,
         )
-        run_minivllm(llm, warm_prompts, [2] * workload.num_seqs)
-        fn = partial(run_minivllm, llm, prompts, output_lens)
+        run_minivllm(llm, warm_prompts, [2] * workload.num_seqs, workload)
+        fn = partial(run_minivllm, llm, prompts, output_lens, workload)
     else:
         from minivllm.testing.transformers_reference import load_transformers_model
 
         hf_batch = request.config.getoption("hf_batch")
         model = load_transformers_model(path, dtype=dtype, device=device, attn_implementation="sdpa")
         settings.update(hf_batch=hf_batch, hf_cache="dynamic")
-        run_hf(model, warm_prompts[:hf_batch], [2] * min(hf_batch, workload.num_seqs), hf_batch)
-        fn = partial(run_hf, model, prompts, output_lens, hf_batch)
+        run_hf(model, warm_prompts[:hf_batch], [2] * min(hf_batch, workload.num_seqs), hf_batch, workload)
+        fn = partial(run_hf, model, prompts, output_lens, hf_batch, workload)
 
     benchmark.group = f"engine {workload.name} {shard.id} {dtype_name(dtype)} {workload.num_seqs} seqs"
     with torch.inference_mode():

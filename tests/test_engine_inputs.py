@@ -9,6 +9,7 @@ import torch
 
 from minivllm.engine import LLM, SamplingParams, sampler
 from minivllm.engine.backend import TORCH, TRITON, Backend
+from minivllm.engine.checkpoint_config import load_generation_defaults
 from minivllm.engine.config import Config
 from minivllm.engine.sampler import sample
 from minivllm.reference import filter_probs_ref
@@ -549,3 +550,44 @@ def test_sharded_checkpoint_and_text_prompts(tmp_path):
     llm = LLM(str(sharded), max_model_len=64, max_num_batched_tokens=64, device="cpu", attention_backend="torch")
     assert outs[1][0]["text"] == llm.tokenizer.decode(outs[1][0]["token_ids"], skip_special_tokens=True)
     assert {llm.tokenizer.eos_token_id, 7} <= llm.eos_token_ids
+
+
+QWEN3_GENERATION_CONFIG = {
+    "bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+    "temperature": 0.6, "top_k": 20, "top_p": 0.95, "transformers_version": "4.51.0",
+}
+
+
+def test_qwen3_generation_config_gives_the_sampling_defaults(tmp_path):
+    """Qwen3's own generation_config.json, as shipped: its temperature, top_k and top_p."""
+    (tmp_path / "generation_config.json").write_text(json.dumps(QWEN3_GENERATION_CONFIG))
+    assert load_generation_defaults(tmp_path) == {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    assert load_generation_defaults(tmp_path / "nowhere") == {}
+
+
+@pytest.mark.parametrize("key, value", [("min_p", 2.0), ("top_k", -1), ("temperature", "0.7"), ("top_p", True)])
+def test_bad_generation_config_sampling_values_are_named(tmp_path, key, value):
+    file = tmp_path / "generation_config.json"
+    file.write_text(json.dumps({key: value}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(file))}: '{key}': {key} must be"):
+        load_generation_defaults(tmp_path)
+
+
+def test_unset_fields_come_from_the_checkpoint_and_explicit_ones_win(tmp_path):
+    ckpt = write_random_qwen3(tmp_path, with_tokenizer=False)
+    generation = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps(generation | {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.05}))
+    llm = LLM(str(ckpt), max_model_len=32, max_num_batched_tokens=64, device="cpu", attention_backend="torch")
+    seq = llm._sequence([1, 2, 3], SamplingParams(max_tokens=2))
+    assert (seq.temperature, seq.top_k, seq.top_p, seq.min_p) == (0.6, 20, 0.95, 0.05)
+    seq = llm._sequence([1, 2, 3], SamplingParams(temperature=0, top_k=0, top_p=1.0, min_p=0.0))
+    assert (seq.temperature, seq.top_k, seq.top_p, seq.min_p) == (0, 0, 1.0, 0.0)
+    # Greedy with the checkpoint's filters left on picks the argmax all the same.
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    plain = dataclasses.replace(greedy, top_k=0, top_p=1.0, min_p=0.0)
+    assert llm.generate([1, 2, 3], greedy, use_tqdm=False)[0]["token_ids"] == llm.generate([1, 2, 3], plain, use_tqdm=False)[0]["token_ids"]
+
+
+def test_unset_fields_without_a_generation_config_take_the_library_defaults():
+    assert SamplingParams().resolve({}) == SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    assert SamplingParams(top_k=3).resolve({"top_k": 20, "top_p": 0.9}) == SamplingParams(temperature=1.0, top_k=3, top_p=0.9, min_p=0.0)
