@@ -56,7 +56,8 @@ def test_read_sweep_names_what_is_wrong(tmp_path, text, message):
 
 def test_collect_lists_the_gpu_grid_from_a_cpu_machine():
     ids = collect(["--preset=qwen3-8b", "--dtype=bf16", "-k", "prefill and flash_triton"], "gpu")
-    assert len(ids) == 12 and all("qwen3-8b-tp1-bf16" in i and i.endswith("flash_triton]") for i in ids)
+    # Seven seqlens (128, the naive kernel's limit, then 512..16k), causal and not.
+    assert len(ids) == 14 and all("qwen3-8b-tp1-bf16" in i and i.endswith("flash_triton]") for i in ids)
     assert any("-16384-causal-" in i for i in ids)
 
 
