@@ -1,4 +1,4 @@
-"""The per-tile steps that the flash and decode kernels share: score a K/V tile, fold it in."""
+"""The per-tile steps that the flash and decode kernels share: fetch a K/V tile, score it, fold it in."""
 
 import triton
 import triton.language as tl
@@ -42,3 +42,28 @@ def score_kv_tile(q, k_base, v_base, k_rows, v_rows, offs_d, kv_mask,
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     return tl.dot(q, tl.trans(k), input_precision=PRECISION), v
+
+
+@triton.jit
+def gather_kv_tile(k_head, v_head, bt_row, offs_n, hi, offs_d, d_ok, stride_kb, stride_kt, stride_vb, stride_vt,
+                   PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Load the K and V rows of tokens offs_n [N] of one kv head (k_head, v_head: the caches
+    offset to that head) through one block-table row, one block id per token, so a tile may span
+    scattered pages. Rows past hi re-read token hi - 1, which is real data: the caller masks their
+    scores, and p = 0 times finite V is 0, so the loads need no token mask and vectorise and
+    pipeline like a contiguous tile. Returns (k, v), each [N, BLOCK_D] (fp32 under the interpreter,
+    whose bf16 tl.dot multiplies raw bits)."""
+    tok = tl.minimum(offs_n, hi - 1)
+    blk = tl.load(bt_row + tok // PAGE).to(tl.int64)
+    k_rows = blk * stride_kb + (tok % PAGE) * stride_kt
+    v_rows = blk * stride_vb + (tok % PAGE) * stride_vt
+    if HEAD_DIM < BLOCK_D:
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :])
+        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :])
+    if INTERPRETER:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from minivllm.interpreter import interpreting
-from minivllm.kernels.attention_tile import online_softmax_step
+from minivllm.kernels.attention_tile import gather_kv_tile, online_softmax_step
 from minivllm.kernels.checks import (
     check_block_size,
     check_block_table,
@@ -42,24 +42,29 @@ from minivllm.kernels.launch import dot_precision, head_dim_block, parallel_slot
 from minivllm.kernels.tuning_table import bucket, lookup
 
 
-@triton.jit(do_not_specialize=["max_blocks", "tokens_per_split"])
+@triton.jit(do_not_specialize=["max_blocks", "tokens_per_split", "part_stride"])
 def _paged_decode(
-    Q, K, V, O, O_PART, LSE_PART, BT, CTX, qk_scale,
+    Q, K, V, O, O_PART, LSE_PART, BT, CTX, SHARED, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_oh, stride_btb, max_blocks, tokens_per_split, group,
+    stride_ob, stride_oh, stride_btb, max_blocks, tokens_per_split, part_stride, group,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, CASCADE: tl.constexpr,
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
 
     ctx = tl.load(CTX + seq)
     # A context longer than its block-table row would read the next row: clamp and poison.
     overflow = ctx > max_blocks * PAGE
     ctx = tl.minimum(ctx, max_blocks * PAGE)
-    lo = split * tokens_per_split
+    start = 0
+    if CASCADE:
+        # The shared prefix's tokens are the cascade's other kernel's (cascade_attention.py).
+        shared = tl.load(SHARED)
+        start = tl.where(ctx >= shared, shared, 0)
+    lo = start + split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, ctx)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -87,24 +92,8 @@ def _paged_decode(
             # that p = 0 times them stays 0.
             v = tl.where(n_ok[:, None], v, tl.zeros_like(v))
         else:
-            # Rows past hi re-read the split's last token, which is real data: their scores are
-            # masked and p = 0 times finite V is 0, so neither the loads nor V need a mask, and
-            # unmasked loads vectorise and pipeline like a contiguous tile.
-            k_head = K + kv_head * stride_kh
-            v_head = V + kv_head * stride_vh
-            tok = tl.minimum(offs_n, hi - 1)
-            blk = tl.load(bt_row + tok // PAGE).to(tl.int64)
-            k_rows = blk * stride_kb + (tok % PAGE) * stride_kt
-            v_rows = blk * stride_vb + (tok % PAGE) * stride_vt
-            if HEAD_DIM < BLOCK_D:
-                k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-                v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            else:
-                k = tl.load(k_head + k_rows[:, None] + offs_d[None, :])
-                v = tl.load(v_head + v_rows[:, None] + offs_d[None, :])
-            if INTERPRETER:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = gather_kv_tile(K + kv_head * stride_kh, V + kv_head * stride_vh, bt_row, offs_n, hi, offs_d, d_ok,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, PAGE, HEAD_DIM, BLOCK_D, INTERPRETER)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, PRECISION)
@@ -112,9 +101,10 @@ def _paged_decode(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(overflow, float("nan"), acc / l_safe[:, None])
     if SPLIT:
-        # Partials are fp32 (batch, num_heads, num_splits, BLOCK_D); an empty split has lse -inf.
+        # Partials are fp32 (batch, num_heads, part_stride, BLOCK_D), this kernel's splits first;
+        # an empty split has lse -inf.
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-        row = (seq * tl.num_programs(1) * group + heads).to(tl.int64) * num_splits + split
+        row = (seq * tl.num_programs(1) * group + heads).to(tl.int64) * part_stride + split
         tl.store(LSE_PART + row, lse, mask=offs_g < group)
         tl.store(O_PART + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=q_mask)
     else:
@@ -209,10 +199,14 @@ def split_policy(batch: int, num_kv_heads: int, max_context: int, block_n: int, 
     return triton.cdiv(max(max_context, 1), tokens_per_split), tokens_per_split
 
 
-def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, config: DecodeConfig, num_splits=None) -> None:
+def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, config: DecodeConfig, num_splits=None,
+                  shared=None, prefix_parts=None) -> None:
     """Launch the decode kernel (and the split merge) for already-checked arguments with
     `config` (decode_config's, or a tuner's candidate), writing out; num_splits fixes the split
-    count instead of the policy's."""
+    count instead of the policy's. For cascade attention (cascade_attention.py), `shared` (int32
+    (1,)) makes rows whose context holds it skip that many leading tokens, and
+    prefix_parts(o_part, lse_part, first_slot) launches the shared prefix's kernel, which
+    `prefix_parts.splits` partial slots per row after this kernel's hold; the merge then folds both."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     block_d, block_n = head_dim_block(head_dim), config.block_n
@@ -222,10 +216,11 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
     else:
         tokens_per_split = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
         splits = num_splits
+    slots = splits + (prefix_parts.splits if prefix_parts is not None else 0)
     group = num_heads // num_kv_heads
-    if splits > 1:
-        o_part = torch.empty(batch, num_heads, splits, block_d, device=q.device, dtype=torch.float32)
-        lse_part = torch.empty(batch, num_heads, splits, device=q.device, dtype=torch.float32)
+    if slots > 1:
+        o_part = torch.empty(batch, num_heads, slots, block_d, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(batch, num_heads, slots, device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = out
     k_arg, v_arg = k_cache, v_cache
@@ -234,22 +229,46 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
         k_arg.block_shape = [1, block_n, 1, block_d]
         v_arg.block_shape = [1, block_n, 1, block_d]
     _paged_decode[(batch, num_kv_heads, splits)](
-        Q=q, K=k_arg, V=v_arg, O=out, O_PART=o_part, LSE_PART=lse_part, BT=block_table, CTX=context_lens,
+        Q=q, K=k_arg, V=v_arg, O=out, O_PART=o_part, LSE_PART=lse_part, BT=block_table, CTX=context_lens, SHARED=shared,
         qk_scale=scale * math.log2(math.e),
         stride_qb=q.stride(0), stride_qh=q.stride(1),
         stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1), stride_kh=k_cache.stride(2),
         stride_vb=v_cache.stride(0), stride_vt=v_cache.stride(1), stride_vh=v_cache.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_btb=block_table.stride(0),
-        max_blocks=block_table.shape[1], tokens_per_split=tokens_per_split, group=group,
+        max_blocks=block_table.shape[1], tokens_per_split=tokens_per_split, part_stride=slots, group=group,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        PAGE=page, SPLIT=splits > 1, TMA=tma, INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
+        PAGE=page, SPLIT=slots > 1, TMA=tma, CASCADE=shared is not None, INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if splits > 1:
+    if prefix_parts is not None:
+        prefix_parts(o_part, lse_part, splits)
+    if slots > 1:
         _merge_splits[(batch, num_heads)](
-            O=out, O_PART=o_part, LSE_PART=lse_part, stride_ob=out.stride(0), stride_oh=out.stride(1), num_splits=splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            O=out, O_PART=o_part, LSE_PART=lse_part, stride_ob=out.stride(0), stride_oh=out.stride(1), num_splits=slots,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(slots),
         )
+
+
+def check_decode_args(q, k_cache, v_cache, block_table, context_lens, max_context_len):
+    """paged_attention_decode's argument checks (ValueError naming the argument); returns the
+    block table and context lengths as the kernel takes them, and the head size."""
+    check_rank("q", q, 3, "(batch, num_heads, head_dim)")
+    layout = "(num_blocks, block_size, num_kv_heads, head_dim)"
+    check_rank("k_cache", k_cache, 4, layout)
+    check_rank("v_cache", v_cache, 4, layout)
+    check_same_shape("k_cache", k_cache, "v_cache", v_cache)
+    check_float_inputs(q=q, k_cache=k_cache, v_cache=v_cache)
+    head_dim = check_head_dim({"q": q.shape[-1], "k_cache": k_cache.shape[-1], "v_cache": v_cache.shape[-1]})
+    check_heads(q.shape[1], k_cache.shape[2])
+    page = k_cache.shape[1]
+    check_block_size(page)
+    block_table = check_block_table(block_table, q.shape[0], q.device)
+    context_lens = check_int_vector("context_lens", context_lens, q.shape[0], q.device)
+    if max_context_len is not None:
+        check_host_int("max_context_len", max_context_len)
+    check_capacity("context_lens", max_context_len, context_lens, block_table, page, k_cache.shape[0])
+    check_context_lens(context_lens, max_context_len)
+    return block_table, context_lens, head_dim
 
 
 def paged_attention_decode(
@@ -279,30 +298,14 @@ def paged_attention_decode(
     yields NaN for that sequence rather than reading another row. Returns (batch, num_heads,
     head_dim) in q's dtype, written into `out` when given; accumulation is fp32.
     """
-    check_rank("q", q, 3, "(batch, num_heads, head_dim)")
-    layout = "(num_blocks, block_size, num_kv_heads, head_dim)"
-    check_rank("k_cache", k_cache, 4, layout)
-    check_rank("v_cache", v_cache, 4, layout)
-    check_same_shape("k_cache", k_cache, "v_cache", v_cache)
-    check_float_inputs(q=q, k_cache=k_cache, v_cache=v_cache)
-    head_dim = check_head_dim({"q": q.shape[-1], "k_cache": k_cache.shape[-1], "v_cache": v_cache.shape[-1]})
-    batch, num_heads = q.shape[0], q.shape[1]
-    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
-    check_heads(num_heads, num_kv_heads)
-    check_block_size(page)
-    block_table = check_block_table(block_table, batch, q.device)
-    context_lens = check_int_vector("context_lens", context_lens, batch, q.device)
-    if max_context_len is not None:
-        check_host_int("max_context_len", max_context_len)
-    check_capacity("context_lens", max_context_len, context_lens, block_table, page, k_cache.shape[0])
-    check_context_lens(context_lens, max_context_len)
+    block_table, context_lens, head_dim = check_decode_args(q, k_cache, v_cache, block_table, context_lens, max_context_len)
     if num_splits is not None and not 1 <= check_host_int("num_splits", num_splits) <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     scale = resolve_scale(softmax_scale, head_dim)
 
     out = check_out(out, q)
-    if batch == 0:
+    if q.shape[0] == 0:
         return out
-    max_context = block_table.shape[1] * page if max_context_len is None else max_context_len
+    max_context = block_table.shape[1] * k_cache.shape[1] if max_context_len is None else max_context_len
     launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, decode_config(q, k_cache, v_cache, max_context), num_splits)
     return out

@@ -74,3 +74,20 @@ def paged_cache(lens, block_size, num_kv_heads, head_dim, dtype, device, gen, sp
     k, v = randn(shape, dtype, device, gen), randn(shape, dtype, device, gen)
     k[~owned] = v[~owned] = float("nan")
     return PagedCache(k, v, table)
+
+
+def share_prefix(cache: PagedCache, lens, shared_blocks: int) -> PagedCache:
+    """`cache` (paged_cache's, for sequences of `lens` tokens) with the first shared_blocks blocks
+    of every sequence at least that long replaced by row 0's, as a prefix cache shares one prompt.
+    The blocks given up hold NaN, so reading them shows. Row 0 must hold the shared blocks."""
+    page = cache.k_cache.shape[1]
+    if lens[0] < shared_blocks * page:
+        raise ValueError(f"row 0 holds {lens[0]} tokens, fewer than the {shared_blocks * page} shared")
+    table = cache.block_table.clone()
+    k, v = cache.k_cache.clone(), cache.v_cache.clone()
+    for b, n in enumerate(lens[1:], start=1):
+        if n >= shared_blocks * page:
+            given_up = table[b, :shared_blocks].long()
+            k[given_up] = v[given_up] = float("nan")
+            table[b, :shared_blocks] = table[0, :shared_blocks]
+    return PagedCache(k, v, table)
