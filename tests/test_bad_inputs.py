@@ -9,6 +9,7 @@ import triton
 
 from minivllm import kernels
 from minivllm.kernels import (
+    cascade_attention_decode,
     checks,
     flash_attn_varlen,
     naive_attention,
@@ -19,7 +20,7 @@ from minivllm.kernels import (
     silu_and_mul,
     store_kvcache,
 )
-from minivllm.reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn, share_prefix
 
 F16 = torch.float16
 
@@ -49,6 +50,14 @@ def decode_args(device):
     cache = paged_cache((7, 12), 4, 2, 32, F16, device, gen)
     return dict(q=randn((2, 4, 32), F16, device, gen), k_cache=cache.k_cache, v_cache=cache.v_cache,
                 block_table=cache.block_table, context_lens=torch.tensor([7, 12], dtype=torch.int32, device=device))
+
+
+def cascade_args(device):
+    """decode_args' shapes, both rows sharing their first block."""
+    gen = generator(0, device)
+    cache = share_prefix(paged_cache((7, 12), 4, 2, 32, F16, device, gen), (7, 12), 1)
+    return dict(q=randn((2, 4, 32), F16, device, gen), k_cache=cache.k_cache, v_cache=cache.v_cache, block_table=cache.block_table,
+                context_lens=torch.tensor([7, 12], dtype=torch.int32, device=device), shared_len=torch.tensor([4], dtype=torch.int32, device=device))
 
 
 def store_args(device):
@@ -98,12 +107,13 @@ flash = Call("flash", flash_attn_varlen, flash_args)
 flash_paged = Call("flash_paged", flash_attn_varlen, lambda device: flash_args(device, paged=True))
 naive = Call("naive", naive_attention, naive_args)
 decode = Call("decode", paged_attention_decode, decode_args)
+cascade = Call("cascade", cascade_attention_decode, cascade_args)
 store = Call("store", store_kvcache, store_args)
 norm_rope = Call("norm_rope", qk_norm_rope, norm_rope_args)
 rms = Call("rms", rms_norm, rms_args)
 sample = Call("sample", sample_tokens, sample_args)
 silu = Call("silu", silu_and_mul, silu_args)
-CALLS = (flash, flash_paged, naive, decode, store, norm_rope, rms, sample, silu)
+CALLS = (flash, flash_paged, naive, decode, cascade, store, norm_rope, rms, sample, silu)
 
 
 def half(t):
@@ -175,16 +185,26 @@ BAD_CALLS = {
     # context lengths the host can read: negative, or past the max_context_len that sizes splits
     "decode negative context": (decode, lambda a: dict(context_lens=torch.tensor([-1, 12], dtype=torch.int32, device=a["q"].device)), "context_lens must be >= 0"),
     "decode max_context_len below contexts": (decode, lambda a: dict(max_context_len=4), "max_context_len is 4"),
+    # cascade: the shared length and its bound
+    "cascade shared_len dtype": (cascade, lambda a: dict(shared_len=a["shared_len"].long()), "shared_len must have dtype"),
+    "cascade shared_len shape": (cascade, lambda a: dict(shared_len=a["shared_len"].repeat(2)), "shared_len must be a 1-D"),
+    "cascade shared_len device": (cascade, lambda a: dict(shared_len=meta(a["shared_len"])), "shared_len is on"),
+    "cascade max_shared_len over max context": (cascade, lambda a: dict(max_shared_len=99), "max_shared_len must be in"),
+    "cascade max_shared_len not int": (cascade, lambda a: dict(max_shared_len=4.0), "max_shared_len"),
+    "cascade shared_len off a block edge": (cascade, lambda a: dict(shared_len=a["shared_len"] + 1), "shared_len must be a multiple of the block size"),
+    "cascade row 0 shorter than the prefix": (cascade, lambda a: dict(shared_len=a["shared_len"] + 4), "row 0 holds the shared prefix"),
 }
 
 # Caught by reading tensor contents, which the wrappers only do for CPU tensors.
-READS_DEVICE_DATA = {"decode context over capacity", "decode negative context", "decode max_context_len below contexts"}
+READS_DEVICE_DATA = {"decode context over capacity", "decode negative context", "decode max_context_len below contexts",
+                     "cascade shared_len off a block edge", "cascade row 0 shorter than the prefix"}
 
 # Every public kernel, called validly but with host tensors, and the argument its error names.
 HOST_TENSOR_CALLS = {
     "flash_attn_varlen": (flash, "q"),
     "naive_attention": (naive, "q"),
     "paged_attention_decode": (decode, "q"),
+    "cascade_attention_decode": (cascade, "q"),
     "qk_norm_rope": (norm_rope, "q"),
     "rms_norm": (rms, "x"),
     "sample_tokens": (sample, "logits"),

@@ -35,7 +35,9 @@ COLLECTED = 4  # the decode suite's CPU smoke grid: one shape, four implementati
 
 # The smoke grid on a GPU machine too (the run guard is what is under test, not the shapes), and
 # pytest's output unbuffered, so a progress line can be waited for.
-ENV = os.environ | {"MINIVLLM_BENCH_GRID": "cpu", "PYTHONUNBUFFERED": "1"}
+# An xdist worker's variables would make the child's pytest-benchmark take itself for a worker
+# and disable timing (no JSON), so the child gets none of them.
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"MINIVLLM_BENCH_GRID": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def start_run(out: Path, *extra: str) -> subprocess.Popen:

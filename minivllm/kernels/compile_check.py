@@ -115,9 +115,11 @@ class Launch:
         missing = [p.name for p in kernel.params if p.name not in values]
         if missing:
             raise ValueError(f"{kernel.fn.__name__}: no value for {', '.join(missing)}")
-        signature = tuple((p.name, "constexpr" if p.is_constexpr else _type_of(values[p.name])) for p in kernel.params)
-        constexprs = tuple((p.name, values[p.name]) for p in kernel.params if p.is_constexpr)
-        aligned = tuple(i for i, p in enumerate(kernel.params) if not p.is_constexpr and not p.do_not_specialize and _divisible_by_16(values[p.name]))
+        # The JIT compiles an argument passed as None (an absent optional pointer) as a constexpr.
+        fixed = [p for p in kernel.params if p.is_constexpr or values[p.name] is None]
+        signature = tuple((p.name, "constexpr" if p in fixed else _type_of(values[p.name])) for p in kernel.params)
+        constexprs = tuple((p.name, values[p.name]) for p in fixed)
+        aligned = tuple(i for i, p in enumerate(kernel.params) if p not in fixed and not p.do_not_specialize and _divisible_by_16(values[p.name]))
         return cls(kernel, signature, constexprs, options, aligned)
 
     def describe(self) -> str:
