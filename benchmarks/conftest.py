@@ -29,6 +29,8 @@ def pytest_addoption(parser):
     group.addoption("--tp", action="append", type=int, default=[], help="tensor-parallel degree to shard each preset by, repeatable (default 1)")
     group.addoption("--dtype", action="append", choices=sorted(SHORT_DTYPES), default=[], help="element type, repeatable (default bf16 and fp16 on the GPU grid, bf16 on the CPU grid)")
     group.addoption("--hf-batch", type=int, default=64, help="sequences per transformers generate() call in the engine suite (default 64)")
+    group.addoption("--hf-peer", action="store_true", help="on a GPU, also run transformers' generate on the nano workload (about 2.5 min on an H100, "
+                    "so the default run leaves it out; the CPU smoke run always has it)")
     group.addoption("--bench-progress", type=float, default=30.0, metavar="SECONDS", help="a progress line at most this often within a suite (default 30; 0: after every test); -q: none")
 
 

@@ -93,15 +93,16 @@ class CascadeConfig:
 def cascade_config(q: torch.Tensor, k_cache: torch.Tensor, max_shared: int) -> CascadeConfig:
     """The device's tuning table entry for the cascade (kernel "cascade", bucket (batch x
     kv_heads, max shared tokens)), else the heuristic: a 64-row query tile, 64-token K/V tiles,
-    and the cascade taken from 8 rows sharing 256 tokens, below which the prefix is a small share
-    of a step's reads and the L2 already serves most repeats."""
+    and the cascade taken from 32 rows sharing 256 tokens. Below that the L2 already serves most
+    repeated prefix reads: on an H100, 16 rows sharing 2,048 tokens ran 0.98-1.06x plain decode's
+    speed, 64 rows 1.5-1.75x (benchmarks/NOTES.md)."""
     head_dim, page = q.shape[-1], k_cache.shape[1]
     found, source = lookup("cascade", q.device, q.dtype, head_dim, page, (bucket(q.shape[0] * k_cache.shape[2]), bucket(max_shared)))
     if found is not None:
         return CascadeConfig(source=source, **found)
     if interpreting():
         return CascadeConfig(16, 16, 4, 1, 2, 2, 1)
-    return CascadeConfig(64, 32 if q.dtype == torch.float32 or head_dim_block(head_dim) > 128 else 64, 4, 2, 2, 8, 256)
+    return CascadeConfig(64, 32 if q.dtype == torch.float32 or head_dim_block(head_dim) > 128 else 64, 4, 2, 2, 32, 256)
 
 
 class _PrefixLaunch:
