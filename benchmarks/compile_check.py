@@ -37,8 +37,8 @@ from benchmarks.output_paths import output_file  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from minivllm.atomic_write import write_atomic  # noqa: E402
 from minivllm.dtypes import SHORT_DTYPES, dtype_name  # noqa: E402
+from minivllm.kernels import cascade_attention_decode, naive_attention, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul, store_kvcache  # noqa: E402
 from minivllm.kernels import compile_check as cc  # noqa: E402
-from minivllm.kernels import naive_attention, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul, store_kvcache  # noqa: E402
 from minivllm.kernels.flash_attention import prefill_plan, tiles_for  # noqa: E402
 from minivllm.kernels.launch import head_dim_block  # noqa: E402
 from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able  # noqa: E402
@@ -94,6 +94,10 @@ def heuristic_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
                 q, kc, vc, table, lens, _, max_ctx, _ = _decode_args(dtype, head_dim, page, group)
                 paged_attention_decode(q, kc, vc, table, lens, max_context_len=max_ctx)
                 paged_attention_decode(q, kc, vc, table, lens, max_context_len=max_ctx, num_splits=1)
+                # The cascade: both rows share their first block, so the shared-prefix kernel and the
+                # decode kernel's cascade variant are planned too.
+                table[1, 0] = table[0, 0]
+                cascade_attention_decode(q, kc, vc, table, lens, torch.tensor([page], dtype=torch.int32), max_context_len=max_ctx)
     out += [_prefill_launch(target, dtype, head_dim, page, tile, tma) for page in (0, *PAGES) for tile in tiles_for(head_dim_block(head_dim), dtype) for tma in (True, False)]
     with cc.recording(target) as elementwise:
         for p in PRESETS.values():

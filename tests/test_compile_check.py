@@ -50,7 +50,7 @@ def test_every_config_the_harness_can_pick_compiles_and_fits(checked, target):
     assert {r["dtype"] for r in rows} == {"bf16", "fp16"} and {r["head_dim"] for r in rows} >= {128}
     assert {r["origin"] for r in rows} >= {"heuristic", "tuner"}
     kernels = {r["kernel"] for r in rows}
-    assert kernels >= {"_flash_fwd", "_paged_decode", "_merge_splits", "_rms_norm", "_qk_norm_rope", "_silu_and_mul", "_store_kv", "_gumbel_max", "_naive_attn"}
+    assert kernels >= {"_flash_fwd", "_paged_decode", "_shared_prefix", "_merge_splits", "_rms_norm", "_qk_norm_rope", "_silu_and_mul", "_store_kv", "_gumbel_max", "_naive_attn"}
     assert all(r["ok"] and 0 <= r["shared"] <= r["limit"] == 227 * 1024 for r in rows)
     tables = {r["origin"] for r in rows if r["origin"].startswith("table")}
     # Hopper cards fall back to the committed H100 and H200 tables; no Blackwell table exists yet.

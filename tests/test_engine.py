@@ -2,17 +2,19 @@
 
 Greedy generation with ignore_eos must equal transformers' generate(do_sample=False) token for
 token, for both attention backends, across GQA/MQA/MHA, head_dim 32/64/128 and tied/untied
-embeddings, and still when prefixes are shared (cache hits), the cache is too small for every
+embeddings, and still when prefixes are shared (cache hits, decoded by cascade attention), the cache is too small for every
 request at once (preemption), or prompts are several times the step's token budget (chunked
 prefill, decodes riding along). Async scheduling must give the tokens of synchronous scheduling,
 greedy and seeded, and every request's metrics must be present and ordered. float32 throughout,
 where exact equality holds.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
-from minivllm.engine import LLM, SamplingParams
+from minivllm.engine import LLM, SamplingParams, model_runner
 from minivllm.testing.random_checkpoint import write_random_qwen3
 from minivllm.testing.transformers_reference import load_transformers_model
 from tests.engine_cases import BLOCK, CONFIGS, GREEDY, PROMPT_LENS, engine, prompts, transformers_greedy
@@ -40,16 +42,22 @@ def test_greedy_equals_transformers(checkpoint, hf_greedy, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_shared_prefix_hits_the_cache_and_changes_nothing(checkpoint, hf_greedy, backend):
+def test_shared_prefix_hits_the_cache_and_changes_nothing(checkpoint, hf_greedy, backend, monkeypatch):
     shared = prompts([40], seed=1)[0]  # two full blocks and a partial one
     tails = prompts([3, 9], seed=2)
     first, second = shared + tails[0], shared + tails[1]
+    # Cascade attention from two rows sharing one block (the device's own config waits for more),
+    # set before the engine captures its decode graphs.
+    real = model_runner.cascade_config
+    monkeypatch.setattr(model_runner, "cascade_config", lambda *args: dataclasses.replace(real(*args), min_rows=2, min_shared=1))
     llm = engine(checkpoint, backend)
     out_first = llm.generate([first], GREEDY, use_tqdm=False)
     assert llm.scheduler.block_manager.num_cache_hit_blocks == 0
     # The second request finds the first's freed but still cached blocks.
     out_second = llm.generate([second, first], GREEDY, use_tqdm=False)
     assert llm.scheduler.block_manager.num_cache_hit_blocks >= 2 * (40 // BLOCK)
+    # Both rows share those blocks while they decode, so these tokens came through cascade attention.
+    assert llm.runner.cascade_steps > 0
     assert out_first[0]["token_ids"] == out_second[1]["token_ids"] == hf_greedy(first, GREEDY.max_tokens)
     assert out_second[0]["token_ids"] == hf_greedy(second, GREEDY.max_tokens)
 

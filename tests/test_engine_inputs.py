@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import types
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_bad_config(kwargs, match):
 # Every Config option by the kind of value it takes; device and dtype have tests of their own.
 INT_OPTIONS = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "cpu_kvcache_bytes", "kvcache_block_size", "num_kvcache_blocks",
                "tensor_parallel_size", "long_prefill_token_threshold")
-FLAG_OPTIONS = ("enforce_eager", "async_scheduling")
+FLAG_OPTIONS = ("enforce_eager", "async_scheduling", "cascade_attention")
 
 
 def test_every_config_option_is_checked_here():
@@ -591,3 +592,20 @@ def test_unset_fields_come_from_the_checkpoint_and_explicit_ones_win(tmp_path):
 def test_unset_fields_without_a_generation_config_take_the_library_defaults():
     assert SamplingParams().resolve({}) == SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     assert SamplingParams(top_k=3).resolve({"top_k": 20, "top_p": 0.9}) == SamplingParams(temperature=1.0, top_k=3, top_p=0.9, min_p=0.0)
+
+
+def test_shared_tokens_counts_the_leading_blocks_every_row_holds():
+    """The cascade's shared length: leading block ids equal in every row, never a -1 pad, and only
+    blocks that every row filled before this step (below the block its position writes)."""
+    import numpy as np
+
+    from minivllm.engine.model_runner import ModelRunner
+
+    runner = types.SimpleNamespace(block_size=4)
+    tables = np.array([[7, 3, 9, 1], [7, 3, 9, 5], [7, 3, 2, -1]])
+    assert ModelRunner.shared_tokens(runner, tables, [15, 14, 11]) == 8  # blocks 7, 3
+    assert ModelRunner.shared_tokens(runner, tables, [15, 14, 7]) == 4  # row 2 writes into block 3
+    assert ModelRunner.shared_tokens(runner, tables[:2], [15, 14]) == 12  # blocks 7, 3, 9
+    assert ModelRunner.shared_tokens(runner, np.array([[7, -1], [7, -1]]), [3, 3]) == 0  # both still write block 7
+    assert ModelRunner.shared_tokens(runner, np.array([[6, 3], [7, 3]]), [7, 7]) == 0  # differ at the first block
+    assert ModelRunner.shared_tokens(runner, tables[:1], [15]) == 0  # one row shares with no one

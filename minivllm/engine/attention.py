@@ -23,7 +23,9 @@ class AttentionMetadata:
         prefix included); max_seqlen_q / max_seqlen_k host ints. block_tables is set only when some
         sequence has a cached prefix, in which case keys are read from the paged cache.
     Decode: context_lens int32 (batch,), block_tables int32 (batch, max_blocks), -1 padded;
-        max_context_len a host int bounding context_lens.
+        max_context_len a host int bounding context_lens. For cascade attention, shared_len int32
+        (1,): the tokens of row 0's leading blocks that every row holding that many shares;
+        max_shared_len a host int bounding it.
     """
 
     is_prefill: bool
@@ -35,6 +37,8 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None
     max_context_len: int = 0
     block_tables: torch.Tensor | None = None
+    shared_len: torch.Tensor | None = None
+    max_shared_len: int = 0
 
 
 def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: Backend) -> torch.Tensor:
@@ -46,4 +50,6 @@ def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: Backend)
     if meta.is_prefill:
         keys, values = (k_cache, v_cache) if meta.block_tables is not None else (k, v)
         return backend.prefill(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, meta.block_tables)
+    if meta.shared_len is not None:
+        return backend.cascade_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, meta.shared_len, meta.max_shared_len)
     return backend.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len)

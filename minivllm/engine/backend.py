@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minivllm.kernels import flash_attn_varlen, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
+from minivllm.kernels import cascade_attention_decode, flash_attn_varlen, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
 from minivllm.reference import (
     attention_ref,
     paged_decode_gather,
@@ -25,7 +25,8 @@ class Backend:
     norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slot_mapping)
     returns the normalised, rotated (q, k) and writes k and v into their cache slots;
     prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table) is causal; decode(q, k_cache, v_cache,
-    block_tables, context_lens, max_context_len); draw(logits, temperatures, generator) samples one
+    block_tables, context_lens, max_context_len); cascade_decode(the same, shared_len, max_shared_len)
+    is decode for rows sharing leading blocks (the references compute it as plain decode); draw(logits, temperatures, generator) samples one
     token per row. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
     reads of device tensors cannot be)."""
 
@@ -33,6 +34,7 @@ class Backend:
     norm_rope_store: Callable
     prefill: Callable
     decode: Callable
+    cascade_decode: Callable
     rms_norm: Callable
     silu_and_mul: Callable
     draw: Callable
@@ -60,6 +62,9 @@ TRITON = Backend(
     norm_rope_store=_triton_norm_rope_store,
     prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, block_table=block_table),
     decode=lambda q, kc, vc, tables, lens, max_len: paged_attention_decode(q, kc, vc, tables, lens, max_context_len=max_len),
+    cascade_decode=lambda q, kc, vc, tables, lens, max_len, shared, max_shared: cascade_attention_decode(
+        q, kc, vc, tables, lens, shared, max_context_len=max_len, max_shared_len=max_shared
+    ),
     rms_norm=rms_norm,
     silu_and_mul=silu_and_mul,
     draw=_triton_draw,
@@ -70,6 +75,7 @@ TORCH = Backend(
     norm_rope_store=_torch_norm_rope_store,
     prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: attention_ref(q, k, v, cu_q, cu_k, causal=True, block_table=block_table),
     decode=lambda q, kc, vc, tables, lens, max_len: paged_decode_gather(q, kc, vc, tables, lens),
+    cascade_decode=lambda q, kc, vc, tables, lens, max_len, shared, max_shared: paged_decode_gather(q, kc, vc, tables, lens),
     rms_norm=rms_norm_ref,
     silu_and_mul=silu_and_mul_ref,
     # Draws its noise on the logits' device, so `generator` lives there; in fp32, as the reference takes.

@@ -63,6 +63,9 @@ class Config:
     async_scheduling: plan and launch each step before the previous step's tokens reach the host
         (they feed the next step on the device), so the GPU does not wait on Python; the tokens are
         those of synchronous scheduling.
+    cascade_attention: a decode step whose rows share cached prefix blocks attends over them once
+        per tile of rows (minivllm/kernels/cascade_attention.py), when the device's cascade config
+        says the batch and the prefix are large enough to gain; the tokens are plain decode's.
     """
 
     model: str
@@ -80,6 +83,7 @@ class Config:
     attention_backend: str = "triton"
     long_prefill_token_threshold: int | None = None
     async_scheduling: bool = True
+    cascade_attention: bool = True
 
     def __post_init__(self):
         # Every field is checked for its type as well as its range: True would pass for a count of 1,
@@ -98,6 +102,7 @@ class Config:
         check_int("long_prefill_token_threshold", self.long_prefill_token_threshold, 1, " or None")
         check_bool("async_scheduling", self.async_scheduling)
         check_bool("enforce_eager", self.enforce_eager)
+        check_bool("cascade_attention", self.cascade_attention)
         if not is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
         if not is_int(self.num_kvcache_blocks) or (self.num_kvcache_blocks < 1 and self.num_kvcache_blocks != -1):

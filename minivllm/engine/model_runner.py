@@ -1,6 +1,7 @@
 """Runs the model for one scheduled step: owns the KV cache, turns the step's rows into packed
-kernel inputs, replays CUDA graphs for decode, and samples the next tokens, which it hands back
-as a SampledTokens still on its way to the host (async scheduling launches the next step first)."""
+kernel inputs, replays CUDA graphs for decode (plain, or cascade attention when the rows share
+enough prefix blocks), and samples the next tokens, which it hands back as a SampledTokens still
+on its way to the host (async scheduling launches the next step first)."""
 
 import time
 
@@ -15,6 +16,7 @@ from minivllm.engine.scheduler import ScheduledStep
 from minivllm.engine.sequence import PENDING, Sequence
 from minivllm.engine.step_profile import StepRecord
 from minivllm.engine.tensor_parallel import TPGroup
+from minivllm.kernels.cascade_attention import cascade_config
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -56,7 +58,9 @@ class ModelRunner:
             2, a.num_layers, config.num_kvcache_blocks, self.block_size, model.num_kv_heads, a.head_dim, dtype=dtype, device=self.device
         )
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
-        self.graphs = {}
+        # (batch rows, cascade) -> (graph, its static inputs and output)
+        self.graphs: dict[tuple[int, bool], tuple] = {}
+        self.cascade_steps = 0  # decode steps that took cascade attention
         # Two pinned decode input buffers, used in turn: under async scheduling the host packs a
         # step while the copy of the one before may still be queued.
         self._packed: list[torch.Tensor | None] = [None, None]
@@ -168,12 +172,13 @@ class ModelRunner:
         """A decode step's host inputs, row i the token at positions[i] of seqs[i] (whose context
         it completes), in one int32 buffer of `rows` >= len(seqs) rows, so that one
         copy moves them: [ids (rows), id sources (rows), context_lens (rows), block tables (rows x
-        max_blocks_per_seq)], padding rows holding token 0, source -1, context 0 and a table of -1.
+        max_blocks_per_seq), shared tokens (1)], padding rows holding token 0, source -1, context 0
+        and a table of -1; the last entry is shared_tokens' count for these rows.
         An id the host does not know yet (PENDING) has as source the row of self.sampled holding
         it. Pinned on a GPU. Calls alternate between two buffers: by the time a buffer is reused,
         two steps on, the host has waited for the tokens of the step that copied it last."""
         width = self.max_blocks_per_seq
-        size = rows * (3 + width)
+        size = rows * (3 + width) + 1
         self._packed_turn ^= 1
         buffer = self._packed[self._packed_turn]
         if buffer is None or buffer.shape[0] < size:
@@ -187,21 +192,44 @@ class ModelRunner:
         ids = [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)]
         src = self._input_sources(seqs, ids, positions) or [-1] * len(seqs)
         packed[: 3 * rows] = [max(t, 0) for t in ids] + pad + src + [-1] * len(pad) + [p + 1 for p in positions] + pad
-        packed[3 * rows :] = flat + [-1] * (len(pad) * width)
+        packed[3 * rows : -1] = flat + [-1] * (len(pad) * width)
+        packed[-1] = self.shared_tokens(packed[3 * rows : 3 * rows + len(seqs) * width].reshape(len(seqs), width), positions)
         return buffer[:size]
 
-    def decode_inputs(self, packed: torch.Tensor, rows: int, max_context_len: int):
+    def shared_tokens(self, tables: np.ndarray, positions: list[int]) -> int:
+        """Tokens of the leading blocks that every row of `tables` (int (rows, max_blocks), one
+        row per sequence) holds with the same ids, as the prefix cache shares one prompt; only
+        blocks that every row had filled before this step (below its position's block) count.
+        0 for fewer than two rows."""
+        if len(tables) < 2:
+            return 0
+        same = (tables == tables[0]).all(axis=0) & (tables[0] >= 0)
+        blocks = len(same) if same.all() else int(same.argmin())
+        return min(blocks, min(positions) // self.block_size) * self.block_size
+
+    def takes_cascade(self, rows: int, shared: int) -> bool:
+        """Whether a decode step of `rows` rows sharing `shared` tokens gains from cascade
+        attention, by the device's cascade config (its table, else its heuristic)."""
+        if not self.config.cascade_attention or shared == 0:
+            return False
+        a = self.model.args
+        c = cascade_config(self.device, self.dtype, a.head_dim, self.block_size, rows, self.model.num_kv_heads, self.config.max_model_len)
+        return rows >= c.min_rows and shared >= c.min_shared
+
+    def decode_inputs(self, packed: torch.Tensor, rows: int, max_context_len: int, cascade: bool = False):
         """(ids, positions, meta) on the device from a pack_decode buffer already there. Each row's
         id (when pending), position and cache slot follow from the buffer, so they are computed
-        here, inside the CUDA graph, not on the host; padding rows get slot -1."""
+        here, inside the CUDA graph, not on the host; padding rows get slot -1. With `cascade`,
+        meta carries the buffer's shared-token count for cascade attention."""
         ids = self._resolve_ids(packed[:rows], packed[rows : 2 * rows])
         context_lens = packed[2 * rows : 3 * rows]
-        block_tables = packed[3 * rows :].view(rows, self.max_blocks_per_seq)
+        block_tables = packed[3 * rows : -1].view(rows, self.max_blocks_per_seq)
         positions = (context_lens - 1).clamp_min(0)
         blocks = block_tables.gather(1, (positions // self.block_size).long()[:, None]).squeeze(1)
         slots = torch.where(context_lens > 0, blocks * self.block_size + positions % self.block_size, -1)
         meta = AttentionMetadata(
-            is_prefill=False, slot_mapping=slots, context_lens=context_lens, max_context_len=max_context_len, block_tables=block_tables
+            is_prefill=False, slot_mapping=slots, context_lens=context_lens, max_context_len=max_context_len, block_tables=block_tables,
+            shared_len=packed[-1:] if cascade else None, max_shared_len=max_context_len if cascade else 0,
         )
         return ids, positions, meta
 
@@ -213,10 +241,14 @@ class ModelRunner:
         start = time.perf_counter()
         seqs = step.sampled_seqs
         if step.is_decode:
-            graph_rows = next((b for b in GRAPH_BATCH_SIZES if b >= len(step.seqs) and b in self.graphs), None)
-            packed = self.pack_decode(step.seqs, step.starts, graph_rows or len(step.seqs))
+            batch = len(step.seqs)
+            graph_rows = next((b for b in GRAPH_BATCH_SIZES if b >= batch and (b, False) in self.graphs), None)
+            packed = self.pack_decode(step.seqs, step.starts, graph_rows or batch)
+            # Cascade where it gains and, when graphs run, where a cascade graph was captured.
+            cascade = self.takes_cascade(batch, int(packed[-1])) and (graph_rows is None or (graph_rows, True) in self.graphs)
+            self.cascade_steps += cascade
             prepared = time.perf_counter()
-            hidden = self._decode(packed, len(step.seqs), graph_rows, max(step.starts) + 1)
+            hidden = self._decode(packed, batch, graph_rows, max(step.starts) + 1, cascade)
         else:
             ids, positions, meta, last = self.prepare_chunks(step)
             prepared = time.perf_counter()
@@ -255,33 +287,36 @@ class ModelRunner:
             self.sampled_row = {s.seq_id: row for row, s in enumerate(seqs)}
         return SampledTokens(tokens, self.model.tp)
 
-    def _decode(self, packed: torch.Tensor, batch: int, graph_rows: int | None, max_context_len: int) -> torch.Tensor:
+    def _decode(self, packed: torch.Tensor, batch: int, graph_rows: int | None, max_context_len: int, cascade: bool) -> torch.Tensor:
         """Hidden states of a decode step's `batch` rows: the captured graph of `graph_rows` rows
-        replayed over the packed inputs, or the model run eagerly when no graph fits."""
+        (with cascade attention or without) replayed over the packed inputs, or the model run
+        eagerly when no graph fits."""
         if graph_rows is None:
-            ids, positions, meta = self.decode_inputs(packed.to(self.device, non_blocking=True), batch, max_context_len)
+            ids, positions, meta = self.decode_inputs(packed.to(self.device, non_blocking=True), batch, max_context_len, cascade)
             return self.model(ids, positions, self.kv_caches, meta)
-        graph, io = self.graphs[graph_rows]
+        graph, io = self.graphs[graph_rows, cascade]
         io["packed"].copy_(packed, non_blocking=True)
         graph.replay()
         return io["hidden"][:batch]
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
-        """One graph per batch size bucket up to max_num_seqs, each reading its inputs from one static
-        packed buffer (pack_decode) and computing positions and slots itself (decode_inputs)."""
+        """One graph per batch size bucket up to max_num_seqs, and a cascade-attention one for each
+        bucket large enough to take the cascade; each reads its inputs from one static packed
+        buffer (pack_decode) and computes positions and slots itself (decode_inputs)."""
         top = min(self.config.max_num_seqs, GRAPH_BATCH_SIZES[-1])
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= top] or [1]
         pool = None
         for size in reversed(sizes):
-            io = {"packed": self.pack_decode([], [], size).to(self.device)}
-            # max_context_len is fixed at max_model_len so the kernel's split count does not depend on the batch.
-            ids, positions, meta = self.decode_inputs(io["packed"], size, self.config.max_model_len)
-            self.model(ids, positions, self.kv_caches, meta)  # warm-up: compile outside capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                ids, positions, meta = self.decode_inputs(io["packed"], size, self.config.max_model_len)
-                io["hidden"] = self.model(ids, positions, self.kv_caches, meta)
-            pool = graph.pool()
-            self.graphs[size] = (graph, io)
+            for cascade in (False, True) if self.takes_cascade(size, self.config.max_model_len) else (False,):
+                io = {"packed": self.pack_decode([], [], size).to(self.device)}
+                # max_context_len is fixed at max_model_len so the kernel's split count does not depend on the batch.
+                ids, positions, meta = self.decode_inputs(io["packed"], size, self.config.max_model_len, cascade)
+                self.model(ids, positions, self.kv_caches, meta)  # warm-up: compile outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    ids, positions, meta = self.decode_inputs(io["packed"], size, self.config.max_model_len, cascade)
+                    io["hidden"] = self.model(ids, positions, self.kv_caches, meta)
+                pool = graph.pool()
+                self.graphs[size, cascade] = (graph, io)
         self.model.tp.wait(self.device)

@@ -90,19 +90,19 @@ class CascadeConfig:
     source: str = "heuristic"
 
 
-def cascade_config(q: torch.Tensor, k_cache: torch.Tensor, max_shared: int) -> CascadeConfig:
-    """The device's tuning table entry for the cascade (kernel "cascade", bucket (batch x
+def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page: int, rows: int, num_kv_heads: int, max_shared: int) -> CascadeConfig:
+    """The config for `rows` rows of `num_kv_heads` kv heads sharing at most max_shared tokens of
+    pages of `page` tokens: the device's tuning table entry (kernel "cascade", bucket (rows x
     kv_heads, max shared tokens)), else the heuristic: a 64-row query tile, 64-token K/V tiles,
     and the cascade taken from 32 rows sharing 256 tokens. Below that the L2 already serves most
     repeated prefix reads: on an H100, 16 rows sharing 2,048 tokens ran 0.98-1.06x plain decode's
     speed, 64 rows 1.5-1.75x (benchmarks/NOTES.md)."""
-    head_dim, page = q.shape[-1], k_cache.shape[1]
-    found, source = lookup("cascade", q.device, q.dtype, head_dim, page, (bucket(q.shape[0] * k_cache.shape[2]), bucket(max_shared)))
+    found, source = lookup("cascade", device, dtype, head_dim, page, (bucket(rows * num_kv_heads), bucket(max_shared)))
     if found is not None:
         return CascadeConfig(source=source, **found)
     if interpreting():
         return CascadeConfig(16, 16, 4, 1, 2, 2, 1)
-    return CascadeConfig(64, 32 if q.dtype == torch.float32 or head_dim_block(head_dim) > 128 else 64, 4, 2, 2, 32, 256)
+    return CascadeConfig(64, 32 if dtype == torch.float32 or head_dim_block(head_dim) > 128 else 64, 4, 2, 2, 32, 256)
 
 
 class _PrefixLaunch:
@@ -198,7 +198,7 @@ def cascade_attention_decode(
     out = check_out(out, q)
     if q.shape[0] == 0:
         return out
-    prefix = _PrefixLaunch(q, k_cache, v_cache, block_table, context_lens, shared_len, max_shared, scale, cascade_config(q, k_cache, max_shared))
+    prefix = _PrefixLaunch(q, k_cache, v_cache, block_table, context_lens, shared_len, max_shared, scale, cascade_config(q.device, q.dtype, head_dim, page, q.shape[0], k_cache.shape[2], max_shared))
     config = decode_config(q, k_cache, v_cache, max_context)
     launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, config, shared=shared_len, prefix_parts=prefix)
     return out
