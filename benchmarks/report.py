@@ -1,6 +1,6 @@
 """Tables (and optional plots) of benchmark results: configuration × implementation, per suite.
 
-    python -m benchmarks.report OUT.json [more.json ...] [--suite prefill|prefix|decode|engine] [--plot DIR]
+    python -m benchmarks.report OUT.json [more.json ...] [--suite prefill|prefix|decode|cascade|engine] [--plot DIR]
 
 Each cell is the throughput the benchmark recorded and its % of the machine's ceiling, the one its
 extra_info["ceiling"] names (decode: read_gbps; files from before that ceiling existed recorded
@@ -27,7 +27,7 @@ from benchmarks.results import DASH, ResultsError, fmt, is_interpreter, load, ma
 from minivllm.atomic_write import write_atomic
 
 # Columns in this order; an impl not listed here goes after these, alphabetically.
-IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged", "minivllm")
+IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "flash_triton", "flash_triton_paged16", "flash_triton_paged256", "triton_paged", "triton_cascade", "minivllm")
 OURS = ("naive_triton", "flash_triton", "triton_paged")
 PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_dense")
 # config_source values in the order shown; "table" is the tuned case, so only the others mark a cell.
@@ -60,6 +60,11 @@ SUITES = {
         ours=("flash_triton_paged16", "flash_triton_paged256"), peers=("flash_triton",), versus="contiguous",
     ),
     "decode": Suite("context_len", "block_size", "gbps", "GB/s", "read_gbps", ("model", "tp", "dtype", "block_size"), "batch"),
+    # GB/s of the least a shared-prefix step must read (benchmarks/test_cascade.py), for both impls.
+    "cascade": Suite(
+        "shared_len", "block_size", "gbps", "GB/s", "read_gbps", ("model", "tp", "dtype", "block_size"), "batch",
+        ours=("triton_cascade",), peers=("triton_paged",), versus="plain",
+    ),
     # The engine's "% of ceiling" is of the workload's roofline time (benchmarks/extra_info.py, engine_floor_s).
     "engine": Suite(
         "num_seqs", "workload", "tokens_per_s", "tok/s", "roofline", ("model", "tp", "dtype"), "num_seqs",
