@@ -39,6 +39,7 @@ from minivllm.atomic_write import write_atomic  # noqa: E402
 from minivllm.dtypes import SHORT_DTYPES, dtype_name  # noqa: E402
 from minivllm.kernels import cascade_attention_decode, naive_attention, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul, store_kvcache  # noqa: E402
 from minivllm.kernels import compile_check as cc  # noqa: E402
+from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade  # noqa: E402
 from minivllm.kernels.flash_attention import prefill_plan, tiles_for  # noqa: E402
 from minivllm.kernels.launch import head_dim_block  # noqa: E402
 from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able  # noqa: E402
@@ -94,10 +95,9 @@ def heuristic_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
                 q, kc, vc, table, lens, _, max_ctx, _ = _decode_args(dtype, head_dim, page, group)
                 paged_attention_decode(q, kc, vc, table, lens, max_context_len=max_ctx)
                 paged_attention_decode(q, kc, vc, table, lens, max_context_len=max_ctx, num_splits=1)
-                # The cascade: both rows share their first block, so the shared-prefix kernel and the
-                # decode kernel's cascade variant are planned too.
-                table[1, 0] = table[0, 0]
-                cascade_attention_decode(q, kc, vc, table, lens, torch.tensor([page], dtype=torch.int32), max_context_len=max_ctx)
+            # The cascade's shared-prefix kernel and the decode kernel's cascade variant.
+            args = _cascade_args(dtype, head_dim, page)
+            cascade_attention_decode(*args[:6], max_context_len=args[7])
     out += [_prefill_launch(target, dtype, head_dim, page, tile, tma) for page in (0, *PAGES) for tile in tiles_for(head_dim_block(head_dim), dtype) for tma in (True, False)]
     with cc.recording(target) as elementwise:
         for p in PRESETS.values():
@@ -134,6 +134,8 @@ def table_launches(target: str, dtype, head_dim: int, directory: Path = DEFAULT_
                 with cc.recording(target) as launches:
                     launch_decode(*_decode_args(dtype, head_dim, e["page"], GROUPS[-1]), DecodeConfig(**e["config"]))
                 out += [(path.name, launch) for launch in launches]
+            elif e["kernel"] == "cascade":
+                out += [(path.name, launch) for launch in _cascade_launches(target, dtype, head_dim, e["page"], CascadeConfig(**e["config"]))]
             else:
                 out.append((path.name, _prefill_launch(target, dtype, head_dim, e["page"], e["config"]["tile"], e["config"]["tma"])))
     return out
@@ -153,6 +155,25 @@ def _decode_candidate_launches(target: str, dtype, head_dim: int, page: int) -> 
     return out
 
 
+def _cascade_args(dtype, head_dim: int, page: int):
+    """launch_cascade's arguments up to its config: _decode_args' two sequences sharing their
+    first block, a shared length of one page bounded by the whole context."""
+    q, kc, vc, table, lens, out, max_ctx, scale = _decode_args(dtype, head_dim, page, GROUPS[-1])
+    table[1, 0] = table[0, 0]
+    return q, kc, vc, table, lens, torch.tensor([page], dtype=torch.int32), out, max_ctx, max_ctx, scale
+
+
+def _cascade_launches(target: str, dtype, head_dim: int, page: int, config) -> list[cc.Launch]:
+    with cc.recording(target) as launches:
+        launch_cascade(*_cascade_args(dtype, head_dim, page), config)
+    return launches
+
+
+def _cascade_candidate_launches(target: str, dtype, head_dim: int, page: int) -> dict[str, list[cc.Launch]]:
+    """{tuner's name: launches} of the cascade candidates at this page."""
+    return {tune.cascade_name(c): _cascade_launches(target, dtype, head_dim, page, c) for c in tune.cascade_candidates(True)}
+
+
 def _prefill_candidate_launches(target: str, dtype, head_dim: int, page: int, causal: bool = True) -> dict[str, list[cc.Launch]]:
     """{tuner's name: [launch]} of the prefill candidates at this page (0: contiguous keys)."""
     out = {}
@@ -166,6 +187,8 @@ def bucket_candidates(b: "tune.Bucket", target: str) -> dict[str, list[cc.Launch
     """{name: launches} of what `python -m benchmarks.tune` would time for bucket `b` on a GPU of `target`."""
     if b.kernel == "decode":
         return _decode_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page)
+    if b.kernel == "cascade":
+        return _cascade_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page)
     return _prefill_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page, b.shape["causal"])
 
 
@@ -174,6 +197,7 @@ def tuner_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
     out = []
     for page in PAGES:
         out += [x for launches in _decode_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
+        out += [x for launches in _cascade_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
     for page in (0, *PAGES):
         out += [x for launches in _prefill_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
     return out

@@ -2,7 +2,7 @@
 
 Every sequence of a batch begins with the same `shared_len` tokens in the same scattered blocks,
 as the prefix cache leaves one system prompt, then holds a suffix of its own (seeded lengths,
-uniform in SUFFIX_LENS). triton_paged reads the prefix once per sequence (the L2 may serve some of
+uniform in grid.SUFFIX_SPAN). triton_paged reads the prefix once per sequence (the L2 may serve some of
 the repeats); triton_cascade reads it once per tile of sequences. Each output is checked against
 the float64 reference before it is timed. Both are GB/s of the same count, the least any decode
 must read: the prefix's K and V once, each suffix's once, plus q and out.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.extra_info import decode_counts, record
-from benchmarks.grid import GPU_GRID
+from benchmarks.grid import GPU_GRID, SUFFIX_SPAN
 from benchmarks.timing import measure
 from minivllm.dtypes import dtype_name
 from minivllm.kernels import cascade_attention_decode, paged_attention_decode
@@ -24,7 +24,6 @@ from minivllm.reference.inputs import generator, paged_cache, randn, share_prefi
 
 BATCHES = (64, 256) if GPU_GRID else (5,)
 SHARED_LENS = (2048,) if GPU_GRID else (32,)
-SUFFIX_LENS = (200, 2048) if GPU_GRID else (1, 40)  # the shared_prefix engine workload's span
 BLOCK_SIZES = (16, 256) if GPU_GRID else (16,)
 IMPLS = ("triton_paged", "triton_cascade")
 
@@ -45,7 +44,7 @@ def cascade_counts(batch, shared_len, suffix_lens, num_heads, num_kv_heads, head
 @pytest.mark.parametrize("batch", BATCHES)
 def test_cascade(benchmark, request, device, ceiling, cold_round, shard, dtype, batch, shared_len, block_size, impl):
     rng = random.Random(batch + shared_len)
-    suffixes = [rng.randint(*SUFFIX_LENS) for _ in range(batch)]
+    suffixes = [rng.randint(*SUFFIX_SPAN[GPU_GRID]) for _ in range(batch)]
     lens = [shared_len + n for n in suffixes]
     gen = generator(batch + shared_len, device)
     q = randn((batch, shard.num_heads, shard.head_dim), dtype, device, gen)

@@ -1,6 +1,6 @@
 """Tune the Triton kernels for this device and write its tuning table.
 
-    python -m benchmarks.tune [--kernel decode|prefill] [--bucket TEXT] [--dtype bf16|fp16] [--part I/N]
+    python -m benchmarks.tune [--kernel decode|prefill|cascade] [--bucket TEXT] [--dtype bf16|fp16] [--part I/N]
                               [--out DIR] [--budget-s 540] [--no-peers] [--matmuls-alone] [--json ROWS.json]
 
 For each bucket of the table's key (minivllm/kernels/tuning_table.py) it builds one representative shape,
@@ -14,11 +14,14 @@ under the interpreter with tiny shapes and a two-candidate set, so CI exercises 
 SDPA's time for the same shape is printed beside each winner unless --no-peers. --matmuls-alone
 also times each prefill winner with its softmax left out (a wrong answer, never a candidate):
 what the tile's two matmuls cost, so the rest of the gap to cuDNN is the softmax.
+A cascade bucket also times plain decode on its shape, whatever --no-peers says: its entry takes
+the cascade there only where the winner beats plain decode (min_rows and min_shared 1, else never).
 """
 
 import argparse
 import datetime
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,17 +39,19 @@ if __name__ == "__main__" and "--dry-run" not in sys.argv[1:]:
 
 
 from benchmarks.ceilings import software_facts
+from benchmarks.grid import SUFFIX_SPAN
 from benchmarks.output_paths import output_dir, output_file
 from benchmarks.repo import commit
 from benchmarks.timing import ColdRound, median_device_s, median_s
 from minivllm.atomic_write import write_atomic
 from minivllm.dtypes import SHORT_DTYPES, dtype_name
 from minivllm.kernels import compile_check as cc
+from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade
 from minivllm.kernels.flash_attention import prefill_plan
-from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able
+from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, tma_able
 from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, write_table
 from minivllm.reference.decode_check import check_decode
-from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn, share_prefix
 from minivllm.reference.paging import paged_gather
 from minivllm.reference.prefill_check import check_prefill
 from minivllm.reference.tolerance import ToleranceError
@@ -54,6 +59,7 @@ from minivllm.reference.tolerance import ToleranceError
 TUNED_DTYPES = ("bf16", "fp16")  # of SHORT_DTYPES: what serving runs in
 CACHE_LIMIT = 9 << 30  # bytes of K+V a decode representative may hold
 ROUNDS = 20
+NEVER = 2**31 - 1  # a cascade entry's min_rows where plain decode won: no batch takes the cascade
 
 
 @dataclass
@@ -75,12 +81,14 @@ class Bucket:
 def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
     """Decode: Qwen3-8B's 32/8 heads at batch 1..256 and context 2k..32k, pages of 16 and 256.
     Prefill: 16k tokens at seqlen 512..16k, causal or not, and the prefix suite's 4 x (2k cached
-    + 2k new) over pages of 16 and 256. Head dim 128, as in every preset model."""
+    + 2k new) over pages of 16 and 256. Cascade: batch 16..256 sharing a 2k prefix (the cascade
+    suite's shape), pages of 16 and 256. Head dim 128, as in every preset model."""
     out = []
     if not on_gpu:
         for name in dtypes:
             out.append(Bucket("decode", name, 16, 16, (bucket(2 * 2), bucket(40)), dict(batch=2, context=40, heads=4, kv=2)))
             out.append(Bucket("prefill", name, 16, 0, (bucket(40), True), dict(batch=2, seqlen=40, new=40, heads=4, kv=2, causal=True)))
+            out.append(Bucket("cascade", name, 16, 16, (bucket(3 * 2), bucket(32)), dict(batch=3, shared=32, heads=4, kv=2)))
         return out
     for name in dtypes:
         for page in (16, 256):
@@ -94,6 +102,10 @@ def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
                 out.append(Bucket("prefill", name, 128, 0, (bucket(n), causal), dict(batch=16384 // n, seqlen=n, new=n, heads=32, kv=8, causal=causal)))
             for page in (16, 256):
                 out.append(Bucket("prefill", name, 128, page, (bucket(4096), causal), dict(batch=4, seqlen=4096, new=2048, heads=32, kv=8, causal=causal)))
+    for name in dtypes:
+        for page in (16, 256):
+            for batch in (16, 64, 256):
+                out.append(Bucket("cascade", name, 128, page, (bucket(batch * 8), bucket(2048)), dict(batch=batch, shared=2048, heads=32, kv=8)))
     # The shapes that stand for many first, so that a run cut short by its budget still covers
     # every key coarsely (lookups take the nearest tuned bucket); stable within each pass.
     return sorted(out, key=lambda b: 0 if b.shape.get("batch") in (16, 64) and b.shape.get("context") in (2048, 8192) or b.shape.get("seqlen") in (1024, 4096) else 1)
@@ -110,6 +122,20 @@ def decode_candidates(page: int, tma: bool, on_gpu: bool) -> list[DecodeConfig]:
     if tma:
         tiles += [("tma", 16, 4, 6), ("tma", 16, 4, 8)] + ([("tma", 32, 4, 6), ("tma", 64, 4, 6)] if page >= 64 else [])
     return [DecodeConfig(*t, pps) for t in tiles for pps in (2, 4, 8)]
+
+
+def cascade_candidates(on_gpu: bool) -> list[CascadeConfig]:
+    """The shared prefix's kernel: query tiles of 32 to 128 rows, K/V tiles of 32 or 64 tokens,
+    each at several programs per SM (only the split count changes, so no compile). min_rows and
+    min_shared are the bucket's verdict, set once the winner is compared with plain decode."""
+    if not on_gpu:
+        return [CascadeConfig(16, 16, 4, 1, 2, 1, 1), CascadeConfig(32, 16, 4, 1, 2, 1, 1)]
+    tiles = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3)]
+    return [CascadeConfig(*t, pps, 1, 1) for t in tiles for pps in (1, 2, 4)]
+
+
+def cascade_name(c: CascadeConfig) -> str:
+    return f"m{c.block_m} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}"
 
 
 def fits_page(c: DecodeConfig, page: int) -> bool:
@@ -156,6 +182,24 @@ def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peer
         k, v = (paged_gather(c, cache.block_table, s["context"]).transpose(1, 2).contiguous() for c in (cache.k_cache, cache.v_cache))
         peer = partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=s["heads"] != s["kv"])
     return candidates, out, lambda what: check_decode(out, q, cache, lens, what), peer, None
+
+
+def _cascade_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
+    """The same for a cascade bucket: its batch shares a prefix of `shared` tokens, then each row
+    has a seeded suffix; the peer, timed whatever `peers` says, is plain decode on that cache."""
+    s, dtype = b.shape, SHORT_DTYPES[b.dtype]
+    on_gpu = device.type == "cuda"
+    rng = random.Random(s["batch"] + s["shared"])
+    lens = [s["shared"] + rng.randint(*SUFFIX_SPAN[on_gpu]) for _ in range(s["batch"])]
+    q = randn((s["batch"], s["heads"], b.head_dim), dtype, device, gen)
+    cache = share_prefix(paged_cache(lens, b.page, s["kv"], b.head_dim, dtype, device, gen), lens, s["shared"] // b.page)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    shared = torch.tensor([s["shared"]], dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
+    candidates = {cascade_name(c): (c.as_dict(), partial(launch_cascade, *args, shared, out, max(lens), s["shared"], b.head_dim**-0.5, c)) for c in cascade_candidates(on_gpu)}
+    plain = partial(launch_decode, *args, torch.empty_like(q), max(lens), b.head_dim**-0.5, decode_config(q, cache.k_cache, cache.v_cache, max(lens)))
+    return candidates, out, lambda what: check_decode(out, q, cache, ctx, what), plain, None
 
 
 def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
@@ -240,7 +284,7 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
     peer's ms; and with `matmuls`, the prefill winner's ms with its softmax left out. A candidate
     that raises or fails the float64 check is never timed."""
     gen = generator(b.head_dim + b.page + sum(b.shape.values()), device)
-    build = _decode_variants if b.kernel == "decode" else _prefill_variants
+    build = {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants}[b.kernel]
     candidates, out, check, peer, matmuls_alone = build(b, device, gen, peers)
     rows = []
     if device.type == "cuda":  # what cannot compile or fit this card is dropped before anything is timed
@@ -295,7 +339,7 @@ def part(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", action="append", choices=("decode", "prefill"), help="only this kernel's buckets; repeatable")
+    parser.add_argument("--kernel", action="append", choices=("decode", "prefill", "cascade"), help="only this kernel's buckets; repeatable")
     parser.add_argument("--bucket", action="append", help="only buckets whose name contains this text; repeatable")
     parser.add_argument("--dtype", action="append", choices=TUNED_DTYPES, help="only this dtype; repeatable (default bf16 and fp16; bf16 on the CPU)")
     parser.add_argument("--out", type=output_dir, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or minivllm/kernels/configs)")
@@ -354,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{b.name}: no candidate passed; left as it was", flush=True)
             continue
         best = timed[0]
+        if b.kernel == "cascade":
+            # The bucket's verdict: the cascade where it beats plain decode on this shape, else never.
+            gains = peer_ms is not None and best["ms"] < peer_ms
+            best = dict(best, config=dict(best["config"], min_rows=1 if gains else NEVER, min_shared=1 if gains else NEVER))
         margin = timed[1]["ms"] / best["ms"] - 1 if len(timed) > 1 else None
         winners.append(dict(kernel=b.kernel, dtype=dtype_name(SHORT_DTYPES[b.dtype]), head_dim=b.head_dim, page=b.page, bucket=list(b.key),
                             config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape))

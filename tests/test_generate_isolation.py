@@ -138,3 +138,33 @@ def test_generate_called_from_inside_generate_is_refused(checkpoint, monkeypatch
     monkeypatch.setattr(llm.runner, "launch", reentering_launch)
     token_ids(llm)
     assert inner
+
+
+def test_close_waits_for_a_generate_call_on_another_thread(checkpoint, fresh_tokens, monkeypatch):
+    """close() from a second thread returns only once the running call has finished with its
+    tokens; from inside the call, on its own thread, it is refused instead of waiting forever."""
+    llm = engine(checkpoint)
+    original, started, release, inner = llm.runner.launch, threading.Event(), threading.Event(), []
+
+    def held_launch(*args, **kwargs):
+        if not started.is_set():
+            with pytest.raises(RuntimeError, match="close\\(\\) was called from inside generate") as e:
+                llm.close()
+            inner.append(e.value)
+            started.set()
+            assert release.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(llm.runner, "launch", held_launch)
+    results = {}
+    generating = threading.Thread(target=lambda: results.update(tokens=token_ids(llm)))
+    generating.start()
+    assert started.wait(60)
+    closing = threading.Thread(target=llm.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive(), "close() returned while generate was still running"
+    release.set()
+    generating.join(120)
+    closing.join(60)
+    assert not closing.is_alive() and inner and results["tokens"] == fresh_tokens

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from benchmarks import tune
-from minivllm.kernels import flash_attn_varlen, paged_attention_decode
+from minivllm.kernels import cascade_attention_decode, flash_attn_varlen, paged_attention_decode
+from minivllm.kernels.cascade_attention import CascadeConfig, cascade_config
 from minivllm.kernels.flash_attention import prefill_config
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config
 from minivllm.kernels.tuning_table import DEFAULT_DIR, ENV_DIR, bucket, clear_cache, lookup, read_table, tables_for, write_table
 from minivllm.reference import attention_ref, paged_decode_gather
-from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn
+from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn, share_prefix
 from minivllm.reference.tolerance import assert_matches_reference
 from tests.full_disk import write_on_full_disk
 
@@ -114,15 +115,15 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
     assert tune.main(["--budget-s", "600"]) == 0
     path = table_dir / "cpu.json"
     first = read_table(path)
-    assert {e["kernel"] for e in first["entries"]} == {"decode", "prefill"}
+    assert {e["kernel"] for e in first["entries"]} == {"decode", "prefill", "cascade"}
     assert first["provenance"]["torch"] == torch.__version__ and first["provenance"]["commit"]
     assert all(e["margin"] is not None and e["margin"] >= 0 for e in first["entries"])
 
     assert tune.main(["--kernel", "decode"]) == 0
     second = read_table(path)
-    assert len(second["entries"]) == 2 and len(second["runs"]) == 2
+    assert len(second["entries"]) == 3 and len(second["runs"]) == 2
     runs = {e["kernel"]: e["run"] for e in second["entries"]}
-    assert runs == {"decode": 1, "prefill": 0}
+    assert runs == {"decode": 1, "prefill": 0, "cascade": 0}
 
     entry = next(e for e in second["entries"] if e["kernel"] == "decode")
     gen = generator(3, device)
@@ -142,11 +143,22 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
     out = flash_attn_varlen(qp, kp, vp, cu, cu, 40, 40)
     assert_matches_reference(out, attention_ref, qp, kp, vp, cu, cu)
 
+    # The cascade entry: its tile, and its verdict against plain decode, which the wall clock of
+    # the interpreter decides either way (min_rows 1, or never).
+    entry = next(e for e in second["entries"] if e["kernel"] == "cascade")
+    assert entry["config"]["min_rows"] == entry["config"]["min_shared"] in (1, tune.NEVER)
+    assert cascade_config(device, torch.bfloat16, 16, 16, 3, 2, 32) == CascadeConfig(source="table", **entry["config"])
+    shared = share_prefix(paged_cache([40, 37, 33], 16, 2, 16, torch.bfloat16, device, gen), [40, 37, 33], 2)
+    args = (randn((3, 4, 16), torch.bfloat16, device, gen), shared.k_cache, shared.v_cache, shared.block_table, torch.tensor([40, 37, 33], dtype=torch.int32, device=device))
+    out = cascade_attention_decode(*args, torch.tensor([32], dtype=torch.int32, device=device), max_context_len=40)
+    assert_matches_reference(out, paged_decode_gather, *args)
+
 
 @pytest.mark.parametrize("path", sorted(DEFAULT_DIR.glob("*.json")), ids=lambda p: p.stem)
 def test_committed_tables_hold_valid_configs(path):
     """Every committed table parses, says where it came from, and holds configs the kernels
-    accept: decode's fetch scheme and power-of-two tiles, prefill's tiles."""
+    accept: decode's fetch scheme and power-of-two tiles, prefill's tiles, the cascade's tiles and
+    verdict."""
     table = read_table(path)
     prov = table["provenance"]
     assert prov["gpu"] and prov["torch"] and prov["triton"] and prov["date"] and prov["commit"] and prov["compute_capability"]
@@ -156,6 +168,9 @@ def test_committed_tables_hold_valid_configs(path):
             config = DecodeConfig(**c)
             assert config.fetch in ("tma", "gather") and config.programs_per_sm >= 1
             assert config.block_n & (config.block_n - 1) == 0 and (config.fetch == "gather" or e["page"] % config.block_n == 0)
+        elif e["kernel"] == "cascade":
+            config = CascadeConfig(**c)
+            assert all(n & (n - 1) == 0 for n in (config.block_m, config.block_n)) and config.min_rows == config.min_shared in (1, tune.NEVER)
         else:
             assert e["kernel"] == "prefill" and isinstance(c["tma"], bool)
             block_m, block_n, num_warps, num_stages = c["tile"]

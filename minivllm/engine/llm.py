@@ -122,7 +122,15 @@ class LLM:
 
     def close(self) -> None:
         """Stop the spawned workers and leave the process group; a tensor-parallel LLM cannot
-        generate after (a one-rank LLM holds nothing to release)."""
+        generate after (a one-rank LLM holds nothing to release). A generate call running on
+        another thread finishes first: telling the workers to stop mid-call would leave them
+        inside it. From inside a generate call on its own thread it raises RuntimeError."""
+        if self._generating_thread == threading.get_ident():
+            raise RuntimeError("close() was called from inside generate on the same thread: it would wait for that call forever")
+        with self._generate_lock:
+            self._close()
+
+    def _close(self) -> None:
         if self.workers is not None:
             try:
                 self.tp.broadcast_object(("stop", None))

@@ -89,6 +89,10 @@ class CascadeConfig:
     min_shared: int
     source: str = "heuristic"
 
+    def as_dict(self) -> dict:
+        return dict(block_m=self.block_m, block_n=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages,
+                    programs_per_sm=self.programs_per_sm, min_rows=self.min_rows, min_shared=self.min_shared)
+
 
 def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page: int, rows: int, num_kv_heads: int, max_shared: int) -> CascadeConfig:
     """The config for `rows` rows of `num_kv_heads` kv heads sharing at most max_shared tokens of
@@ -198,7 +202,15 @@ def cascade_attention_decode(
     out = check_out(out, q)
     if q.shape[0] == 0:
         return out
-    prefix = _PrefixLaunch(q, k_cache, v_cache, block_table, context_lens, shared_len, max_shared, scale, cascade_config(q.device, q.dtype, head_dim, page, q.shape[0], k_cache.shape[2], max_shared))
-    config = decode_config(q, k_cache, v_cache, max_context)
-    launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, config, shared=shared_len, prefix_parts=prefix)
+    config = cascade_config(q.device, q.dtype, head_dim, page, q.shape[0], k_cache.shape[2], max_shared)
+    launch_cascade(q, k_cache, v_cache, block_table, context_lens, shared_len, out, max_context, max_shared, scale, config)
     return out
+
+
+def launch_cascade(q, k_cache, v_cache, block_table, context_lens, shared_len, out, max_context, max_shared, scale, config: CascadeConfig) -> None:
+    """Launch the cascade for already-checked arguments with `config` (cascade_config's, or a
+    tuner's candidate) for the shared prefix and the device's decode config for the suffixes,
+    writing out."""
+    prefix = _PrefixLaunch(q, k_cache, v_cache, block_table, context_lens, shared_len, max_shared, scale, config)
+    decode = decode_config(q, k_cache, v_cache, max_context)
+    launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_context, scale, decode, shared=shared_len, prefix_parts=prefix)
