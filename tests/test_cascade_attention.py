@@ -53,6 +53,15 @@ def test_many_rows_span_several_row_tiles(device):
     assert_matches_reference(out, paged_decode_gather, q, cache.k_cache, cache.v_cache, cache.block_table, ctx, what="cascade vs gather")
 
 
+@pytest.mark.parametrize("lens", [(70, 90), (91, 33, 64)])
+def test_few_rows_split_the_prefix_and_each_suffix(lens, device):
+    """Few rows leave the device idle, so both kernels split: the prefix across programs, and each
+    row's own suffix evenly over the decode's splits, however far the prefix reaches into them."""
+    q, cache, ctx, shared_len = shared_case(lens, 2, 16, 4, 1, 64, torch.bfloat16, device, seed=len(lens))
+    out = cascade_attention_decode(q, cache.k_cache, cache.v_cache, cache.block_table, ctx, shared_len, max_context_len=max(lens))
+    assert_matches_reference(out, paged_decode_gather, q, cache.k_cache, cache.v_cache, cache.block_table, ctx, what="cascade vs gather")
+
+
 def test_bad_shared_len_raises(device):
     """On the CPU the wrapper reads shared_len and refuses one that breaks the contract (on a GPU
     it would need a sync, so the contract is the caller's there)."""

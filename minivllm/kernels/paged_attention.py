@@ -61,9 +61,12 @@ def _paged_decode(
     ctx = tl.minimum(ctx, max_blocks * PAGE)
     start = 0
     if CASCADE:
-        # The shared prefix's tokens are the cascade's other kernel's (cascade_attention.py).
+        # The shared prefix's tokens are the cascade's other kernel's (cascade_attention.py). The
+        # host sized the splits for whole contexts; the row's own tokens are split evenly instead,
+        # or the splits past its suffix would idle while the first ones do all of it.
         shared = tl.load(SHARED)
         start = tl.where(ctx >= shared, shared, 0)
+        tokens_per_split = tl.cdiv(tl.cdiv(ctx - start, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     lo = start + split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, ctx)
 
