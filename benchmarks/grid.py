@@ -6,6 +6,7 @@ collect the same node ids, on GPU nodes.
 """
 
 import os
+import random
 
 import torch
 
@@ -14,6 +15,12 @@ if _CHOICE not in ("", "gpu", "cpu"):
     raise ValueError(f"MINIVLLM_BENCH_GRID: expected 'gpu' or 'cpu' (or unset to follow the device), got {_CHOICE!r}")
 GPU_GRID = _CHOICE == "gpu" if _CHOICE else torch.cuda.is_available()
 
-# Each sequence's own tokens after a shared prefix (the cascade suite and the tuner's cascade
-# buckets): the shared_prefix engine workload's span on a GPU (benchmarks/engine_workloads.py).
-SUFFIX_SPAN = {True: (200, 2048), False: (1, 40)}  # keyed by "on a GPU"
+
+def shared_prefix_lens(batch: int, shared_len: int, on_gpu: bool) -> list[int]:
+    """Context lengths of `batch` sequences after a shared prefix of shared_len tokens, each with a
+    seeded suffix of its own (the cascade suite's and the tuner's cascade buckets' shape): on a GPU
+    uniform in [200, 2048], the shared_prefix engine workload's span (engine_workloads.py); on the
+    CPU in [1, 40]."""
+    rng = random.Random(batch + shared_len)
+    low, high = (200, 2048) if on_gpu else (1, 40)
+    return [shared_len + rng.randint(low, high) for _ in range(batch)]

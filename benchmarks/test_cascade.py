@@ -2,19 +2,17 @@
 
 Every sequence of a batch begins with the same `shared_len` tokens in the same scattered blocks,
 as the prefix cache leaves one system prompt, then holds a suffix of its own (seeded lengths,
-uniform in grid.SUFFIX_SPAN). triton_paged reads the prefix once per sequence (the L2 may serve some of
-the repeats); triton_cascade reads it once per tile of sequences. Each output is checked against
+grid.shared_prefix_lens). triton_paged reads the prefix once per sequence (the L2 may serve some
+of the repeats); triton_cascade reads it once per tile of sequences. Each output is checked against
 the float64 reference before it is timed. Both are GB/s of the same count, the least any decode
 must read: the prefix's K and V once, each suffix's once, plus q and out.
 """
-
-import random
 
 import pytest
 import torch
 
 from benchmarks.extra_info import decode_counts, record
-from benchmarks.grid import GPU_GRID, SUFFIX_SPAN
+from benchmarks.grid import GPU_GRID, shared_prefix_lens
 from benchmarks.timing import measure
 from minivllm.dtypes import dtype_name
 from minivllm.kernels import cascade_attention_decode, paged_attention_decode
@@ -43,9 +41,8 @@ def cascade_counts(batch, shared_len, suffix_lens, num_heads, num_kv_heads, head
 @pytest.mark.parametrize("shared_len", SHARED_LENS)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_cascade(benchmark, request, device, ceiling, cold_round, shard, dtype, batch, shared_len, block_size, impl):
-    rng = random.Random(batch + shared_len)
-    suffixes = [rng.randint(*SUFFIX_SPAN[GPU_GRID]) for _ in range(batch)]
-    lens = [shared_len + n for n in suffixes]
+    lens = shared_prefix_lens(batch, shared_len, GPU_GRID)
+    suffixes = [n - shared_len for n in lens]
     gen = generator(batch + shared_len, device)
     q = randn((batch, shard.num_heads, shard.head_dim), dtype, device, gen)
     cache = share_prefix(paged_cache(lens, block_size, shard.num_kv_heads, shard.head_dim, dtype, device, gen), lens, shared_len // block_size)

@@ -21,7 +21,6 @@ the cascade there only where the winner beats plain decode (min_rows and min_sha
 import argparse
 import datetime
 import json
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ if __name__ == "__main__" and "--dry-run" not in sys.argv[1:]:
 
 
 from benchmarks.ceilings import software_facts
-from benchmarks.grid import SUFFIX_SPAN
+from benchmarks.grid import shared_prefix_lens
 from benchmarks.output_paths import output_dir, output_file
 from benchmarks.repo import commit
 from benchmarks.timing import ColdRound, median_device_s, median_s
@@ -189,8 +188,7 @@ def _cascade_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
     has a seeded suffix; the peer, timed whatever `peers` says, is plain decode on that cache."""
     s, dtype = b.shape, SHORT_DTYPES[b.dtype]
     on_gpu = device.type == "cuda"
-    rng = random.Random(s["batch"] + s["shared"])
-    lens = [s["shared"] + rng.randint(*SUFFIX_SPAN[on_gpu]) for _ in range(s["batch"])]
+    lens = shared_prefix_lens(s["batch"], s["shared"], on_gpu)
     q = randn((s["batch"], s["heads"], b.head_dim), dtype, device, gen)
     cache = share_prefix(paged_cache(lens, b.page, s["kv"], b.head_dim, dtype, device, gen), lens, s["shared"] // b.page)
     ctx = torch.tensor(lens, dtype=torch.int32, device=device)

@@ -193,7 +193,9 @@ class ModelRunner:
         src = self._input_sources(seqs, ids, positions) or [-1] * len(seqs)
         packed[: 3 * rows] = [max(t, 0) for t in ids] + pad + src + [-1] * len(pad) + [p + 1 for p in positions] + pad
         packed[3 * rows : -1] = flat + [-1] * (len(pad) * width)
-        packed[-1] = self.shared_tokens(packed[3 * rows : 3 * rows + len(seqs) * width].reshape(len(seqs), width), positions)
+        # Only a runner that may take the cascade compares the tables (a numpy pass over them).
+        tables = packed[3 * rows : 3 * rows + len(seqs) * width].reshape(len(seqs), width)
+        packed[-1] = self.shared_tokens(tables, positions) if self.config.cascade_attention else 0
         return buffer[:size]
 
     def shared_tokens(self, tables: np.ndarray, positions: list[int]) -> int:

@@ -19,8 +19,8 @@ import triton.language as tl
 from minivllm.interpreter import interpreting
 from minivllm.kernels.attention_tile import gather_kv_tile, online_softmax_step
 from minivllm.kernels.checks import check_host_int, check_int_vector, check_out, resolve_scale
-from minivllm.kernels.launch import dot_precision, head_dim_block, parallel_slots
-from minivllm.kernels.paged_attention import MAX_SPLITS, check_decode_args, decode_config, launch_decode
+from minivllm.kernels.launch import dot_precision, head_dim_block
+from minivllm.kernels.paged_attention import check_decode_args, decode_config, launch_decode, split_policy
 from minivllm.kernels.tuning_table import bucket, lookup
 
 
@@ -119,11 +119,8 @@ class _PrefixLaunch:
         self.block_g = triton.next_power_of_2(q.shape[1] // num_kv_heads)
         self.block_r = max(1, config.block_m // self.block_g)
         self.tiles = triton.cdiv(batch, self.block_r)
-        kv_tiles = max(1, triton.cdiv(max_shared, config.block_n))
-        programs = self.tiles * num_kv_heads
-        splits = min(kv_tiles, MAX_SPLITS, max(1, parallel_slots(q.device, config.programs_per_sm) // programs))
-        self.tokens_per_split = triton.cdiv(kv_tiles, splits) * config.block_n
-        self.splits = triton.cdiv(max(max_shared, 1), self.tokens_per_split)
+        # Decode's policy, with a tile of rows in the place of a sequence.
+        self.splits, self.tokens_per_split = split_policy(self.tiles, num_kv_heads, max_shared, config.block_n, config.programs_per_sm, q.device)
 
     def __call__(self, o_part, lse_part, first_slot):
         q, k_cache, v_cache, block_table, context_lens, shared, scale, config = self.args
