@@ -98,15 +98,16 @@ def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page
     """The config for `rows` rows of `num_kv_heads` kv heads sharing at most max_shared tokens of
     pages of `page` tokens: the device's tuning table entry (kernel "cascade", bucket (rows x
     kv_heads, max shared tokens)), else the heuristic: a 64-row query tile, 64-token K/V tiles,
-    and the cascade taken from 32 rows sharing 256 tokens. Below that the L2 already serves most
-    repeated prefix reads: on an H100, 16 rows sharing 2,048 tokens ran 0.98-1.06x plain decode's
-    speed, 64 rows 1.5-1.75x (benchmarks/NOTES.md)."""
+    and the cascade taken from 16 rows sharing 256 tokens. On an H100, 16 rows sharing 2,048
+    tokens ran 1.21x (256-token pages) and 1.53x (16-token pages) plain decode's speed once each
+    row's suffix was split evenly, 64 rows 1.5-1.75x; fewer rows were not measured, and there the
+    L2 serves most repeated prefix reads anyway (benchmarks/NOTES.md)."""
     found, source = lookup("cascade", device, dtype, head_dim, page, (bucket(rows * num_kv_heads), bucket(max_shared)))
     if found is not None:
         return CascadeConfig(source=source, **found)
     if interpreting():
         return CascadeConfig(16, 16, 4, 1, 2, 2, 1)
-    return CascadeConfig(64, 32 if dtype == torch.float32 or head_dim_block(head_dim) > 128 else 64, 4, 2, 2, 32, 256)
+    return CascadeConfig(64, 32 if dtype == torch.float32 or head_dim_block(head_dim) > 128 else 64, 4, 2, 2, 16, 256)
 
 
 class _PrefixLaunch:
