@@ -26,7 +26,8 @@ extra_info (benchmarks/extra_info.py, record_engine) holds the workload, tokens_
 totals, the workload's roofline time (engine_counts, engine_floor_s) and pct_roofline; for
 minivllm also `steps`, the engine's step-time breakdown (minivllm/engine/step_profile.py, summarize), and
 the serving latencies (record_latency): p50/p90/p99 of TTFT and of inter-token latency, the
-preemptions and the prefix-cache hit rate.
+preemptions and the prefix-cache hit rate; on a GPU also `allocator`, how often the timed run
+made the caching allocator call cudaMalloc or cudaFree (allocator_counts).
 """
 
 import gc
@@ -103,6 +104,21 @@ def run_hf(model, prompts: list[list[int]], output_lens: list[int], batch: int, 
     return outputs
 
 
+# The caching allocator's counters of calls that hold the host until the device is idle
+# (cudaFree, when a failed cudaMalloc makes it release its cache and retry, syncing every stream
+# first) or can take milliseconds (cudaMalloc): a prefill step that spends its launch waiting on
+# the device (benchmarks/NOTES.md, "Engine e4") would show here.
+ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """This process's allocator counters on `device` (ALLOCATOR_COUNTERS); empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {name: int(stats.get(name, 0)) for name in ALLOCATOR_COUNTERS}
+
+
 def check_outputs(outputs: list[list[int]], output_lens: list[int], vocab: int, impl: str) -> None:
     """No request lost or cut short: every sequence has its requested length in valid ids."""
     got = [len(o) for o in outputs]
@@ -157,8 +173,12 @@ def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard,
         fn = partial(run_hf, model, prompts, output_lens, hf_batch, workload)
 
     benchmark.group = f"engine {workload.name} {shard.id} {dtype_name(dtype)} {workload.num_seqs} seqs"
+    before = allocator_counts(device)
     with torch.inference_mode():
         outputs = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+    after = allocator_counts(device)
+    if after:
+        settings["allocator"] = {name: after[name] - before[name] for name in after}
     metrics = None
     if impl == "minivllm":
         settings["steps"] = summarize(llm.step_records)

@@ -112,7 +112,9 @@ def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
 
 def decode_candidates(page: int, tma: bool, on_gpu: bool) -> list[DecodeConfig]:
     """TMA boxes (one page-tile each) and gathered tiles spanning pages, each at several
-    programs per SM; programs per SM changes only the split count, so costs no compile. Triton
+    programs per SM; programs per SM changes only the split count, so costs no compile. One
+    program per SM splits no row once batch x kv heads fills the SMs, which saves the merge's
+    second launch where contexts are short (vLLM and FlashInfer split only below that). Triton
     3.6's pipeliner stages each tile's block ids too: a gathered tile is double-buffered from 5
     stages, a TMA tile from 6."""
     if not on_gpu:
@@ -120,7 +122,7 @@ def decode_candidates(page: int, tma: bool, on_gpu: bool) -> list[DecodeConfig]:
     tiles = [("gather", 32, 4, 3), ("gather", 32, 4, 5), ("gather", 64, 4, 3), ("gather", 64, 4, 5), ("gather", 128, 4, 3), ("gather", 128, 8, 3)]
     if tma:
         tiles += [("tma", 16, 4, 6), ("tma", 16, 4, 8)] + ([("tma", 32, 4, 6), ("tma", 64, 4, 6)] if page >= 64 else [])
-    return [DecodeConfig(*t, pps) for t in tiles for pps in (2, 4, 8)]
+    return [DecodeConfig(*t, pps) for t in tiles for pps in (1, 2, 4, 8)]
 
 
 def cascade_candidates(on_gpu: bool) -> list[CascadeConfig]:
