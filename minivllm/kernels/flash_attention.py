@@ -8,9 +8,10 @@ diagonal are never visited.
 
 On Hopper and later, Q, K and V tiles arrive by TMA (tensor descriptors) when head_dim is a power
 of two, for a paged cache too when a page holds whole tiles; otherwise, and in the CPU
-interpreter, through pointer loads (over smaller pages, decode's gather: one block id per token). The tile comes from the device's tuning table
-(minivllm/kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one autotunes
-among `tiles_for`'s candidates on first use.
+interpreter, through pointer loads (over smaller pages, decode's gather: one block id per
+token). The tile comes from the device's tuning table (minivllm/kernels/tuning_table.py, written
+by `python -m benchmarks.tune`); a device without one autotunes among `tiles_for`'s candidates on
+first use.
 """
 
 import math
