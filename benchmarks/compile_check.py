@@ -1,6 +1,6 @@
 """Every kernel config the harness can pick on a GPU, compiled ahead of time for that GPU's target.
 
-    python -m benchmarks.compile_check [--target sm_90 --target sm_100] [--dtype bf16 --dtype fp16] [--json OUT.json]
+    python -m benchmarks.compile_check [--target sm_90 --target sm_100] [--dtype bf16 --dtype fp16] [--json OUT.json] [--jobs N]
 
 For each target, dtype and preset head_dim it gathers the launches a device of that target can
 make (minivllm/kernels/compile_check.py compiles them):
@@ -9,7 +9,7 @@ make (minivllm/kernels/compile_check.py compiles them):
   and paged, and the fused elementwise kernels at the presets' widths);
 - table: every entry of every committed table a device of that compute capability falls back to;
 - tuner: the candidates `python -m benchmarks.tune` would time.
-Each distinct launch compiles once per target. The exit status is 1 when any launch does not
+Each distinct launch compiles once per target; --jobs N splits them over N processes. The exit status is 1 when any launch does not
 compile or asks for more shared memory than the target allows per block. It runs on any
 machine, GPU or not: Triton compiles for a target without one.
 """
@@ -17,7 +17,9 @@ machine, GPU or not: Triton compiles for a target without one.
 import argparse
 import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +28,6 @@ from minivllm.interpreter import interpreting
 if __name__ == "__main__" and interpreting():
     # Interpreted kernels cannot be compiled: run again with them compiled.
     import os
-    import subprocess
 
     sys.exit(subprocess.run([sys.executable, "-m", "benchmarks.compile_check", *sys.argv[1:]], env=os.environ | {"TRITON_INTERPRET": "0"}).returncode)
 
@@ -203,10 +204,10 @@ def tuner_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
     return out
 
 
-def check(targets: list[str], dtypes: list[str]) -> list[dict]:
-    """One row per (origin, launch, dtype, head_dim, target): where the launch came from and
-    what compiling it gave."""
-    rows = []
+def plan(targets: list[str], dtypes: list[str]) -> list[tuple[str, str, int, str, cc.Launch]]:
+    """(target, dtype, head_dim, origin, launch) for every launch each origin can make, in a fixed
+    order (a launch may appear under several origins)."""
+    out = []
     for target in targets:
         for short in dtypes:
             dtype = SHORT_DTYPES[short]
@@ -214,11 +215,43 @@ def check(targets: list[str], dtypes: list[str]) -> list[dict]:
                 origins = [("heuristic", x) for x in heuristic_launches(target, dtype, head_dim)]
                 origins += [(f"table {name}", x) for name, x in table_launches(target, dtype, head_dim)]
                 origins += [("tuner", x) for x in tuner_launches(target, dtype, head_dim)]
-                for origin, launch in dict.fromkeys(origins):
-                    result = cc.compile_for(launch, target)
-                    rows.append(dict(target=target, dtype=short, head_dim=head_dim, origin=origin, kernel=launch.name, config=launch.describe(),
-                                     ok=result.fits, shared=result.shared, limit=result.limit, families=list(result.families), verdict=result.verdict()))
+                out += [(target, short, head_dim, origin, launch) for origin, launch in dict.fromkeys(origins)]
+    return out
+
+
+def shard(planned: list[tuple], index: int, count: int) -> list[tuple]:
+    """Part `index` of `count` of a plan: every row of the distinct (launch, target) compiles
+    numbered index, index + count, ... in order of first appearance, so each compiles in one part."""
+    keys = {key: i for i, key in enumerate(dict.fromkeys((row[4], row[0]) for row in planned))}
+    return [row for row in planned if keys[row[4], row[0]] % count == index]
+
+
+def check(planned: list[tuple]) -> list[dict]:
+    """One row per planned (target, dtype, head_dim, origin, launch): where the launch came from
+    and what compiling it gave."""
+    rows = []
+    for target, short, head_dim, origin, launch in planned:
+        result = cc.compile_for(launch, target)
+        rows.append(dict(target=target, dtype=short, head_dim=head_dim, origin=origin, kernel=launch.name, config=launch.describe(),
+                         ok=result.fits, shared=result.shared, limit=result.limit, families=list(result.families), verdict=result.verdict()))
     return rows
+
+
+def check_in_parts(targets: list[str], dtypes: list[str], jobs: int, scratch: Path) -> list[dict]:
+    """check() of the whole plan split over `jobs` processes of this tool (compiling is CPU-bound
+    and each process compiles one at a time), their rows merged in plan order."""
+    common = [sys.executable, "-m", "benchmarks.compile_check", *(f"--target={t}" for t in targets), *(f"--dtype={d}" for d in dtypes)]
+    procs = [subprocess.Popen([*common, f"--part={i}/{jobs}", f"--json={scratch / f'part{i}.json'}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(jobs)]
+    parts = []
+    for i, proc in enumerate(procs):
+        printed, _ = proc.communicate()
+        path = scratch / f"part{i}.json"
+        if not path.is_file():
+            raise RuntimeError(f"compile_check part {i}/{jobs} wrote no rows (exit {proc.returncode}):\n{printed[-3000:]}")
+        parts.append(json.loads(path.read_text()))
+    order = {(r[0], r[1], r[2], r[3], r[4].describe()): i for i, r in enumerate(plan(targets, dtypes))}
+    return sorted((row for rows in parts for row in rows), key=lambda r: order[r["target"], r["dtype"], r["head_dim"], r["origin"], r["config"]])
 
 
 def summary(rows: list[dict]) -> str:
@@ -241,14 +274,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", action="append", help=f"sm_ and a compute capability, repeatable (default: {' and '.join(cc.TARGETS)})")
     parser.add_argument("--dtype", action="append", choices=["bf16", "fp16"], help="repeatable (default: both)")
     parser.add_argument("--json", type=output_file, help="write every row here")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
+    parser.add_argument("--part", type=tune.part, metavar="I/N", help="compile only part I of N of the distinct launches (what --jobs runs)")
     args = parser.parse_args(argv)
     for target in args.target or ():
         try:
             cc.target_of(target)
         except ValueError as e:
             parser.error(f"--target: {e}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    targets, dtypes = args.target or list(cc.TARGETS), args.dtype or ["bf16", "fp16"]
     start = time.perf_counter()
-    rows = check(args.target or list(cc.TARGETS), args.dtype or ["bf16", "fp16"])
+    if args.jobs > 1 and args.part is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            rows = check_in_parts(targets, dtypes, args.jobs, Path(scratch))
+    else:
+        planned = plan(targets, dtypes)
+        rows = check(shard(planned, *args.part) if args.part else planned)
     print(summary(rows))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s")
     if args.json:

@@ -2,7 +2,7 @@
 and fits its shared memory, checked on the CPU: Triton compiles for a target without its GPU.
 
 The compiles run in subprocesses with the kernels imported compiled (this process interprets
-them), one per target, side by side.
+them), one per target, side by side, each over a share of this machine's cores (`--jobs`).
 """
 
 import json
@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = os.environ | {"TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
 TARGETS = ("sm_90", "sm_100")
+# Compile processes per target: a GPU machine's 16 cores cut a cold check from over 300 s; CI's 2 keep one each.
+JOBS = max(1, len(os.sched_getaffinity(0)) // (2 * len(TARGETS)))
 
 
 def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -30,7 +32,7 @@ def checked(tmp_path_factory) -> dict[str, dict]:
     """{target: {"rows": [...], "out": printed summary, "code": exit status}} of
     `python -m benchmarks.compile_check --target T --json`, the targets compiled concurrently."""
     out = tmp_path_factory.mktemp("compile_check")
-    procs = {t: subprocess.Popen([sys.executable, "-m", "benchmarks.compile_check", "--target", t, "--json", str(out / f"{t}.json")],
+    procs = {t: subprocess.Popen([sys.executable, "-m", "benchmarks.compile_check", "--target", t, "--jobs", str(JOBS), "--json", str(out / f"{t}.json")],
                                  cwd=ROOT, env=COMPILED, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for t in TARGETS}
     results = {}
     for target, proc in procs.items():
@@ -115,6 +117,29 @@ def test_a_config_that_cannot_compile_names_kernel_config_and_target(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     (line,) = res.stdout.strip().splitlines()
     assert line.startswith("_flash_fwd(") and "num_warps=3" in line and "does not compile for sm_100: " in line and "Traceback" not in line
+
+
+def test_parts_split_the_distinct_compiles_and_cover_the_plan(tmp_path):
+    """--jobs's parts: every planned row in exactly one part, and each distinct (launch, target)
+    compiled by one part only."""
+    res = run_python("""
+        from collections import Counter
+        from benchmarks.compile_check import plan, shard
+
+        planned = plan(["sm_90", "sm_100"], ["bf16"])
+        parts = [shard(planned, i, 3) for i in range(3)]
+        owners = {}
+        for i, part in enumerate(parts):
+            for row in part:
+                owners.setdefault((row[4], row[0]), set()).add(i)
+        print("ROWS", len(planned), sum(map(len, parts)), sorted(map(len, parts)))
+        print("COVERED", Counter(r for part in parts for r in part) == Counter(planned))
+        print("ONE_OWNER", all(len(o) == 1 for o in owners.values()), len(owners))
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = next(line for line in res.stdout.splitlines() if line.startswith("ROWS")).split()
+    assert rows[1] == rows[2] and int(rows[1]) > 100, res.stdout
+    assert "COVERED True" in res.stdout and "ONE_OWNER True" in res.stdout, res.stdout
 
 
 def test_unknown_targets_are_refused_by_name():
