@@ -9,9 +9,9 @@ make (minivllm/kernels/compile_check.py compiles them):
   and paged, and the fused elementwise kernels at the presets' widths);
 - table: every entry of every committed table a device of that compute capability falls back to;
 - tuner: the candidates `python -m benchmarks.tune` would time.
-Each distinct launch compiles once per target; --jobs N splits them over N processes. The exit status is 1 when any launch does not
-compile or asks for more shared memory than the target allows per block. It runs on any
-machine, GPU or not: Triton compiles for a target without one.
+Each distinct launch compiles once per target; --jobs N splits them over N processes. The exit
+status is 1 when any launch does not compile or asks for more shared memory than the target
+allows per block. It runs on any machine, GPU or not: Triton compiles for a target without one.
 """
 
 import argparse
@@ -239,7 +239,7 @@ def check(planned: list[tuple]) -> list[dict]:
 
 def check_in_parts(targets: list[str], dtypes: list[str], jobs: int, scratch: Path) -> list[dict]:
     """check() of the whole plan split over `jobs` processes of this tool (compiling is CPU-bound
-    and each process compiles one at a time), their rows merged in plan order."""
+    and each process compiles one at a time), their rows part after part."""
     common = [sys.executable, "-m", "benchmarks.compile_check", *(f"--target={t}" for t in targets), *(f"--dtype={d}" for d in dtypes)]
     procs = [subprocess.Popen([*common, f"--part={i}/{jobs}", f"--json={scratch / f'part{i}.json'}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(jobs)]
@@ -249,9 +249,8 @@ def check_in_parts(targets: list[str], dtypes: list[str], jobs: int, scratch: Pa
         path = scratch / f"part{i}.json"
         if not path.is_file():
             raise RuntimeError(f"compile_check part {i}/{jobs} wrote no rows (exit {proc.returncode}):\n{printed[-3000:]}")
-        parts.append(json.loads(path.read_text()))
-    order = {(r[0], r[1], r[2], r[3], r[4].describe()): i for i, r in enumerate(plan(targets, dtypes))}
-    return sorted((row for rows in parts for row in rows), key=lambda r: order[r["target"], r["dtype"], r["head_dim"], r["origin"], r["config"]])
+        parts += json.loads(path.read_text())
+    return parts
 
 
 def summary(rows: list[dict]) -> str:
