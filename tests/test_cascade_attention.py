@@ -4,7 +4,7 @@ cached blocks, rows too short to hold it, and every shared length from none to a
 import pytest
 import torch
 
-from minivllm.kernels import cascade_attention, paged_attention_decode
+from minivllm.kernels import paged_attention_decode
 from minivllm.kernels.cascade_attention import cascade_attention_decode
 from minivllm.reference import paged_decode_gather
 from minivllm.reference.inputs import generator, paged_cache, randn, share_prefix
@@ -83,17 +83,3 @@ def test_bad_shared_len_raises(device):
     own = paged_cache(lens, 4, 2, 32, torch.float32, cpu, generator(1, cpu))
     with pytest.raises(ValueError, match="row 0's first 2 blocks"):
         cascade_attention_decode(q, own.k_cache, own.v_cache, own.block_table, ctx, eight)
-
-
-@pytest.mark.parametrize("group, dtype, want", [
-    (2, torch.bfloat16, (64, 64, 4)), (4, torch.float16, (64, 64, 4)), (6, torch.bfloat16, (128, 64, 8)),
-    (16, torch.bfloat16, (128, 64, 8)), (16, torch.float32, (64, 32, 4)),
-])
-def test_the_heuristic_tile_holds_eight_sequences_of_a_large_group(group, dtype, want, monkeypatch):
-    """Without a table (a CPU device has none), compiled: a GQA group of 8 heads or more (6 pads
-    to 8) gets a 128-row query tile on 8 warps, so each prefix tile serves 8 sequences, not 4;
-    fp32 keeps the small tile."""
-    monkeypatch.setattr(cascade_attention, "interpreting", lambda: False)
-    c = cascade_attention.cascade_config(torch.device("cpu"), dtype, 128, 16, 64, 4, 2048, group)
-    assert (c.block_m, c.block_n, c.num_warps, c.source) == (*want, "heuristic")
-    assert (c.min_rows, c.min_shared) == (16, 256)

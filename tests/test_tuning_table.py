@@ -147,7 +147,7 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
     # the interpreter decides either way (min_rows 1, or never).
     entry = next(e for e in second["entries"] if e["kernel"] == "cascade")
     assert entry["config"]["min_rows"] == entry["config"]["min_shared"] in (1, tune.NEVER)
-    assert cascade_config(device, torch.bfloat16, 16, 16, 3, 2, 32, 2) == CascadeConfig(source="table", **entry["config"])
+    assert cascade_config(device, torch.bfloat16, 16, 16, 3, 2, 32) == CascadeConfig(source="table", **entry["config"])
     shared = share_prefix(paged_cache([40, 37, 33], 16, 2, 16, torch.bfloat16, device, gen), [40, 37, 33], 2)
     args = (randn((3, 4, 16), torch.bfloat16, device, gen), shared.k_cache, shared.v_cache, shared.block_table, torch.tensor([40, 37, 33], dtype=torch.int32, device=device))
     out = cascade_attention_decode(*args, torch.tensor([32], dtype=torch.int32, device=device), max_context_len=40)

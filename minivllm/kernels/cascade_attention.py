@@ -94,14 +94,11 @@ class CascadeConfig:
                     programs_per_sm=self.programs_per_sm, min_rows=self.min_rows, min_shared=self.min_shared)
 
 
-def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page: int, rows: int, num_kv_heads: int, max_shared: int,
-                   group: int) -> CascadeConfig:
-    """The config for `rows` rows of `num_kv_heads` kv heads, `group` query heads each, sharing at
-    most max_shared tokens of pages of `page` tokens: the device's tuning table entry (kernel
-    "cascade", bucket (rows x kv_heads, max shared tokens)), else the heuristic: 64-token K/V
-    tiles, a query tile of 64 rows (128 on 8 warps for GQA groups of 8 or more heads, so that a
-    tile still spans 8 sequences, each prefix tile read once for all of them), and the cascade
-    taken from 16 rows sharing 256 tokens. On an H100, 16 rows sharing 2,048
+def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page: int, rows: int, num_kv_heads: int, max_shared: int) -> CascadeConfig:
+    """The config for `rows` rows of `num_kv_heads` kv heads sharing at most max_shared tokens of
+    pages of `page` tokens: the device's tuning table entry (kernel "cascade", bucket (rows x
+    kv_heads, max shared tokens)), else the heuristic: a 64-row query tile, 64-token K/V tiles,
+    and the cascade taken from 16 rows sharing 256 tokens. On an H100, 16 rows sharing 2,048
     tokens ran 1.21x (256-token pages) and 1.53x (16-token pages) plain decode's speed once each
     row's suffix was split evenly, 64 rows 1.5-1.75x; fewer rows were not measured, and there the
     L2 serves most repeated prefix reads anyway (benchmarks/NOTES.md)."""
@@ -110,10 +107,7 @@ def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page
         return CascadeConfig(source=source, **found)
     if interpreting():
         return CascadeConfig(16, 16, 4, 1, 2, 2, 1)
-    if dtype == torch.float32 or head_dim_block(head_dim) > 128:
-        return CascadeConfig(64, 32, 4, 2, 2, 16, 256)
-    tall = triton.next_power_of_2(group) >= 8
-    return CascadeConfig(128 if tall else 64, 64, 8 if tall else 4, 2, 2, 16, 256)
+    return CascadeConfig(64, 32 if dtype == torch.float32 or head_dim_block(head_dim) > 128 else 64, 4, 2, 2, 16, 256)
 
 
 class _PrefixLaunch:
@@ -206,7 +200,7 @@ def cascade_attention_decode(
     out = check_out(out, q)
     if q.shape[0] == 0:
         return out
-    config = cascade_config(q.device, q.dtype, head_dim, page, q.shape[0], k_cache.shape[2], max_shared, q.shape[1] // k_cache.shape[2])
+    config = cascade_config(q.device, q.dtype, head_dim, page, q.shape[0], k_cache.shape[2], max_shared)
     launch_cascade(q, k_cache, v_cache, block_table, context_lens, shared_len, out, max_context, max_shared, scale, config)
     return out
 
