@@ -8,10 +8,9 @@ diagonal are never visited.
 
 On Hopper and later, Q, K and V tiles arrive by TMA (tensor descriptors) when head_dim is a power
 of two, for a paged cache too when a page holds whole tiles; otherwise, and in the CPU
-interpreter, through pointer loads (over smaller pages, decode's gather: one block id per
-token). The tile comes from the device's tuning table (minivllm/kernels/tuning_table.py, written
-by `python -m benchmarks.tune`); a device without one autotunes among `tiles_for`'s candidates on
-first use.
+interpreter, through pointer loads. The tile comes from the device's tuning table
+(minivllm/kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one
+autotunes among `tiles_for`'s candidates on first use.
 """
 
 import math
@@ -21,7 +20,7 @@ import triton
 import triton.language as tl
 
 from minivllm.interpreter import interpreting
-from minivllm.kernels.attention_tile import gather_kv_tile, online_softmax_step, score_kv_tile
+from minivllm.kernels.attention_tile import online_softmax_step, score_kv_tile
 from minivllm.kernels.checks import (
     check_block_size,
     check_block_table,
@@ -68,16 +67,14 @@ def _attend_tiles(
                 # p = 0 times them stays 0.
                 v = tl.where(n_ok[:, None], v, tl.zeros_like(v))
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        elif PAGED:
-            # Decode's gather: one block id per token, clamped to the last key, so a tile that
-            # spans pages loads unmasked and pipelines like a contiguous one, in the masked tiles
-            # too (rows past k_len re-read a real key; their scores are masked below).
-            k, v = gather_kv_tile(k_base, v_base, bt_row, offs_n, k_len, offs_d, offs_d < HEAD_DIM,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, PAGE, HEAD_DIM, BLOCK_D, INTERPRETER)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         else:
-            k_rows = offs_n.to(tl.int64) * stride_kt
-            v_rows = offs_n.to(tl.int64) * stride_vt
+            if PAGED:
+                blk = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+                k_rows = blk * stride_kb + (offs_n % PAGE) * stride_kt
+                v_rows = blk * stride_vb + (offs_n % PAGE) * stride_vt
+            else:
+                k_rows = offs_n.to(tl.int64) * stride_kt
+                v_rows = offs_n.to(tl.int64) * stride_vt
             if MASKED:
                 kv_mask = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
             elif HEAD_DIM < BLOCK_D:
