@@ -46,7 +46,7 @@ from minivllm.atomic_write import write_atomic
 from minivllm.dtypes import SHORT_DTYPES, dtype_name
 from minivllm.kernels import compile_check as cc
 from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade
-from minivllm.kernels.flash_attention import prefill_plan
+from minivllm.kernels.flash_attention import prefill_launches, prefill_plan, run_launches
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, split_policy, tma_able
 from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, write_table
 from minivllm.reference.decode_check import check_decode
@@ -154,12 +154,18 @@ def splits_here(c: DecodeConfig, batch: int, num_kv_heads: int, context: int, de
     return split_policy(batch, num_kv_heads, context, c.block_n, c.programs_per_sm, device)[0] > 1
 
 
-def prefill_name(tile: tuple, tma: bool) -> str:
-    return f"tile {tuple(tile)} tma={tma}"
+def prefill_name(tile: tuple, tma: bool, gather: bool = False) -> str:
+    return f"tile {tuple(tile)} tma={tma}" + (" gather" if gather else "")
+
+
+def prefill_table_config(tile: tuple, tma: bool, gather: bool) -> dict:
+    """A prefill candidate as a table entry's config: `gather` only where it copies the keys out."""
+    return dict(tile=list(tile), tma=tma, gather=True) if gather else dict(tile=list(tile), tma=tma)
 
 
 def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
-    """(tile, tma) pairs: (BLOCK_M, BLOCK_N, num_warps, num_stages), TMA where it applies."""
+    """(tile, tma) pairs: (BLOCK_M, BLOCK_N, num_warps, num_stages), TMA where it applies. Over a
+    paged cache each pair is also timed copying the keys out first (`gather`)."""
     if not on_gpu:
         return [((32, 16, 4, 1), False), ((16, 16, 4, 1), False)]
     tiles = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
@@ -226,8 +232,10 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
         kk, vv, table = k, v, None
     candidates = {}
     for tile, tma in prefill_candidates(device.type == "cuda"):
-        kernel, grid, kwargs = prefill_plan(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma)
-        candidates[prefill_name(tile, kwargs["TMA"])] = (dict(tile=list(tile), tma=kwargs["TMA"]), partial(kernel[grid], **kwargs))
+        for gather in (False, True) if b.page else (False,):
+            launches = prefill_launches(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma, gather=gather)
+            used_tma = launches[-1][2]["TMA"]
+            candidates[prefill_name(tile, used_tma, gather)] = (prefill_table_config(tile, used_tma, gather), partial(run_launches, launches))
 
     def check(what):
         check_prefill(out, q, k, v, batch, new, causal, what, prefix=n - new)

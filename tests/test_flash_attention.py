@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given
 
-from minivllm.kernels import flash_attn_varlen, store_kvcache
-from minivllm.kernels.flash_attention import flash_fwd_tuned, prune_tiles, tile_of, tiles_for
+from minivllm.kernels import flash_attention, flash_attn_varlen, store_kvcache
+from minivllm.kernels.flash_attention import INTERPRETER_TILE, flash_fwd_tuned, prefill_launches, prune_tiles, run_launches, tile_of, tiles_for
 from minivllm.reference import attention_ref
 from minivllm.reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
 from minivllm.reference.tolerance import assert_matches_reference
@@ -107,3 +107,56 @@ def test_autotune_prune_reads_keyword_launch_arguments():
     out = torch.empty(1, 1, 128, dtype=torch.bfloat16)
     kept = prune_tiles(list(flash_fwd_tuned.configs), {}, O=out, BLOCK_D=128)
     assert sorted(tile_of(c) for c in kept) == sorted(tiles_for(128, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+def test_keys_copied_out_of_the_cache_first(dtype, causal, block_size, device):
+    """The `gather` config: the keys of a scattered cache copied into packed rows, then the
+    contiguous kernel; prefixes ending mid-block, a sequence with one key, queries past the tile
+    edge, an odd head_dim, and the output buffer poisoned first."""
+    gen = generator(17, device)
+    q_lens, k_lens = (1, 33, 47), (1, 50, 79)
+    q = randn((sum(q_lens), 6, 80), dtype, device, gen)
+    cache = paged_cache(k_lens, block_size, 2, 80, dtype, device, gen)
+    cu_q, cu_k = cu_seqlens(q_lens, device), cu_seqlens(k_lens, device)
+    args = (q, cache.k_cache, cache.v_cache)
+    tile = INTERPRETER_TILE if device.type == "cpu" else tiles_for(128, dtype)[0]
+    out = torch.full_like(q, float("nan"))
+    launches = prefill_launches(*args, out, cu_q, cu_k, 47, 79, 80**-0.5, causal, cache.block_table, tile=tile, gather=True)
+    assert [kernel.fn.__name__ for kernel, _, _ in launches] == ["_gather_pages", "_flash_fwd"]
+    run_launches(launches)
+    assert_matches_reference(out, attention_ref, *args, cu_q, cu_k, causal=causal, block_table=cache.block_table, what=f"gather, page {block_size}")
+
+
+def test_copied_keys_of_a_context_longer_than_its_table_row_give_nan(device):
+    """As the paged kernel poisons such a sequence (the host cannot see context lengths without a
+    sync), the copy does: its values become NaN, and the sequence's output with them; the other
+    sequence is untouched."""
+    gen = generator(19, device)
+    cache = paged_cache((20, 20), 4, 1, 32, torch.float16, device, gen)
+    q = randn((10, 2, 32), torch.float16, device, gen)
+    capacity = cache.block_table.shape[1] * 4
+    cu_q = cu_seqlens([5, 5], device)
+    cu_k = cu_seqlens([20, capacity + 3], device)
+    out = torch.zeros_like(q)
+    tile = INTERPRETER_TILE if device.type == "cpu" else tiles_for(32, torch.float16)[0]
+    run_launches(prefill_launches(q, cache.k_cache, cache.v_cache, out, cu_q, cu_k, 5, capacity + 3, 32**-0.5, True, cache.block_table,
+                                  tile=tile, gather=True))
+    assert torch.isfinite(out[:5]).all() and out[5:].isnan().all()
+
+
+def test_the_tables_gather_applies_past_one_query_tile(monkeypatch, device):
+    """A table entry's `gather` copies the keys out only when a sequence brings more queries than
+    one tile holds; a few new tokens over a long prefix read the cache in place."""
+    tile = INTERPRETER_TILE if device.type == "cpu" else tiles_for(128, torch.bfloat16)[0]
+    monkeypatch.setattr(flash_attention, "prefill_config", lambda *args: ({"tile": list(tile), "tma": False, "gather": True}, "table"))
+    gen = generator(23, device)
+    cache = paged_cache((300,), 16, 1, 128, torch.bfloat16, device, gen)
+    for new, kernels in ((tile[0] + 1, ["_gather_pages", "_flash_fwd"]), (tile[0], ["_flash_fwd"])):
+        q = randn((new, 2, 128), torch.bfloat16, device, gen)
+        launches = prefill_launches(q, cache.k_cache, cache.v_cache, torch.empty_like(q), cu_seqlens([new], device), cu_seqlens([300], device),
+                                    new, 300, 128**-0.5, True, cache.block_table)
+        assert [kernel.fn.__name__ for kernel, _, _ in launches] == kernels
+        assert launches[-1][2]["PAGED"] == (len(kernels) == 1)

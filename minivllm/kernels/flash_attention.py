@@ -8,7 +8,8 @@ diagonal are never visited.
 
 On Hopper and later, Q, K and V tiles arrive by TMA (tensor descriptors) when head_dim is a power
 of two, for a paged cache too when a page holds whole tiles; otherwise, and in the CPU
-interpreter, through pointer loads. The tile comes from the device's tuning table
+interpreter, through pointer loads. Where the tuning table says `gather`, a paged prefill first
+copies its keys and values into packed rows (kv_gather.py) and runs the contiguous kernel. The tile comes from the device's tuning table
 (minivllm/kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one
 autotunes among `tiles_for`'s candidates on first use.
 """
@@ -35,6 +36,7 @@ from minivllm.kernels.checks import (
     check_same_shape,
     resolve_scale,
 )
+from minivllm.kernels.kv_gather import gather_plan
 from minivllm.kernels.launch import dot_precision, head_dim_block, tma_descriptor, tma_ok
 from minivllm.kernels.tuning_table import bucket, lookup
 from minivllm.values import check_bool
@@ -240,7 +242,8 @@ flash_fwd_tuned = triton.autotune(
 def prefill_config(q: torch.Tensor, k: torch.Tensor, max_seqlen_k: int, causal: bool, paged: bool) -> tuple[dict | None, str]:
     """(config, source) of a flash_attn_varlen call: the device's tuning-table entry for (dtype,
     head_dim, page or 0 for contiguous keys, key-length bucket, causal), as
-    {"tile": [BLOCK_M, BLOCK_N, num_warps, num_stages], "tma": bool}, or (None, 'heuristic')."""
+    {"tile": [BLOCK_M, BLOCK_N, num_warps, num_stages], "tma": bool} and, for a paged entry that
+    copies the keys out first, "gather": true; or (None, 'heuristic')."""
     page = k.shape[1] if paged else 0
     return lookup("prefill", q.device, q.dtype, q.shape[-1], page, (bucket(max_seqlen_k), bool(causal)))
 
@@ -291,6 +294,31 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     _set_block_shapes(kwargs)
     return _flash_fwd, grid({"BLOCK_M": block_m}), kwargs
+
+
+def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None,
+                     gather=None, softmax=True) -> list[tuple]:
+    """The [(kernel, grid, kwargs)] of a flash_attn_varlen call, run in order: prefill_plan's one
+    launch, or over a paged cache with `gather` (a tuner's candidate, else the table's entry) the
+    copy of the keys into packed rows (kv_gather.py) and then the contiguous kernel with the same
+    tile. Arguments as prefill_plan's. The table's `gather` applies only where a sequence has more
+    queries than one tile holds: a key copied out is then read by several query tiles, while a
+    prefill of a few new tokens over a long prefix (a chat turn) would pay the copy for one read."""
+    paged = block_table is not None
+    if paged and tile is None and gather is None:
+        found, _ = prefill_config(q, k, max_seqlen_k, causal, paged)
+        if found is not None and found.get("gather") and max_seqlen_q > found["tile"][0]:
+            tile, tma, gather = tuple(found["tile"]), found["tma"] if tma is None else tma, True
+    if not (paged and gather):
+        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax)]
+    kernel, grid, kwargs, k, v = gather_plan(k, v, block_table, cu_seqlens_k, max_seqlen_k, head_dim_block(q.shape[-1]))
+    return [(kernel, grid, kwargs), prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, None, tile, tma, softmax)]
+
+
+def run_launches(launches: list[tuple]) -> None:
+    """Launch each (kernel, grid, kwargs) in order, on the current stream."""
+    for kernel, grid, kwargs in launches:
+        kernel[grid](**kwargs)
 
 
 def flash_attn_varlen(
@@ -357,6 +385,5 @@ def flash_attn_varlen(
     out = check_out(out, q)
     if q.shape[0] == 0 or batch == 0:
         return out
-    kernel, grid, kwargs = prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table)
-    kernel[grid](**kwargs)
+    run_launches(prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table))
     return out
