@@ -20,6 +20,7 @@ from minivllm.engine.backend import TORCH
 from minivllm.engine.checkpoint_config import load_model_args
 from minivllm.engine.loader import load_weights
 from minivllm.engine.qwen3 import Qwen3ForCausalLM
+from minivllm.reference import rope_cos_sin
 from minivllm.testing.random_checkpoint import default_checkpoint, write_random_qwen3
 from minivllm.testing.transformers_reference import load_transformers_model
 
@@ -364,3 +365,18 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, kwargs, 
     with pytest.raises(ValueError, match=f"^{match}"):
         write_random_qwen3(tmp_path / "ckpt", device="cpu", **kwargs)
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_models_rope_table_holds_the_references_values(ckpt, dtype):
+    """A step's cos and sin are gathered from the model's table of every position: the very values
+    the reference computes, at the first and last positions the checkpoint allows and scattered
+    ones between; asking in another dtype rebuilds the table in it."""
+    model = engine_model(ckpt)
+    args = model.args
+    gen = torch.Generator().manual_seed(3)
+    positions = torch.cat([torch.tensor([0, args.max_position_embeddings - 1]), torch.randint(0, args.max_position_embeddings, (37,), generator=gen)])
+    for want_dtype in (dtype, torch.float16):
+        got = model.rope(positions, want_dtype)
+        want = rope_cos_sin(positions, args.head_dim, args.rope_theta, want_dtype)
+        assert all(g.dtype == want_dtype and torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -142,14 +142,27 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, self.embed_tokens.weight.shape[0], bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (num_tokens, head_dim) in `dtype` for int positions (num_tokens,), each below
+        max_position_embeddings: rows of one table of every position (reference.rope_cos_sin's
+        values), built on first use per dtype and device. A step then gathers two rows a token
+        instead of computing them in about ten small kernels, which a decode step of a few tokens
+        pays for in launches; the engine's first forward runs before any graph capture."""
+        if self._rope is None or self._rope[0].dtype != dtype or self._rope[0].device != positions.device:
+            every = torch.arange(self.args.max_position_embeddings, device=positions.device)
+            self._rope = rope_cos_sin(every, self.args.head_dim, self.args.rope_theta, dtype)
+        cos, sin = self._rope
+        return cos[positions], sin[positions]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Left in the model's dtype: the sampler reads bf16 as it is, with no fp32 copy of the
