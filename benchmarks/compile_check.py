@@ -41,7 +41,7 @@ from minivllm.dtypes import SHORT_DTYPES, dtype_name  # noqa: E402
 from minivllm.kernels import cascade_attention_decode, naive_attention, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul, store_kvcache  # noqa: E402
 from minivllm.kernels import compile_check as cc  # noqa: E402
 from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade  # noqa: E402
-from minivllm.kernels.flash_attention import prefill_launches, prefill_plan, tiles_for  # noqa: E402
+from minivllm.kernels.flash_attention import prefill_launches, tiles_for  # noqa: E402
 from minivllm.kernels.launch import head_dim_block  # noqa: E402
 from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able  # noqa: E402
 from minivllm.kernels.tuning_table import DEFAULT_DIR, read_table  # noqa: E402
@@ -66,10 +66,10 @@ def _decode_args(dtype, head_dim: int, page: int, group: int, kv_heads: int = 2)
     return q, kc, vc, table, lens, torch.empty_like(q), int(lens.max()), head_dim**-0.5
 
 
-def prefill_launch_plan(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False):
-    """prefill_plan's (kernel, grid, kwargs) for `tile` on `target` with TMA asked for (it falls
-    back where it cannot apply), over contiguous keys (page 0) or a paged cache; with `gather`
-    (paged only), prefill_launches' list: the keys' copy, then the contiguous kernel."""
+def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False) -> list[tuple]:
+    """prefill_launches' [(kernel, grid, kwargs)] for `tile` on `target` with TMA asked for (it
+    falls back where it cannot apply), over contiguous keys (page 0) or a paged cache; with
+    `gather` (paged only) the keys' copy comes first."""
     heads, kv_heads, seq = 4, 2, 300
     q = _randn(seq, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, seq], dtype=torch.int32)
@@ -81,21 +81,17 @@ def prefill_launch_plan(target: str, dtype, head_dim: int, page: int, tile, tma:
         k, v = (_randn(seq, kv_heads, head_dim, dtype=dtype) for _ in "kv")
         table = None
     with cc.recording(target):  # planned, not launched: the device's capability decides TMA
-        if gather:
-            return prefill_launches(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma, gather=True)
-        return prefill_plan(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma)
-
-
-def _prefill_launch(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True) -> cc.Launch:
-    kernel, _, kwargs = prefill_launch_plan(target, dtype, head_dim, page, tile, tma, causal)
-    return cc.Launch.from_kwargs(kernel, (), kwargs)
+        return prefill_launches(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma, gather=gather)
 
 
 def _prefill_launches(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False) -> list[cc.Launch]:
     """The launches of one prefill config: its kernel's, after the keys' copy with `gather`."""
-    if not gather:
-        return [_prefill_launch(target, dtype, head_dim, page, tile, tma, causal)]
-    return [cc.Launch.from_kwargs(kernel, (), kwargs) for kernel, _, kwargs in prefill_launch_plan(target, dtype, head_dim, page, tile, tma, causal, True)]
+    return [cc.Launch.from_kwargs(kernel, (), kwargs) for kernel, _, kwargs in prefill_launch_plans(target, dtype, head_dim, page, tile, tma, causal, gather)]
+
+
+def _prefill_launch(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True) -> cc.Launch:
+    (launch,) = _prefill_launches(target, dtype, head_dim, page, tile, tma, causal)
+    return launch
 
 
 def heuristic_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:

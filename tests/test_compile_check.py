@@ -77,15 +77,15 @@ def test_a_too_large_candidate_is_dropped_with_its_reason(tmp_path):
     the kernel, the config, the bytes and the target."""
     res = run_python("""
         import benchmarks.tune as tune
-        from benchmarks.compile_check import prefill_launch_plan
+        from benchmarks.compile_check import prefill_launch_plans
         from minivllm.kernels import compile_check as cc
         import torch
 
         HUGE = (256, 128, 8, 4)
-        kernel, grid, kwargs = prefill_launch_plan("sm_90", torch.bfloat16, 128, 0, HUGE, True)
+        ((kernel, grid, kwargs),) = prefill_launch_plans("sm_90", torch.bfloat16, 128, 0, HUGE, True)
         result = cc.compile_for(cc.Launch.from_kwargs(kernel, (), kwargs), "sm_90")
         print("CHECK", result.fits, result.shared, result.verdict())
-        small = prefill_launch_plan("sm_90", torch.bfloat16, 128, 0, (64, 64, 4, 3), True)
+        (small,) = prefill_launch_plans("sm_90", torch.bfloat16, 128, 0, (64, 64, 4, 3), True)
         candidates = {"huge": ({}, lambda: kernel[grid](**kwargs)), "small": ({}, lambda: small[0][small[1]](**small[2]))}
         print("FILTER", sorted(tune.compile_filter(candidates, "sm_90")))
         real = tune.prefill_candidates
