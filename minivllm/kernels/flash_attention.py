@@ -307,8 +307,9 @@ def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     paged = block_table is not None
     if paged and tile is None and gather is None:
         found, _ = prefill_config(q, k, max_seqlen_k, causal, paged)
-        if found is not None and found.get("gather") and max_seqlen_q > found["tile"][0]:
-            tile, tma, gather = tuple(found["tile"]), found["tma"] if tma is None else tma, True
+        if found is not None:  # prefill_plan takes the entry's tile as given, without a second lookup
+            tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
+            gather = bool(found.get("gather")) and max_seqlen_q > tile[0]
     if not (paged and gather):
         return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax)]
     kernel, grid, kwargs, k, v = gather_plan(k, v, block_table, cu_seqlens_k, max_seqlen_k, head_dim_block(q.shape[-1]))
