@@ -196,11 +196,7 @@ def _prefill_candidate_launches(target: str, dtype, head_dim: int, page: int, ca
 def bucket_candidates(b: "tune.Bucket", target: str) -> dict[str, list[cc.Launch]]:
     """{name: launches} of what `python -m benchmarks.tune` would time for bucket `b` on a GPU of `target`."""
     if b.kernel == "decode":
-        launches = _decode_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page)
-        with cc.recording(target):  # the split policy counts the target's SMs
-            timed = {tune.decode_name(c) for c in tune.decode_candidates(b.page, True, True)
-                     if c.merge == "kernel" or tune.splits_here(c, b.shape["batch"], b.shape["kv"], b.shape["context"], torch.device("cpu"))}
-        return {name: x for name, x in launches.items() if name in timed}
+        return _decode_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page)
     if b.kernel == "cascade":
         return _cascade_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page)
     return _prefill_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page, b.shape["causal"])

@@ -47,7 +47,7 @@ from minivllm.dtypes import SHORT_DTYPES, dtype_name
 from minivllm.kernels import compile_check as cc
 from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade
 from minivllm.kernels.flash_attention import prefill_launches, prefill_plan, run_launches
-from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, split_policy, tma_able
+from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, tma_able
 from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, write_table
 from minivllm.reference.decode_check import check_decode
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn, share_prefix
@@ -116,14 +116,13 @@ def decode_candidates(page: int, tma: bool, on_gpu: bool) -> list[DecodeConfig]:
     program per SM splits no row once batch x kv heads fills the SMs, which saves the merge's
     second launch where contexts are short (vLLM and FlashInfer split only below that). Triton
     3.6's pipeliner stages each tile's block ids too: a gathered tile is double-buffered from 5
-    stages, a TMA tile from 6. Each comes with both merges of split rows (a second launch, or the
-    row's last split); the tuner times the `last` one only where the bucket splits."""
+    stages, a TMA tile from 6."""
     if not on_gpu:
-        return [DecodeConfig("gather", 16, 4, 1, 2), DecodeConfig("gather", 32, 4, 1, 4), DecodeConfig("gather", 16, 4, 1, 2, merge="last")]
+        return [DecodeConfig("gather", 16, 4, 1, 2), DecodeConfig("gather", 32, 4, 1, 4)]
     tiles = [("gather", 32, 4, 3), ("gather", 32, 4, 5), ("gather", 64, 4, 3), ("gather", 64, 4, 5), ("gather", 128, 4, 3), ("gather", 128, 8, 3)]
     if tma:
         tiles += [("tma", 16, 4, 6), ("tma", 16, 4, 8)] + ([("tma", 32, 4, 6), ("tma", 64, 4, 6)] if page >= 64 else [])
-    return [DecodeConfig(*t, pps, merge=merge) for merge in ("kernel", "last") for t in tiles for pps in (1, 2, 4, 8)]
+    return [DecodeConfig(*t, pps) for t in tiles for pps in (1, 2, 4, 8)]
 
 
 def cascade_candidates(on_gpu: bool) -> list[CascadeConfig]:
@@ -146,12 +145,7 @@ def fits_page(c: DecodeConfig, page: int) -> bool:
 
 
 def decode_name(c: DecodeConfig) -> str:
-    return f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}" + (" last" if c.merge == "last" else "")
-
-
-def splits_here(c: DecodeConfig, batch: int, num_kv_heads: int, context: int, device: torch.device) -> bool:
-    """Whether `c` splits this bucket's rows, so that its merge runs at all."""
-    return split_policy(batch, num_kv_heads, context, c.block_n, c.programs_per_sm, device)[0] > 1
+    return f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}"
 
 
 def prefill_name(tile: tuple, tma: bool, gather: bool = False) -> str:
@@ -189,8 +183,7 @@ def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peer
     out = torch.empty_like(q)
     args = (q, cache.k_cache, cache.v_cache, cache.block_table, lens, out, s["context"], b.head_dim**-0.5)
     tma = tma_able(cache.k_cache, cache.v_cache, b.head_dim)
-    candidates = {decode_name(c): (c.as_dict(), partial(launch_decode, *args, c)) for c in decode_candidates(b.page, tma, device.type == "cuda")
-                  if fits_page(c, b.page) and (c.merge == "kernel" or splits_here(c, s["batch"], s["kv"], s["context"], device))}
+    candidates = {decode_name(c): (c.as_dict(), partial(launch_decode, *args, c)) for c in decode_candidates(b.page, tma, device.type == "cuda") if fits_page(c, b.page)}
     peer = None
     if peers:
         k, v = (paged_gather(c, cache.block_table, s["context"]).transpose(1, 2).contiguous() for c in (cache.k_cache, cache.v_cache))
@@ -370,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.target and not args.dry_run:
         parser.error("--target goes with --dry-run: a tuning run times the GPU it runs on")
     if args.dry_run:
+        if interpreting():
+            parser.error("--dry-run compiles the kernels for a target, which Triton's interpreter cannot: unset TRITON_INTERPRET")
         if args.target:
             try:
                 cc.target_of(args.target)

@@ -6,7 +6,6 @@ from hypothesis import given
 
 from minivllm.kernels import paged_attention_decode
 from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able
-from minivllm.kernels.split_merge import arrival_counters
 from minivllm.reference import paged_decode_gather, paged_decode_loop
 from minivllm.reference.inputs import as_layout, generator, paged_cache, randn
 from minivllm.reference.tolerance import assert_matches_reference, assert_within_tolerance
@@ -65,9 +64,8 @@ def test_context_longer_than_table_row_is_nan_on_device(device):
 @pytest.mark.parametrize(
     "config",
     [DecodeConfig("gather", 16, 4, 2, 2), DecodeConfig("gather", 64, 4, 3, 4), DecodeConfig("gather", 128, 8, 3, 1),
-     DecodeConfig("tma", 16, 4, 6, 4), DecodeConfig("tma", 32, 4, 6, 2),
-     DecodeConfig("gather", 64, 4, 3, 4, merge="last"), DecodeConfig("tma", 16, 4, 6, 4, merge="last")],
-    ids=lambda c: f"{c.fetch}-{c.block_n}-{c.num_warps}-{c.num_stages}-{c.programs_per_sm}-{c.merge}",
+     DecodeConfig("tma", 16, 4, 6, 4), DecodeConfig("tma", 32, 4, 6, 2)],
+    ids=lambda c: f"{c.fetch}-{c.block_n}-{c.num_warps}-{c.num_stages}-{c.programs_per_sm}",
 )
 def test_tuning_candidates_match_the_reference(config, page, device):
     """Every candidate the tuner may put in a table computes the same function: gathered tiles
@@ -86,27 +84,3 @@ def test_tuning_candidates_match_the_reference(config, page, device):
         out = torch.full_like(q, float("nan"))
         launch_decode(*args, out, max(lens), head_dim**-0.5, config, num_splits=splits)
         assert_matches_reference(out, paged_decode_gather, *args, what=f"{config}, splits {splits}")
-
-
-@pytest.mark.parametrize("num_splits", [2, 17, 40])
-def test_the_last_split_merges_and_leaves_the_counters_at_zero(num_splits, device):
-    """The `last` merge: more splits than its 16-slot chunk (17, 40), empty splits (40 over
-    contexts of 1 to 333 tokens), a GQA group of 5; launched again and again over the same
-    counters (on a GPU, splits finish in any order), each output matching the float64
-    reference, and every counter back at 0 afterwards, as the next launch or graph replay needs."""
-    gen = generator(13, device)
-    lens = (333, 1, 129, 290)
-    cache = paged_cache(lens, 16, 2, 24, torch.float16, device, gen)
-    q = randn((len(lens), 10, 24), torch.float16, device, gen)
-    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
-    args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
-    for launch in range(20 if device.type == "cuda" else 2):
-        out = torch.full_like(q, float("nan"))
-        launch_decode(*args, out, max(lens), 24**-0.5, DecodeConfig("gather", 16, 4, 2, 2, merge="last"), num_splits=num_splits)
-        assert_matches_reference(out, paged_decode_gather, *args, what=f"last merge, {num_splits} splits, launch {launch}")
-        assert not arrival_counters(device, len(lens) * 2).any()
-
-
-def test_a_merge_other_than_kernel_or_last_raises():
-    with pytest.raises(ValueError, match="merge must be 'kernel' or 'last'"):
-        DecodeConfig("gather", 16, 4, 2, 2, merge="atomic")

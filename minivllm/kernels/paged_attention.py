@@ -3,8 +3,7 @@
 One program handles one (sequence, kv head, split): the whole GQA group of query heads that
 share the kv head is one tile of rows (padded to 16 for tl.dot), so each K/V tile is read once
 per group. Long contexts are split across programs (flash-decoding); each split writes a partial
-output and its log-sum-exp, merged by a second small kernel or by the row's last split to
-finish (split_merge.py; the config's `merge`).
+output and its log-sum-exp, and a second small kernel merges them.
 
 Two ways to fetch a K/V tile, chosen per device by its tuning table (minivllm/kernels/tuning_table.py):
 - `tma`: the tile lies inside one page and arrives as one TMA box (Hopper or later);
@@ -16,7 +15,7 @@ lengths reuse the compiled kernel.
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -40,18 +39,17 @@ from minivllm.kernels.checks import (
     resolve_scale,
 )
 from minivllm.kernels.launch import dot_precision, head_dim_block, parallel_slots, tma_descriptor, tma_ok
-from minivllm.kernels.split_merge import arrival_counters, launch_merge, merge_when_last
 from minivllm.kernels.tuning_table import bucket, lookup
 
 
 @triton.jit(do_not_specialize=["max_blocks", "tokens_per_split", "part_stride"])
 def _paged_decode(
-    Q, K, V, O, O_PART, LSE_PART, COUNT, BT, CTX, SHARED, qk_scale,
+    Q, K, V, O, O_PART, LSE_PART, BT, CTX, SHARED, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_oh, stride_btb, max_blocks, tokens_per_split, part_stride, group,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, SPLIT: tl.constexpr, MERGE_LAST: tl.constexpr, BLOCK_S: tl.constexpr, TMA: tl.constexpr,
-    CASCADE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, CASCADE: tl.constexpr,
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -112,18 +110,33 @@ def _paged_decode(
         row = (seq * tl.num_programs(1) * group + heads).to(tl.int64) * part_stride + split
         tl.store(LSE_PART + row, lse, mask=offs_g < group)
         tl.store(O_PART + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=q_mask)
-        if MERGE_LAST:
-            merge_when_last(O, O_PART, LSE_PART, COUNT, seq, kv_head, group, stride_ob, stride_oh, part_stride, HEAD_DIM, BLOCK_D, BLOCK_S)
     else:
         o_ptrs = O + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
 
-# The `last` merge reads this many splits' partials at a time: one program merges a whole GQA
-# group, so its tile stays small whatever the split count (one shape, one compile).
-LAST_MERGE_SLOTS = 16
+@triton.jit
+def _merge_splits(
+    O, O_PART, LSE_PART, stride_ob, stride_oh, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LSE_PART + row + offs_s, mask=s_ok, other=float("-inf"))
+    lse_max = tl.maximum(tl.max(lse, 0), -1.0e30)
+    w = tl.math.exp2(lse - lse_max)
+    d_ok = offs_d < HEAD_DIM
+    part = tl.load(O_PART + (row + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    tl.store(O + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
-# The `kernel` merge holds every split's partial in one [splits, head_dim] register tile; past a few
+
+# The merge holds every split's partial in one [splits, head_dim] register tile; past a few
 # hundred splits that tile no longer fits in registers (benchmarks/NOTES.md measures it).
 MAX_SPLITS = 128
 
@@ -131,10 +144,8 @@ MAX_SPLITS = 128
 @dataclass(frozen=True)
 class DecodeConfig:
     """How one decode launch runs: the fetch scheme ('tma' or 'gather'), the K/V tile (tokens,
-    warps, pipeline stages), the programs the split policy packs onto each SM, which source
-    chose it ('table', 'family' or 'heuristic'; a tuner's candidate keeps the default), and how
-    split rows merge ('kernel': a second launch; 'last': the row's last split to finish; a table
-    entry without it means 'kernel')."""
+    warps, pipeline stages), the programs the split policy packs onto each SM, and which source
+    chose it ('table', 'family' or 'heuristic'; a tuner's candidate keeps the default)."""
 
     fetch: str
     block_n: int
@@ -142,15 +153,9 @@ class DecodeConfig:
     num_stages: int
     programs_per_sm: int
     source: str = "heuristic"
-    merge: str = "kernel"
-
-    def __post_init__(self):
-        if self.merge not in ("kernel", "last"):
-            raise ValueError(f"merge must be 'kernel' or 'last', got {self.merge!r}")
 
     def as_dict(self) -> dict:
-        return dict(fetch=self.fetch, block_n=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages,
-                    programs_per_sm=self.programs_per_sm, merge=self.merge)
+        return dict(fetch=self.fetch, block_n=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages, programs_per_sm=self.programs_per_sm)
 
 
 def tma_able(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> bool:
@@ -182,7 +187,7 @@ def decode_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return _heuristic(head_dim_block(head_dim), q.dtype)
     config = DecodeConfig(source=source, **found)
     if config.fetch == "tma" and not (tma_able(k_cache, v_cache, head_dim) and page % config.block_n == 0):
-        return replace(config, fetch="gather")
+        return DecodeConfig("gather", config.block_n, config.num_warps, config.num_stages, config.programs_per_sm, source)
     return config
 
 
@@ -204,8 +209,7 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
     count instead of the policy's. For cascade attention (cascade_attention.py), `shared` (int32
     (1,)) makes rows whose context holds it skip that many leading tokens, and
     prefix_parts(o_part, lse_part, first_slot) launches the shared prefix's kernel, which
-    `prefix_parts.splits` partial slots per row after this kernel's hold; the merge then folds both
-    (always the `kernel` merge: the prefix's partials come from another launch)."""
+    `prefix_parts.splits` partial slots per row after this kernel's hold; the merge then folds both."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     block_d, block_n = head_dim_block(head_dim), config.block_n
@@ -217,8 +221,6 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
         splits = num_splits
     slots = splits + (prefix_parts.splits if prefix_parts is not None else 0)
     group = num_heads // num_kv_heads
-    merge_last = slots > 1 and prefix_parts is None and config.merge == "last"
-    counters = arrival_counters(q.device, batch * num_kv_heads) if merge_last else out
     if slots > 1:
         o_part = torch.empty(batch, num_heads, slots, block_d, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(batch, num_heads, slots, device=q.device, dtype=torch.float32)
@@ -230,7 +232,7 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
         k_arg.block_shape = [1, block_n, 1, block_d]
         v_arg.block_shape = [1, block_n, 1, block_d]
     _paged_decode[(batch, num_kv_heads, splits)](
-        Q=q, K=k_arg, V=v_arg, O=out, O_PART=o_part, LSE_PART=lse_part, COUNT=counters, BT=block_table, CTX=context_lens, SHARED=shared,
+        Q=q, K=k_arg, V=v_arg, O=out, O_PART=o_part, LSE_PART=lse_part, BT=block_table, CTX=context_lens, SHARED=shared,
         qk_scale=scale * math.log2(math.e),
         stride_qb=q.stride(0), stride_qh=q.stride(1),
         stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1), stride_kh=k_cache.stride(2),
@@ -238,14 +240,16 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_btb=block_table.stride(0),
         max_blocks=block_table.shape[1], tokens_per_split=tokens_per_split, part_stride=slots, group=group,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        PAGE=page, SPLIT=slots > 1, MERGE_LAST=merge_last, BLOCK_S=LAST_MERGE_SLOTS if merge_last else 1, TMA=tma,
-        CASCADE=shared is not None, INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
+        PAGE=page, SPLIT=slots > 1, TMA=tma, CASCADE=shared is not None, INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if prefix_parts is not None:
         prefix_parts(o_part, lse_part, splits)
-    if slots > 1 and not merge_last:
-        launch_merge(out, o_part, lse_part, head_dim, block_d)
+    if slots > 1:
+        _merge_splits[(batch, num_heads)](
+            O=out, O_PART=o_part, LSE_PART=lse_part, stride_ob=out.stride(0), stride_oh=out.stride(1), num_splits=slots,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(slots),
+        )
 
 
 def check_decode_args(q, k_cache, v_cache, block_table, context_lens, max_context_len):
