@@ -160,3 +160,45 @@ def test_the_tables_gather_applies_past_one_query_tile(monkeypatch, device):
                                     new, 300, 128**-0.5, True, cache.block_table)
         assert [kernel.fn.__name__ for kernel, _, _ in launches] == kernels
         assert launches[-1][2]["PAGED"] == (len(kernels) == 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_persistent_grid_takes_every_tile_once(causal, block_size, device):
+    """The `persistent` config: a few programs take (query tile, head, sequence) items from a
+    counter. Fewer programs than items (each takes several), sequences of 1 to 3 tiles, a
+    prefix ending mid-block, GQA, an odd head_dim, a max_seqlen_q understated by a tile, and the
+    output poisoned first: every row written, as the reference has it, on a repeat too."""
+    gen = generator(29, device)
+    q_lens, k_lens = (1, 40, 71), ((1, 40, 71) if block_size is None else (18, 50, 79))
+    dtype = torch.bfloat16
+    q = randn((sum(q_lens), 6, 80), dtype, device, gen)
+    if block_size is None:
+        k, v = (randn((sum(k_lens), 2, 80), dtype, device, gen) for _ in "kv")
+        table = None
+    else:
+        cache = paged_cache(k_lens, block_size, 2, 80, dtype, device, gen)
+        k, v, table = cache.k_cache, cache.v_cache, cache.block_table
+    cu_q, cu_k = cu_seqlens(q_lens, device), cu_seqlens(k_lens, device)
+    tile = INTERPRETER_TILE if device.type == "cpu" else tiles_for(128, dtype)[0]
+    out = torch.full_like(q, float("nan"))
+    launches = prefill_launches(q, k, v, out, cu_q, cu_k, max(q_lens) - tile[0], max(k_lens), 80**-0.5, causal, table, tile=tile, persistent=1)
+    ((kernel, grid, kwargs),) = launches
+    assert kwargs["PERSISTENT"] and len(grid) == 1 and grid[0] < kwargs["num_q_tiles"] * 6 * 3
+    for run in range(2):  # the same launch again (as a tuner repeats it): the counter was set back to 0
+        out.fill_(float("nan"))
+        run_launches(launches)
+        assert_matches_reference(out, attention_ref, q, k, v, cu_q, cu_k, causal=causal, block_table=table, what=f"persistent, page {block_size}, run {run}")
+        assert int(kwargs["TILE_COUNTER"]) == 0
+
+
+def test_the_tables_persistent_entry_is_followed(monkeypatch, device):
+    """A table entry's `persistent` launches that many programs per SM on a 1-D grid; none, a program per tile."""
+    tile = INTERPRETER_TILE if device.type == "cpu" else tiles_for(128, torch.bfloat16)[0]
+    gen = generator(31, device)
+    q, k, v = (randn((90, 4, 64), torch.bfloat16, device, gen) for _ in range(3))
+    cu = cu_seqlens([90], device)
+    for entry, persistent in (({"tile": list(tile), "tma": False, "persistent": 2}, True), ({"tile": list(tile), "tma": False}, False)):
+        monkeypatch.setattr(flash_attention, "prefill_config", lambda *args, entry=entry: (entry, "table"))
+        ((_, grid, kwargs),) = prefill_launches(q, k, v, torch.empty_like(q), cu, cu, 90, 90, 64**-0.5, True, None)
+        assert kwargs["PERSISTENT"] == persistent and len(grid) == (1 if persistent else 3)
