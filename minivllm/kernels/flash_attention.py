@@ -11,7 +11,8 @@ of two, for a paged cache too when a page holds whole tiles; otherwise, and in t
 interpreter, through pointer loads. Where the tuning table says `gather`, a paged prefill first
 copies its keys and values into packed rows (kv_gather.py) and runs the contiguous kernel. Where
 it says `persistent`, a grid of that many programs per SM takes the tiles from a counter, the
-longest causal tiles first. The tile comes from the device's tuning table
+longest causal tiles first; where it says `ws`, a non-causal prefill over contiguous keys runs
+prefill_one_loop.py's kernel instead, its key loop warp-specialised. The tile comes from the device's tuning table
 (minivllm/kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one
 autotunes among `tiles_for`'s candidates on first use.
 """
@@ -40,6 +41,7 @@ from minivllm.kernels.checks import (
 )
 from minivllm.kernels.kv_gather import gather_plan
 from minivllm.kernels.launch import dot_precision, head_dim_block, parallel_slots, tma_descriptor, tma_ok
+from minivllm.kernels.prefill_one_loop import one_loop_plan
 from minivllm.kernels.tuning_table import bucket, lookup
 from minivllm.values import check_bool
 
@@ -292,7 +294,7 @@ def prefill_config(q: torch.Tensor, k: torch.Tensor, max_seqlen_k: int, causal: 
 
 
 def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True,
-                 persistent=None):
+                 persistent=None, ws=None):
     """(kernel, grid, kwargs) for already-checked flash_attn_varlen arguments: with `tile` =
     (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone (a tuner's candidate), else the
     device's tuning-table tile, else the autotuned kernel. TMA is used where it applies unless
@@ -300,7 +302,9 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     measures the two matmuls alone). `persistent` (with a tile; else the table's, else 0) > 0
     launches that many programs per SM, which take their tiles from a counter (one int32 zeroed
     per call, and zeroed again by the launch's last program, so that the launch can be repeated);
-    0 launches a program per tile."""
+    0 launches a program per tile. `ws` (likewise) runs a non-causal prefill over contiguous keys
+    through TMA as prefill_one_loop.py's kernel, its key loop warp-specialised; elsewhere it has no
+    effect."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
     batch, paged = cu_seqlens_q.shape[0] - 1, block_table is not None
     page = k.shape[1] if paged else 1
@@ -310,6 +314,7 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         if found is not None:
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
             persistent = found.get("persistent", 0) if persistent is None else persistent
+            ws = found.get("ws", False) if ws is None else ws
     persistent = persistent or 0
     table = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
     # A paged TMA tile must lie inside one page.
@@ -340,6 +345,8 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         tile = tiles_for(block_d, q.dtype)[0]
     if tile is None:
         return flash_fwd_tuned, grid, kwargs
+    if ws and tma and not causal and not paged and softmax:
+        return one_loop_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, tile, True, False, kwargs["PRECISION"])
     block_m, block_n, num_warps, num_stages = tile
     kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     _set_block_shapes(kwargs)
@@ -351,7 +358,7 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None,
-                     gather=None, softmax=True, persistent=None) -> list[tuple]:
+                     gather=None, softmax=True, persistent=None, ws=None) -> list[tuple]:
     """The [(kernel, grid, kwargs)] of a flash_attn_varlen call, run in order: prefill_plan's one
     launch, or over a paged cache with `gather` (a tuner's candidate, else the table's entry) the
     copy of the keys into packed rows (kv_gather.py) and then the contiguous kernel with the same
@@ -365,8 +372,10 @@ def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
             gather = bool(found.get("gather")) and max_seqlen_q > tile[0]
             persistent = found.get("persistent", 0) if persistent is None else persistent
+            ws = found.get("ws", False) if ws is None else ws
     if not (paged and gather):
-        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax, persistent)]
+        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax,
+                             persistent, ws)]
     kernel, grid, kwargs, k, v = gather_plan(k, v, block_table, cu_seqlens_k, max_seqlen_k, head_dim_block(q.shape[-1]))
     return [(kernel, grid, kwargs),
             prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, None, tile, tma, softmax, persistent)]
