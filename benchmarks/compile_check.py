@@ -218,7 +218,7 @@ def tuner_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
         out += [x for launches in _cascade_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
     for page in (0, *PAGES):
         out += [x for launches in _prefill_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
-    # Contiguous keys also non-causal: the one-loop `ws` twins exist only there.
+    # Contiguous keys also non-causal: the one-loop `ws` kernel compiles each way.
     out += [x for launches in _prefill_candidate_launches(target, dtype, head_dim, 0, causal=False).values() for x in launches]
     return out
 

@@ -168,12 +168,11 @@ ONE_LOOP_TILES = ((128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2))
 def prefill_twins(page: int, causal: bool, tile: tuple) -> list[tuple[bool, int, bool]]:
     """(gather, persistent, ws) variants timed for a (tile, tma) candidate: over a paged cache, in
     place and with the keys copied out; over contiguous keys, a program per tile, 1 or 2 programs
-    per SM taking tiles from a counter (the same compile: only the grid changes) and, non-causal
-    with an ONE_LOOP_TILES tile, the one-loop kernel with its key loop warp-specialised (where TMA
-    applies)."""
+    per SM taking tiles from a counter (the same compile: only the grid changes) and, with an
+    ONE_LOOP_TILES tile, the one-loop kernel with its key loop warp-specialised (where TMA applies)."""
     if page:
         return [(False, 0, False), (True, 0, False)]
-    one_loop = not causal and tuple(tile) in ONE_LOOP_TILES
+    one_loop = tuple(tile) in ONE_LOOP_TILES
     return [(False, 0, False), (False, 1, False), (False, 2, False)] + ([(False, 0, True)] if one_loop else [])
 
 

@@ -206,27 +206,29 @@ def test_the_tables_persistent_entry_is_followed(monkeypatch, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_loop_kernel_matches_reference(dtype, device):
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_loop_kernel_matches_reference(causal, dtype, device):
     """prefill_one_loop.py's kernel (the `ws` config), called directly so that the interpreter runs
-    it too: non-causal, a sequence with one query and one key, lengths off the tile edges, GQA,
+    it too: a sequence with one query and one key, a causal prefix (more keys than queries), more
+    queries than keys (causal rows that see no key), lengths off the tile edges, GQA,
     max_seqlen_q understated by a tile, and the output poisoned first."""
     gen = generator(37, device)
-    q_lens, k_lens = (1, 40, 71), (1, 50, 79)
+    q_lens, k_lens = (1, 40, 71, 45), (1, 50, 79, 20)
     q = randn((sum(q_lens), 6, 64), dtype, device, gen)
     k, v = (randn((sum(k_lens), 2, 64), dtype, device, gen) for _ in "kv")
     cu_q, cu_k = cu_seqlens(q_lens, device), cu_seqlens(k_lens, device)
     tile = INTERPRETER_TILE if device.type == "cpu" else (64, 64, 4, 3)
     out = torch.full_like(q, float("nan"))
-    kernel, grid, kwargs = one_loop_plan(q, k, v, out, cu_q, cu_k, max(q_lens) - tile[0], 64**-0.5, tile, True, device.type == "cpu", "tf32")
+    kernel, grid, kwargs = one_loop_plan(q, k, v, out, cu_q, cu_k, max(q_lens) - tile[0], 64**-0.5, causal, tile, True, device.type == "cpu", "tf32")
     kernel[grid](**kwargs)
-    assert_matches_reference(out, attention_ref, q, k, v, cu_q, cu_k, causal=False, what="one loop")
+    assert_matches_reference(out, attention_ref, q, k, v, cu_q, cu_k, causal=causal, what="one loop")
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_ws_runs_the_one_loop_kernel_only_where_it_applies(causal, device):
-    """`ws` takes the one-loop kernel for a non-causal prefill over contiguous keys through TMA
-    (Hopper and later); causal, paged or without TMA (the interpreter) the main kernel runs, and
-    the answer is right either way."""
+    """`ws` takes the one-loop kernel for a prefill over contiguous keys through TMA (Hopper and
+    later); paged or without TMA (the interpreter) the main kernel runs, and the answer is right
+    either way."""
     gen = generator(41, device)
     q = randn((150, 4, 64), torch.bfloat16, device, gen)
     k, v = (randn((150, 2, 64), torch.bfloat16, device, gen) for _ in "kv")
@@ -235,7 +237,7 @@ def test_ws_runs_the_one_loop_kernel_only_where_it_applies(causal, device):
     out = torch.full_like(q, float("nan"))
     launches = prefill_launches(q, k, v, out, cu, cu, 80, 80, 64**-0.5, causal, None, tile=tile, ws=True)
     tma = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    assert [kernel.fn.__name__ for kernel, _, _ in launches] == ["_flash_fwd_one_loop" if tma and not causal else "_flash_fwd"]
+    assert [kernel.fn.__name__ for kernel, _, _ in launches] == ["_flash_fwd_one_loop" if tma else "_flash_fwd"]
     run_launches(launches)
     assert_matches_reference(out, attention_ref, q, k, v, cu, cu, causal=causal, what="ws")
     cache = paged_cache((70, 80), 16, 2, 64, torch.bfloat16, device, gen)

@@ -11,7 +11,7 @@ of two, for a paged cache too when a page holds whole tiles; otherwise, and in t
 interpreter, through pointer loads. Where the tuning table says `gather`, a paged prefill first
 copies its keys and values into packed rows (kv_gather.py) and runs the contiguous kernel. Where
 it says `persistent`, a grid of that many programs per SM takes the tiles from a counter, the
-longest causal tiles first; where it says `ws`, a non-causal prefill over contiguous keys runs
+longest causal tiles first; where it says `ws`, a prefill over contiguous keys runs
 prefill_one_loop.py's kernel instead, its key loop warp-specialised. The tile comes from the device's tuning table
 (minivllm/kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one
 autotunes among `tiles_for`'s candidates on first use.
@@ -302,7 +302,7 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     measures the two matmuls alone). `persistent` (with a tile; else the table's, else 0) > 0
     launches that many programs per SM, which take their tiles from a counter (one int32 zeroed
     per call, and zeroed again by the launch's last program, so that the launch can be repeated);
-    0 launches a program per tile. `ws` (likewise) runs a non-causal prefill over contiguous keys
+    0 launches a program per tile. `ws` (likewise) runs a prefill over contiguous keys
     through TMA as prefill_one_loop.py's kernel, its key loop warp-specialised; elsewhere it has no
     effect."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
@@ -345,8 +345,8 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         tile = tiles_for(block_d, q.dtype)[0]
     if tile is None:
         return flash_fwd_tuned, grid, kwargs
-    if ws and tma and not causal and not paged and softmax:
-        return one_loop_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, tile, True, False, kwargs["PRECISION"])
+    if ws and tma and not paged and softmax:
+        return one_loop_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, tile, True, False, kwargs["PRECISION"])
     block_m, block_n, num_warps, num_stages = tile
     kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     _set_block_shapes(kwargs)
