@@ -193,10 +193,9 @@ def _prefill_candidate_launches(target: str, dtype, head_dim: int, page: int, ca
     out = {}
     for tile, tma in tune.prefill_candidates(True):
         for gather, persistent, ws in tune.prefill_twins(page, causal, tile):
-            plans = prefill_launch_plans(target, dtype, head_dim, page, tile, tma, causal, gather, persistent, ws)
-            if ws and not tune.runs_one_loop(plans):
+            launches = _prefill_launches(target, dtype, head_dim, page, tile, tma, causal, gather, persistent, ws)
+            if ws and not tune.runs_one_loop(launches[-1].kernel):
                 continue  # as the tuner: without TMA there is no `ws` twin
-            launches = [cc.Launch.from_kwargs(kernel, (), kwargs) for kernel, _, kwargs in plans]
             out[tune.prefill_name(tile, ws or dict(launches[-1].constexprs)["TMA"], gather, persistent, ws)] = launches
     return out
 

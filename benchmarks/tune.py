@@ -176,9 +176,9 @@ def prefill_twins(page: int, causal: bool, tile: tuple) -> list[tuple[bool, int,
     return [(False, 0, False), (False, 1, False), (False, 2, False)] + ([(False, 0, True)] if one_loop else [])
 
 
-def runs_one_loop(launches: list[tuple]) -> bool:
-    """Whether a prefill plan's last launch is the one-loop kernel (a `ws` request where TMA applies)."""
-    return launches[-1][0].fn.__name__ == "_flash_fwd_one_loop"
+def runs_one_loop(kernel) -> bool:
+    """Whether a prefill plan's last kernel is the one-loop one (a `ws` request where TMA applies)."""
+    return kernel.fn.__name__ == "_flash_fwd_one_loop"
 
 
 def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
@@ -252,7 +252,7 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
         for gather, persistent, ws in prefill_twins(b.page, causal, tile):
             launches = prefill_launches(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma, gather=gather,
                                         persistent=persistent, ws=ws)
-            if ws and not runs_one_loop(launches):
+            if ws and not runs_one_loop(launches[-1][0]):
                 continue  # without TMA the plan ran the main kernel: the twin without `ws`
             used_tma = ws or launches[-1][2]["TMA"]
             candidates[prefill_name(tile, used_tma, gather, persistent, ws)] = (prefill_table_config(tile, used_tma, gather, persistent, ws),

@@ -321,8 +321,7 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     widest_n = tile[1] if tile else max(t[1] for t in tiles_for(block_d, q.dtype))
     tma = tma is not False and not interpreting() and (not paged or page >= widest_n) and all(tma_ok(t, head_dim, block_d) for t in (q, k, v))
     kwargs = dict(
-        Q=tma_descriptor(q) if tma else q, K=tma_descriptor(k) if tma else k, V=tma_descriptor(v) if tma else v,
-        O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=table, TILE_COUNTER=table, qk_scale=scale * math.log2(math.e),
+        Q=q, K=k, V=v, O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=table, TILE_COUNTER=table, qk_scale=scale * math.log2(math.e),
         stride_qt=q.stride(0), stride_qh=q.stride(1),
         stride_kb=k.stride(0) if paged else 0, stride_kt=k.stride(-3), stride_kh=k.stride(-2),
         stride_vb=v.stride(0) if paged else 0, stride_vt=v.stride(-3), stride_vh=v.stride(-2),
@@ -343,10 +342,12 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         # on the power-of-two head dims of real models at sizes where a tile choice pays, not on
         # odd ones, exact-fp32 reference runs or launches of a few microseconds.
         tile = tiles_for(block_d, q.dtype)[0]
+    if tile is not None and ws and tma and not paged and softmax:
+        return one_loop_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, tile, True, False, kwargs["PRECISION"])
+    if tma:  # built only for the main kernel: the one-loop kernel makes its own on the device
+        kwargs.update(Q=tma_descriptor(q), K=tma_descriptor(k), V=tma_descriptor(v))
     if tile is None:
         return flash_fwd_tuned, grid, kwargs
-    if ws and tma and not paged and softmax:
-        return one_loop_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, tile, True, False, kwargs["PRECISION"])
     block_m, block_n, num_warps, num_stages = tile
     kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     _set_block_shapes(kwargs)
