@@ -205,17 +205,25 @@ def test_the_tables_persistent_entry_is_followed(monkeypatch, device):
         assert kwargs["PERSISTENT"] == persistent and len(grid) == (1 if persistent else 3)
 
 
+@pytest.mark.parametrize("views", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_one_loop_kernel_matches_reference(causal, dtype, device):
+def test_one_loop_kernel_matches_reference(causal, dtype, views, device):
     """prefill_one_loop.py's kernel (the `ws` config), called directly so that the interpreter runs
     it too: a sequence with one query and one key, a causal prefix (more keys than queries), more
     queries than keys (causal rows that see no key), lengths off the tile edges, GQA,
-    max_seqlen_q understated by a tile, and the output poisoned first."""
+    max_seqlen_q understated by a tile, and the output poisoned first. With `views`, q, k and v
+    are column slices of wider rows, as the engine's are of its qkv projection: a token stride
+    that is not heads x head_dim."""
     gen = generator(37, device)
     q_lens, k_lens = (1, 40, 71, 45), (1, 50, 79, 20)
-    q = randn((sum(q_lens), 6, 64), dtype, device, gen)
-    k, v = (randn((sum(k_lens), 2, 64), dtype, device, gen) for _ in "kv")
+    if views:
+        q = randn((sum(q_lens), 8, 64), dtype, device, gen)[:, 1:7]
+        kv = randn((sum(k_lens), 5, 64), dtype, device, gen)
+        k, v = kv[:, :2], kv[:, 3:]
+    else:
+        q = randn((sum(q_lens), 6, 64), dtype, device, gen)
+        k, v = (randn((sum(k_lens), 2, 64), dtype, device, gen) for _ in "kv")
     cu_q, cu_k = cu_seqlens(q_lens, device), cu_seqlens(k_lens, device)
     tile = INTERPRETER_TILE if device.type == "cpu" else (64, 64, 4, 3)
     out = torch.full_like(q, float("nan"))
