@@ -121,12 +121,19 @@ def engine_floor_s(counts: dict, ceilings: dict, tp: int = 1) -> float:
 def record_engine(benchmark, ceilings: dict, *, impl: str, shard, dtype: torch.dtype, counts: dict, prompt_lens: list[int], output_lens: list[int], **settings) -> None:
     """Fill benchmark.extra_info for an engine run: the workload, its roofline, and from the
     median wall time tokens_per_s (output tokens over wall time, prefill included) and
-    pct_roofline (the floor over the wall time; also pct_of_ceiling, the field the reports read)."""
+    pct_roofline (the floor over the wall time; also pct_of_ceiling, the field the reports read).
+    weight_read_ms is one decode step's weight reads at the read ceiling; with the engine's step
+    summary in settings["steps"], one_row_step_ms is the median decode step of one sequence (issue
+    26 asks for at most 2x weight_read_ms)."""
     info = benchmark.extra_info
     _configuration(info, "engine", impl, shard, dtype)
     info.update(num_seqs=len(prompt_lens))
     info.update(prompt_tokens=sum(prompt_lens), output_tokens=sum(output_lens), total_tokens=sum(prompt_lens) + sum(output_lens))
     info.update(counts, floor_s=engine_floor_s(counts, ceilings, shard.tp), **settings)
+    info["weight_read_ms"] = 1e3 * counts["weight_bytes"] / (ceilings[DECODE_CEILING] * 1e9) / shard.tp
+    one_row = [r for r in settings.get("steps", ()) if r["phase"] == "decode" and r["batch_up_to"] == 1]
+    if one_row:
+        info["one_row_step_ms"] = one_row[0]["median_total_ms"]
     if benchmark.stats is None:  # --benchmark-disable: nothing was timed
         return
     wall = benchmark.stats.stats.median

@@ -202,7 +202,8 @@ def suite_table(benches: list[dict], name: str, suite: Suite) -> str:
 
 def latency_table(benches: list[dict]) -> str:
     """The engine runs' serving latencies (benchmarks/extra_info.py, record_latency): a row per run
-    that recorded them; '' when none did."""
+    that recorded them; '' when none did. The last column is the median one-sequence decode step
+    over one step's weight reads at the read ceiling."""
     rows = []
     for bench in sorted(benches, key=lambda b: sort_key(config_key(b["extra_info"], SUITES["engine"]))):
         extra = bench["extra_info"]
@@ -213,12 +214,22 @@ def latency_table(benches: list[dict]) -> str:
         rows.append(
             [fmt(extra.get(f)) for f in ("model", "tp", "dtype", "workload", "num_seqs")] + [impl_of(bench)]
             + [fmt(ttft.get(q), 0) for q in ("p50", "p90", "p99")] + [fmt(itl.get(q), 1) for q in ("p50", "p90", "p99")]
-            + [fmt(extra.get("preemptions")), DASH if rate is None else f"{100 * rate:.0f}%"]
+            + [fmt(extra.get("preemptions")), DASH if rate is None else f"{100 * rate:.0f}%", one_row_step(extra)]
         )
     if not rows:
         return ""
-    headers = ["model", "tp", "dtype", "workload", "num_seqs", "impl", "TTFT p50 ms", "p90", "p99", "ITL p50 ms", "p90", "p99", "preempted", "prefix hits"]
+    headers = ["model", "tp", "dtype", "workload", "num_seqs", "impl", "TTFT p50 ms", "p90", "p99", "ITL p50 ms", "p90", "p99", "preempted", "prefix hits",
+               "1-row step ms"]
     return "## engine latency: time to first token per request, and inter-token gaps over all requests\n\n" + pipe_table(headers, rows, right=set(range(6, len(headers))))
+
+
+def one_row_step(extra: dict) -> str:
+    """'1.42 (3.8× weights)': the median one-sequence decode step and its multiple of the weights'
+    read time; '—' for a run with no such step."""
+    step, floor = number(extra.get("one_row_step_ms")), number(extra.get("weight_read_ms"))
+    if step is None:
+        return DASH
+    return f"{step:.2f}" + (f" ({step / floor:.1f}× weights)" if floor else "")
 
 
 def size_label(size: float) -> str:

@@ -24,7 +24,8 @@ Every sequence must come back with exactly its requested number of tokens, each 
 
 extra_info (benchmarks/extra_info.py, record_engine) holds the workload, tokens_per_s, the token
 totals, the workload's roofline time (engine_counts, engine_floor_s) and pct_roofline; for
-minivllm also `steps`, the engine's step-time breakdown (minivllm/engine/step_profile.py, summarize), and
+minivllm also `steps`, the engine's step-time breakdown (minivllm/engine/step_profile.py, summarize),
+`one_row_step_ms` (its median one-sequence decode step, against `weight_read_ms`), and
 the serving latencies (record_latency): p50/p90/p99 of TTFT and of inter-token latency, the
 preemptions and the prefix-cache hit rate; on a GPU also `allocator`, how often the timed run
 made the caching allocator call cudaMalloc or cudaFree (allocator_counts).

@@ -175,6 +175,25 @@ def test_decode_pct_is_of_the_read_ceiling_and_prefill_of_matmul():
     assert prefill["ceiling"] == "matmul_tflops" and prefill["pct_of_ceiling"] == pytest.approx(50.0)
 
 
+def test_engine_record_gives_the_one_row_step_against_the_weights_read_time():
+    """weight_read_ms is one step's weight bytes at the read ceiling (per GPU); one_row_step_ms is
+    the step summary's one-sequence decode median, absent when no step decoded one sequence."""
+    from benchmarks.extra_info import record_engine
+
+    counts = dict(weight_bytes=3 * 10**9, decode_steps=2, kv_bytes=0, prefill_flops=0)
+    machine = {"copy_gbps": 1000.0, "read_gbps": 2000.0, "matmul_tflops": 1.0}
+    steps = [dict(phase="prefill", batch_up_to=4, median_total_ms=9.0), dict(phase="decode", batch_up_to=1, median_total_ms=2.5),
+             dict(phase="decode", batch_up_to=2, median_total_ms=3.0)]
+    infos = []
+    for tp, s in ((1, steps), (2, steps), (1, steps[::2])):
+        bench = SimpleNamespace(extra_info={}, stats=SimpleNamespace(stats=SimpleNamespace(median=1.0)))
+        record_engine(bench, machine, impl="minivllm", shard=shard(PRESETS["tiny"], tp), dtype=torch.bfloat16, counts=counts,
+                      prompt_lens=[3], output_lens=[3], steps=s)
+        infos.append(bench.extra_info)
+    assert [i["weight_read_ms"] for i in infos] == pytest.approx([1.5, 0.75, 1.5])
+    assert infos[0]["one_row_step_ms"] == 2.5 and "one_row_step_ms" not in infos[2]
+
+
 def test_read_kernel_sums_each_programs_chunk(device):
     """The streaming kernel (interpreted on the CPU, compiled on a GPU) reads every float of its
     chunk once: each partial is its chunk's sum."""

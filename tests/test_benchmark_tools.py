@@ -267,7 +267,8 @@ def test_report_puts_the_engine_against_transformers(tmp_path, capsys):
         b = bench("engine", impl, wall)
         b["extra_info"].update(workload="nano", num_seqs=256, max_len=1024, tokens_per_s=143_000 / wall, pct_of_ceiling=pct)
         benches.append(b)
-    latency = dict(ttft_ms={"p50": 340.0, "p90": 540.0, "p99": 548.0}, itl_ms={"p50": 6.42, "p90": 6.84, "p99": 14.4}, preemptions=3, prefix_hit_rate=0.775)
+    latency = dict(ttft_ms={"p50": 340.0, "p90": 540.0, "p99": 548.0}, itl_ms={"p50": 6.42, "p90": 6.84, "p99": 14.4}, preemptions=3, prefix_hit_rate=0.775,
+                   one_row_step_ms=1.42, weight_read_ms=0.37)
     benches[0]["extra_info"].update(latency)
     assert report.main([str(write(tmp_path / "engine.json", benches))]) == 0
     out = capsys.readouterr().out
@@ -276,7 +277,7 @@ def test_report_puts_the_engine_against_transformers(tmp_path, capsys):
     assert row[3:5] == ["nano", "256"]
     assert row[-3:] == ["17875.0 (70%)", "1430.0 (5.6%)", "12.50× hf_transformers"]
     (row,) = table_rows(latencies)  # transformers records no latencies
-    assert row[3:] == ["nano", "256", "minivllm", "340", "540", "548", "6.4", "6.8", "14.4", "3", "78%"]
+    assert row[3:] == ["nano", "256", "minivllm", "340", "540", "548", "6.4", "6.8", "14.4", "3", "78%", "1.42 (3.8× weights)"]
 
 
 def test_report_flags_a_figure_that_beats_its_bound(tmp_path, capsys):
