@@ -1,6 +1,6 @@
 """Tune the Triton kernels for this device and write its tuning table.
 
-    python -m benchmarks.tune [--kernel decode|prefill|cascade] [--bucket TEXT] [--dtype bf16|fp16] [--part I/N]
+    python -m benchmarks.tune [--kernel decode|prefill|cascade|linear] [--bucket TEXT] [--dtype bf16|fp16] [--part I/N]
                               [--out DIR] [--budget-s 540] [--no-peers] [--matmuls-alone] [--json ROWS.json]
 
 For each bucket of the table's key (minivllm/kernels/tuning_table.py) it builds one representative shape,
@@ -40,6 +40,7 @@ if __name__ == "__main__" and "--dry-run" not in sys.argv[1:]:
 from benchmarks.ceilings import software_facts
 from benchmarks.grid import shared_prefix_lens
 from benchmarks.output_paths import output_dir, output_file
+from benchmarks.presets import PRESETS
 from benchmarks.repo import commit
 from benchmarks.timing import ColdRound, median_device_s, median_s
 from minivllm.atomic_write import write_atomic
@@ -48,17 +49,23 @@ from minivllm.kernels import compile_check as cc
 from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade
 from minivllm.kernels.flash_attention import prefill_launches, prefill_plan, run_launches
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, tma_able
+from minivllm.kernels.skinny_linear import skinny_linear
 from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, write_table
 from minivllm.reference.decode_check import check_decode
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn, share_prefix
 from minivllm.reference.paging import paged_gather
 from minivllm.reference.prefill_check import check_prefill
-from minivllm.reference.tolerance import ToleranceError
+from minivllm.reference.tolerance import ToleranceError, assert_within_tolerance
 
 TUNED_DTYPES = ("bf16", "fp16")  # of SHORT_DTYPES: what serving runs in
+KERNELS = ("decode", "prefill", "cascade", "linear")
 CACHE_LIMIT = 9 << 30  # bytes of K+V a decode representative may hold
 ROUNDS = 20
 NEVER = 2**31 - 1  # a cascade entry's min_rows where plain decode won: no batch takes the cascade
+# The projections tuned: the default engine models' at decode's small batches (a lookup takes the
+# nearest (rows, N, K) bucket, so other models' shapes find these).
+LINEAR_MODELS = ("qwen3-0.6b", "qwen3-8b")
+LINEAR_ROWS = (1, 4, 16)
 
 
 @dataclass
@@ -81,13 +88,15 @@ def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
     """Decode: Qwen3-8B's 32/8 heads at batch 1..256 and context 2k..32k, pages of 16 and 256.
     Prefill: 16k tokens at seqlen 512..16k, causal or not, and the prefix suite's 4 x (2k cached
     + 2k new) over pages of 16 and 256. Cascade: batch 16..256 sharing a 2k prefix (the cascade
-    suite's shape), pages of 16 and 256. Head dim 128, as in every preset model."""
+    suite's shape), pages of 16 and 256. Head dim 128, as in every preset model. Linear: the qkv,
+    o, gate_up and down projections of LINEAR_MODELS at LINEAR_ROWS rows, keyed (rows, N, K)."""
     out = []
     if not on_gpu:
         for name in dtypes:
             out.append(Bucket("decode", name, 16, 16, (bucket(2 * 2), bucket(40)), dict(batch=2, context=40, heads=4, kv=2)))
             out.append(Bucket("prefill", name, 16, 0, (bucket(40), True), dict(batch=2, seqlen=40, new=40, heads=4, kv=2, causal=True)))
             out.append(Bucket("cascade", name, 16, 16, (bucket(3 * 2), bucket(32)), dict(batch=3, shared=32, heads=4, kv=2)))
+            out.append(Bucket("linear", name, 0, 0, (bucket(2), 40, 48), dict(rows=2, n=40, k=48)))
         return out
     for name in dtypes:
         for page in (16, 256):
@@ -105,6 +114,11 @@ def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
         for page in (16, 256):
             for batch in (16, 64, 256):
                 out.append(Bucket("cascade", name, 128, page, (bucket(batch * 8), bucket(2048)), dict(batch=batch, shared=2048, heads=32, kv=8)))
+    for name in dtypes:
+        shapes = dict.fromkeys(shape for model in LINEAR_MODELS for shape in linear_shapes(PRESETS[model]).values())
+        for n, k in shapes:
+            for rows in LINEAR_ROWS:
+                out.append(Bucket("linear", name, 0, 0, (bucket(rows), n, k), dict(rows=rows, n=n, k=k)))
     # The shapes that stand for many first, so that a run cut short by its budget still covers
     # every key coarsely (lookups take the nearest tuned bucket); stable within each pass.
     return sorted(out, key=lambda b: 0 if b.shape.get("batch") in (16, 64) and b.shape.get("context") in (2048, 8192) or b.shape.get("seqlen") in (1024, 4096) else 1)
@@ -133,6 +147,32 @@ def cascade_candidates(on_gpu: bool) -> list[CascadeConfig]:
         return [CascadeConfig(16, 16, 4, 1, 2, 1, 1), CascadeConfig(32, 16, 4, 1, 2, 1, 1)]
     tiles = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (32, 64, 4, 2), (64, 32, 4, 3)]
     return [CascadeConfig(*t, pps, 1, 1) for t in tiles for pps in (1, 2, 4)]
+
+
+def linear_shapes(p) -> dict[str, tuple[int, int]]:
+    """A dense preset's projections as (N, K), nn.Linear's weight shapes with qkv and gate_up fused."""
+    q, kv = p.num_heads * p.head_dim, p.num_kv_heads * p.head_dim
+    return {"qkv": (q + 2 * kv, p.hidden), "o": (p.hidden, q), "gate_up": (2 * p.ffn, p.hidden), "down": (p.hidden, p.ffn)}
+
+
+def linear_candidates(rows: int, on_gpu: bool) -> list[tuple | None]:
+    """None for cuBLAS, and skinny_linear tiles (BLOCK_N, BLOCK_K, num_warps, num_stages): column
+    strips of 8 to 64 (16 at least where a 16-row dot runs) with K steps of 256, and a 16-wide
+    strip with steps of 512. The engine runs the winner's tile in all four forms (plain, norm,
+    add + norm, gated), so the compile check compiles each candidate four ways: a few tiles."""
+    if not on_gpu:
+        return [None, (16, 16, 4, 1), (16, 32, 4, 2)]
+    widths = (8, 16, 32, 64) if rows == 1 else (16, 32, 64)
+    return [None] + [(bn, 256, 4, 3) for bn in widths] + [(16, 512, 4, 3)]
+
+
+def linear_name(tile: tuple | None) -> str:
+    return "cublas" if tile is None else "skinny n{} k{} w{} s{}".format(*tile)
+
+
+def linear_config(tile: tuple | None) -> dict:
+    """A linear entry's config: the tile skinny_linear takes, or cuBLAS where it won."""
+    return {"cublas": True} if tile is None else {"tile": list(tile)}
 
 
 def cascade_name(c: CascadeConfig) -> str:
@@ -278,6 +318,23 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
     return candidates, out, check, peer, matmuls_alone
 
 
+def _linear_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
+    """The same for a linear bucket: cuBLAS is a candidate, not a peer."""
+    s, dtype = b.shape, SHORT_DTYPES[b.dtype]
+    x = randn((s["rows"], s["k"]), dtype, device, gen)
+    weight = randn((s["n"], s["k"]), dtype, device, gen) / s["k"] ** 0.5
+    out = torch.empty(s["rows"], s["n"], dtype=dtype, device=device)
+    candidates = {}
+    for tile in linear_candidates(s["rows"], device.type == "cuda"):
+        fn = partial(torch.mm, x, weight.t(), out=out) if tile is None else partial(skinny_linear, x, weight, tile=tile, out=out)
+        candidates[linear_name(tile)] = (linear_config(tile), fn)
+
+    def check(what):
+        assert_within_tolerance(out, F.linear(x.double(), weight.double()), F.linear(x, weight), what)
+
+    return candidates, out, check, None, None
+
+
 def compile_filter(candidates: dict, target: str) -> dict[str, str]:
     """{name: why} for the candidates ({name: (config, fn)}) whose launches do not compile for
     `target` or ask for more shared memory than it has per block; fn is recorded, not run."""
@@ -320,7 +377,7 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
     peer's ms; and with `matmuls`, the prefill winner's ms with its softmax left out. A candidate
     that raises or fails the float64 check is never timed."""
     gen = generator(b.head_dim + b.page + sum(b.shape.values()), device)
-    build = {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants}[b.kernel]
+    build = {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants, "linear": _linear_variants}[b.kernel]
     candidates, out, check, peer, matmuls_alone = build(b, device, gen, peers)
     rows = []
     if device.type == "cuda":  # what cannot compile or fit this card is dropped before anything is timed
@@ -375,7 +432,7 @@ def part(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", action="append", choices=("decode", "prefill", "cascade"), help="only this kernel's buckets; repeatable")
+    parser.add_argument("--kernel", action="append", choices=KERNELS, help="only this kernel's buckets; repeatable")
     parser.add_argument("--bucket", action="append", help="only buckets whose name contains this text; repeatable")
     parser.add_argument("--dtype", action="append", choices=TUNED_DTYPES, help="only this dtype; repeatable (default bf16 and fp16; bf16 on the CPU)")
     parser.add_argument("--out", type=output_dir, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or minivllm/kernels/configs)")

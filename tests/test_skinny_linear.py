@@ -53,13 +53,14 @@ def test_skinny_linear_matches_the_unfused_layers(rows, k, n, mode, dtype, block
 
 
 def test_the_residual_sum_is_written_once_whatever_the_grid(device):
-    """Program 0 writes x + residual; with many programs the sum is still whole, and the output
-    columns past N are never written (N off a tile edge)."""
+    """Program 0 writes x + residual; with many programs the sum is still whole, and every column
+    of a given `out` is written (N off a tile edge)."""
     gen = generator(3, device)
     x, residual = randn((3, 40), torch.float32, device, gen), randn((3, 40), torch.float32, device, gen)
     weight, norm_weight = randn((70, 40), torch.float32, device, gen), torch.ones(40, device=device)
-    y, summed = skinny_linear(x, weight, residual=residual, norm_weight=norm_weight, tile=(16, 16, 4, 1))
-    assert torch.equal(summed, x + residual) and y.shape == (3, 70) and y.isfinite().all()
+    out = torch.full((3, 70), float("nan"), device=device)
+    y, summed = skinny_linear(x, weight, residual=residual, norm_weight=norm_weight, tile=(16, 16, 4, 1), out=out)
+    assert y is out and torch.equal(summed, x + residual) and y.isfinite().all()
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,7 @@ def test_the_residual_sum_is_written_once_whatever_the_grid(device):
         (lambda d: skinny_linear(torch.ones(2, 16, device=d), torch.ones(4, 8, device=d), norm_weight=torch.ones(8, device=d), gated=True), "cannot be combined"),
         (lambda d: skinny_linear(torch.ones(2, 8, device=d), torch.ones(4, 8, device=d, dtype=torch.float16)), "dtype"),
         (lambda d: skinny_linear(torch.ones(2, 8, device=d), torch.ones(8, 4, device=d).t()), "contiguous"),
+        (lambda d: skinny_linear(torch.ones(2, 8, device=d), torch.ones(4, 8, device=d), out=torch.ones(2, 5, device=d)), "out must be"),
     ],
 )
 def test_bad_inputs_name_the_argument(call, match, device):

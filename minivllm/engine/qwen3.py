@@ -15,6 +15,7 @@ from torch import nn
 
 from minivllm.engine.attention import AttentionMetadata, attend
 from minivllm.engine.backend import TRITON, Backend
+from minivllm.engine.linear import Projections
 from minivllm.engine.tensor_parallel import TPGroup
 from minivllm.reference import rope_cos_sin
 
@@ -68,27 +69,31 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, backend)
         self.norm_rope_store = backend.norm_rope_store
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+    def forward(self, qkv, cos, sin, kv_cache, meta: AttentionMetadata, proj: Projections):
+        """qkv: the qkv projection's output (the layer fuses the norm before it); returns the o
+        projection's, summed over ranks."""
+        q, k, v = qkv.split(self.split, dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.norm_rope_store(
             q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim), v,
             self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps, kv_cache[0], kv_cache[1], meta.slot_mapping,
         )
         out = attend(q, k, v, kv_cache[0], kv_cache[1], meta, self.backend)
-        return self.tp.all_reduce(self.o_proj(out.flatten(1)))
+        return self.tp.all_reduce(proj.linear(out.flatten(1), self.o_proj))
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, args: ModelArgs, backend: Backend, tp: TPGroup):
+    def __init__(self, args: ModelArgs, tp: TPGroup):
         super().__init__()
-        self.tp, self.act = tp, backend.silu_and_mul
+        self.tp = tp
         width = len(tp.split(args.intermediate_size, "FFN columns (intermediate_size)"))
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * width, bias=False)
         self.down_proj = nn.Linear(width, args.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
+    def forward(self, gate_up, proj: Projections):
+        """gate_up: the gate_up projection's output (the layer fuses the norm before it); returns
+        the down projection's, summed over ranks."""
+        return self.tp.all_reduce(proj.gated_linear(gate_up, self.down_proj))
 
 
 class VocabEmbedding(nn.Module):
@@ -115,15 +120,20 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
         self.self_attn = Qwen3Attention(args, backend, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
-        self.mlp = Qwen3MLP(args, backend, tp)
+        self.mlp = Qwen3MLP(args, tp)
+        self.proj = Projections(backend)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         """x: the previous layer's MLP output, not yet added to `residual` (None before the first
-        layer, where x is the embedding): each residual add is fused into the norm after it.
+        layer, where x is the embedding): each residual add and norm is fused into the projection
+        after it where the kernel takes the shape (minivllm/engine/linear.py).
         Returns this layer's (MLP output, residual)."""
-        x, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
-        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, meta), residual)
-        return self.mlp(x), residual
+        attn, mlp, proj = self.self_attn, self.mlp, self.proj
+        norm = self.input_layernorm
+        qkv, residual = proj.norm_linear(x, residual, norm.weight, norm.eps, attn.qkv_proj)
+        norm = self.post_attention_layernorm
+        gate_up, residual = proj.norm_linear(attn(qkv, cos, sin, kv_cache, meta, proj), residual, norm.weight, norm.eps, mlp.gate_up_proj)
+        return mlp(gate_up, proj), residual
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -98,6 +98,7 @@ def skinny_linear(
     eps: float = 1e-6,
     gated: bool = False,
     tile: tuple[int, int, int, int] | None = None,
+    out: torch.Tensor | None = None,
 ):
     """y = a @ weight.T for a few rows a, where a is x itself, or RMSNorm(x [+ residual]) when
     `norm_weight` is given, or silu(gate) * up when `gated`.
@@ -108,7 +109,8 @@ def skinny_linear(
     residual: (rows, K), same dtype, added to x before the norm (needs norm_weight).
     norm_weight: (K,), the RMSNorm's weight; eps > 0 its epsilon.
     tile: (BLOCK_N, BLOCK_K, num_warps, num_stages); DEFAULT_TILE when None.
-    Returns y (rows, N) in x's dtype, a new tensor; with `residual`, (y, x + residual).
+    Returns y (rows, N) in x's dtype, written into `out` when given (rows, N, last dim contiguous),
+    else a new tensor; with `residual`, (y, x + residual).
     """
     check_rank("x", x, 2, "(rows, K)")
     check_rank("weight", weight, 2, "(N, K)")
@@ -133,7 +135,10 @@ def skinny_linear(
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
     block_n, block_k, num_warps, num_stages = tile or DEFAULT_TILE
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (rows, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
+        raise ValueError(f"out must be {x.dtype} ({rows}, {n}) on {x.device}, contiguous in its last dimension")
     res_out = torch.empty_like(x) if residual is not None else out
     res = residual if residual is not None else x
     _skinny_linear[(triton.cdiv(n, block_n),)](
