@@ -65,7 +65,7 @@ NEVER = 2**31 - 1  # a cascade entry's min_rows where plain decode won: no batch
 # The projections tuned: the default engine models' at decode's small batches (a lookup takes the
 # nearest (rows, N, K) bucket, so other models' shapes find these).
 LINEAR_MODELS = ("qwen3-0.6b", "qwen3-8b")
-LINEAR_ROWS = (1, 4, 16)
+LINEAR_ROWS = (1, 2, 4, 8, 16)  # the decode graphs' batch sizes up to skinny_linear's MAX_ROWS
 
 
 @dataclass

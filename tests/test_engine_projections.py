@@ -62,3 +62,12 @@ def test_the_engine_takes_the_kernel_where_its_table_says(checkpoint, tables, mo
     assert {rows for rows, _ in calls} <= set(range(1, 17)) and {form for _, form in calls} == {"norm", "plain", "gated"}
     layers = 2  # the random checkpoint's
     assert sum(1 for rows, _ in calls if rows == 4) >= 4 * layers * (GREEDY.max_tokens - 1)
+
+
+def test_a_one_row_tile_serves_one_row_only(tables):
+    """The nearest entry to 2 rows may be a one-row tile narrower than the 16 columns a dot of
+    several rows needs: cuBLAS runs there instead. Past MAX_ROWS, cuBLAS always."""
+    weight = torch.empty(64, 32, device=_device())
+    tables([dict(kernel="linear", dtype="float32", head_dim=0, page=0, bucket=[1, 64, 32], config={"tile": [8, 32, 4, 2]}, run=0)])
+    assert linear.skinny_tile(1, weight) == (8, 32, 4, 2)
+    assert linear.skinny_tile(2, weight) is None and linear.skinny_tile(17, weight) is None

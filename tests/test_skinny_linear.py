@@ -77,6 +77,7 @@ def test_the_residual_sum_is_written_once_whatever_the_grid(device):
         (lambda d: skinny_linear(torch.ones(2, 8, device=d), torch.ones(4, 8, device=d, dtype=torch.float16)), "dtype"),
         (lambda d: skinny_linear(torch.ones(2, 8, device=d), torch.ones(8, 4, device=d).t()), "contiguous"),
         (lambda d: skinny_linear(torch.ones(2, 8, device=d), torch.ones(4, 8, device=d), out=torch.ones(2, 5, device=d)), "out must be"),
+        (lambda d: skinny_linear(torch.ones(2, 8, device=d), torch.ones(4, 8, device=d), tile=(8, 16, 4, 1)), "at least 16"),
     ],
 )
 def test_bad_inputs_name_the_argument(call, match, device):

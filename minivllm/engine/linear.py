@@ -20,11 +20,14 @@ from minivllm.kernels.tuning_table import bucket, lookup
 
 def skinny_tile(rows: int, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
     """The tile the device's table gives skinny_linear for `rows` rows of this (N, K) weight, or
-    None where cuBLAS runs (no entry, or the entry's winner was cuBLAS)."""
+    None where cuBLAS runs (no entry, the entry's winner was cuBLAS, or its tile is a one-row tile
+    narrower than the 16 columns the dot of several rows needs)."""
     if not 1 <= rows <= MAX_ROWS:
         return None
     config, _ = lookup("linear", weight.device, weight.dtype, 0, 0, (bucket(rows), weight.shape[0], weight.shape[1]))
-    return tuple(config["tile"]) if config and "tile" in config else None
+    if not config or "tile" not in config or rows > 1 and config["tile"][0] < 16:
+        return None
+    return tuple(config["tile"])
 
 
 class Projections:

@@ -135,6 +135,8 @@ def skinny_linear(
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
     block_n, block_k, num_warps, num_stages = tile or DEFAULT_TILE
+    if rows > 1 and block_n < 16:
+        raise ValueError(f"tile's BLOCK_N must be at least 16 for more than one row (a 16 x 16 dot), got {block_n}")
     if out is None:
         out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     elif out.shape != (rows, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
