@@ -70,10 +70,10 @@ def _decode_args(dtype, head_dim: int, page: int, group: int, kv_heads: int = 2)
 
 
 def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False,
-                         persistent: int = 0, ws: bool = False) -> list[tuple]:
+                         persistent: int = 0) -> list[tuple]:
     """prefill_launches' [(kernel, grid, kwargs)] for `tile` on `target` with TMA asked for (it
     falls back where it cannot apply), over contiguous keys (page 0) or a paged cache; with
-    `gather` (paged only) the keys' copy comes first; `persistent` and `ws` as prefill_plan takes them."""
+    `gather` (paged only) the keys' copy comes first; `persistent` as prefill_plan takes it."""
     heads, kv_heads, seq = 4, 2, 300
     q = _randn(seq, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, seq], dtype=torch.int32)
@@ -86,13 +86,13 @@ def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma
         table = None
     with cc.recording(target):  # planned, not launched: the device's capability decides TMA
         return prefill_launches(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma, gather=gather,
-                                persistent=persistent, ws=ws)
+                                persistent=persistent)
 
 
 def _prefill_launches(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False,
-                      persistent: int = 0, ws: bool = False) -> list[cc.Launch]:
+                      persistent: int = 0) -> list[cc.Launch]:
     """The launches of one prefill config: its kernel's, after the keys' copy with `gather`."""
-    plans = prefill_launch_plans(target, dtype, head_dim, page, tile, tma, causal, gather, persistent, ws)
+    plans = prefill_launch_plans(target, dtype, head_dim, page, tile, tma, causal, gather, persistent)
     return [cc.Launch.from_kwargs(kernel, (), kwargs) for kernel, _, kwargs in plans]
 
 
@@ -153,7 +153,7 @@ def table_launches(target: str, dtype, head_dim: int, directory: Path = DEFAULT_
             else:
                 c = e["config"]
                 out += [(path.name, x) for x in _prefill_launches(target, dtype, head_dim, e["page"], c["tile"], c["tma"], gather=bool(c.get("gather")),
-                                                                  persistent=c.get("persistent", 0), ws=bool(c.get("ws")))]
+                                                                  persistent=c.get("persistent", 0))]
     return out
 
 
@@ -195,11 +195,9 @@ def _prefill_candidate_launches(target: str, dtype, head_dim: int, page: int, ca
     with the twins the tuner times (tune.prefill_twins)."""
     out = {}
     for tile, tma in tune.prefill_candidates(True):
-        for gather, persistent, ws in tune.prefill_twins(page, causal, tile):
-            launches = _prefill_launches(target, dtype, head_dim, page, tile, tma, causal, gather, persistent, ws)
-            if ws and not tune.runs_one_loop(launches[-1].kernel):
-                continue  # as the tuner: without TMA there is no `ws` twin
-            out[tune.prefill_name(tile, ws or dict(launches[-1].constexprs)["TMA"], gather, persistent, ws)] = launches
+        for gather, persistent in tune.prefill_twins(page):
+            launches = _prefill_launches(target, dtype, head_dim, page, tile, tma, causal, gather, persistent)
+            out[tune.prefill_name(tile, dict(launches[-1].constexprs)["TMA"], gather, persistent)] = launches
     return out
 
 
@@ -222,8 +220,6 @@ def tuner_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
         out += [x for launches in _cascade_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
     for page in (0, *PAGES):
         out += [x for launches in _prefill_candidate_launches(target, dtype, head_dim, page).values() for x in launches]
-    # Contiguous keys also non-causal: the one-loop `ws` kernel compiles each way.
-    out += [x for launches in _prefill_candidate_launches(target, dtype, head_dim, 0, causal=False).values() for x in launches]
     return out
 
 

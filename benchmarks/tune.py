@@ -188,37 +188,21 @@ def decode_name(c: DecodeConfig) -> str:
     return f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}"
 
 
-def prefill_name(tile: tuple, tma: bool, gather: bool = False, persistent: int = 0, ws: bool = False) -> str:
-    return f"tile {tuple(tile)} tma={tma}" + (" gather" if gather else "") + (f" persistent{persistent}" if persistent else "") + (" ws" if ws else "")
+def prefill_name(tile: tuple, tma: bool, gather: bool = False, persistent: int = 0) -> str:
+    return f"tile {tuple(tile)} tma={tma}" + (" gather" if gather else "") + (f" persistent{persistent}" if persistent else "")
 
 
-def prefill_table_config(tile: tuple, tma: bool, gather: bool, persistent: int = 0, ws: bool = False) -> dict:
+def prefill_table_config(tile: tuple, tma: bool, gather: bool, persistent: int = 0) -> dict:
     """A prefill candidate as a table entry's config: `gather` only where it copies the keys out,
-    `persistent` only where it launches a few programs per SM, `ws` only where the one-loop kernel runs."""
-    knobs = dict(gather=gather, persistent=persistent, ws=ws)
-    return dict(tile=list(tile), tma=tma) | {name: value for name, value in knobs.items() if value}
+    `persistent` only where it launches a few programs per SM."""
+    return dict(tile=list(tile), tma=tma) | (dict(gather=True) if gather else {}) | (dict(persistent=persistent) if persistent else {})
 
 
-# Tiles the one-loop kernel (`ws`) is timed with: Hopper specialises its loop at 4 warps only,
-# Blackwell at 8 too; each fits 227 KB on sm_90 and sm_100 with the producer's extra buffers
-# (`tune --dry-run`), which (64, 128, 4, 3) and, on sm_100, (128, 128, 8, 3) do not.
-ONE_LOOP_TILES = ((128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2))
-
-
-def prefill_twins(page: int, causal: bool, tile: tuple) -> list[tuple[bool, int, bool]]:
-    """(gather, persistent, ws) variants timed for a (tile, tma) candidate: over a paged cache, in
-    place and with the keys copied out; over contiguous keys, a program per tile, 1 or 2 programs
-    per SM taking tiles from a counter (the same compile: only the grid changes) and, with an
-    ONE_LOOP_TILES tile, the one-loop kernel with its key loop warp-specialised (where TMA applies)."""
-    if page:
-        return [(False, 0, False), (True, 0, False)]
-    one_loop = tuple(tile) in ONE_LOOP_TILES
-    return [(False, 0, False), (False, 1, False), (False, 2, False)] + ([(False, 0, True)] if one_loop else [])
-
-
-def runs_one_loop(kernel) -> bool:
-    """Whether a prefill plan's last kernel is the one-loop one (a `ws` request where TMA applies)."""
-    return kernel.fn.__name__ == "_flash_fwd_one_loop"
+def prefill_twins(page: int) -> list[tuple[bool, int]]:
+    """(gather, persistent) variants timed for each (tile, tma) candidate: over a paged cache, in
+    place and with the keys copied out; over contiguous keys, a program per tile and 1 or 2
+    programs per SM taking tiles from a counter (the same compile: only the grid changes)."""
+    return [(False, 0), (True, 0)] if page else [(False, 0), (False, 1), (False, 2)]
 
 
 def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
@@ -289,14 +273,12 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
         kk, vv, table = k, v, None
     candidates = {}
     for tile, tma in prefill_candidates(device.type == "cuda"):
-        for gather, persistent, ws in prefill_twins(b.page, causal, tile):
+        for gather, persistent in prefill_twins(b.page):
             launches = prefill_launches(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma, gather=gather,
-                                        persistent=persistent, ws=ws)
-            if ws and not runs_one_loop(launches[-1][0]):
-                continue  # without TMA the plan ran the main kernel: the twin without `ws`
-            used_tma = ws or launches[-1][2]["TMA"]
-            candidates[prefill_name(tile, used_tma, gather, persistent, ws)] = (prefill_table_config(tile, used_tma, gather, persistent, ws),
-                                                                                  partial(run_launches, launches))
+                                        persistent=persistent)
+            used_tma = launches[-1][2]["TMA"]
+            candidates[prefill_name(tile, used_tma, gather, persistent)] = (prefill_table_config(tile, used_tma, gather, persistent),
+                                                                              partial(run_launches, launches))
 
     def check(what):
         check_prefill(out, q, k, v, batch, new, causal, what, prefix=n - new)

@@ -6,7 +6,6 @@ from hypothesis import given
 
 from minivllm.kernels import flash_attention, flash_attn_varlen, store_kvcache
 from minivllm.kernels.flash_attention import INTERPRETER_TILE, flash_fwd_tuned, prefill_launches, prune_tiles, run_launches, tile_of, tiles_for
-from minivllm.kernels.prefill_one_loop import one_loop_plan
 from minivllm.reference import attention_ref
 from minivllm.reference.inputs import as_layout, cu_seqlens, generator, paged_cache, randn
 from minivllm.reference.tolerance import assert_matches_reference
@@ -203,51 +202,3 @@ def test_the_tables_persistent_entry_is_followed(monkeypatch, device):
         monkeypatch.setattr(flash_attention, "prefill_config", lambda *args, entry=entry: (entry, "table"))
         ((_, grid, kwargs),) = prefill_launches(q, k, v, torch.empty_like(q), cu, cu, 90, 90, 64**-0.5, True, None)
         assert kwargs["PERSISTENT"] == persistent and len(grid) == (1 if persistent else 3)
-
-
-@pytest.mark.parametrize("views", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [True, False])
-def test_one_loop_kernel_matches_reference(causal, dtype, views, device):
-    """prefill_one_loop.py's kernel (the `ws` config), called directly so that the interpreter runs
-    it too: a sequence with one query and one key, a causal prefix (more keys than queries), more
-    queries than keys (causal rows that see no key), lengths off the tile edges, GQA,
-    max_seqlen_q understated by a tile, and the output poisoned first. With `views`, q, k and v
-    are column slices of wider rows, as the engine's are of its qkv projection: a token stride
-    that is not heads x head_dim."""
-    gen = generator(37, device)
-    q_lens, k_lens = (1, 40, 71, 45), (1, 50, 79, 20)
-    if views:
-        q = randn((sum(q_lens), 8, 64), dtype, device, gen)[:, 1:7]
-        kv = randn((sum(k_lens), 5, 64), dtype, device, gen)
-        k, v = kv[:, :2], kv[:, 3:]
-    else:
-        q = randn((sum(q_lens), 6, 64), dtype, device, gen)
-        k, v = (randn((sum(k_lens), 2, 64), dtype, device, gen) for _ in "kv")
-    cu_q, cu_k = cu_seqlens(q_lens, device), cu_seqlens(k_lens, device)
-    tile = INTERPRETER_TILE if device.type == "cpu" else (64, 64, 4, 3)
-    out = torch.full_like(q, float("nan"))
-    kernel, grid, kwargs = one_loop_plan(q, k, v, out, cu_q, cu_k, max(q_lens) - tile[0], 64**-0.5, causal, tile, True, device.type == "cpu", "tf32")
-    kernel[grid](**kwargs)
-    assert_matches_reference(out, attention_ref, q, k, v, cu_q, cu_k, causal=causal, what="one loop")
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_ws_runs_the_one_loop_kernel_only_where_it_applies(causal, device):
-    """`ws` takes the one-loop kernel for a prefill over contiguous keys through TMA (Hopper and
-    later); paged or without TMA (the interpreter) the main kernel runs, and the answer is right
-    either way."""
-    gen = generator(41, device)
-    q = randn((150, 4, 64), torch.bfloat16, device, gen)
-    k, v = (randn((150, 2, 64), torch.bfloat16, device, gen) for _ in "kv")
-    cu = cu_seqlens([70, 80], device)
-    tile = INTERPRETER_TILE if device.type == "cpu" else (64, 64, 4, 3)
-    out = torch.full_like(q, float("nan"))
-    launches = prefill_launches(q, k, v, out, cu, cu, 80, 80, 64**-0.5, causal, None, tile=tile, ws=True)
-    tma = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    assert [kernel.fn.__name__ for kernel, _, _ in launches] == ["_flash_fwd_one_loop" if tma else "_flash_fwd"]
-    run_launches(launches)
-    assert_matches_reference(out, attention_ref, q, k, v, cu, cu, causal=causal, what="ws")
-    cache = paged_cache((70, 80), 16, 2, 64, torch.bfloat16, device, gen)
-    paged = prefill_launches(q, cache.k_cache, cache.v_cache, out, cu, cu, 80, 80, 64**-0.5, causal, cache.block_table, tile=tile, ws=True)
-    assert [kernel.fn.__name__ for kernel, _, _ in paged] == ["_flash_fwd"]

@@ -11,8 +11,7 @@ of two, for a paged cache too when a page holds whole tiles; otherwise, and in t
 interpreter, through pointer loads. Where the tuning table says `gather`, a paged prefill first
 copies its keys and values into packed rows (kv_gather.py) and runs the contiguous kernel. Where
 it says `persistent`, a grid of that many programs per SM takes the tiles from a counter, the
-longest causal tiles first; where it says `ws`, a prefill over contiguous keys runs
-prefill_one_loop.py's kernel instead, its key loop warp-specialised. The tile comes from the device's tuning table
+longest causal tiles first. The tile comes from the device's tuning table
 (minivllm/kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one
 autotunes among `tiles_for`'s candidates on first use.
 """
@@ -41,7 +40,6 @@ from minivllm.kernels.checks import (
 )
 from minivllm.kernels.kv_gather import gather_plan
 from minivllm.kernels.launch import dot_precision, head_dim_block, parallel_slots, tma_descriptor, tma_ok
-from minivllm.kernels.prefill_one_loop import one_loop_plan
 from minivllm.kernels.tuning_table import bucket, lookup
 from minivllm.values import check_bool
 
@@ -294,7 +292,7 @@ def prefill_config(q: torch.Tensor, k: torch.Tensor, max_seqlen_k: int, causal: 
 
 
 def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True,
-                 persistent=None, ws=None):
+                 persistent=None):
     """(kernel, grid, kwargs) for already-checked flash_attn_varlen arguments: with `tile` =
     (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone (a tuner's candidate), else the
     device's tuning-table tile, else the autotuned kernel. TMA is used where it applies unless
@@ -302,9 +300,7 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     measures the two matmuls alone). `persistent` (with a tile; else the table's, else 0) > 0
     launches that many programs per SM, which take their tiles from a counter (one int32 zeroed
     per call, and zeroed again by the launch's last program, so that the launch can be repeated);
-    0 launches a program per tile. `ws` (likewise) runs a prefill over contiguous keys
-    through TMA as prefill_one_loop.py's kernel, its key loop warp-specialised; elsewhere it has no
-    effect."""
+    0 launches a program per tile."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
     batch, paged = cu_seqlens_q.shape[0] - 1, block_table is not None
     page = k.shape[1] if paged else 1
@@ -314,14 +310,14 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         if found is not None:
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
             persistent = found.get("persistent", 0) if persistent is None else persistent
-            ws = found.get("ws", False) if ws is None else ws
     persistent = persistent or 0
     table = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
     # A paged TMA tile must lie inside one page.
     widest_n = tile[1] if tile else max(t[1] for t in tiles_for(block_d, q.dtype))
     tma = tma is not False and not interpreting() and (not paged or page >= widest_n) and all(tma_ok(t, head_dim, block_d) for t in (q, k, v))
     kwargs = dict(
-        Q=q, K=k, V=v, O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=table, TILE_COUNTER=table, qk_scale=scale * math.log2(math.e),
+        Q=tma_descriptor(q) if tma else q, K=tma_descriptor(k) if tma else k, V=tma_descriptor(v) if tma else v,
+        O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=table, TILE_COUNTER=table, qk_scale=scale * math.log2(math.e),
         stride_qt=q.stride(0), stride_qh=q.stride(1),
         stride_kb=k.stride(0) if paged else 0, stride_kt=k.stride(-3), stride_kh=k.stride(-2),
         stride_vb=v.stride(0) if paged else 0, stride_vt=v.stride(-3), stride_vh=v.stride(-2),
@@ -342,10 +338,6 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         # on the power-of-two head dims of real models at sizes where a tile choice pays, not on
         # odd ones, exact-fp32 reference runs or launches of a few microseconds.
         tile = tiles_for(block_d, q.dtype)[0]
-    if tile is not None and ws and tma and not paged and softmax:
-        return one_loop_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, tile, True, False, kwargs["PRECISION"])
-    if tma:  # built only for the main kernel: the one-loop kernel makes its own on the device
-        kwargs.update(Q=tma_descriptor(q), K=tma_descriptor(k), V=tma_descriptor(v))
     if tile is None:
         return flash_fwd_tuned, grid, kwargs
     block_m, block_n, num_warps, num_stages = tile
@@ -359,7 +351,7 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None,
-                     gather=None, softmax=True, persistent=None, ws=None) -> list[tuple]:
+                     gather=None, softmax=True, persistent=None) -> list[tuple]:
     """The [(kernel, grid, kwargs)] of a flash_attn_varlen call, run in order: prefill_plan's one
     launch, or over a paged cache with `gather` (a tuner's candidate, else the table's entry) the
     copy of the keys into packed rows (kv_gather.py) and then the contiguous kernel with the same
@@ -373,10 +365,8 @@ def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
             gather = bool(found.get("gather")) and max_seqlen_q > tile[0]
             persistent = found.get("persistent", 0) if persistent is None else persistent
-            ws = found.get("ws", False) if ws is None else ws
     if not (paged and gather):
-        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax,
-                             persistent, ws)]
+        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax, persistent)]
     kernel, grid, kwargs, k, v = gather_plan(k, v, block_table, cu_seqlens_k, max_seqlen_k, head_dim_block(q.shape[-1]))
     return [(kernel, grid, kwargs),
             prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, None, tile, tma, softmax, persistent)]
