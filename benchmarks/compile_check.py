@@ -69,11 +69,10 @@ def _decode_args(dtype, head_dim: int, page: int, group: int, kv_heads: int = 2)
     return q, kc, vc, table, lens, torch.empty_like(q), int(lens.max()), head_dim**-0.5
 
 
-def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False,
-                         persistent: int = 0) -> list[tuple]:
+def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False) -> list[tuple]:
     """prefill_launches' [(kernel, grid, kwargs)] for `tile` on `target` with TMA asked for (it
     falls back where it cannot apply), over contiguous keys (page 0) or a paged cache; with
-    `gather` (paged only) the keys' copy comes first; `persistent` as prefill_plan takes it."""
+    `gather` (paged only) the keys' copy comes first."""
     heads, kv_heads, seq = 4, 2, 300
     q = _randn(seq, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, seq], dtype=torch.int32)
@@ -85,15 +84,12 @@ def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma
         k, v = (_randn(seq, kv_heads, head_dim, dtype=dtype) for _ in "kv")
         table = None
     with cc.recording(target):  # planned, not launched: the device's capability decides TMA
-        return prefill_launches(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma, gather=gather,
-                                persistent=persistent)
+        return prefill_launches(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma, gather=gather)
 
 
-def _prefill_launches(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False,
-                      persistent: int = 0) -> list[cc.Launch]:
+def _prefill_launches(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False) -> list[cc.Launch]:
     """The launches of one prefill config: its kernel's, after the keys' copy with `gather`."""
-    plans = prefill_launch_plans(target, dtype, head_dim, page, tile, tma, causal, gather, persistent)
-    return [cc.Launch.from_kwargs(kernel, (), kwargs) for kernel, _, kwargs in plans]
+    return [cc.Launch.from_kwargs(kernel, (), kwargs) for kernel, _, kwargs in prefill_launch_plans(target, dtype, head_dim, page, tile, tma, causal, gather)]
 
 
 def _prefill_launch(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True) -> cc.Launch:
@@ -152,8 +148,7 @@ def table_launches(target: str, dtype, head_dim: int, directory: Path = DEFAULT_
                 out += [(path.name, launch) for launch in _cascade_launches(target, dtype, head_dim, e["page"], CascadeConfig(**e["config"]))]
             else:
                 c = e["config"]
-                out += [(path.name, x) for x in _prefill_launches(target, dtype, head_dim, e["page"], c["tile"], c["tma"], gather=bool(c.get("gather")),
-                                                                  persistent=c.get("persistent", 0))]
+                out += [(path.name, x) for x in _prefill_launches(target, dtype, head_dim, e["page"], c["tile"], c["tma"], gather=bool(c.get("gather")))]
     return out
 
 
@@ -192,12 +187,12 @@ def _cascade_candidate_launches(target: str, dtype, head_dim: int, page: int) ->
 
 def _prefill_candidate_launches(target: str, dtype, head_dim: int, page: int, causal: bool = True) -> dict[str, list[cc.Launch]]:
     """{tuner's name: launches} of the prefill candidates at this page (0: contiguous keys), each
-    with the twins the tuner times (tune.prefill_twins)."""
+    also copying the keys out first over a paged cache, as the tuner times them."""
     out = {}
     for tile, tma in tune.prefill_candidates(True):
-        for gather, persistent in tune.prefill_twins(page):
-            launches = _prefill_launches(target, dtype, head_dim, page, tile, tma, causal, gather, persistent)
-            out[tune.prefill_name(tile, dict(launches[-1].constexprs)["TMA"], gather, persistent)] = launches
+        for gather in (False, True) if page else (False,):
+            launches = _prefill_launches(target, dtype, head_dim, page, tile, tma, causal, gather)
+            out[tune.prefill_name(tile, dict(launches[-1].constexprs)["TMA"], gather)] = launches
     return out
 
 

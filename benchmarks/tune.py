@@ -188,21 +188,13 @@ def decode_name(c: DecodeConfig) -> str:
     return f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}"
 
 
-def prefill_name(tile: tuple, tma: bool, gather: bool = False, persistent: int = 0) -> str:
-    return f"tile {tuple(tile)} tma={tma}" + (" gather" if gather else "") + (f" persistent{persistent}" if persistent else "")
+def prefill_name(tile: tuple, tma: bool, gather: bool = False) -> str:
+    return f"tile {tuple(tile)} tma={tma}" + (" gather" if gather else "")
 
 
-def prefill_table_config(tile: tuple, tma: bool, gather: bool, persistent: int = 0) -> dict:
-    """A prefill candidate as a table entry's config: `gather` only where it copies the keys out,
-    `persistent` only where it launches a few programs per SM."""
-    return dict(tile=list(tile), tma=tma) | (dict(gather=True) if gather else {}) | (dict(persistent=persistent) if persistent else {})
-
-
-def prefill_twins(page: int) -> list[tuple[bool, int]]:
-    """(gather, persistent) variants timed for each (tile, tma) candidate: over a paged cache, in
-    place and with the keys copied out; over contiguous keys, a program per tile and 1 or 2
-    programs per SM taking tiles from a counter (the same compile: only the grid changes)."""
-    return [(False, 0), (True, 0)] if page else [(False, 0), (False, 1), (False, 2)]
+def prefill_table_config(tile: tuple, tma: bool, gather: bool) -> dict:
+    """A prefill candidate as a table entry's config: `gather` only where it copies the keys out."""
+    return dict(tile=list(tile), tma=tma, gather=True) if gather else dict(tile=list(tile), tma=tma)
 
 
 def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
@@ -273,12 +265,10 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
         kk, vv, table = k, v, None
     candidates = {}
     for tile, tma in prefill_candidates(device.type == "cuda"):
-        for gather, persistent in prefill_twins(b.page):
-            launches = prefill_launches(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma, gather=gather,
-                                        persistent=persistent)
+        for gather in (False, True) if b.page else (False,):
+            launches = prefill_launches(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma, gather=gather)
             used_tma = launches[-1][2]["TMA"]
-            candidates[prefill_name(tile, used_tma, gather, persistent)] = (prefill_table_config(tile, used_tma, gather, persistent),
-                                                                              partial(run_launches, launches))
+            candidates[prefill_name(tile, used_tma, gather)] = (prefill_table_config(tile, used_tma, gather), partial(run_launches, launches))
 
     def check(what):
         check_prefill(out, q, k, v, batch, new, causal, what, prefix=n - new)

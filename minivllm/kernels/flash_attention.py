@@ -9,9 +9,7 @@ diagonal are never visited.
 On Hopper and later, Q, K and V tiles arrive by TMA (tensor descriptors) when head_dim is a power
 of two, for a paged cache too when a page holds whole tiles; otherwise, and in the CPU
 interpreter, through pointer loads. Where the tuning table says `gather`, a paged prefill first
-copies its keys and values into packed rows (kv_gather.py) and runs the contiguous kernel. Where
-it says `persistent`, a grid of that many programs per SM takes the tiles from a counter, the
-longest causal tiles first. The tile comes from the device's tuning table
+copies its keys and values into packed rows (kv_gather.py) and runs the contiguous kernel. The tile comes from the device's tuning table
 (minivllm/kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one
 autotunes among `tiles_for`'s candidates on first use.
 """
@@ -39,7 +37,7 @@ from minivllm.kernels.checks import (
     resolve_scale,
 )
 from minivllm.kernels.kv_gather import gather_plan
-from minivllm.kernels.launch import dot_precision, head_dim_block, parallel_slots, tma_descriptor, tma_ok
+from minivllm.kernels.launch import dot_precision, head_dim_block, tma_descriptor, tma_ok
 from minivllm.kernels.tuning_table import bucket, lookup
 from minivllm.values import check_bool
 
@@ -100,15 +98,20 @@ def _attend_tiles(
 
 
 @triton.jit
-def _prefill_rows(
-    Q, K, V, O, CU_Q, CU_K, BT, qk_scale, head, seq, first_m, step_m,
+def _flash_fwd(
+    Q, K, V, O, CU_Q, CU_K, BT, qk_scale,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_btb, max_blocks, group,
+    stride_ot, stride_oh, stride_btb, max_blocks, group, num_heads, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
     INTERPRETER: tl.constexpr, PRECISION: tl.constexpr, SOFTMAX: tl.constexpr,
 ):
-    """The query tiles of one (head, sequence) from row first_m on, every step_m rows."""
+    # Grid (q tiles, heads, batch), q tiles fastest: the programs in flight at once are the tiles
+    # of a few heads, whose K/V then stay in L2 (num_heads and seqlen_bucket only key the
+    # autotuner). Each head's tiles run backwards, so under causal its longest tiles start first.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
     q_len = tl.load(CU_Q + seq + 1) - q_start
     k_start = tl.load(CU_K + seq)
@@ -135,7 +138,8 @@ def _prefill_rows(
     causal_shift = k_len - q_len if CAUSAL else 0
     offs_d = tl.arange(0, BLOCK_D)
 
-    for start_m in range(first_m, q_len, step_m):
+    # One iteration when max_seqlen_q is right; striding keeps every row written if it is not.
+    for start_m in range(tile * BLOCK_M, q_len, tl.num_programs(0) * BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
         q_rows = (q_start + offs_m).to(tl.int64)
@@ -173,53 +177,6 @@ def _prefill_rows(
         out = tl.where(overflow, float("nan"), out)
         o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
-
-
-@triton.jit(do_not_specialize=["num_q_tiles", "num_seqs"])
-def _flash_fwd(
-    Q, K, V, O, CU_Q, CU_K, BT, TILE_COUNTER, qk_scale,
-    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_btb, max_blocks, group, num_heads, seqlen_bucket, num_q_tiles, num_seqs,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, TMA: tl.constexpr,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr, SOFTMAX: tl.constexpr, PERSISTENT: tl.constexpr,
-):
-    if PERSISTENT:
-        # A grid of a few programs per SM, each taking (query tile, head, sequence) work items
-        # from a counter until none is left: no tail of a last partial wave, and, counting tiles
-        # from the end, every sequence's longest causal tiles are handed out first. Within one
-        # tile rank, a sequence's heads are adjacent, so a GQA group's K/V tiles are read
-        # while they are still in L2.
-        per_rank = num_heads * num_seqs
-        item = tl.atomic_add(TILE_COUNTER, 1)
-        while item < num_q_tiles * per_rank:
-            rank = item // per_rank
-            seq = (item - rank * per_rank) // num_heads
-            head = item - rank * per_rank - seq * num_heads
-            _prefill_rows(
-                Q, K, V, O, CU_Q, CU_K, BT, qk_scale, head, seq, (num_q_tiles - 1 - rank) * BLOCK_M, num_q_tiles * BLOCK_M,
-                stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                stride_ot, stride_oh, stride_btb, max_blocks, group,
-                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, PAGED, PAGE, TMA, INTERPRETER, PRECISION, SOFTMAX,
-            )
-            item = tl.atomic_add(TILE_COUNTER, 1)
-        # The last look of all the programs: none reads the counter again, so it goes back to 0
-        # and the same launch can run again (a tuner's repeats, a replayed graph).
-        if item == num_q_tiles * per_rank + tl.num_programs(0) - 1:
-            tl.atomic_xchg(TILE_COUNTER, 0)
-    else:
-        # Grid (q tiles, heads, batch), q tiles fastest: the programs in flight at once are the
-        # tiles of a few heads, whose K/V then stay in L2 (num_heads and seqlen_bucket only key
-        # the autotuner). Each head's tiles run backwards, so under causal its longest tiles
-        # start first. One tile a program when max_seqlen_q is right; striding keeps every row
-        # written if it is not.
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
-        _prefill_rows(
-            Q, K, V, O, CU_Q, CU_K, BT, qk_scale, tl.program_id(1), tl.program_id(2), tile * BLOCK_M, tl.num_programs(0) * BLOCK_M,
-            stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            stride_ot, stride_oh, stride_btb, max_blocks, group,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, PAGED, PAGE, TMA, INTERPRETER, PRECISION, SOFTMAX,
-        )
 
 
 # Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) for a device without a tuning table,
@@ -291,16 +248,12 @@ def prefill_config(q: torch.Tensor, k: torch.Tensor, max_seqlen_k: int, causal: 
     return lookup("prefill", q.device, q.dtype, q.shape[-1], page, (bucket(max_seqlen_k), bool(causal)))
 
 
-def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True,
-                 persistent=None):
+def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True):
     """(kernel, grid, kwargs) for already-checked flash_attn_varlen arguments: with `tile` =
     (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone (a tuner's candidate), else the
     device's tuning-table tile, else the autotuned kernel. TMA is used where it applies unless
     `tma` (or the table) says False; softmax=False leaves the softmax out (a wrong answer: it
-    measures the two matmuls alone). `persistent` (with a tile; else the table's, else 0) > 0
-    launches that many programs per SM, which take their tiles from a counter (one int32 zeroed
-    per call, and zeroed again by the launch's last program, so that the launch can be repeated);
-    0 launches a program per tile."""
+    measures the two matmuls alone)."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
     batch, paged = cu_seqlens_q.shape[0] - 1, block_table is not None
     page = k.shape[1] if paged else 1
@@ -309,23 +262,20 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         found, _ = prefill_config(q, k, max_seqlen_k, causal, paged)
         if found is not None:
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
-            persistent = found.get("persistent", 0) if persistent is None else persistent
-    persistent = persistent or 0
     table = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
     # A paged TMA tile must lie inside one page.
     widest_n = tile[1] if tile else max(t[1] for t in tiles_for(block_d, q.dtype))
     tma = tma is not False and not interpreting() and (not paged or page >= widest_n) and all(tma_ok(t, head_dim, block_d) for t in (q, k, v))
     kwargs = dict(
         Q=tma_descriptor(q) if tma else q, K=tma_descriptor(k) if tma else k, V=tma_descriptor(v) if tma else v,
-        O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=table, TILE_COUNTER=table, qk_scale=scale * math.log2(math.e),
+        O=out, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, BT=table, qk_scale=scale * math.log2(math.e),
         stride_qt=q.stride(0), stride_qh=q.stride(1),
         stride_kb=k.stride(0) if paged else 0, stride_kt=k.stride(-3), stride_kh=k.stride(-2),
         stride_vb=v.stride(0) if paged else 0, stride_vt=v.stride(-3), stride_vh=v.stride(-2),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_btb=table.stride(0), max_blocks=block_table.shape[1] if paged else 0,
         group=num_heads // num_kv_heads, num_heads=num_heads, seqlen_bucket=bucket(max(max_seqlen_q, max_seqlen_k, 1)),
-        num_q_tiles=0, num_seqs=batch,
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), PAGED=paged, PAGE=page, TMA=tma,
-        INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype), SOFTMAX=softmax, PERSISTENT=False,
+        INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype), SOFTMAX=softmax,
     )
 
     def grid(config):
@@ -343,15 +293,11 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     block_m, block_n, num_warps, num_stages = tile
     kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     _set_block_shapes(kwargs)
-    if not persistent:
-        return _flash_fwd, grid({"BLOCK_M": block_m}), kwargs
-    q_tiles = max(1, triton.cdiv(max_seqlen_q, block_m))
-    kwargs.update(TILE_COUNTER=torch.zeros(1, dtype=torch.int32, device=q.device), num_q_tiles=q_tiles, PERSISTENT=True)
-    return _flash_fwd, (max(1, min(q_tiles * num_heads * batch, parallel_slots(q.device, persistent))),), kwargs
+    return _flash_fwd, grid({"BLOCK_M": block_m}), kwargs
 
 
 def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None,
-                     gather=None, softmax=True, persistent=None) -> list[tuple]:
+                     gather=None, softmax=True) -> list[tuple]:
     """The [(kernel, grid, kwargs)] of a flash_attn_varlen call, run in order: prefill_plan's one
     launch, or over a paged cache with `gather` (a tuner's candidate, else the table's entry) the
     copy of the keys into packed rows (kv_gather.py) and then the contiguous kernel with the same
@@ -364,12 +310,10 @@ def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         if found is not None:  # prefill_plan takes the entry's tile as given, without a second lookup
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
             gather = bool(found.get("gather")) and max_seqlen_q > tile[0]
-            persistent = found.get("persistent", 0) if persistent is None else persistent
     if not (paged and gather):
-        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax, persistent)]
+        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax)]
     kernel, grid, kwargs, k, v = gather_plan(k, v, block_table, cu_seqlens_k, max_seqlen_k, head_dim_block(q.shape[-1]))
-    return [(kernel, grid, kwargs),
-            prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, None, tile, tma, softmax, persistent)]
+    return [(kernel, grid, kwargs), prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, None, tile, tma, softmax)]
 
 
 def run_launches(launches: list[tuple]) -> None:
