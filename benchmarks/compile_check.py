@@ -10,7 +10,7 @@ make (minivllm/kernels/compile_check.py compiles them):
 - table: every entry of every committed table a device of that compute capability falls back to;
 - tuner: the candidates `python -m benchmarks.tune` would time.
 The projections' kernel (skinny_linear) has no head_dim: its launches are listed once per target
-and dtype, under head_dim 0, in each of the four forms the engine runs.
+and dtype, under head_dim 0, each in the form its table entry or tuner bucket names.
 Each distinct launch compiles once per target; --jobs N splits them over N processes. The exit
 status is 1 when any launch does not compile or asks for more shared memory than the target
 allows per block. It runs on any machine, GPU or not: Triton compiles for a target without one.
@@ -46,7 +46,7 @@ from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade  # 
 from minivllm.kernels.flash_attention import prefill_launches, tiles_for  # noqa: E402
 from minivllm.kernels.launch import head_dim_block  # noqa: E402
 from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able  # noqa: E402
-from minivllm.kernels.skinny_linear import DEFAULT_TILE, skinny_linear  # noqa: E402
+from minivllm.kernels.skinny_linear import DEFAULT_TILE, FORMS, skinny_linear  # noqa: E402
 from minivllm.kernels.tuning_table import DEFAULT_DIR, read_table  # noqa: E402
 
 PAGES = (16, 256)  # the block sizes the suites and the engine run with
@@ -202,8 +202,8 @@ def bucket_candidates(b: "tune.Bucket", target: str) -> dict[str, list[cc.Launch
         return _decode_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page)
     if b.kernel == "cascade":
         return _cascade_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page)
-    if b.kernel == "linear":
-        return _linear_candidate_launches(target, SHORT_DTYPES[b.dtype], b.shape["rows"], b.shape["n"], b.shape["k"])
+    if b.kernel in FORMS:
+        return _linear_candidate_launches(target, SHORT_DTYPES[b.dtype], b.kernel, b.shape["rows"], b.shape["n"], b.shape["k"])
     return _prefill_candidate_launches(target, SHORT_DTYPES[b.dtype], b.head_dim, b.page, b.shape["causal"])
 
 
@@ -218,41 +218,48 @@ def tuner_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
     return out
 
 
-def _linear_launches(target: str, dtype, rows: int, n: int, k: int, tile) -> list[cc.Launch]:
-    """skinny_linear's launches for `tile` at `rows` rows of an (n, k) weight, in each form the
-    engine runs it (minivllm/engine/linear.py): plain, after the norm, after the residual add and
-    norm, and gated."""
+def _linear_launches(target: str, dtype, form: str, rows: int, n: int, k: int, tile) -> list[cc.Launch]:
+    """skinny_linear's launches for `tile` at `rows` rows of an (n, k) weight in `form` (of
+    skinny_linear.FORMS), as the engine runs it (minivllm/engine/linear.py): the norm form both
+    after the residual add and without it (the first layer)."""
     x, weight, norm_weight = torch.empty(rows, k, dtype=dtype), torch.empty(n, k, dtype=dtype), torch.empty(k, dtype=dtype)
     with cc.recording(target) as launches:
-        skinny_linear(x, weight, tile=tile)
-        skinny_linear(x, weight, norm_weight=norm_weight, tile=tile)
-        skinny_linear(x, weight, residual=torch.empty_like(x), norm_weight=norm_weight, tile=tile)
-        skinny_linear(torch.empty(rows, 2 * k, dtype=dtype), weight, gated=True, tile=tile)
+        if form == "linear":
+            skinny_linear(x, weight, tile=tile)
+        elif form == "norm_linear":
+            skinny_linear(x, weight, norm_weight=norm_weight, tile=tile)
+            skinny_linear(x, weight, residual=torch.empty_like(x), norm_weight=norm_weight, tile=tile)
+        else:
+            skinny_linear(torch.empty(rows, 2 * k, dtype=dtype), weight, gated=True, tile=tile)
     return launches
 
 
-def _linear_candidate_launches(target: str, dtype, rows: int, n: int, k: int) -> dict[str, list[cc.Launch]]:
-    """{tuner's name: launches} of a linear bucket's kernel candidates (cuBLAS launches nothing of ours)."""
-    return {tune.linear_name(t): _linear_launches(target, dtype, rows, n, k, t) for t in tune.linear_candidates(rows, True) if t is not None}
+def _linear_candidate_launches(target: str, dtype, form: str, rows: int, n: int, k: int) -> dict[str, list[cc.Launch]]:
+    """{tuner's name: launches} of a projection bucket's kernel candidates (the unfused steps launch none of skinny_linear's)."""
+    return {tune.linear_name(t): _linear_launches(target, dtype, form, rows, n, k, t) for t in tune.linear_candidates(rows, True) if t is not None}
 
 
 def linear_launches(target: str, dtype, directory: Path = DEFAULT_DIR) -> list[tuple[str, cc.Launch]]:
-    """(origin, launch) for skinny_linear on `target`: its default tile at one and four rows of the
-    first tuned model's qkv (the engine itself takes cuBLAS without a table entry), the committed
-    tables' linear entries of the target's compute capability, and the tuner's candidates."""
-    n, k = tune.linear_shapes(PRESETS[tune.LINEAR_MODELS[0]])["qkv"]
-    out = [("heuristic", x) for rows in (1, 4) for x in _linear_launches(target, dtype, rows, n, k, DEFAULT_TILE)]
+    """(origin, launch) for skinny_linear on `target`: its default tile in each form at one and
+    four rows of the first tuned model's projection of that form (the engine itself runs the
+    unfused steps without a table entry), the committed tables' entries of the target's compute
+    capability, and the tuner's candidates."""
+    shapes = tune.linear_shapes(PRESETS[tune.LINEAR_MODELS[0]])
+    out = []
+    for form in FORMS:
+        n, k = next(shapes[role] for role, f in tune.ROLE_FORMS.items() if f == form)
+        out += [("heuristic", x) for rows in (1, 4) for x in _linear_launches(target, dtype, form, rows, n, k, DEFAULT_TILE)]
     capability = divmod(cc.target_of(target).arch, 10)
     for path in sorted(directory.glob("*.json")):
         table = read_table(path)
         if tuple(table["provenance"].get("compute_capability") or ()) == capability:
             for e in table["entries"]:
-                if e["kernel"] == "linear" and e["dtype"] == dtype_name(dtype) and "tile" in e["config"]:
-                    out += [(f"table {path.name}", x) for x in _linear_launches(target, dtype, *e["bucket"], tuple(e["config"]["tile"]))]
+                if e["kernel"] in FORMS and e["dtype"] == dtype_name(dtype) and "tile" in e["config"]:
+                    out += [(f"table {path.name}", x) for x in _linear_launches(target, dtype, e["kernel"], *e["bucket"], tuple(e["config"]["tile"]))]
     for b in tune.buckets(True, [next(short for short, d in SHORT_DTYPES.items() if d == dtype)]):
-        if b.kernel == "linear":
+        if b.kernel in FORMS:
             s = b.shape
-            out += [("tuner", x) for launches in _linear_candidate_launches(target, dtype, s["rows"], s["n"], s["k"]).values() for x in launches]
+            out += [("tuner", x) for launches in _linear_candidate_launches(target, dtype, b.kernel, s["rows"], s["n"], s["k"]).values() for x in launches]
     return out
 
 

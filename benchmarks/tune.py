@@ -1,6 +1,6 @@
 """Tune the Triton kernels for this device and write its tuning table.
 
-    python -m benchmarks.tune [--kernel decode|prefill|cascade|linear] [--bucket TEXT] [--dtype bf16|fp16] [--part I/N]
+    python -m benchmarks.tune [--kernel decode|prefill|cascade|linear|norm_linear|gated_linear] [--bucket TEXT] [--dtype bf16|fp16] [--part I/N]
                               [--out DIR] [--budget-s 540] [--no-peers] [--matmuls-alone] [--json ROWS.json]
 
 For each bucket of the table's key (minivllm/kernels/tuning_table.py) it builds one representative shape,
@@ -46,11 +46,13 @@ from benchmarks.timing import ColdRound, median_device_s, median_s
 from minivllm.atomic_write import write_atomic
 from minivllm.dtypes import SHORT_DTYPES, dtype_name
 from minivllm.kernels import compile_check as cc
+from minivllm.kernels import rms_norm, silu_and_mul
 from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade
 from minivllm.kernels.flash_attention import prefill_launches, prefill_plan, run_launches
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, tma_able
-from minivllm.kernels.skinny_linear import skinny_linear
+from minivllm.kernels.skinny_linear import FORMS, skinny_linear
 from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, write_table
+from minivllm.reference import rms_norm_ref, silu_and_mul_ref
 from minivllm.reference.decode_check import check_decode
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn, share_prefix
 from minivllm.reference.paging import paged_gather
@@ -58,7 +60,7 @@ from minivllm.reference.prefill_check import check_prefill
 from minivllm.reference.tolerance import ToleranceError, assert_within_tolerance
 
 TUNED_DTYPES = ("bf16", "fp16")  # of SHORT_DTYPES: what serving runs in
-KERNELS = ("decode", "prefill", "cascade", "linear")
+KERNELS = ("decode", "prefill", "cascade", *FORMS)
 CACHE_LIMIT = 9 << 30  # bytes of K+V a decode representative may hold
 ROUNDS = 20
 NEVER = 2**31 - 1  # a cascade entry's min_rows where plain decode won: no batch takes the cascade
@@ -66,6 +68,9 @@ NEVER = 2**31 - 1  # a cascade entry's min_rows where plain decode won: no batch
 # nearest (rows, N, K) bucket, so other models' shapes find these).
 LINEAR_MODELS = ("qwen3-0.6b", "qwen3-8b")
 LINEAR_ROWS = (1, 2, 4, 8, 16)  # the decode graphs' batch sizes up to skinny_linear's MAX_ROWS
+# Each projection of a Qwen3 layer and the form the engine runs it in (minivllm/engine/linear.py).
+ROLE_FORMS = {"qkv": "norm_linear", "o": "linear", "gate_up": "norm_linear", "down": "gated_linear"}
+NORM_EPS = 1e-6
 
 
 @dataclass
@@ -88,15 +93,16 @@ def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
     """Decode: Qwen3-8B's 32/8 heads at batch 1..256 and context 2k..32k, pages of 16 and 256.
     Prefill: 16k tokens at seqlen 512..16k, causal or not, and the prefix suite's 4 x (2k cached
     + 2k new) over pages of 16 and 256. Cascade: batch 16..256 sharing a 2k prefix (the cascade
-    suite's shape), pages of 16 and 256. Head dim 128, as in every preset model. Linear: the qkv,
-    o, gate_up and down projections of LINEAR_MODELS at LINEAR_ROWS rows, keyed (rows, N, K)."""
+    suite's shape), pages of 16 and 256. Head dim 128, as in every preset model. The projections:
+    the qkv, o, gate_up and down projections of LINEAR_MODELS at LINEAR_ROWS rows, each in the form
+    the engine runs it (ROLE_FORMS), keyed (rows, N, K)."""
     out = []
     if not on_gpu:
         for name in dtypes:
             out.append(Bucket("decode", name, 16, 16, (bucket(2 * 2), bucket(40)), dict(batch=2, context=40, heads=4, kv=2)))
             out.append(Bucket("prefill", name, 16, 0, (bucket(40), True), dict(batch=2, seqlen=40, new=40, heads=4, kv=2, causal=True)))
             out.append(Bucket("cascade", name, 16, 16, (bucket(3 * 2), bucket(32)), dict(batch=3, shared=32, heads=4, kv=2)))
-            out.append(Bucket("linear", name, 0, 0, (bucket(2), 40, 48), dict(rows=2, n=40, k=48)))
+            out += [Bucket(form, name, 0, 0, (bucket(2), 40, 48), dict(rows=2, n=40, k=48)) for form in FORMS]
         return out
     for name in dtypes:
         for page in (16, 256):
@@ -115,10 +121,10 @@ def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
             for batch in (16, 64, 256):
                 out.append(Bucket("cascade", name, 128, page, (bucket(batch * 8), bucket(2048)), dict(batch=batch, shared=2048, heads=32, kv=8)))
     for name in dtypes:
-        shapes = dict.fromkeys(shape for model in LINEAR_MODELS for shape in linear_shapes(PRESETS[model]).values())
-        for n, k in shapes:
+        shapes = dict.fromkeys((ROLE_FORMS[role], *shape) for model in LINEAR_MODELS for role, shape in linear_shapes(PRESETS[model]).items())
+        for form, n, k in shapes:
             for rows in LINEAR_ROWS:
-                out.append(Bucket("linear", name, 0, 0, (bucket(rows), n, k), dict(rows=rows, n=n, k=k)))
+                out.append(Bucket(form, name, 0, 0, (bucket(rows), n, k), dict(rows=rows, n=n, k=k)))
     # The shapes that stand for many first, so that a run cut short by its budget still covers
     # every key coarsely (lookups take the nearest tuned bucket); stable within each pass.
     return sorted(out, key=lambda b: 0 if b.shape.get("batch") in (16, 64) and b.shape.get("context") in (2048, 8192) or b.shape.get("seqlen") in (1024, 4096) else 1)
@@ -156,10 +162,9 @@ def linear_shapes(p) -> dict[str, tuple[int, int]]:
 
 
 def linear_candidates(rows: int, on_gpu: bool) -> list[tuple | None]:
-    """None for cuBLAS, and skinny_linear tiles (BLOCK_N, BLOCK_K, num_warps, num_stages): column
-    strips of 8 to 64 (16 at least where a 16-row dot runs) with K steps of 256, and a 16-wide
-    strip with steps of 512. The engine runs the winner's tile in all four forms (plain, norm,
-    add + norm, gated), so the compile check compiles each candidate four ways: a few tiles."""
+    """None for the unfused steps (the norm or SiLU-and-mul kernel, then cuBLAS), and
+    skinny_linear tiles (BLOCK_N, BLOCK_K, num_warps, num_stages): column strips of 8 to 64 (16 at
+    least where a 16-row dot runs) with K steps of 256, and a 16-wide strip with steps of 512."""
     if not on_gpu:
         return [None, (16, 16, 4, 1), (16, 32, 4, 2)]
     widths = (8, 16, 32, 64) if rows == 1 else (16, 32, 64)
@@ -167,11 +172,12 @@ def linear_candidates(rows: int, on_gpu: bool) -> list[tuple | None]:
 
 
 def linear_name(tile: tuple | None) -> str:
-    return "cublas" if tile is None else "skinny n{} k{} w{} s{}".format(*tile)
+    return "unfused cublas" if tile is None else "skinny n{} k{} w{} s{}".format(*tile)
 
 
 def linear_config(tile: tuple | None) -> dict:
-    """A linear entry's config: the tile skinny_linear takes, or cuBLAS where it won."""
+    """A projection entry's config: the tile skinny_linear takes, or cuBLAS (after the unfused
+    step) where that won."""
     return {"cublas": True} if tile is None else {"tile": list(tile)}
 
 
@@ -291,18 +297,33 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
 
 
 def _linear_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
-    """The same for a linear bucket: cuBLAS is a candidate, not a peer."""
-    s, dtype = b.shape, SHORT_DTYPES[b.dtype]
-    x = randn((s["rows"], s["k"]), dtype, device, gen)
+    """The same for a projection bucket in its form (b.kernel, of FORMS): the unfused steps, as
+    the engine runs them without the kernel, are a candidate, not a peer; the check holds y to
+    the unfused references in float64 and in the dtype."""
+    s, dtype, form = b.shape, SHORT_DTYPES[b.dtype], b.kernel
+    x = randn((s["rows"], 2 * s["k"] if form == "gated_linear" else s["k"]), dtype, device, gen)
+    residual = randn((s["rows"], s["k"]), dtype, device, gen)
+    norm_weight = (0.5 + torch.rand(s["k"], generator=gen, device=device)).to(dtype)
     weight = randn((s["n"], s["k"]), dtype, device, gen) / s["k"] ** 0.5
     out = torch.empty(s["rows"], s["n"], dtype=dtype, device=device)
+    fused = dict(linear={}, norm_linear=dict(residual=residual, norm_weight=norm_weight, eps=NORM_EPS), gated_linear=dict(gated=True))[form]
+
+    def unfused():
+        a = x if form == "linear" else silu_and_mul(x) if form == "gated_linear" else rms_norm(x, norm_weight, NORM_EPS, residual)[0]
+        torch.mm(a, weight.t(), out=out)
+
+    def reference(x, residual, norm_weight, weight):
+        a = x if form == "linear" else silu_and_mul_ref(x) if form == "gated_linear" else rms_norm_ref(x, norm_weight, NORM_EPS, residual)[0]
+        return F.linear(a, weight)
+
     candidates = {}
     for tile in linear_candidates(s["rows"], device.type == "cuda"):
-        fn = partial(torch.mm, x, weight.t(), out=out) if tile is None else partial(skinny_linear, x, weight, tile=tile, out=out)
+        fn = unfused if tile is None else partial(skinny_linear, x, weight, tile=tile, out=out, **fused)
         candidates[linear_name(tile)] = (linear_config(tile), fn)
+    inputs = (x, residual, norm_weight, weight)
 
     def check(what):
-        assert_within_tolerance(out, F.linear(x.double(), weight.double()), F.linear(x, weight), what)
+        assert_within_tolerance(out, reference(*(t.double() for t in inputs)), reference(*inputs), what)
 
     return candidates, out, check, None, None
 
@@ -349,7 +370,8 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
     peer's ms; and with `matmuls`, the prefill winner's ms with its softmax left out. A candidate
     that raises or fails the float64 check is never timed."""
     gen = generator(b.head_dim + b.page + sum(b.shape.values()), device)
-    build = {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants, "linear": _linear_variants}[b.kernel]
+    build = {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants} | dict.fromkeys(FORMS, _linear_variants)
+    build = build[b.kernel]
     candidates, out, check, peer, matmuls_alone = build(b, device, gen, peers)
     rows = []
     if device.type == "cuda":  # what cannot compile or fit this card is dropped before anything is timed

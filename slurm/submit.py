@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default="", help="options for benchmarks.compare, one string, e.g. '--threshold 5%% --impl flash_triton'")
     parser.add_argument("--history", help="the merge job adds the merged run to this benchmarks.history database and checks it")
     parser.add_argument("--tune", action="store_true", help="submit a tuning array (benchmarks.tune split over --tasks) and its table merge, not a sweep")
-    parser.add_argument("--kernel", action="append", choices=("decode", "prefill", "cascade", "linear"), default=[], help="with --tune: only this kernel's buckets; repeatable")
+    parser.add_argument("--kernel", action="append", choices=("decode", "prefill", "cascade", "linear", "norm_linear", "gated_linear"), default=[],
+                        help="with --tune: only this kernel's buckets; repeatable")
     parser.add_argument("--dry-run", action="store_true",
                         help="write no file and submit nothing: print, as shell, the sweep file and the sbatch lines a submission would use")
     args = parser.parse_args(argv)

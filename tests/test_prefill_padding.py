@@ -72,6 +72,8 @@ def test_padded_prefill_matches_unpadded(checkpoint, backend):
     (padded_hidden, padded_cache), (hidden, cache) = results[True], results[False]
     assert [h.shape[0] for h in hidden] == [33, 22]
     assert rows == [48, 32, 33, 22]
+    # float32, but not bit for bit on a GPU: cuBLAS picks its algorithm by the row count. A
+    # padding row written into the cache or read by attention moves values by whole units.
     for a, b in zip(padded_hidden, hidden, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(padded_cache, cache, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded_cache, cache, rtol=1e-4, atol=1e-4)

@@ -15,6 +15,7 @@ from minivllm.kernels import cascade_attention_decode, flash_attn_varlen, paged_
 from minivllm.kernels.cascade_attention import CascadeConfig, cascade_config
 from minivllm.kernels.flash_attention import prefill_config
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config
+from minivllm.kernels.skinny_linear import FORMS
 from minivllm.kernels.tuning_table import DEFAULT_DIR, ENV_DIR, bucket, clear_cache, lookup, read_table, tables_for, write_table
 from minivllm.reference import attention_ref, paged_decode_gather
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn, share_prefix
@@ -116,15 +117,15 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
     assert tune.main(["--budget-s", "600"]) == 0
     path = table_dir / "cpu.json"
     first = read_table(path)
-    assert {e["kernel"] for e in first["entries"]} == {"decode", "prefill", "cascade", "linear"}
+    assert {e["kernel"] for e in first["entries"]} == {"decode", "prefill", "cascade", *FORMS}
     assert first["provenance"]["torch"] == torch.__version__ and first["provenance"]["commit"]
     assert all(e["margin"] is not None and e["margin"] >= 0 for e in first["entries"])
 
     assert tune.main(["--kernel", "decode"]) == 0
     second = read_table(path)
-    assert len(second["entries"]) == 4 and len(second["runs"]) == 2
+    assert len(second["entries"]) == 3 + len(FORMS) and len(second["runs"]) == 2
     runs = {e["kernel"]: e["run"] for e in second["entries"]}
-    assert runs == {"decode": 1, "prefill": 0, "cascade": 0, "linear": 0}
+    assert runs == {"decode": 1, "prefill": 0, "cascade": 0} | dict.fromkeys(FORMS, 0)
 
     entry = next(e for e in second["entries"] if e["kernel"] == "decode")
     gen = generator(3, device)
@@ -144,10 +145,10 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
     out = flash_attn_varlen(qp, kp, vp, cu, cu, 40, 40)
     assert_matches_reference(out, attention_ref, qp, kp, vp, cu, cu)
 
-    # The linear entry: the engine's projections take its tile, or cuBLAS where cuBLAS won.
-    entry = next(e for e in second["entries"] if e["kernel"] == "linear")
-    tile = entry["config"].get("tile")
-    assert skinny_tile(2, torch.empty(40, 48, dtype=torch.bfloat16, device=device)) == (None if tile is None else tuple(tile))
+    # The projections' entries: the engine takes each form's tile, or the unfused steps where they won.
+    for form in FORMS:
+        tile = next(e for e in second["entries"] if e["kernel"] == form)["config"].get("tile")
+        assert skinny_tile(form, 2, torch.empty(40, 48, dtype=torch.bfloat16, device=device)) == (None if tile is None else tuple(tile))
 
     # The cascade entry: its tile, and its verdict against plain decode, which the wall clock of
     # the interpreter decides either way (min_rows 1, or never).

@@ -28,8 +28,9 @@ class Backend:
     prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table, out) is causal and writes `out`; decode(q, k_cache, v_cache,
     block_tables, context_lens, max_context_len); cascade_decode(the same, shared_len, max_shared_len)
     is decode for rows sharing leading blocks (the references compute it as plain decode); draw(logits, temperatures, generator) samples one
-    token per row. linear_tile(rows, weight) is the skinny_linear tile the engine's projections
-    take at that shape (minivllm/engine/linear.py), or None for cuBLAS. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
+    token per row. linear_tile(form, rows, weight) is the skinny_linear tile the engine's
+    projections take in that form at that shape (minivllm/engine/linear.py), or None for the
+    unfused steps. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
     reads of device tensors cannot be)."""
 
     name: str
@@ -86,7 +87,7 @@ TORCH = Backend(
     silu_and_mul=silu_and_mul_ref,
     # Draws its noise on the logits' device, so `generator` lives there; in fp32, as the reference takes.
     draw=lambda logits, temperatures, generator: sample_ref(logits.float(), temperatures, generator),
-    linear_tile=lambda rows, weight: None,
+    linear_tile=lambda form, rows, weight: None,
     cuda_graphs=False,
 )
 BACKENDS = {b.name: b for b in (TRITON, TORCH)}

@@ -6,10 +6,14 @@ Three forms, one per place in a Qwen3 layer:
 - norm_linear: residual add + RMSNorm, then the qkv or gate_up projection;
 - linear: the o projection;
 - gated_linear: SiLU-and-mul, then the down projection.
-Each returns what the unfused steps return, rounded the same way. The table's `linear` entries
-are keyed by (rows, N, K) buckets; a device without them, more rows than the kernel takes, a
-bias, or the torch backend all take the unfused steps (the backend's own rms_norm and
-silu_and_mul, then F.linear). Under a CUDA graph the choice is made once, at capture."""
+Each returns what the unfused steps return, rounded the same way. Each form is a kernel of its
+own in the tuning table (skinny_linear.FORMS), keyed by (rows, N, K) buckets, because the tuner times each the
+way it runs, the fused kernel against the unfused steps: a step fused in costs the kernel as
+much as it saves at 16 rows (at 4 to 16 rows the H100's engine ran 1.6 to 1.9 times slower per
+decode step when plain-projection timings chose the fused kernel). A device without entries,
+more rows than the kernel takes, a bias, or the torch backend all take the unfused steps (the
+backend's own rms_norm and silu_and_mul, then F.linear). Under a CUDA graph the choice is made
+once, at capture."""
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +22,13 @@ from minivllm.kernels.skinny_linear import MAX_ROWS, skinny_linear
 from minivllm.kernels.tuning_table import bucket, lookup
 
 
-def skinny_tile(rows: int, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """The tile the device's table gives skinny_linear for `rows` rows of this (N, K) weight, or
-    None where cuBLAS runs (no entry, the entry's winner was cuBLAS, or its tile is a one-row tile
-    narrower than the 16 columns the dot of several rows needs)."""
+def skinny_tile(form: str, rows: int, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """The tile the device's table gives skinny_linear in `form` (of skinny_linear.FORMS) for `rows` rows of this
+    (N, K) weight, or None where the unfused steps run (no entry, the entry's winner was them, or
+    its tile is a one-row tile narrower than the 16 columns the dot of several rows needs)."""
     if not 1 <= rows <= MAX_ROWS:
         return None
-    config, _ = lookup("linear", weight.device, weight.dtype, 0, 0, (bucket(rows), weight.shape[0], weight.shape[1]))
+    config, _ = lookup(form, weight.device, weight.dtype, 0, 0, (bucket(rows), weight.shape[0], weight.shape[1]))
     if not config or "tile" not in config or rows > 1 and config["tile"][0] < 16:
         return None
     return tuple(config["tile"])
@@ -38,13 +42,13 @@ class Projections:
     def __init__(self, backend):
         self.backend = backend
 
-    def _tile(self, rows: int, layer: torch.nn.Linear):
-        return self.backend.linear_tile(rows, layer.weight) if layer.bias is None else None
+    def _tile(self, form: str, rows: int, layer: torch.nn.Linear):
+        return self.backend.linear_tile(form, rows, layer.weight) if layer.bias is None else None
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, layer: torch.nn.Linear):
         """(layer(RMSNorm(x + residual)), x + residual); with residual None, (layer(RMSNorm(x)), x).
         x, residual: (rows, K); norm_weight (K,); layer.weight (N, K)."""
-        tile = self._tile(x.shape[0], layer)
+        tile = self._tile("norm_linear", x.shape[0], layer)
         if tile is not None:
             out = skinny_linear(x, layer.weight, residual=residual, norm_weight=norm_weight, eps=eps, tile=tile)
             return out if residual is not None else (out, x)
@@ -55,12 +59,12 @@ class Projections:
 
     def linear(self, x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
         """layer(x); x (rows, K)."""
-        tile = self._tile(x.shape[0], layer)
+        tile = self._tile("linear", x.shape[0], layer)
         return skinny_linear(x, layer.weight, tile=tile) if tile is not None else F.linear(x, layer.weight, layer.bias)
 
     def gated_linear(self, x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
         """layer(silu(gate) * up) for x (rows, 2K), gate columns first."""
-        tile = self._tile(x.shape[0], layer)
+        tile = self._tile("gated_linear", x.shape[0], layer)
         if tile is not None:
             return skinny_linear(x, layer.weight, gated=True, tile=tile)
         return F.linear(self.backend.silu_and_mul(x), layer.weight, layer.bias)

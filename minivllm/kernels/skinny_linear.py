@@ -26,6 +26,9 @@ from minivllm.kernels.checks import check_float_inputs, check_rank, check_same_s
 from minivllm.kernels.rounding import round_to
 
 MAX_ROWS = 16  # one 16-row dot tile; more rows are cuBLAS's shapes
+# Its three forms (plain; after the residual add and RMSNorm; after SiLU-and-mul), each a kernel
+# of its own in the tuning tables: the tuner times each against the unfused steps it replaces.
+FORMS = ("linear", "norm_linear", "gated_linear")
 # For direct calls with no tile (tests, the compile check's heuristic set): 16 columns a program
 # gives N / 16 programs, a full wave of 132 SMs from N = 2112; 256-wide K steps keep 8 KB of
 # weight in flight per stage at 4 warps.

@@ -9,8 +9,9 @@ MINIVLLM_KERNEL_CONFIGS), written by `python -m benchmarks.tune`:
 
 The key is (kernel, dtype, head_dim, page, bucket). Buckets are powers of two: for decode
 (batch x kv_heads, max context), for prefill (max key length, causal); page is 0 for contiguous
-keys. The engine's projections (`linear`, head_dim and page 0) are keyed (rows as a power of two,
-N, K) of their weight; their config is a skinny_linear tile, or cuBLAS where cuBLAS won. A shape whose bucket the table lacks takes the nearest tuned bucket of the same kernel,
+keys. The engine's projections (kernels `linear`, `norm_linear`, `gated_linear`: skinny_linear's
+forms; head_dim and page 0) are keyed (rows as a power of two, N, K) of their weight; their
+config is a skinny_linear tile, or cuBLAS where the unfused steps won. A shape whose bucket the table lacks takes the nearest tuned bucket of the same kernel,
 dtype, head_dim and page. A device is looked up as itself, then as its family (a table of the
 same name stem, as an H100 NVL falls back to the H100's, else of the same compute capability),
 then the kernels' own heuristics; the answer says which (`table`, `family`, `heuristic`).
