@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.results import load, partial_info
+from minivllm.kernels.skinny_linear import FORMS
 from slurm.merge import read_junit
 from slurm.sweep import Sweep, collect, read_sweep, write_sweep
 
@@ -230,7 +231,7 @@ def test_a_tuning_array_merges_one_table_for_its_gpu(slurm_env, tmp_path):
     wait(slurm_env, array, merge)
     assert exit_code(slurm_env, merge) == 0, (out / "logs" / f"{array}_merge.out").read_text()
     table = json.loads((out / array / "cpu.json").read_text())
-    assert sorted(e["kernel"] for e in table["entries"]) == ["cascade", "decode", "prefill"]
+    assert sorted(e["kernel"] for e in table["entries"]) == sorted(["cascade", "decode", "prefill", *FORMS])
     assert {e["run"] for e in table["entries"]} == {0, 1} and len(table["runs"]) == 2
     assert all(r["tool"] == "python -m benchmarks.tune" and r["commit"] and r["gpu"] == table["provenance"]["gpu"] for r in table["runs"])
 
