@@ -8,10 +8,10 @@ for every row and streams their weight rows along K, so a narrow BLOCK_N fills t
 work that feeds the projection rides along instead of launching a kernel of its own:
 
 - `residual` and `norm_weight`: the residual add and RMSNorm before the qkv and gate_up
-  projections (reference.rms_norm_ref's rounding). Every program computes its rows' statistics
-  from the whole row, which is a few KB; program 0 also writes x + residual.
-- `gated`: silu(gate) * up before the down projection (reference.silu_and_mul_ref's rounding),
-  x then holding gate and up side by side.
+  projections. The norm is one scale per row, so it is applied to the products at the end:
+  y = (W @ ((x + residual) * norm_weight)) / rms(x + residual); the residual sum is rounded as the
+  unfused add rounds it (program 0 writes it), the rest within reference.rms_norm_ref's error.
+- `gated`: silu(gate) * up before the down projection, x then holding gate and up side by side.
 
 Products accumulate in fp32. One row multiplies and sums on the CUDA cores; more rows pad to a
 16-row `tl.dot`. Which tile a shape takes, and whether it beats cuBLAS at all, is the device's
@@ -47,22 +47,10 @@ def _skinny_linear(
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     row_mask = rm < M
-    rstd = tl.zeros((BLOCK_M,), tl.float32)
-    if NORM:
-        # The rows' statistics over all of K first; program 0 writes the residual sum on the way.
-        sum_sq = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (rk[None, :] < K)
-            s = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(RES + rm[:, None] * stride_rm + rk[None, :], mask=mask, other=0.0)
-                s = round_to(s.to(tl.float32) + r.to(tl.float32), dtype, INTERPRETER)
-                if pid == 0:
-                    tl.store(RES_OUT + rm[:, None] * stride_rom + rk[None, :], s, mask=mask)
-            sf = s.to(tl.float32)
-            sum_sq += tl.sum(sf * sf, axis=1)
-        rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
+    # RMSNorm scales each row by one number, so the norm folds into the epilogue: the loop sums the
+    # rows' squares beside the products of (x [+ residual]) * norm_weight, and the end multiplies
+    # by the rows' 1 / rms. One pass over the activations, as over the weight.
+    sum_sq = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -71,16 +59,19 @@ def _skinny_linear(
         a = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
         if NORM:
             if HAS_RESIDUAL:
+                # The residual stream is rounded as the unfused add rounds it; program 0 writes it.
                 r = tl.load(RES + rm[:, None] * stride_rm + rk[None, :], mask=mask, other=0.0)
                 a = round_to(a.to(tl.float32) + r.to(tl.float32), dtype, INTERPRETER)
-            normed = round_to(a.to(tl.float32) * rstd[:, None], dtype, INTERPRETER).to(tl.float32)
+                if pid == 0:
+                    tl.store(RES_OUT + rm[:, None] * stride_rom + rk[None, :], a, mask=mask)
+            af = a.to(tl.float32)
+            sum_sq += tl.sum(af * af, axis=1)
             nw = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
-            a = round_to(normed * nw[None, :], dtype, INTERPRETER)
+            a = round_to(af * nw[None, :], dtype, INTERPRETER)
         if GATED:
             gate = a.to(tl.float32)
             up = tl.load(X + rm[:, None] * stride_xm + K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-            act = round_to(gate * tl.sigmoid(gate), dtype, INTERPRETER).to(tl.float32)
-            a = round_to(act * up, dtype, INTERPRETER)
+            a = round_to(gate * tl.sigmoid(gate) * up, dtype, INTERPRETER)
         if BLOCK_M == 1:
             acc += tl.sum(a.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
         elif INTERPRETER or dtype == tl.float32:
@@ -89,6 +80,8 @@ def _skinny_linear(
             acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(w), acc)
+    if NORM:
+        acc = acc * (1.0 / tl.sqrt(sum_sq / K + eps))[:, None]
     tl.store(OUT + rm[:, None] * stride_om + rn[None, :], round_to(acc, dtype, INTERPRETER), mask=row_mask[:, None] & (rn[None, :] < N))
 
 
