@@ -128,15 +128,18 @@ def heuristic_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
     return out + elementwise
 
 
-def table_launches(target: str, dtype, head_dim: int, directory: Path = DEFAULT_DIR) -> list[tuple[str, cc.Launch]]:
-    """(table file, launch) for every entry of a committed table whose card has `target`'s
-    compute capability: what a device of that capability can fall back to."""
+def capability_tables(target: str, directory: Path) -> list[tuple[Path, dict]]:
+    """(path, table) of each committed table whose card has `target`'s compute capability: what
+    a device of that capability can fall back to."""
     capability = divmod(cc.target_of(target).arch, 10)
+    tables = [(path, read_table(path)) for path in sorted(directory.glob("*.json"))]
+    return [(path, table) for path, table in tables if tuple(table["provenance"].get("compute_capability") or ()) == capability]
+
+
+def table_launches(target: str, dtype, head_dim: int, directory: Path = DEFAULT_DIR) -> list[tuple[str, cc.Launch]]:
+    """(table file, launch) for every entry of a committed table of `target`'s compute capability."""
     out = []
-    for path in sorted(directory.glob("*.json")):
-        table = read_table(path)
-        if tuple(table["provenance"].get("compute_capability") or ()) != capability:
-            continue
+    for path, table in capability_tables(target, directory):
         for e in table["entries"]:
             if e["dtype"] != dtype_name(dtype) or e["head_dim"] != head_dim:
                 continue
@@ -239,24 +242,22 @@ def _linear_candidate_launches(target: str, dtype, form: str, rows: int, n: int,
     return {tune.linear_name(t): _linear_launches(target, dtype, form, rows, n, k, t) for t in tune.linear_candidates(rows, True) if t is not None}
 
 
-def linear_launches(target: str, dtype, directory: Path = DEFAULT_DIR) -> list[tuple[str, cc.Launch]]:
-    """(origin, launch) for skinny_linear on `target`: its default tile in each form at one and
-    four rows of the first tuned model's projection of that form (the engine itself runs the
-    unfused steps without a table entry), the committed tables' entries of the target's compute
-    capability, and the tuner's candidates."""
+def linear_launches(target: str, short: str, directory: Path = DEFAULT_DIR) -> list[tuple[str, cc.Launch]]:
+    """(origin, launch) for skinny_linear on `target` in dtype `short` (bf16, fp16): its default
+    tile in each form at one and four rows of the first tuned model's projection of that form (the
+    engine itself runs the unfused steps without a table entry), the committed tables' entries of
+    the target's compute capability, and the tuner's candidates."""
+    dtype = SHORT_DTYPES[short]
     shapes = tune.linear_shapes(PRESETS[tune.LINEAR_MODELS[0]])
     out = []
     for form in FORMS:
         n, k = next(shapes[role] for role, f in tune.ROLE_FORMS.items() if f == form)
         out += [("heuristic", x) for rows in (1, 4) for x in _linear_launches(target, dtype, form, rows, n, k, DEFAULT_TILE)]
-    capability = divmod(cc.target_of(target).arch, 10)
-    for path in sorted(directory.glob("*.json")):
-        table = read_table(path)
-        if tuple(table["provenance"].get("compute_capability") or ()) == capability:
-            for e in table["entries"]:
-                if e["kernel"] in FORMS and e["dtype"] == dtype_name(dtype) and "tile" in e["config"]:
-                    out += [(f"table {path.name}", x) for x in _linear_launches(target, dtype, e["kernel"], *e["bucket"], tuple(e["config"]["tile"]))]
-    for b in tune.buckets(True, [next(short for short, d in SHORT_DTYPES.items() if d == dtype)]):
+    for path, table in capability_tables(target, directory):
+        for e in table["entries"]:
+            if e["kernel"] in FORMS and e["dtype"] == dtype_name(dtype) and "tile" in e["config"]:
+                out += [(f"table {path.name}", x) for x in _linear_launches(target, dtype, e["kernel"], *e["bucket"], tuple(e["config"]["tile"]))]
+    for b in tune.buckets(True, [short]):
         if b.kernel in FORMS:
             s = b.shape
             out += [("tuner", x) for launches in _linear_candidate_launches(target, dtype, b.kernel, s["rows"], s["n"], s["k"]).values() for x in launches]
@@ -276,7 +277,7 @@ def plan(targets: list[str], dtypes: list[str]) -> list[tuple[str, str, int, str
                 origins += [("tuner", x) for x in tuner_launches(target, dtype, head_dim)]
                 out += [(target, short, head_dim, origin, launch) for origin, launch in dict.fromkeys(origins)]
             # The projections have no head_dim: listed once, under 0.
-            out += [(target, short, 0, origin, launch) for origin, launch in dict.fromkeys(linear_launches(target, dtype))]
+            out += [(target, short, 0, origin, launch) for origin, launch in dict.fromkeys(linear_launches(target, short))]
     return out
 
 
