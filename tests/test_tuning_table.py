@@ -15,7 +15,7 @@ from minivllm.kernels import cascade_attention_decode, flash_attn_varlen, paged_
 from minivllm.kernels.cascade_attention import CascadeConfig, cascade_config
 from minivllm.kernels.flash_attention import prefill_config
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config
-from minivllm.kernels.skinny_linear import FORMS
+from minivllm.kernels.skinny_linear import FORMS, MAX_ROWS
 from minivllm.kernels.tuning_table import DEFAULT_DIR, ENV_DIR, bucket, clear_cache, lookup, read_table, tables_for, write_table
 from minivllm.reference import attention_ref, paged_decode_gather
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn, share_prefix
@@ -165,7 +165,7 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
 def test_committed_tables_hold_valid_configs(path):
     """Every committed table parses, says where it came from, and holds configs the kernels
     accept: decode's fetch scheme and power-of-two tiles, prefill's tiles, the cascade's tiles and
-    verdict."""
+    verdict, the projections' tiles or cuBLAS."""
     table = read_table(path)
     prov = table["provenance"]
     assert prov["gpu"] and prov["torch"] and prov["triton"] and prov["date"] and prov["commit"] and prov["compute_capability"]
@@ -178,6 +178,13 @@ def test_committed_tables_hold_valid_configs(path):
         elif e["kernel"] == "cascade":
             config = CascadeConfig(**c)
             assert all(n & (n - 1) == 0 for n in (config.block_m, config.block_n)) and config.min_rows == config.min_shared in (1, tune.NEVER)
+        elif e["kernel"] in FORMS:  # cuBLAS after the unfused step, or a tile the engine can launch at its rows
+            rows, n, k = e["bucket"]
+            assert 1 <= rows <= MAX_ROWS and n > 0 and k > 0 and (c == {"cublas": True} or set(c) == {"tile"})
+            if "tile" in c:
+                block_n, block_k, num_warps, num_stages = c["tile"]
+                assert block_n & (block_n - 1) == 0 and block_k & (block_k - 1) == 0 and num_warps in (1, 2, 4, 8) and num_stages >= 1
+                assert rows == 1 or block_n >= 16
         else:
             assert e["kernel"] == "prefill" and isinstance(c["tma"], bool)
             block_m, block_n, num_warps, num_stages = c["tile"]
