@@ -22,8 +22,6 @@ class AttentionMetadata:
     Prefill: cu_seqlens_q / cu_seqlens_k int32 (batch+1,) count new tokens / all tokens (cached
         prefix included); max_seqlen_q / max_seqlen_k host ints. block_tables is set only when some
         sequence has a cached prefix, in which case keys are read from the paged cache.
-        num_tokens, a host int, is cu_seqlens_q's total when the step's rows are padded past it
-        (engine/prefill_padding.py): attention skips the padding rows and gives them zeros.
     Decode: context_lens int32 (batch,), block_tables int32 (batch, max_blocks), -1 padded;
         max_context_len a host int bounding context_lens. For cascade attention, shared_len int32
         (1,): the tokens of row 0's leading blocks that every row holding that many shares;
@@ -41,7 +39,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     shared_len: torch.Tensor | None = None
     max_shared_len: int = 0
-    num_tokens: int | None = None
 
 
 def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: Backend) -> torch.Tensor:
@@ -51,12 +48,8 @@ def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: Backend)
     Returns (num_tokens, H, D). Prefill is causal within each sequence, after its cached prefix.
     """
     if meta.is_prefill:
-        n = q.shape[0] if meta.num_tokens is None else meta.num_tokens
-        keys, values = (k_cache, v_cache) if meta.block_tables is not None else (k[:n], v[:n])
-        out = q.new_empty(q.shape)
-        out[n:].zero_()
-        backend.prefill(q[:n], keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, meta.block_tables, out[:n])
-        return out
+        keys, values = (k_cache, v_cache) if meta.block_tables is not None else (k, v)
+        return backend.prefill(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, meta.block_tables)
     if meta.shared_len is not None:
         return backend.cascade_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, meta.shared_len, meta.max_shared_len)
     return backend.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len)

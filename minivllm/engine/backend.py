@@ -25,7 +25,7 @@ class Backend:
     """The ops of one backend, with the kernels' signatures (minivllm/kernels/README.md):
     norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slot_mapping)
     returns the normalised, rotated (q, k) and writes k and v into their cache slots;
-    prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table, out) is causal and writes `out`; decode(q, k_cache, v_cache,
+    prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table) is causal; decode(q, k_cache, v_cache,
     block_tables, context_lens, max_context_len); cascade_decode(the same, shared_len, max_shared_len)
     is decode for rows sharing leading blocks (the references compute it as plain decode); draw(logits, temperatures, generator) samples one
     token per row. linear_tile(form, rows, weight) is the skinny_linear tile the engine's
@@ -64,9 +64,7 @@ def _triton_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: to
 TRITON = Backend(
     name="triton",
     norm_rope_store=_triton_norm_rope_store,
-    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table, out: flash_attn_varlen(
-        q, k, v, cu_q, cu_k, max_q, max_k, causal=True, block_table=block_table, out=out
-    ),
+    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, block_table=block_table),
     decode=lambda q, kc, vc, tables, lens, max_len: paged_attention_decode(q, kc, vc, tables, lens, max_context_len=max_len),
     cascade_decode=lambda q, kc, vc, tables, lens, max_len, shared, max_shared: cascade_attention_decode(
         q, kc, vc, tables, lens, shared, max_context_len=max_len, max_shared_len=max_shared
@@ -80,7 +78,7 @@ TRITON = Backend(
 TORCH = Backend(
     name="torch",
     norm_rope_store=_torch_norm_rope_store,
-    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table, out: out.copy_(attention_ref(q, k, v, cu_q, cu_k, causal=True, block_table=block_table)),
+    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: attention_ref(q, k, v, cu_q, cu_k, causal=True, block_table=block_table),
     decode=lambda q, kc, vc, tables, lens, max_len: paged_decode_gather(q, kc, vc, tables, lens),
     cascade_decode=lambda q, kc, vc, tables, lens, max_len, shared, max_shared: paged_decode_gather(q, kc, vc, tables, lens),
     rms_norm=rms_norm_ref,

@@ -10,7 +10,6 @@ import torch
 
 from minivllm.engine.attention import AttentionMetadata
 from minivllm.engine.config import MAX_CACHE_SLOTS, Config
-from minivllm.engine.prefill_padding import padded_token_count
 from minivllm.engine.qwen3 import Qwen3ForCausalLM
 from minivllm.engine.sampler import sample
 from minivllm.engine.scheduler import ScheduledStep
@@ -99,14 +98,13 @@ class ModelRunner:
         longest = min(c.max_model_len, c.max_num_batched_tokens)
         lens = [longest] * max(1, min(c.max_num_seqs, c.max_num_batched_tokens // longest))
         tokens = sum(lens)
-        rows = padded_token_count(tokens, c.max_num_batched_tokens)
         cache = torch.empty(1, self.block_size, self.model.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
         cu = torch.tensor([0, *lens], device=self.device).cumsum(0).to(torch.int32)
         meta = AttentionMetadata(
-            True, torch.full((rows,), -1, dtype=torch.int32, device=self.device), cu, cu, max(lens), max(lens), num_tokens=tokens
+            True, torch.full((tokens,), -1, dtype=torch.int32, device=self.device), cu, cu, max(lens), max(lens)
         )
-        ids = torch.zeros(rows, dtype=torch.long, device=self.device)
-        pos = torch.cat([torch.arange(n, device=self.device) for n in lens] + [torch.zeros(rows - tokens, dtype=torch.long, device=self.device)])
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
         self.model.compute_logits(self.model(ids, pos, [(cache, cache)] * a.num_layers, meta)[cu[1:] - 1])
         self.model.tp.wait(self.device)
 
@@ -142,9 +140,7 @@ class ModelRunner:
         """(ids, positions, meta, rows to sample) for a step with prefill chunks: row i computes
         tokens [starts[i], starts[i] + num_new[i]) of its sequence, and its keys span the
         sequence up to the chunk's end, read from the paged cache when any row has KV there
-        already (a cached prefix, an earlier chunk, or a decode row). The rows are padded up to
-        prefill_padding's ladder with token 0 at position 0 and slot -1 (no cache write), past
-        meta.num_tokens, so that the matmuls see a shape they have met before."""
+        already (a cached prefix, an earlier chunk, or a decode row)."""
         ids, owners, positions, slots, cu_q, cu_k = [], [], [], [], [0], [0]
         for seq, start, n in zip(step.seqs, step.starts, step.num_new, strict=True):
             ids += seq.token_ids[start : start + n]
@@ -155,24 +151,20 @@ class ModelRunner:
             cu_q.append(cu_q[-1] + n)
             cu_k.append(cu_k[-1] + start + n)
         paged = any(step.starts)
-        tokens = cu_q[-1]
-        pad = padded_token_count(tokens, self.config.max_num_batched_tokens) - tokens
         meta = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=self._to_device(np.concatenate([*slots, np.full(pad, -1)]), torch.int32),
+            slot_mapping=self._to_device(np.concatenate(slots), torch.int32),
             cu_seqlens_q=self._to_device(cu_q, torch.int32),
             cu_seqlens_k=self._to_device(cu_k, torch.int32),
             max_seqlen_q=max(step.num_new),
             max_seqlen_k=max(b - a for a, b in zip(cu_k, cu_k[1:], strict=False)),
             block_tables=self._block_tables(step.seqs) if paged else None,
-            num_tokens=tokens,
         )
         positions = np.concatenate(positions)
         src = self._input_sources(owners, ids, positions)
-        input_ids = self._to_device(ids + [0] * pad, torch.long)
+        input_ids = self._to_device(ids, torch.long)
         if src is not None:
-            input_ids = self._resolve_ids(input_ids, self._to_device(src + [-1] * pad, torch.long))
-        positions = np.concatenate([positions, np.zeros(pad, dtype=positions.dtype)])
+            input_ids = self._resolve_ids(input_ids, self._to_device(src, torch.long))
         last = self._to_device([end - 1 for end, sampled in zip(cu_q[1:], step.samples, strict=True) if sampled], torch.long)
         return input_ids, self._to_device(positions, torch.long), meta, last
 
