@@ -311,13 +311,15 @@ def _linear_variants(b: Bucket, device: torch.device, gen: torch.Generator, peer
     out = torch.empty(s["rows"], s["n"], dtype=dtype, device=device)
     fused = dict(linear={}, norm_linear=dict(residual=residual, norm_weight=norm_weight, eps=NORM_EPS), gated_linear=dict(gated=True))[form]
 
+    def step_before(x, residual, norm_weight, rms, silu):
+        """The projection's input after the form's unfused step, with these norm and SiLU ops."""
+        return x if form == "linear" else silu(x) if form == "gated_linear" else rms(x, norm_weight, NORM_EPS, residual)[0]
+
     def unfused():
-        a = x if form == "linear" else silu_and_mul(x) if form == "gated_linear" else rms_norm(x, norm_weight, NORM_EPS, residual)[0]
-        torch.mm(a, weight.t(), out=out)
+        torch.mm(step_before(x, residual, norm_weight, rms_norm, silu_and_mul), weight.t(), out=out)
 
     def reference(x, residual, norm_weight, weight):
-        a = x if form == "linear" else silu_and_mul_ref(x) if form == "gated_linear" else rms_norm_ref(x, norm_weight, NORM_EPS, residual)[0]
-        return F.linear(a, weight)
+        return F.linear(step_before(x, residual, norm_weight, rms_norm_ref, silu_and_mul_ref), weight)
 
     candidates = {}
     for tile in linear_candidates(s["rows"], device.type == "cuda"):
@@ -373,8 +375,7 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
     peer's ms; and with `matmuls`, the prefill winner's ms with its softmax left out. A candidate
     that raises or fails the float64 check is never timed."""
     gen = generator(b.head_dim + b.page + sum(b.shape.values()), device)
-    build = {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants} | dict.fromkeys(FORMS, _linear_variants)
-    build = build[b.kernel]
+    build = _linear_variants if b.kernel in FORMS else {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants}[b.kernel]
     candidates, out, check, peer, matmuls_alone = build(b, device, gen, peers)
     rows = []
     if device.type == "cuda":  # what cannot compile or fit this card is dropped before anything is timed
