@@ -1,6 +1,6 @@
 """Tune the Triton kernels for this device and write its tuning table.
 
-    python -m benchmarks.tune [--kernel decode|prefill|cascade|linear|norm_linear|gated_linear] [--bucket TEXT] [--dtype bf16|fp16] [--part I/N]
+    python -m benchmarks.tune [--kernel decode|prefill|cascade|linear|norm_linear|gated_linear] [--bucket TEXT] [--dtype bf16|fp16] [--missing] [--part I/N]
                               [--out DIR] [--budget-s 540] [--no-peers] [--matmuls-alone] [--json ROWS.json]
 
 For each bucket of the table's key (minivllm/kernels/tuning_table.py) it builds one representative shape,
@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade
 from minivllm.kernels.flash_attention import prefill_launches, prefill_plan, run_launches
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, tma_able
 from minivllm.kernels.skinny_linear import FORMS, skinny_linear
-from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, write_table
+from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, entry_id, read_table, write_table
 from minivllm.reference import rms_norm_ref, silu_and_mul_ref
 from minivllm.reference.decode_check import check_decode
 from minivllm.reference.inputs import cu_seqlens, generator, paged_cache, randn, share_prefix
@@ -83,6 +84,11 @@ class Bucket:
     page: int
     key: tuple
     shape: dict = field(default_factory=dict)
+
+    @property
+    def entry_key(self) -> dict:
+        """The table entry's key fields for this bucket (its config and timings go beside them)."""
+        return dict(kernel=self.kernel, dtype=dtype_name(SHORT_DTYPES[self.dtype]), head_dim=self.head_dim, page=self.page, bucket=list(self.key))
 
     @property
     def name(self) -> str:
@@ -417,6 +423,12 @@ def provenance(device: torch.device) -> dict:
     )
 
 
+def missing_buckets(chosen: list[Bucket], path: Path) -> list[Bucket]:
+    """The buckets of `chosen` that the table at `path` (none if absent) holds no entry for."""
+    held = {entry_id(e) for e in read_table(path)["entries"]} if path.is_file() else set()
+    return [b for b in chosen if entry_id(b.entry_key) not in held]
+
+
 def part(text: str) -> tuple[int, int]:
     """Parse --part I/N: this process tunes buckets I, I+N, I+2N, ... of the selection."""
     try:
@@ -438,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="do not time SDPA beside each bucket")
     parser.add_argument("--matmuls-alone", action="store_true", help="also time each prefill winner without its softmax (a diagnostic)")
     parser.add_argument("--json", type=output_file, help="also write every candidate's row here")
+    parser.add_argument("--missing", action="store_true", help="only buckets the table in --out lacks: resume a run its budget cut, or fill a grid that grew")
     parser.add_argument("--part", type=part, metavar="I/N", help="tune only buckets I, I+N, ... of the selection (a tuning array's task I of N)")
     parser.add_argument("--dry-run", action="store_true", help="time nothing: list each bucket's candidates for --target (default: this GPU), with their shared memory or why they would be dropped")
     parser.add_argument("--target", help="with --dry-run: the GPU to compile for, e.g. sm_100 (B200, GB200) or sm_90 (H100, H200)")
@@ -445,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.target and not args.dry_run:
         parser.error("--target goes with --dry-run: a tuning run times the GPU it runs on")
+    if args.missing and args.dry_run:
+        parser.error("--missing reads this GPU's table, which a dry run for --target has none of")
     if args.dry_run:
         if interpreting():
             parser.error("--dry-run compiles the kernels for a target, which Triton's interpreter cannot: unset TRITON_INTERPRET")
@@ -463,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
               if (not args.kernel or b.kernel in args.kernel) and (not args.bucket or any(t in b.name for t in args.bucket))]
     if not chosen:
         parser.error("no bucket matches --kernel/--bucket")
+    path = (args.out or config_dir()) / f"{device_slug(device)}.json"
+    if args.missing:
+        chosen = missing_buckets(chosen, path)
+        if not chosen:
+            print(f"{path} holds every chosen bucket; nothing to tune", flush=True)
+            return 0
     if args.part:
         chosen = chosen[args.part[0] :: args.part[1]]
         if not chosen:
@@ -472,7 +493,6 @@ def main(argv: list[str] | None = None) -> int:
         dropped = dry_run(chosen, target)
         print(f"{len(chosen)} buckets for {target}; {dropped} candidates would be dropped before timing", flush=True)
         return 0
-    path = (args.out or config_dir()) / f"{device_slug(device)}.json"
     prov = provenance(device)
     print(f"{prov['gpu']}: torch {prov['torch']}, triton {prov['triton']}; {len(chosen)} buckets -> {path}", flush=True)
     time_ms = _timer(device, ColdRound(device) if on_gpu else None)
@@ -496,8 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             gains = peer_ms is not None and best["ms"] < peer_ms
             best = dict(best, config=dict(best["config"], min_rows=1 if gains else NEVER, min_shared=1 if gains else NEVER))
         margin = timed[1]["ms"] / best["ms"] - 1 if len(timed) > 1 else None
-        winners.append(dict(kernel=b.kernel, dtype=dtype_name(SHORT_DTYPES[b.dtype]), head_dim=b.head_dim, page=b.page, bucket=list(b.key),
-                            config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape))
+        winners.append(dict(b.entry_key, config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape))
         versus = f"  peer {peer_ms:.4f} ms (ours {peer_ms / best['ms']:.2f}x)" if peer_ms else ""
         versus += f"  matmuls alone {alone_ms:.4f} ms ({100 * alone_ms / best['ms']:.0f}% of it)" if alone_ms else ""
         print(f"{b.name}: {best['name']} {best['ms']:.4f} ms, margin {100 * (margin or 0):.1f}% over {winners[-1]['runner_up']}{versus}", flush=True)

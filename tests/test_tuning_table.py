@@ -217,3 +217,21 @@ def test_tuner_part_takes_every_nth_bucket(table_dir, capsys, device):
     chosen = len(tune.buckets(device.type == "cuda", ["bf16"]))
     assert tune.main(["--dtype", "bf16", "--part", f"{chosen}/{chosen + 1}"]) == 0
     assert "no bucket left for this part" in capsys.readouterr().out and not list(table_dir.glob("*.json"))
+
+
+def test_tuner_missing_tunes_only_what_the_table_lacks(table_dir, capsys, device):
+    """--missing: after a decode-only run, a run over decode and prefill times the prefill bucket
+    alone and keeps the decode entry's run; once the table holds both, it times nothing."""
+    if device.type == "cuda":
+        pytest.skip("the tuner's GPU run takes minutes; tests exercise its CPU run")
+    assert tune.main(["--kernel", "decode"]) == 0
+    capsys.readouterr()
+    assert tune.main(["--kernel", "decode", "--kernel", "prefill", "--missing"]) == 0
+    assert "1 buckets ->" in capsys.readouterr().out
+    table = read_table(table_dir / "cpu.json")
+    assert {e["kernel"]: e["run"] for e in table["entries"]} == {"decode": 0, "prefill": 1}
+    assert tune.main(["--kernel", "decode", "--kernel", "prefill", "--missing"]) == 0
+    assert "nothing to tune" in capsys.readouterr().out
+    assert len(read_table(table_dir / "cpu.json")["runs"]) == 2
+    with pytest.raises(SystemExit):
+        tune.main(["--missing", "--dry-run", "--target", "sm_90"])
