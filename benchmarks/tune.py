@@ -172,12 +172,16 @@ def linear_shapes(p) -> dict[str, tuple[int, int]]:
 
 def linear_candidates(rows: int, on_gpu: bool) -> list[tuple | None]:
     """None for the unfused steps (the norm or SiLU-and-mul kernel, then cuBLAS), and
-    skinny_linear tiles (BLOCK_N, BLOCK_K, num_warps, num_stages): column strips of 8 to 64 (16 at
-    least where a 16-row dot runs) with K steps of 256, and a 16-wide strip with steps of 512."""
+    skinny_linear tiles (BLOCK_N, BLOCK_K, num_warps, num_stages). Several rows: column strips of
+    16 to 64 with K steps of 256, and a 16-wide strip with steps of 512. One row: strips of 8 to 64
+    with K steps of 256 to 1024, up to 16k products a step (one row holds a step's products in
+    fp32 registers, 128 a thread at 4 warps); the H100 chose the widest step offered, 512, at every
+    one-row bucket, so the grid goes past it (benchmarks/NOTES.md)."""
     if not on_gpu:
         return [None, (16, 16, 4, 1), (16, 32, 4, 2)]
-    widths = (8, 16, 32, 64) if rows == 1 else (16, 32, 64)
-    return [None] + [(bn, 256, 4, 3) for bn in widths] + [(16, 512, 4, 3)]
+    if rows == 1:
+        return [None] + [(bn, bk, 4, 3) for bn in (8, 16, 32, 64) for bk in (256, 512, 1024) if bn * bk <= 16384]
+    return [None] + [(bn, 256, 4, 3) for bn in (16, 32, 64)] + [(16, 512, 4, 3)]
 
 
 def linear_name(tile: tuple | None) -> str:

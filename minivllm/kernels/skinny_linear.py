@@ -50,8 +50,11 @@ def _skinny_linear(
     # RMSNorm scales each row by one number, so the norm folds into the epilogue: the loop sums the
     # rows' squares beside the products of (x [+ residual]) * norm_weight, and the end multiplies
     # by the rows' 1 / rms. One pass over the activations, as over the weight.
-    sum_sq = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # One row sums on the CUDA cores: its products and squares accumulate lane by lane across the
+    # K steps and are reduced across the tile once, after the loop, not once a step (a reduction
+    # across warps is a barrier inside the weight stream's pipeline).
+    sum_sq = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M == 1 else 1), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         rk = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (rk[None, :] < K)
@@ -65,7 +68,7 @@ def _skinny_linear(
                 if pid == 0:
                     tl.store(RES_OUT + rm[:, None] * stride_rom + rk[None, :], a, mask=mask)
             af = a.to(tl.float32)
-            sum_sq += tl.sum(af * af, axis=1)
+            sum_sq += af * af if BLOCK_M == 1 else tl.sum(af * af, axis=1, keep_dims=True)
             nw = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
             a = round_to(af * nw[None, :], dtype, INTERPRETER)
         if GATED:
@@ -73,15 +76,18 @@ def _skinny_linear(
             up = tl.load(X + rm[:, None] * stride_xm + K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
             a = round_to(gate * tl.sigmoid(gate) * up, dtype, INTERPRETER)
         if BLOCK_M == 1:
-            acc += tl.sum(a.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+            acc += a.to(tl.float32) * w.to(tl.float32)
         elif INTERPRETER or dtype == tl.float32:
             # fp32 stays exact (no TF32); the interpreter's bf16 dot is wrong, and fp32 products of
             # bf16 values are what the GPU's bf16 dot sums too.
             acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(w), acc)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc, axis=1)[None, :]
+        sum_sq = tl.sum(sum_sq, axis=1, keep_dims=True)
     if NORM:
-        acc = acc * (1.0 / tl.sqrt(sum_sq / K + eps))[:, None]
+        acc = acc * (1.0 / tl.sqrt(sum_sq / K + eps))
     tl.store(OUT + rm[:, None] * stride_om + rn[None, :], round_to(acc, dtype, INTERPRETER), mask=row_mask[:, None] & (rn[None, :] < N))
 
 
