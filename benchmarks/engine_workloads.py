@@ -15,8 +15,15 @@ shape. Every workload is drawn with a seeded generator, the same on every run.
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from benchmarks.grid import GPU_GRID
+from benchmarks.presets import ModelPreset
+from minivllm.testing.random_checkpoint import write_random_qwen3
+
+ROPE_THETA = 1e6  # every Qwen3 model's
 
 MAX_TOKEN_ID = 10000  # prompt ids are drawn from [0, min(this, vocab - 1)], as nano-vllm's benchmark does
 
@@ -70,3 +77,14 @@ else:
         Workload("qwen3_sampling", 4, (3, 9), (3, 9), top_k=20, top_p=0.95),
     )
 WORKLOADS_BY_NAME = {w.name: w for w in WORKLOADS}
+MAX_POSITIONS = max(w.max_model_len for w in WORKLOADS)  # the random checkpoints' max_position_embeddings
+
+
+def write_checkpoint(preset: ModelPreset, dtype: torch.dtype, directory: Path) -> Path:
+    """A seeded random-weight Qwen3 checkpoint in `preset`'s shapes, without a tokenizer, that holds
+    every workload's longest request: what the engine suite and the engine profile run."""
+    return write_random_qwen3(
+        directory, num_layers=preset.layers, hidden_size=preset.hidden, num_heads=preset.num_heads, num_kv_heads=preset.num_kv_heads,
+        head_dim=preset.head_dim, intermediate_size=preset.ffn, vocab_size=preset.vocab, tie_word_embeddings=preset.tied,
+        rope_theta=ROPE_THETA, max_position_embeddings=MAX_POSITIONS, dtype=dtype, with_tokenizer=False,
+    )

@@ -37,19 +37,16 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks.engine_workloads import WORKLOADS, Workload
+from benchmarks.engine_workloads import WORKLOADS, Workload, write_checkpoint
 from benchmarks.extra_info import engine_counts, record_engine, record_latency
 from benchmarks.presets import PRESETS
 from minivllm.dtypes import dtype_name
 from minivllm.engine import LLM, SamplingParams
 from minivllm.engine.step_profile import summarize
-from minivllm.testing.random_checkpoint import write_random_qwen3
 
 IMPLS = ("minivllm", "hf_transformers")
 DEFAULT_MODELS = ("qwen3-0.6b", "tiny")  # the suite's models when --preset names none: nano-vllm's, and the CPU smoke shape
 TEMPERATURE = 0.6
-ROPE_THETA = 1e6  # every Qwen3 model's
-MAX_POSITIONS = max(w.max_model_len for w in WORKLOADS)  # the random checkpoints' max_position_embeddings
 
 
 @pytest.fixture(scope="session")
@@ -60,12 +57,7 @@ def checkpoints(tmp_path_factory):
     def get(preset, dtype: torch.dtype):
         key = (preset.name, dtype)
         if key not in built:
-            built[key] = write_random_qwen3(
-                tmp_path_factory.mktemp(preset.name), num_layers=preset.layers, hidden_size=preset.hidden,
-                num_heads=preset.num_heads, num_kv_heads=preset.num_kv_heads, head_dim=preset.head_dim,
-                intermediate_size=preset.ffn, vocab_size=preset.vocab, tie_word_embeddings=preset.tied,
-                rope_theta=ROPE_THETA, max_position_embeddings=MAX_POSITIONS, dtype=dtype, with_tokenizer=False,
-            )
+            built[key] = write_checkpoint(preset, dtype, tmp_path_factory.mktemp(preset.name))
         return built[key]
 
     return get

@@ -1,0 +1,144 @@
+"""Where an engine step's time goes, kernel by kernel: the prefill steps and a one-row decode step.
+
+    python -m benchmarks.engine_profile [--preset qwen3-0.6b] [--dtype bf16] [--workload nano]
+                                        [--decode-steps 64] [--top 20] [--trace-dir DIR]
+
+Two runs on a seeded random checkpoint in the preset's shapes (benchmarks/engine_workloads.py),
+each after two warm-up runs drawn with other seeds (the prefix cache would serve a repeated
+prompt, and a process's first sight of a shape costs the host once):
+- prefill: the workload's prompts with one output token each, so every step is a prefill step;
+- one row: one of its prompts decoded for --decode-steps tokens, in the decode CUDA graph (its
+  table holds the prompt's one prefill step too, a small share of --decode-steps steps).
+For each it prints the engine's step records (schedule, prepare, launch, wait: engine/step_profile.py),
+then, from the same run under torch.profiler, the device's kernels grouped by name and grid
+(CUPTI times each kernel of a graph replay too): µs a step, calls a step, µs a call, and how much
+of the kernels' span the device was busy. A step whose wait is most of it and a busy device is
+bound by its kernels, not the host. --trace-dir also writes each run's Chrome trace, gzipped.
+Without a GPU it runs the tiny preset under Triton's interpreter: step records only.
+"""
+
+import argparse
+import gc
+import gzip
+import json
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from minivllm.interpreter import interpret_without_gpu
+
+if __name__ == "__main__":
+    interpret_without_gpu()
+
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from benchmarks.engine_workloads import WORKLOADS_BY_NAME, Workload, write_checkpoint  # noqa: E402
+from benchmarks.output_paths import output_dir  # noqa: E402
+from benchmarks.presets import PRESETS  # noqa: E402
+from minivllm.dtypes import SHORT_DTYPES  # noqa: E402
+from minivllm.engine import LLM, SamplingParams  # noqa: E402
+
+WARM_SEEDS = (1, 3)  # the measured runs draw with seeds 0 (prefill) and 2 (one row)
+
+
+def kernel_table(trace: dict, steps: int) -> tuple[list[tuple[str, float, float, float]], float, float]:
+    """(rows, busy_us, span_us) of a Chrome trace's device kernels: rows (name and grid, µs a step,
+    calls a step, µs a call), most time first; busy is their summed time, span first start to last end."""
+    kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    if not kernels:
+        return [], 0.0, 0.0
+    groups = defaultdict(list)
+    for e in kernels:
+        grid = e.get("args", {}).get("grid")
+        groups[f"{e['name'][:60]} {grid}" if grid else e["name"][:60]].append(e["dur"])
+    rows = [(name, sum(d) / steps, len(d) / steps, statistics.median(d)) for name, d in groups.items()]
+    span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    return sorted(rows, key=lambda r: -r[1]), sum(e["dur"] for e in kernels), span
+
+
+def profiled(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], trace_file: Path) -> dict:
+    """One generate under torch.profiler (the device's kernels where there is a GPU); its Chrome trace."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace_file))
+    return json.loads(trace_file.read_text())
+
+
+def report(title: str, llm: LLM, trace: dict, top: int) -> None:
+    records = llm.step_records
+    ms = lambda s: f"{1e3 * s:8.2f}"  # noqa: E731
+    print(f"\n{title}: {len(records)} steps ({sum(r.prefill for r in records)} prefill)")
+    print("  batch    new    ctx  schedule  prepare   launch     wait     post    total (ms)")
+    shown = records if len(records) <= 16 else records[:8] + records[-4:]
+    for r in shown:
+        print(f"  {r.batch:5d} {r.new_tokens:6d} {r.context_tokens:6d} {ms(r.schedule_s)} {ms(r.prepare_s)} {ms(r.launch_s)} {ms(r.wait_s)} {ms(r.postprocess_s)} {ms(r.total_s)}")
+    if len(shown) < len(records):
+        print(f"  ({len(records) - len(shown)} more; median total {1e3 * statistics.median(r.total_s for r in records):.3f} ms)")
+    rows, busy, span = kernel_table(trace, max(1, len(records)))
+    if not rows:
+        print("  no device kernels in the trace (no GPU: the kernels ran in Triton's interpreter)")
+        return
+    print(f"  device kernels: busy {busy / 1e3:.1f} ms of their {span / 1e3:.1f} ms span ({100 * busy / span:.0f}%), {busy / 1e3 / len(records):.3f} ms a step")
+    print("  µs a step  calls a step  µs a call  kernel [grid]")
+    for name, per_step, calls, each in rows[:top]:
+        print(f"  {per_step:9.1f} {calls:13.1f} {each:10.2f}  {name}")
+    if len(rows) > top:
+        print(f"  {sum(r[1] for r in rows[top:]):9.1f}  in {len(rows) - top} more kernels")
+
+
+def run(llm: LLM, workload: Workload, vocab: int, seed: int, max_tokens: int, one_row: bool, trace_file: Path) -> dict:
+    draw = lambda s: workload.draw(s, vocab)[0][: 1 if one_row else None]  # noqa: E731
+    params = lambda n: [SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True, top_k=0, top_p=1.0, min_p=0.0)] * n  # noqa: E731
+    for warm in WARM_SEEDS:
+        prompts = draw(warm + seed)
+        llm.generate(prompts, params(len(prompts)), use_tqdm=False)
+    prompts = draw(seed)
+    return profiled(llm, prompts, params(len(prompts)), trace_file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny", choices=sorted(PRESETS), help="model shapes (default qwen3-0.6b; tiny on the CPU)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--workload", default="nano", choices=sorted(WORKLOADS_BY_NAME), help="whose prompts and engine settings (default nano)")
+    parser.add_argument("--decode-steps", type=int, default=64, help="decode steps of the one-row run (default 64)")
+    parser.add_argument("--top", type=int, default=20, help="kernels listed per run (default 20)")
+    parser.add_argument("--trace-dir", type=output_dir, help="also write prefill.json.gz and one_row.json.gz (Chrome traces) here")
+    args = parser.parse_args(argv)
+    if args.decode_steps < 1:
+        parser.error(f"--decode-steps must be at least 1, got {args.decode_steps}")
+    if args.trace_dir:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
+    preset, workload, dtype = PRESETS[args.preset], WORKLOADS_BY_NAME[args.workload], SHORT_DTYPES[args.dtype]
+    device = torch.device("cuda" if on_gpu else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(preset, dtype, Path(tmp) / preset.name)
+        print(f"{args.preset} {args.dtype}, workload {args.workload}, on {torch.cuda.get_device_name() if on_gpu else 'the CPU (interpreter)'}")
+        for title, seed, max_tokens, one_row in (("prefill", 0, 1, False), ("one row", 2, args.decode_steps + 1, True)):
+            llm = LLM(str(path), dtype=dtype, device=device, **workload.engine_settings())
+            try:
+                trace_file = Path(tmp) / "trace.json"
+                trace = run(llm, workload, preset.vocab, seed, max_tokens, one_row, trace_file)
+                report(title, llm, trace, args.top)
+                if args.trace_dir:
+                    with gzip.open(args.trace_dir / f"{title.replace(' ', '_')}.json.gz", "wb") as out:
+                        out.write(trace_file.read_bytes())
+            finally:
+                llm.close()
+                del llm
+                gc.collect()
+                if on_gpu:
+                    torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
