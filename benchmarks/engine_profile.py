@@ -1,4 +1,4 @@
-"""Where an engine step's time goes, kernel by kernel: the prefill steps and a one-row decode step.
+"""Where an engine step's time goes, kernel by kernel: prefill steps, full-batch and one-row decode steps.
 
     python -m benchmarks.engine_profile [--preset qwen3-0.6b] [--dtype bf16] [--workload nano]
                                         [--decode-steps 64] [--top 20] [--trace-dir DIR]
@@ -6,18 +6,20 @@
 Two runs on a seeded random checkpoint in the preset's shapes (benchmarks/engine_workloads.py),
 each after two warm-up runs drawn with other seeds (the prefix cache would serve a repeated
 prompt, and a process's first sight of a shape costs the host once):
-- prefill: the workload's prompts with one output token each, so every step is a prefill step;
-- one row: one of its prompts decoded for --decode-steps tokens, in the decode CUDA graph (its
-  table holds the prompt's one prefill step too, a small share of --decode-steps steps).
+- full batch: the workload's prompts, each decoded for --decode-steps tokens: its prefill steps,
+  then decode steps at the whole batch (256 sequences for nano);
+- one row: one of its prompts decoded for --decode-steps tokens, in the decode CUDA graph.
 For each it prints the engine's step records (schedule, prepare, launch, wait: engine/step_profile.py),
-then, from the same run under torch.profiler, the device's kernels grouped by name and grid
-(CUPTI times each kernel of a graph replay too): µs a step, calls a step, µs a call, and how much
-of the kernels' span the device was busy. A step whose wait is most of it and a busy device is
-bound by its kernels, not the host. --trace-dir also writes each run's Chrome trace, gzipped.
-Without a GPU it runs the tiny preset under Triton's interpreter: step records only.
+then, from the same run under torch.profiler, the device's kernels grouped by name and grid,
+per kind of step (the engine names each step's launch in the trace, STEP_ANNOTATION, and CUPTI
+ties each kernel, a graph replay's too, to its launch): µs a step, calls a step, µs a call, and
+how much of the kernels' span the device was busy. A step whose wait is most of it, on a busy
+device, is bound by its kernels, not the host. --trace-dir also writes each run's Chrome trace,
+gzipped. Without a GPU it runs the tiny preset under Triton's interpreter: step records only.
 """
 
 import argparse
+import bisect
 import gc
 import gzip
 import json
@@ -41,23 +43,48 @@ from benchmarks.output_paths import output_dir  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from minivllm.dtypes import SHORT_DTYPES  # noqa: E402
 from minivllm.engine import LLM, SamplingParams  # noqa: E402
+from minivllm.engine.step_profile import STEP_ANNOTATION  # noqa: E402
 
-WARM_SEEDS = (1, 3)  # the measured runs draw with seeds 0 (prefill) and 2 (one row)
+WARM_SEEDS = (1, 3)  # the measured runs draw with seeds 0 (full batch) and 2 (one row)
 
 
-def kernel_table(trace: dict, steps: int) -> tuple[list[tuple[str, float, float, float]], float, float]:
-    """(rows, busy_us, span_us) of a Chrome trace's device kernels: rows (name and grid, µs a step,
-    calls a step, µs a call), most time first; busy is their summed time, span first start to last end."""
-    kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+def _step_kinds(events: list[dict]) -> dict[int, str]:
+    """{correlation id: 'prefill' or 'decode'} of each launch made inside an engine step's range
+    (engine/step_profile.STEP_ANNOTATION; a graph replay's kernels share its launch's id)."""
+    steps = sorted((e["ts"], e["ts"] + e["dur"], e["name"].split()[3]) for e in events
+                   if e.get("cat") == "user_annotation" and e["name"].startswith(STEP_ANNOTATION))
+    starts = [s[0] for s in steps]
+    kinds = {}
+    for e in events:
+        corr = e.get("args", {}).get("correlation")
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and corr is not None:
+            i = bisect.bisect_right(starts, e["ts"]) - 1
+            if i >= 0 and e["ts"] <= steps[i][1]:
+                kinds[corr] = steps[i][2]
+    return kinds
+
+
+def kernel_tables(trace: dict, steps: dict[str, int]) -> tuple[dict[str, list[tuple[str, float, float, float]]], float, float]:
+    """({step kind: rows}, busy_us, span_us) of a Chrome trace's device kernels. Each kernel goes to
+    the kind of the step that launched it ('other' outside any step); rows are (name and grid, µs
+    a step, calls a step, µs a call), most time first, over `steps[kind]` steps of that kind.
+    busy is the kernels' summed time, span their first start to last end."""
+    events = trace["traceEvents"]
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
     if not kernels:
-        return [], 0.0, 0.0
-    groups = defaultdict(list)
+        return {}, 0.0, 0.0
+    kinds = _step_kinds(events)
+    groups = defaultdict(lambda: defaultdict(list))
     for e in kernels:
-        grid = e.get("args", {}).get("grid")
-        groups[f"{e['name'][:60]} {grid}" if grid else e["name"][:60]].append(e["dur"])
-    rows = [(name, sum(d) / steps, len(d) / steps, statistics.median(d)) for name, d in groups.items()]
+        args = e.get("args", {})
+        grid = args.get("grid")
+        groups[kinds.get(args.get("correlation"), "other")][f"{e['name'][:60]} {grid}" if grid else e["name"][:60]].append(e["dur"])
+    tables = {}
+    for kind, by_name in groups.items():
+        n = max(1, steps.get(kind, 1))
+        tables[kind] = sorted(((name, sum(d) / n, len(d) / n, statistics.median(d)) for name, d in by_name.items()), key=lambda r: -r[1])
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
-    return sorted(rows, key=lambda r: -r[1]), sum(e["dur"] for e in kernels), span
+    return tables, sum(e["dur"] for e in kernels), span
 
 
 def profiled(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], trace_file: Path) -> dict:
@@ -81,19 +108,28 @@ def report(title: str, llm: LLM, trace: dict, top: int) -> None:
         print(f"  {r.batch:5d} {r.new_tokens:6d} {r.context_tokens:6d} {ms(r.schedule_s)} {ms(r.prepare_s)} {ms(r.launch_s)} {ms(r.wait_s)} {ms(r.postprocess_s)} {ms(r.total_s)}")
     if len(shown) < len(records):
         print(f"  ({len(records) - len(shown)} more; median total {1e3 * statistics.median(r.total_s for r in records):.3f} ms)")
-    rows, busy, span = kernel_table(trace, max(1, len(records)))
-    if not rows:
+    steps = {"prefill": sum(r.prefill for r in records), "decode": sum(not r.prefill for r in records), "other": 1}
+    tables, busy, span = kernel_tables(trace, steps)
+    if not tables:
         print("  no device kernels in the trace (no GPU: the kernels ran in Triton's interpreter)")
         return
-    print(f"  device kernels: busy {busy / 1e3:.1f} ms of their {span / 1e3:.1f} ms span ({100 * busy / span:.0f}%), {busy / 1e3 / len(records):.3f} ms a step")
-    print("  µs a step  calls a step  µs a call  kernel [grid]")
-    for name, per_step, calls, each in rows[:top]:
-        print(f"  {per_step:9.1f} {calls:13.1f} {each:10.2f}  {name}")
-    if len(rows) > top:
-        print(f"  {sum(r[1] for r in rows[top:]):9.1f}  in {len(rows) - top} more kernels")
+    print(f"  device kernels: busy {busy / 1e3:.1f} ms of their {span / 1e3:.1f} ms span ({100 * busy / span:.0f}%)")
+    for kind in ("prefill", "decode", "other"):
+        rows = tables.get(kind)
+        if not rows:
+            continue
+        where = f"{kind} steps ({steps[kind]})" if kind != "other" else "outside any step"
+        print(f"  {where}: {sum(r[1] for r in rows) / 1e3:.3f} ms of kernels{' a step' if kind != 'other' else ''}")
+        print("    µs a step  calls a step  µs a call  kernel [grid]")
+        for name, per_step, calls, each in rows[:top]:
+            print(f"    {per_step:9.1f} {calls:13.1f} {each:10.2f}  {name}")
+        if len(rows) > top:
+            print(f"    {sum(r[1] for r in rows[top:]):9.1f}  in {len(rows) - top} more kernels")
 
 
 def run(llm: LLM, workload: Workload, vocab: int, seed: int, max_tokens: int, one_row: bool, trace_file: Path) -> dict:
+    """The warm-up runs, then the profiled one: the workload's prompts drawn with `seed` (the first
+    alone when `one_row`), each decoded for max_tokens; its Chrome trace."""
     draw = lambda s: workload.draw(s, vocab)[0][: 1 if one_row else None]  # noqa: E731
     params = lambda n: [SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True, top_k=0, top_p=1.0, min_p=0.0)] * n  # noqa: E731
     for warm in WARM_SEEDS:
@@ -122,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(preset, dtype, Path(tmp) / preset.name)
         print(f"{args.preset} {args.dtype}, workload {args.workload}, on {torch.cuda.get_device_name() if on_gpu else 'the CPU (interpreter)'}")
-        for title, seed, max_tokens, one_row in (("prefill", 0, 1, False), ("one row", 2, args.decode_steps + 1, True)):
+        for title, seed, one_row in (("full batch", 0, False), ("one row", 2, True)):
             llm = LLM(str(path), dtype=dtype, device=device, **workload.engine_settings())
             try:
                 trace_file = Path(tmp) / "trace.json"
-                trace = run(llm, workload, preset.vocab, seed, max_tokens, one_row, trace_file)
+                trace = run(llm, workload, preset.vocab, seed, args.decode_steps + 1, one_row, trace_file)
                 report(title, llm, trace, args.top)
                 if args.trace_dir:
                     with gzip.open(args.trace_dir / f"{title.replace(' ', '_')}.json.gz", "wb") as out:

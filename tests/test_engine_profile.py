@@ -1,33 +1,56 @@
-"""benchmarks.engine_profile: its kernel table over a trace, and a whole run on this device."""
+"""benchmarks.engine_profile: its kernel tables over a trace, and a whole run on this device."""
+
+import gzip
+import json
 
 import pytest
 
 from benchmarks import engine_profile
+from minivllm.engine.step_profile import STEP_ANNOTATION
 
 
-def _kernel(name, ts, dur, grid):
-    return dict(ph="X", cat="kernel", name=name, ts=ts, dur=dur, args=dict(grid=grid))
+def _kernel(name, ts, dur, grid, corr):
+    return dict(ph="X", cat="kernel", name=name, ts=ts, dur=dur, args=dict(grid=grid, correlation=corr))
 
 
-def test_kernel_table_groups_by_name_and_grid_per_step():
+def _launch(ts, corr, cat="cuda_runtime"):
+    return dict(ph="X", cat=cat, name="cudaLaunchKernel", ts=ts, dur=1.0, args=dict(correlation=corr))
+
+
+def _step(index, kind, ts, dur):
+    return dict(ph="X", cat="user_annotation", name=f"{STEP_ANNOTATION} {index} {kind} x4", ts=ts, dur=dur)
+
+
+def test_kernel_tables_split_by_the_step_that_launched_them():
+    """Two prefill steps and one decode step; a graph replay's kernels share its launch's
+    correlation id; a kernel launched outside any step is 'other'; host work is no kernel."""
     trace = dict(traceEvents=[
-        _kernel("_skinny_linear", 0, 6.0, [64, 1, 1]), _kernel("_skinny_linear", 10, 8.0, [384, 1, 1]),
-        _kernel("_skinny_linear", 20, 6.5, [64, 1, 1]), _kernel("_skinny_linear", 30, 8.0, [384, 1, 1]),
-        _kernel("_skinny_linear", 40, 5.5, [64, 1, 1]),
-        dict(ph="X", cat="cpu_op", name="aten::mm", ts=0, dur=100.0),  # host work is not a kernel
+        _step(0, "prefill", 0, 10), _step(1, "prefill", 20, 10), _step(2, "decode", 40, 10),
+        _launch(2, 1), _launch(5, 2, "cuda_driver"), _launch(22, 3), _launch(42, 4), _launch(60, 5),
+        _kernel("_skinny_linear", 100, 6.0, [64, 1, 1], 1), _kernel("_flash_fwd", 110, 20.0, [8, 16, 1], 2),
+        _kernel("_skinny_linear", 130, 8.0, [64, 1, 1], 3),
+        _kernel("_paged_decode", 140, 5.0, [1, 8, 32], 4), _kernel("_merge_splits", 146, 2.0, [1, 16, 1], 4),
+        _kernel("argmax", 150, 1.5, None, 5),
+        dict(ph="X", cat="cpu_op", name="aten::mm", ts=0, dur=100.0),
     ])
-    rows, busy, span = engine_profile.kernel_table(trace, steps=2)
-    assert rows == [("_skinny_linear [64, 1, 1]", 9.0, 1.5, 6.0), ("_skinny_linear [384, 1, 1]", 8.0, 1.0, 8.0)]
-    assert busy == 34.0 and span == 45.5
-    assert engine_profile.kernel_table(dict(traceEvents=[]), steps=1) == ([], 0.0, 0.0)
+    tables, busy, span = engine_profile.kernel_tables(trace, {"prefill": 2, "decode": 1, "other": 1})
+    assert tables["prefill"] == [("_flash_fwd [8, 16, 1]", 10.0, 0.5, 20.0), ("_skinny_linear [64, 1, 1]", 7.0, 1.0, 7.0)]
+    assert tables["decode"] == [("_paged_decode [1, 8, 32]", 5.0, 1.0, 5.0), ("_merge_splits [1, 16, 1]", 2.0, 1.0, 2.0)]
+    assert tables["other"] == [("argmax", 1.5, 1.0, 1.5)]
+    assert busy == 42.5 and span == 51.5
+    assert engine_profile.kernel_tables(dict(traceEvents=[]), {}) == ({}, 0.0, 0.0)
 
 
 def test_a_run_reports_both_runs_step_by_step(capsys, device, tmp_path):
+    """The CPU run: step records of both runs, and traces in which every step is named."""
     if device.type == "cuda":
         pytest.skip("on a GPU it profiles Qwen3-0.6B for a minute; tests run its CPU smoke run")
     assert engine_profile.main(["--decode-steps", "2", "--trace-dir", str(tmp_path / "traces")]) == 0
     out = capsys.readouterr().out
-    assert "prefill: 1 steps (1 prefill)" in out and "one row: 3 steps (1 prefill)" in out
-    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["one_row.json.gz", "prefill.json.gz"]
+    assert "full batch: 3 steps (1 prefill)" in out and "one row: 3 steps (1 prefill)" in out
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["full_batch.json.gz", "one_row.json.gz"]
+    events = json.loads(gzip.open(tmp_path / "traces" / "one_row.json.gz").read())["traceEvents"]
+    named = [e["name"] for e in events if e.get("cat") == "user_annotation" and e["name"].startswith(STEP_ANNOTATION)]
+    assert named == [f"{STEP_ANNOTATION} 0 prefill x1", f"{STEP_ANNOTATION} 1 decode x1", f"{STEP_ANNOTATION} 2 decode x1"]
     with pytest.raises(SystemExit):
         engine_profile.main(["--decode-steps", "0"])

@@ -12,6 +12,9 @@ The steps' total_s add up to the loop's wall time either way.
 import statistics
 from dataclasses import dataclass
 
+# The profiler range each step's launch runs in: "minivllm step <index> <prefill|decode> x<batch>".
+STEP_ANNOTATION = "minivllm step"
+
 
 @dataclass
 class StepRecord:
