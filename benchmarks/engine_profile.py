@@ -11,7 +11,7 @@ prompt, and a process's first sight of a shape costs the host once):
 - one row: one of its prompts decoded for --decode-steps tokens, in the decode CUDA graph.
 For each it prints the engine's step records (schedule, prepare, launch, wait: engine/step_profile.py),
 then, from the same run under torch.profiler, the device's kernels grouped by name and grid,
-per kind of step (the engine names each step's launch in the trace, STEP_ANNOTATION, and CUPTI
+per kind of step (the engine names each step's launch in the trace, step_profile.step_annotation, and CUPTI
 ties each kernel, a graph replay's too, to its launch): µs a step, calls a step, µs a call, and
 how much of the kernels' span the device was busy. A step whose wait is most of it, on a busy
 device, is bound by its kernels, not the host. --trace-dir also writes each run's Chrome trace,
@@ -43,16 +43,16 @@ from benchmarks.output_paths import output_dir  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from minivllm.dtypes import SHORT_DTYPES  # noqa: E402
 from minivllm.engine import LLM, SamplingParams  # noqa: E402
-from minivllm.engine.step_profile import STEP_ANNOTATION  # noqa: E402
+from minivllm.engine.step_profile import annotated_kind  # noqa: E402
 
 WARM_SEEDS = (1, 3)  # the measured runs draw with seeds 0 (full batch) and 2 (one row)
 
 
 def _step_kinds(events: list[dict]) -> dict[int, str]:
     """{correlation id: 'prefill' or 'decode'} of each launch made inside an engine step's range
-    (engine/step_profile.STEP_ANNOTATION; a graph replay's kernels share its launch's id)."""
-    steps = sorted((e["ts"], e["ts"] + e["dur"], e["name"].split()[3]) for e in events
-                   if e.get("cat") == "user_annotation" and e["name"].startswith(STEP_ANNOTATION))
+    (engine/step_profile.step_annotation; a graph replay's kernels share its launch's id)."""
+    steps = sorted((e["ts"], e["ts"] + e["dur"], annotated_kind(e["name"])) for e in events
+                   if e.get("cat") == "user_annotation" and annotated_kind(e["name"]))
     starts = [s[0] for s in steps]
     kinds = {}
     for e in events:
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny", choices=sorted(PRESETS), help="model shapes (default qwen3-0.6b; tiny on the CPU)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--workload", default="nano", choices=sorted(WORKLOADS_BY_NAME), help="whose prompts and engine settings (default nano)")
-    parser.add_argument("--decode-steps", type=int, default=64, help="decode steps of the one-row run (default 64)")
+    parser.add_argument("--decode-steps", type=int, default=64, help="decode steps of each run (default 64)")
     parser.add_argument("--top", type=int, default=20, help="kernels listed per run (default 20)")
-    parser.add_argument("--trace-dir", type=output_dir, help="also write prefill.json.gz and one_row.json.gz (Chrome traces) here")
+    parser.add_argument("--trace-dir", type=output_dir, help="also write full_batch.json.gz and one_row.json.gz (Chrome traces) here")
     args = parser.parse_args(argv)
     if args.decode_steps < 1:
         parser.error(f"--decode-steps must be at least 1, got {args.decode_steps}")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from benchmarks import engine_profile
-from minivllm.engine.step_profile import STEP_ANNOTATION
+from minivllm.engine.step_profile import StepRecord, annotated_kind, step_annotation
 
 
 def _kernel(name, ts, dur, grid, corr):
@@ -18,7 +18,7 @@ def _launch(ts, corr, cat="cuda_runtime"):
 
 
 def _step(index, kind, ts, dur):
-    return dict(ph="X", cat="user_annotation", name=f"{STEP_ANNOTATION} {index} {kind} x4", ts=ts, dur=dur)
+    return dict(ph="X", cat="user_annotation", name=step_annotation(index, StepRecord(kind == "prefill", 4, 4, 4)), ts=ts, dur=dur)
 
 
 def test_kernel_tables_split_by_the_step_that_launched_them():
@@ -32,6 +32,7 @@ def test_kernel_tables_split_by_the_step_that_launched_them():
         _kernel("_paged_decode", 140, 5.0, [1, 8, 32], 4), _kernel("_merge_splits", 146, 2.0, [1, 16, 1], 4),
         _kernel("argmax", 150, 1.5, None, 5),
         dict(ph="X", cat="cpu_op", name="aten::mm", ts=0, dur=100.0),
+        dict(ph="X", cat="user_annotation", name="minivllm stepping stone", ts=58, dur=5),  # not a step's range
     ])
     tables, busy, span = engine_profile.kernel_tables(trace, {"prefill": 2, "decode": 1, "other": 1})
     assert tables["prefill"] == [("_flash_fwd [8, 16, 1]", 10.0, 0.5, 20.0), ("_skinny_linear [64, 1, 1]", 7.0, 1.0, 7.0)]
@@ -50,7 +51,7 @@ def test_a_run_reports_both_runs_step_by_step(capsys, device, tmp_path):
     assert "full batch: 3 steps (1 prefill)" in out and "one row: 3 steps (1 prefill)" in out
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["full_batch.json.gz", "one_row.json.gz"]
     events = json.loads(gzip.open(tmp_path / "traces" / "one_row.json.gz").read())["traceEvents"]
-    named = [e["name"] for e in events if e.get("cat") == "user_annotation" and e["name"].startswith(STEP_ANNOTATION)]
-    assert named == [f"{STEP_ANNOTATION} 0 prefill x1", f"{STEP_ANNOTATION} 1 decode x1", f"{STEP_ANNOTATION} 2 decode x1"]
+    named = [e["name"] for e in events if e.get("cat") == "user_annotation" and annotated_kind(e["name"])]
+    assert named == ["minivllm step 0 prefill x1", "minivllm step 1 decode x1", "minivllm step 2 decode x1"]
     with pytest.raises(SystemExit):
         engine_profile.main(["--decode-steps", "0"])

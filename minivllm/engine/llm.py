@@ -17,7 +17,7 @@ from minivllm.engine.qwen3 import ModelArgs, Qwen3ForCausalLM
 from minivllm.engine.sampling_params import SamplingParams
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
-from minivllm.engine.step_profile import STEP_ANNOTATION, StepRecord
+from minivllm.engine.step_profile import StepRecord, step_annotation
 from minivllm.engine.tensor_parallel import TPGroup, check_shardable
 from minivllm.engine.tokenizer import Tokenizer
 from minivllm.engine.tp_processes import STOP_WAIT_S, Rendezvous, Workers, join_group, launcher_rendezvous, leave_group
@@ -279,7 +279,7 @@ class LLM:
                     self.step_records.append(record)
                     # Names the step in a profiler trace, so its kernels can be told apart by step
                     # (benchmarks/engine_profile.py); a few µs a step when nothing profiles.
-                    with torch.profiler.record_function(f"{STEP_ANNOTATION} {len(self.step_records) - 1} {'prefill' if record.prefill else 'decode'} x{record.batch}"):
+                    with torch.profiler.record_function(step_annotation(len(self.step_records) - 1, record)):
                         launched = (step, record, self.runner.launch(step, record))
                 done, in_flight = (in_flight, launched) if self.config.async_scheduling else (launched, None)
                 if done is not None:

@@ -12,8 +12,7 @@ The steps' total_s add up to the loop's wall time either way.
 import statistics
 from dataclasses import dataclass
 
-# The profiler range each step's launch runs in: "minivllm step <index> <prefill|decode> x<batch>".
-STEP_ANNOTATION = "minivllm step"
+STEP_ANNOTATION = "minivllm step"  # how the profiler range of a step's launch begins
 
 
 @dataclass
@@ -73,3 +72,15 @@ def format_summary(records: list[StepRecord]) -> str:
             f"{row['median_postprocess_ms']:>8.3f} {100 * row['host_share']:>6.1f}%"
         )
     return "\n".join(lines)
+
+
+def step_annotation(index: int, record: StepRecord) -> str:
+    """The name of the profiler range a step's launch runs in (LLM._run):
+    'minivllm step <index> <prefill|decode> x<batch>'."""
+    return f"{STEP_ANNOTATION} {index} {'prefill' if record.prefill else 'decode'} x{record.batch}"
+
+
+def annotated_kind(name: str) -> str | None:
+    """'prefill' or 'decode' for a step_annotation name; None for any other range."""
+    words = name.split()
+    return words[3] if name.startswith(STEP_ANNOTATION + " ") and len(words) == 5 else None
