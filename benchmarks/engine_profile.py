@@ -142,7 +142,8 @@ def run(llm: LLM, workload: Workload, vocab: int, seed: int, max_tokens: int, on
 def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny", choices=sorted(PRESETS), help="model shapes (default qwen3-0.6b; tiny on the CPU)")
+    dense = sorted(name for name, p in PRESETS.items() if p.ffn is not None)  # the engine runs dense Qwen3 models only
+    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny", choices=dense, help="dense model shapes (default qwen3-0.6b; tiny on the CPU)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--workload", default="nano", choices=sorted(WORKLOADS_BY_NAME), help="whose prompts and engine settings (default nano)")
     parser.add_argument("--decode-steps", type=int, default=64, help="decode steps of each run (default 64)")
