@@ -9,7 +9,8 @@ prompt, and a process's first sight of a shape costs the host once):
 - full batch: the workload's prompts, each decoded for --decode-steps tokens: its prefill steps,
   then decode steps at the whole batch (256 sequences for nano);
 - one row: one of its prompts decoded for --decode-steps tokens, in the decode CUDA graph.
-For each it prints the engine's step records (schedule, prepare, launch, wait: engine/step_profile.py),
+For each it prints the engine's step records summarised per phase and batch (schedule, prepare,
+launch, wait: engine/step_profile.format_summary, as `main.py --profile` prints them),
 then, from the same run under torch.profiler, the device's kernels grouped by name and grid,
 per kind of step (the engine names each step's launch in the trace, step_profile.step_annotation, and CUPTI
 ties each kernel, a graph replay's too, to its launch): µs a step, calls a step, µs a call, and
@@ -43,7 +44,7 @@ from benchmarks.output_paths import output_dir  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from minivllm.dtypes import SHORT_DTYPES  # noqa: E402
 from minivllm.engine import LLM, SamplingParams  # noqa: E402
-from minivllm.engine.step_profile import annotated_kind  # noqa: E402
+from minivllm.engine.step_profile import annotated_kind, format_summary  # noqa: E402
 
 WARM_SEEDS = (1, 3)  # the measured runs draw with seeds 0 (full batch) and 2 (one row)
 
@@ -100,14 +101,8 @@ def profiled(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], t
 
 def report(title: str, llm: LLM, trace: dict, top: int) -> None:
     records = llm.step_records
-    ms = lambda s: f"{1e3 * s:8.2f}"  # noqa: E731
     print(f"\n{title}: {len(records)} steps ({sum(r.prefill for r in records)} prefill)")
-    print("  batch    new    ctx  schedule  prepare   launch     wait     post    total (ms)")
-    shown = records if len(records) <= 16 else records[:8] + records[-4:]
-    for r in shown:
-        print(f"  {r.batch:5d} {r.new_tokens:6d} {r.context_tokens:6d} {ms(r.schedule_s)} {ms(r.prepare_s)} {ms(r.launch_s)} {ms(r.wait_s)} {ms(r.postprocess_s)} {ms(r.total_s)}")
-    if len(shown) < len(records):
-        print(f"  ({len(records) - len(shown)} more; median total {1e3 * statistics.median(r.total_s for r in records):.3f} ms)")
+    print("\n".join("  " + line for line in format_summary(records).splitlines()))
     steps = {"prefill": sum(r.prefill for r in records), "decode": sum(not r.prefill for r in records), "other": 1}
     tables, busy, span = kernel_tables(trace, steps)
     if not tables:
