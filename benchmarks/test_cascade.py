@@ -60,6 +60,6 @@ def test_cascade(benchmark, request, device, ceiling, cold_round, shard, dtype, 
     flops, nbytes = cascade_counts(batch, shared_len, suffixes, shard.num_heads, shard.num_kv_heads, shard.head_dim, dtype)
     source = {}
     if impl == "triton_cascade":
-        source["config_source"] = cascade_config(device, dtype, shard.head_dim, block_size, batch, shard.num_kv_heads, shared_len).source
+        source["config_source"] = cascade_config(device, dtype, shard.head_dim, block_size, batch, shard.num_heads, shard.num_kv_heads, shared_len).source
     record(benchmark, ceiling, suite="cascade", impl=impl, shard=shard, dtype=dtype, flops=flops, nbytes=nbytes, batch=batch,
            shared_len=shared_len, context_len=max(lens), block_size=block_size, **source)

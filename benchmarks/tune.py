@@ -1,6 +1,7 @@
 """Tune the Triton kernels for this device and write its tuning table.
 
-    python -m benchmarks.tune [--kernel decode|prefill|cascade|linear|norm_linear|gated_linear] [--bucket TEXT] [--dtype bf16|fp16] [--missing] [--part I/N]
+    python -m benchmarks.tune [--kernel decode|prefill|cascade|linear|norm_linear|gated_linear] [--bucket TEXT] [--preset MODEL]
+                              [--dtype bf16|fp16] [--missing] [--part I/N]
                               [--out DIR] [--budget-s 540] [--no-peers] [--matmuls-alone] [--json ROWS.json]
 
 For each bucket of the table's key (minivllm/kernels/tuning_table.py) it builds one representative shape,
@@ -68,6 +69,9 @@ NEVER = 2**31 - 1  # a cascade entry's min_rows where plain decode won: no batch
 # The projections tuned: the default engine models' at decode's small batches (a lookup takes the
 # nearest (rows, N, K) bucket, so other models' shapes find these).
 LINEAR_MODELS = ("qwen3-0.6b", "qwen3-8b")
+# The attention kernels' default heads: Qwen3-8B's 32 / 8 (group 4), the suites' headline shape.
+# --preset tunes others' groups too (the suites' defaults add the 0.6B's 2 and the 235B's 16).
+ATTENTION_MODELS = ("qwen3-8b",)
 LINEAR_ROWS = (1, 2, 4, 8, 16)  # the decode graphs' batch sizes up to skinny_linear's MAX_ROWS
 # Each projection of a Qwen3 layer and the form the engine runs it in (minivllm/engine/linear.py).
 ROLE_FORMS = {"qkv": "norm_linear", "o": "linear", "gate_up": "norm_linear", "down": "gated_linear"}
@@ -95,40 +99,43 @@ class Bucket:
         return f"{self.kernel} {self.dtype} d{self.head_dim} page{self.page} " + " ".join(f"{k}={v}" for k, v in self.shape.items())
 
 
-def buckets(on_gpu: bool, dtypes: list[str]) -> list[Bucket]:
-    """Decode: Qwen3-8B's 32/8 heads at batch 1..256 and context 512..32k, pages of 16 and 256
-    (512 as the decode suite has, and 4k: lookups take the nearest tuned bucket, so the cascade
-    suite's ragged rows up to 4k ran on the 2k entry's tile, 10-14% slower than the baseline
-    run that had the heuristic's there; benchmarks/NOTES.md).
-    Prefill: 16k tokens at seqlen 512..16k, causal or not, and the prefix suite's 4 x (2k cached
-    + 2k new) over pages of 16 and 256. Cascade: batch 16..256 sharing a 2k prefix (the cascade
-    suite's shape), pages of 16 and 256. Head dim 128, as in every preset model. The projections:
-    the qkv, o, gate_up and down projections of LINEAR_MODELS at LINEAR_ROWS rows, each in the form
-    the engine runs it (ROLE_FORMS), keyed (rows, N, K)."""
+def buckets(on_gpu: bool, dtypes: list[str], presets: tuple[str, ...] = ATTENTION_MODELS) -> list[Bucket]:
+    """Decode, prefill and cascade at the heads of each of `presets` (their GQA group is the key's
+    last axis). Decode: batch 1..256 and context 512..32k, pages of 16 and 256 (512 as the decode
+    suite has, and 4k: lookups take the nearest tuned bucket, so the cascade suite's ragged rows up
+    to 4k ran on the 2k entry's tile, 10-14% slower than the baseline run that had the heuristic's
+    there; benchmarks/NOTES.md). Prefill: 16k tokens at seqlen 512..16k, causal or not, and the
+    prefix suite's 4 x (2k cached + 2k new) over pages of 16 and 256. Cascade: batch 16..256
+    sharing a 2k prefix (the cascade suite's shape), pages of 16 and 256. The projections: the
+    qkv, o, gate_up and down projections of LINEAR_MODELS at LINEAR_ROWS rows, each in the form the
+    engine runs it (ROLE_FORMS), keyed (rows, N, K). Presets of one (heads, kv heads, head_dim)
+    give their buckets once."""
     out = []
     if not on_gpu:
         for name in dtypes:
-            out.append(Bucket("decode", name, 16, 16, (bucket(2 * 2), bucket(40)), dict(batch=2, context=40, heads=4, kv=2)))
-            out.append(Bucket("prefill", name, 16, 0, (bucket(40), True), dict(batch=2, seqlen=40, new=40, heads=4, kv=2, causal=True)))
-            out.append(Bucket("cascade", name, 16, 16, (bucket(3 * 2), bucket(32)), dict(batch=3, shared=32, heads=4, kv=2)))
+            out.append(Bucket("decode", name, 16, 16, (bucket(2 * 2), bucket(40), 2), dict(batch=2, context=40, heads=4, kv=2)))
+            out.append(Bucket("prefill", name, 16, 0, (bucket(40), True, 2), dict(batch=2, seqlen=40, new=40, heads=4, kv=2, causal=True)))
+            out.append(Bucket("cascade", name, 16, 16, (bucket(3 * 2), bucket(32), 2), dict(batch=3, shared=32, heads=4, kv=2)))
             out += [Bucket(form, name, 0, 0, (bucket(2), 40, 48), dict(rows=2, n=40, k=48)) for form in FORMS]
         return out
-    for name in dtypes:
-        for page in (16, 256):
-            for batch in (1, 4, 16, 64, 256):
-                for ctx in (512, 2048, 4096, 8192, 32768):
-                    if 2 * batch * ctx * 8 * 128 * 2 <= CACHE_LIMIT:
-                        out.append(Bucket("decode", name, 128, page, (bucket(batch * 8), bucket(ctx)), dict(batch=batch, context=ctx, heads=32, kv=8)))
-    for name in dtypes:
-        for causal in (False, True):
-            for n in (512, 1024, 2048, 4096, 8192, 16384):
-                out.append(Bucket("prefill", name, 128, 0, (bucket(n), causal), dict(batch=16384 // n, seqlen=n, new=n, heads=32, kv=8, causal=causal)))
+    for heads, kv, d in dict.fromkeys((PRESETS[m].num_heads, PRESETS[m].num_kv_heads, PRESETS[m].head_dim) for m in presets):
+        g = bucket(heads // kv)
+        for name in dtypes:
             for page in (16, 256):
-                out.append(Bucket("prefill", name, 128, page, (bucket(4096), causal), dict(batch=4, seqlen=4096, new=2048, heads=32, kv=8, causal=causal)))
-    for name in dtypes:
-        for page in (16, 256):
-            for batch in (16, 64, 256):
-                out.append(Bucket("cascade", name, 128, page, (bucket(batch * 8), bucket(2048)), dict(batch=batch, shared=2048, heads=32, kv=8)))
+                for batch in (1, 4, 16, 64, 256):
+                    for ctx in (512, 2048, 4096, 8192, 32768):
+                        if 2 * batch * ctx * kv * d * 2 <= CACHE_LIMIT:
+                            out.append(Bucket("decode", name, d, page, (bucket(batch * kv), bucket(ctx), g), dict(batch=batch, context=ctx, heads=heads, kv=kv)))
+        for name in dtypes:
+            for causal in (False, True):
+                for n in (512, 1024, 2048, 4096, 8192, 16384):
+                    out.append(Bucket("prefill", name, d, 0, (bucket(n), causal, g), dict(batch=16384 // n, seqlen=n, new=n, heads=heads, kv=kv, causal=causal)))
+                for page in (16, 256):
+                    out.append(Bucket("prefill", name, d, page, (bucket(4096), causal, g), dict(batch=4, seqlen=4096, new=2048, heads=heads, kv=kv, causal=causal)))
+        for name in dtypes:
+            for page in (16, 256):
+                for batch in (16, 64, 256):
+                    out.append(Bucket("cascade", name, d, page, (bucket(batch * kv), bucket(2048), g), dict(batch=batch, shared=2048, heads=heads, kv=kv)))
     for name in dtypes:
         shapes = dict.fromkeys((ROLE_FORMS[role], *shape) for model in LINEAR_MODELS for role, shape in linear_shapes(PRESETS[model]).items())
         for form, n, k in shapes:
@@ -448,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", action="append", choices=KERNELS, help="only this kernel's buckets; repeatable")
     parser.add_argument("--bucket", action="append", help="only buckets whose name contains this text; repeatable")
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                        help="tune decode, prefill and cascade at this model's heads (its GQA group); repeatable (default qwen3-8b; the CPU run keeps its tiny shapes)")
     parser.add_argument("--dtype", action="append", choices=TUNED_DTYPES, help="only this dtype; repeatable (default bf16 and fp16; bf16 on the CPU)")
     parser.add_argument("--out", type=output_dir, help="table directory (default: MINIVLLM_KERNEL_CONFIGS or minivllm/kernels/configs)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="start no bucket after this many seconds (default 540)")
@@ -478,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error("--dry-run without a GPU needs --target, e.g. --target sm_100")
     on_gpu = device.type == "cuda" or args.dry_run  # a dry run lists what a GPU would tune
-    chosen = [b for b in buckets(on_gpu, args.dtype or (list(TUNED_DTYPES) if on_gpu else ["bf16"]))
+    chosen = [b for b in buckets(on_gpu, args.dtype or (list(TUNED_DTYPES) if on_gpu else ["bf16"]), tuple(args.preset or ATTENTION_MODELS))
               if (not args.kernel or b.kernel in args.kernel) and (not args.bucket or any(t in b.name for t in args.bucket))]
     if not chosen:
         parser.error("no bucket matches --kernel/--bucket")

@@ -364,7 +364,7 @@ def test_merge_adds_the_run_to_the_history_and_fails_a_slowdown(tmp_path):
 
 
 def tuning_table(gpu: str, kernel: str) -> dict:
-    entry = {"kernel": kernel, "dtype": "bfloat16", "head_dim": 128, "page": 16, "bucket": [64, 2048], "config": {"tile": [64, 64, 4, 3]}, "run": 0}
+    entry = {"kernel": kernel, "dtype": "bfloat16", "head_dim": 128, "page": 16, "bucket": [64, 2048, 4], "config": {"tile": [64, 64, 4, 3]}, "run": 0}
     return {"provenance": {"gpu": gpu}, "runs": [{"gpu": gpu, "tool": "python -m benchmarks.tune"}], "entries": [entry]}
 
 
@@ -398,7 +398,7 @@ def test_tune_merge_skips_an_unreadable_table_and_merges_the_others(tmp_path, ca
     for task, kernel in enumerate(("decode", "prefill", "decode")):
         (results / "tables" / str(task)).mkdir(parents=True)
         table = tuning_table("NVIDIA GB200", kernel)
-        table["entries"][0]["bucket"] = [64, 1024 << task]
+        table["entries"][0]["bucket"] = [64, 1024 << task, 4]
         (results / "tables" / str(task) / "nvidia-gb200.json").write_text(json.dumps(table))
         (results / f"{task}.exit").write_text("0\n")
     bad = results / "tables" / "1" / "nvidia-gb200.json"
@@ -408,7 +408,7 @@ def test_tune_merge_skips_an_unreadable_table_and_merges_the_others(tmp_path, ca
     out, err = capsys.readouterr()
     assert f"warning: skipped tuning table {bad}" in err and "task 1: ok, but its table is unreadable: skipped" in out and "NOT OK: tasks 1" in out
     merged = json.loads((results / "nvidia-gb200.json").read_text())
-    assert [(e["bucket"], e["run"]) for e in merged["entries"]] == [([64, 1024], 0), ([64, 4096], 1)] and len(merged["runs"]) == 2
+    assert [(e["bucket"], e["run"]) for e in merged["entries"]] == [([64, 1024, 4], 0), ([64, 4096, 4], 1)] and len(merged["runs"]) == 2
     assert results / "nvidia-gb200.json" in replaced  # written atomically
 
 

@@ -43,31 +43,34 @@ def _decode_entry(page, bucket_, block_n, dtype="bfloat16", head_dim=128):
 
 
 def test_lookup_order_own_table_then_family_by_name_then_by_capability(table_dir):
-    _table(table_dir / "nvidia-h100-80gb-hbm3.json", [9, 0], [_decode_entry(16, (128, 8192), 64)])
-    _table(table_dir / "nvidia-a100-sxm4-80gb.json", [8, 0], [_decode_entry(16, (128, 8192), 32)])
+    _table(table_dir / "nvidia-h100-80gb-hbm3.json", [9, 0], [_decode_entry(16, (128, 8192, 4), 64)])
+    _table(table_dir / "nvidia-a100-sxm4-80gb.json", [8, 0], [_decode_entry(16, (128, 8192, 4), 32)])
     assert tables_for("nvidia-h100-80gb-hbm3", (9, 0), table_dir)[0] == "table"
     source, index = tables_for("nvidia-h100-nvl", (9, 0), table_dir)  # same name stem
-    assert source == "family" and index[("decode", "bfloat16", 128, 16)][(128, 8192)]["block_n"] == 64
+    assert source == "family" and index[("decode", "bfloat16", 128, 16)][(128, 8192, 4)]["block_n"] == 64
     source, index = tables_for("nvidia-a100-pcie-40gb", (9, 0), table_dir)  # the stem wins over capability
-    assert source == "family" and index[("decode", "bfloat16", 128, 16)][(128, 8192)]["block_n"] == 32
+    assert source == "family" and index[("decode", "bfloat16", 128, 16)][(128, 8192, 4)]["block_n"] == 32
     assert tables_for("nvidia-h800", (9, 0), table_dir)[0] == "family"  # same compute capability
     assert tables_for("nvidia-gb200", (10, 0), table_dir) == ("heuristic", {})
 
 
 def test_nearest_bucket_and_missing_keys(table_dir):
-    _table(table_dir / "cpu.json", None, [_decode_entry(16, (8, 2048), 16), _decode_entry(16, (512, 32768), 32)])
+    _table(table_dir / "cpu.json", None, [_decode_entry(16, (8, 2048, 4), 16), _decode_entry(16, (512, 32768, 4), 32), _decode_entry(16, (8, 2048, 16), 64)])
     cpu = torch.device("cpu")
-    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096))[0]["block_n"] == 16
-    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (1024, 16384)) == (_decode_entry(16, (512, 32768), 32)["config"], "table")
-    assert lookup("decode", cpu, torch.bfloat16, 128, 256, (16, 4096)) == (None, "heuristic")  # other page
-    assert lookup("decode", cpu, torch.float16, 128, 16, (16, 4096)) == (None, "heuristic")  # other dtype
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096, 4))[0]["block_n"] == 16
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (1024, 16384, 4)) == (_decode_entry(16, (512, 32768, 4), 32)["config"], "table")
+    # The GQA group is an axis like the others: a group of 16 takes its own entry, a group of 2 the nearer group's.
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096, 16))[0]["block_n"] == 64
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096, 2))[0]["block_n"] == 16
+    assert lookup("decode", cpu, torch.bfloat16, 128, 256, (16, 4096, 4)) == (None, "heuristic")  # other page
+    assert lookup("decode", cpu, torch.float16, 128, 16, (16, 4096, 4)) == (None, "heuristic")  # other dtype
     assert [bucket(n) for n in (0, 1, 3, 4, 5, 1 << 20)] == [1, 1, 4, 4, 8, 1 << 15]
 
 
 def test_malformed_table_names_the_file(table_dir):
     (table_dir / "cpu.json").write_text('{"entries": [{"kernel": "decode"}]}')
     with pytest.raises(ValueError, match="cpu.json"):
-        lookup("decode", torch.device("cpu"), torch.bfloat16, 16, 16, (4, 64))
+        lookup("decode", torch.device("cpu"), torch.bfloat16, 16, 16, (4, 64, 2))
 
 
 @pytest.mark.parametrize(
@@ -83,13 +86,15 @@ def test_malformed_table_names_the_file(table_dir):
         (lambda t: t["entries"][0].update(head_dim="128"), "entry 0 has no 'head_dim' \\(an integer\\)"),
         (lambda t: t["entries"][0].pop("config"), "entry 0 has no 'config' \\(an object\\)"),
         (lambda t: t["entries"].append(7), "entry 2 is not an object"),
+        (lambda t: t["entries"][0].update(bucket=[8]), "entry 0's bucket \\[8\\] is not \\(rows, context, group\\) for decode"),
+        (lambda t: t["entries"][0].update(kernel="linear", bucket=[1, 8]), "entry 0's bucket \\[1, 8\\] is not \\(rows, N, K\\) for linear"),
     ],
 )
 def test_read_table_names_the_file_and_the_key_it_lacks(tmp_path, breakage, message):
     """Every key the lookups, write_table and merge_tables read is checked here, so none of them
     meets a raw KeyError later."""
     path = tmp_path / "nvidia-h100.json"
-    _table(path, [9, 0], [_decode_entry(16, (8, 2048), 16), _decode_entry(16, (64, 4096), 32)])
+    _table(path, [9, 0], [_decode_entry(16, (8, 2048, 4), 16), _decode_entry(16, (64, 4096, 4), 32)])
     table = json.loads(path.read_text())
     breakage(table)
     path.write_text(json.dumps(table))
@@ -97,11 +102,39 @@ def test_read_table_names_the_file_and_the_key_it_lacks(tmp_path, breakage, mess
         read_table(path)
 
 
+def test_two_axis_attention_buckets_read_as_the_8b_group(table_dir):
+    """A table written before the GQA group was keyed (every attention entry tuned at Qwen3-8B's
+    32 / 8 heads) serves lookups as group 4, and the next write stores it in three axes."""
+    cpu = torch.device("cpu")
+    prefill = dict(kernel="prefill", dtype="bfloat16", head_dim=128, page=0, bucket=[1024, True], config={"tile": [64, 64, 4, 2], "tma": False}, run=0)
+    _table(table_dir / "cpu.json", None, [_decode_entry(16, (8, 2048), 16), prefill])
+    assert read_table(table_dir / "cpu.json")["entries"][0]["bucket"] == [8, 2048, 4]
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (8, 2048, 4)) == (_decode_entry(16, (8, 2048), 16)["config"], "table")
+    assert lookup("prefill", cpu, torch.bfloat16, 128, 0, (1024, True, 2))[0] == prefill["config"]
+    write_table(table_dir / "cpu.json", {"gpu": "cpu"}, [_decode_entry(16, (8, 2048, 4), 32)])
+    stored = json.loads((table_dir / "cpu.json").read_text())["entries"]
+    assert sorted(e["bucket"] for e in stored) == [[8, 2048, 4], [1024, True, 4]] and len(stored) == 2
+    assert next(e for e in stored if e["kernel"] == "decode")["config"]["block_n"] == 32  # replaced, not kept beside
+
+
+def test_tuner_keys_attention_by_each_presets_group():
+    """--preset: decode, prefill and cascade buckets at each model's heads, keyed by its GQA group,
+    decode's rows counted in its kv heads; models of the same heads give their buckets once."""
+    def keys(*presets):
+        return {(b.kernel, b.page, b.key) for b in tune.buckets(True, ["bf16"], presets) if b.kernel in ("decode", "prefill", "cascade")}
+    default = keys(*tune.ATTENTION_MODELS)
+    assert {k[2][-1] for k in default} == {4} and ("decode", 16, (8, 512, 4)) in default
+    both = keys("qwen3-0.6b", "qwen3-1.7b", "qwen3-235b-a22b")
+    assert {k[2][-1] for k in both} == {2, 16} and len(both) == 2 * len(default)
+    assert ("decode", 16, (8, 512, 2)) in both and ("decode", 16, (4, 512, 16)) in both and ("cascade", 256, (1024, 2048, 16)) in both
+    assert ("prefill", 0, (512, True, 16)) in both
+
+
 def test_a_table_write_that_fails_half_way_keeps_the_old_table(tmp_path):
     """The tuner killed, or its disk full, mid-write: the table it had is still whole."""
     path = tmp_path / "cpu.json"
-    old = write_table(path, {"gpu": "cpu"}, [_decode_entry(16, (8, 2048), 16)])
-    winners = [_decode_entry(16, (8, 1 << i), 16) for i in range(200)]
+    old = write_table(path, {"gpu": "cpu"}, [_decode_entry(16, (8, 2048, 4), 16)])
+    winners = [_decode_entry(16, (8, 1 << i, 4), 16) for i in range(200)]
     setup = f"from pathlib import Path\nfrom minivllm.kernels.tuning_table import write_table\nwinners = {winners!r}"
     proc = write_on_full_disk(setup, f"write_table(Path({str(path)!r}), {{'gpu': 'cpu'}}, winners)", 8192)
     assert "File too large" in proc.stderr
@@ -154,7 +187,7 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
     # the interpreter decides either way (min_rows 1, or never).
     entry = next(e for e in second["entries"] if e["kernel"] == "cascade")
     assert entry["config"]["min_rows"] == entry["config"]["min_shared"] in (1, tune.NEVER)
-    assert cascade_config(device, torch.bfloat16, 16, 16, 3, 2, 32) == CascadeConfig(source="table", **entry["config"])
+    assert cascade_config(device, torch.bfloat16, 16, 16, 3, 4, 2, 32) == CascadeConfig(source="table", **entry["config"])
     shared = share_prefix(paged_cache([40, 37, 33], 16, 2, 16, torch.bfloat16, device, gen), [40, 37, 33], 2)
     args = (randn((3, 4, 16), torch.bfloat16, device, gen), shared.k_cache, shared.v_cache, shared.block_table, torch.tensor([40, 37, 33], dtype=torch.int32, device=device))
     out = cascade_attention_decode(*args, torch.tensor([32], dtype=torch.int32, device=device), max_context_len=40)
@@ -166,6 +199,8 @@ def test_committed_tables_hold_valid_configs(path):
     """Every committed table parses, says where it came from, and holds configs the kernels
     accept: decode's fetch scheme and power-of-two tiles, prefill's tiles, the cascade's tiles and
     verdict, the projections' tiles or cuBLAS."""
+    text = json.loads(path.read_text())
+    assert all(len(e["bucket"]) == 3 for e in text["entries"]), "stored keyed as the lookups ask: attention buckets end with the GQA group"
     table = read_table(path)
     prov = table["provenance"]
     assert prov["gpu"] and prov["torch"] and prov["triton"] and prov["date"] and prov["commit"] and prov["compute_capability"]

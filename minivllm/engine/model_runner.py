@@ -215,7 +215,7 @@ class ModelRunner:
         if not self.config.cascade_attention or shared == 0:
             return False
         a = self.model.args
-        c = cascade_config(self.device, self.dtype, a.head_dim, self.block_size, rows, self.model.num_kv_heads, self.config.max_model_len)
+        c = cascade_config(self.device, self.dtype, a.head_dim, self.block_size, rows, self.model.num_heads, self.model.num_kv_heads, self.config.max_model_len)
         return rows >= c.min_rows and shared >= c.min_shared
 
     def decode_inputs(self, packed: torch.Tensor, rows: int, max_context_len: int, cascade: bool = False):

@@ -94,15 +94,16 @@ class CascadeConfig:
                     programs_per_sm=self.programs_per_sm, min_rows=self.min_rows, min_shared=self.min_shared)
 
 
-def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page: int, rows: int, num_kv_heads: int, max_shared: int) -> CascadeConfig:
-    """The config for `rows` rows of `num_kv_heads` kv heads sharing at most max_shared tokens of
-    pages of `page` tokens: the device's tuning table entry (kernel "cascade", bucket (rows x
-    kv_heads, max shared tokens)), else the heuristic: a 64-row query tile, 64-token K/V tiles,
+def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page: int, rows: int, num_heads: int, num_kv_heads: int,
+                   max_shared: int) -> CascadeConfig:
+    """The config for `rows` rows of `num_heads` query heads over `num_kv_heads` kv heads sharing at
+    most max_shared tokens of pages of `page` tokens: the device's tuning table entry (kernel
+    "cascade", bucket (rows x kv_heads, max shared tokens, GQA group)), else the heuristic: a 64-row query tile, 64-token K/V tiles,
     and the cascade taken from 16 rows sharing 256 tokens. On an H100, 16 rows sharing 2,048
     tokens ran 1.21x (256-token pages) and 1.53x (16-token pages) plain decode's speed once each
     row's suffix was split evenly, 64 rows 1.5-1.75x; fewer rows were not measured, and there the
     L2 serves most repeated prefix reads anyway (benchmarks/NOTES.md)."""
-    found, source = lookup("cascade", device, dtype, head_dim, page, (bucket(rows * num_kv_heads), bucket(max_shared)))
+    found, source = lookup("cascade", device, dtype, head_dim, page, (bucket(rows * num_kv_heads), bucket(max_shared), bucket(num_heads // num_kv_heads)))
     if found is not None:
         return CascadeConfig(source=source, **found)
     if interpreting():
@@ -200,7 +201,7 @@ def cascade_attention_decode(
     out = check_out(out, q)
     if q.shape[0] == 0:
         return out
-    config = cascade_config(q.device, q.dtype, head_dim, page, q.shape[0], k_cache.shape[2], max_shared)
+    config = cascade_config(q.device, q.dtype, head_dim, page, q.shape[0], q.shape[1], k_cache.shape[2], max_shared)
     launch_cascade(q, k_cache, v_cache, block_table, context_lens, shared_len, out, max_context, max_shared, scale, config)
     return out
 

@@ -241,11 +241,12 @@ flash_fwd_tuned = triton.autotune(
 
 def prefill_config(q: torch.Tensor, k: torch.Tensor, max_seqlen_k: int, causal: bool, paged: bool) -> tuple[dict | None, str]:
     """(config, source) of a flash_attn_varlen call: the device's tuning-table entry for (dtype,
-    head_dim, page or 0 for contiguous keys, key-length bucket, causal), as
+    head_dim, page or 0 for contiguous keys, key-length bucket, causal, GQA group), as
     {"tile": [BLOCK_M, BLOCK_N, num_warps, num_stages], "tma": bool} and, for a paged entry that
     copies the keys out first, "gather": true; or (None, 'heuristic')."""
     page = k.shape[1] if paged else 0
-    return lookup("prefill", q.device, q.dtype, q.shape[-1], page, (bucket(max_seqlen_k), bool(causal)))
+    group = q.shape[1] // k.shape[-2]
+    return lookup("prefill", q.device, q.dtype, q.shape[-1], page, (bucket(max_seqlen_k), bool(causal), bucket(group)))
 
 
 def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True):

@@ -179,10 +179,11 @@ def _heuristic(block_d: int, dtype: torch.dtype) -> DecodeConfig:
 
 def decode_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, max_context: int) -> DecodeConfig:
     """The config a paged_attention_decode call with these tensors launches with: the device's
-    tuning table for (dtype, head_dim, page, batch x kv_heads, context), else the heuristic.
+    tuning table for (dtype, head_dim, page, batch x kv_heads, context, GQA group), else the heuristic.
     A table's TMA choice falls back to gathering where TMA cannot address these caches."""
     head_dim, page = q.shape[-1], k_cache.shape[1]
-    found, source = lookup("decode", q.device, q.dtype, head_dim, page, (bucket(q.shape[0] * k_cache.shape[2]), bucket(max_context)))
+    rows, group = q.shape[0] * k_cache.shape[2], q.shape[1] // k_cache.shape[2]
+    found, source = lookup("decode", q.device, q.dtype, head_dim, page, (bucket(rows), bucket(max_context), bucket(group)))
     if found is None:
         return _heuristic(head_dim_block(head_dim), q.dtype)
     config = DecodeConfig(source=source, **found)

@@ -5,13 +5,16 @@ MINIVLLM_KERNEL_CONFIGS), written by `python -m benchmarks.tune`:
 
     {"provenance": {"gpu": ..., "compute_capability": [9, 0], "sm_count": ..., ...},
      "entries": [{"kernel": "decode", "dtype": "bfloat16", "head_dim": 128, "page": 16,
-                  "bucket": [rows, context], "config": {...}, "margin": 0.04}, ...]}
+                  "bucket": [rows, context, group], "config": {...}, "margin": 0.04}, ...]}
 
 The key is (kernel, dtype, head_dim, page, bucket). Buckets are powers of two: for decode
-(batch x kv_heads, max context), for prefill (max key length, causal); page is 0 for contiguous
-keys. The engine's projections (kernels `linear`, `norm_linear`, `gated_linear`: skinny_linear's
-forms; head_dim and page 0) are keyed (rows as a power of two, N, K) of their weight; their
-config is a skinny_linear tile, or cuBLAS where the unfused steps won. A shape whose bucket the table lacks takes the nearest tuned bucket of the same kernel,
+(batch x kv_heads, max context, GQA group), for prefill (max key length, causal, GQA group), for
+the cascade (batch x kv_heads, shared prefix, GQA group); page is 0 for contiguous keys. The group
+(query heads per kv head) is keyed because it sets how many query rows a decode program packs and
+how a prefill's K/V tiles are shared: the 8B's 32 / 8 heads' winners lost on the 235B's 64 / 4
+(benchmarks/NOTES.md). The engine's projections (kernels `linear`, `norm_linear`, `gated_linear`:
+skinny_linear's forms; head_dim and page 0) are keyed (rows as a power of two, N, K) of their
+weight; their config is a skinny_linear tile, or cuBLAS where the unfused steps won. A shape whose bucket the table lacks takes the nearest tuned bucket of the same kernel,
 dtype, head_dim and page. A device is looked up as itself, then as its family (a table of the
 same name stem, as an H100 NVL falls back to the H100's, else of the same compute capability),
 then the kernels' own heuristics; the answer says which (`table`, `family`, `heuristic`).
@@ -54,6 +57,15 @@ def bucket(n: int) -> int:
     return min(MAX_BUCKET, 1 << max(0, int(n) - 1).bit_length())
 
 
+# Each kernel's bucket axes. The attention kernels' last axis is the GQA group; tables written
+# before it was keyed hold two-axis attention buckets, all tuned at the one shape the tuner had
+# then, Qwen3-8B's 32 / 8 heads, so read_table reads them as group UNGROUPED_AS.
+BUCKET_AXES = {"decode": ("rows", "context", "group"), "prefill": ("key length", "causal", "group"), "cascade": ("rows", "shared prefix", "group"),
+               "linear": ("rows", "N", "K"), "norm_linear": ("rows", "N", "K"), "gated_linear": ("rows", "N", "K")}
+GROUPED = ("decode", "prefill", "cascade")
+UNGROUPED_AS = 4
+
+
 def entry_key(kernel: str, dtype: str, head_dim: int, page: int) -> tuple:
     return kernel, dtype, int(head_dim), int(page)
 
@@ -88,6 +100,9 @@ def table_problem(table) -> str | None:
         for key, (kind, what) in ENTRY_FIELDS.items():
             if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
                 return f"entry {i} has no '{key}' ({what})"
+        axes = BUCKET_AXES.get(entry["kernel"])
+        if axes and len(entry["bucket"]) != len(axes) and not (entry["kernel"] in GROUPED and len(entry["bucket"]) == len(axes) - 1):
+            return f"entry {i}'s bucket {entry['bucket']} is not ({', '.join(axes)}) for {entry['kernel']}"
         if not 0 <= entry["run"] < len(table["runs"]):
             return f"entry {i}'s 'run' {entry['run']} is not an index into 'runs' ({len(table['runs'])} run{'s' * (len(table['runs']) > 1)})"
     return None
@@ -95,7 +110,8 @@ def table_problem(table) -> str | None:
 
 def read_table(path: Path) -> dict:
     """A table file, checked for every key the lookups, write_table and merge_tables read; ValueError
-    names the file and what is wrong with it."""
+    names the file and what is wrong with it. Two-axis attention buckets come back with group
+    UNGROUPED_AS, so a rewrite stores them keyed as the lookups ask."""
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -103,6 +119,9 @@ def read_table(path: Path) -> dict:
     problem = table_problem(table)
     if problem:
         raise ValueError(f"tuning table {path} is malformed: {problem}")
+    for e in table["entries"]:
+        if e["kernel"] in GROUPED and len(e["bucket"]) == len(BUCKET_AXES[e["kernel"]]) - 1:
+            e["bucket"] = [*e["bucket"], UNGROUPED_AS]
     return table
 
 
