@@ -147,7 +147,8 @@ class Qwen3ForCausalLM(nn.Module):
         self.args, self.tp, self.backend = args, tp or TPGroup(), backend
         self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, self.tp)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(args, self.backend, self.tp) for _ in range(args.num_layers))
-        self.num_heads, self.num_kv_heads = self.layers[0].self_attn.num_heads, self.layers[0].self_attn.num_kv_heads  # this rank's
+        # This rank's heads under tensor parallelism: what its kernels launch over.
+        self.num_heads, self.num_kv_heads = self.layers[0].self_attn.num_heads, self.layers[0].self_attn.num_kv_heads
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, self.backend)
         self.lm_head = nn.Linear(args.hidden_size, self.embed_tokens.weight.shape[0], bias=False)
         if args.tie_word_embeddings:

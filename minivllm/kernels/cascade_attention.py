@@ -98,8 +98,9 @@ def cascade_config(device: torch.device, dtype: torch.dtype, head_dim: int, page
                    max_shared: int) -> CascadeConfig:
     """The config for `rows` rows of `num_heads` query heads over `num_kv_heads` kv heads sharing at
     most max_shared tokens of pages of `page` tokens: the device's tuning table entry (kernel
-    "cascade", bucket (rows x kv_heads, max shared tokens, GQA group)), else the heuristic: a 64-row query tile, 64-token K/V tiles,
-    and the cascade taken from 16 rows sharing 256 tokens. On an H100, 16 rows sharing 2,048
+    "cascade", bucket (rows x kv_heads, max shared tokens, GQA group)), else the heuristic: a
+    64-row query tile, 64-token K/V tiles, and the cascade taken from 16 rows sharing 256 tokens.
+    On an H100, 16 rows sharing 2,048
     tokens ran 1.21x (256-token pages) and 1.53x (16-token pages) plain decode's speed once each
     row's suffix was split evenly, 64 rows 1.5-1.75x; fewer rows were not measured, and there the
     L2 serves most repeated prefix reads anyway (benchmarks/NOTES.md)."""
