@@ -14,8 +14,9 @@ the cascade (batch x kv_heads, shared prefix, GQA group); page is 0 for contiguo
 how a prefill's K/V tiles are shared: the 8B's 32 / 8 heads' winners lost on the 235B's 64 / 4
 (benchmarks/NOTES.md). The engine's projections (kernels `linear`, `norm_linear`, `gated_linear`:
 skinny_linear's forms; head_dim and page 0) are keyed (rows as a power of two, N, K) of their
-weight; their config is a skinny_linear tile, or cuBLAS where the unfused steps won. A shape whose bucket the table lacks takes the nearest tuned bucket of the same kernel,
-dtype, head_dim and page. A device is looked up as itself, then as its family (a table of the
+weight; their config is a skinny_linear tile, or cuBLAS where the unfused steps won. A shape
+whose bucket the table lacks takes the nearest tuned bucket of the same kernel, dtype, head_dim
+and page. A device is looked up as itself, then as its family (a table of the
 same name stem, as an H100 NVL falls back to the H100's, else of the same compute capability),
 then the kernels' own heuristics; the answer says which (`table`, `family`, `heuristic`).
 Lookups are cached, so a launch pays one dict access; under a CUDA graph it happens at capture.
@@ -61,9 +62,14 @@ def bucket(n: int) -> int:
 # before it was keyed hold two-axis attention buckets, all tuned at the one shape the tuner had
 # then, Qwen3-8B's 32 / 8 heads, so read_table reads them as group UNGROUPED_AS.
 BUCKET_AXES = {"decode": ("rows", "context", "group"), "prefill": ("key length", "causal", "group"), "cascade": ("rows", "shared prefix", "group"),
-               "linear": ("rows", "N", "K"), "norm_linear": ("rows", "N", "K"), "gated_linear": ("rows", "N", "K")}
-GROUPED = ("decode", "prefill", "cascade")
+               **dict.fromkeys(("linear", "norm_linear", "gated_linear"), ("rows", "N", "K"))}
 UNGROUPED_AS = 4
+
+
+def _ungrouped(entry: dict) -> bool:
+    """Whether an entry is an attention entry written before the GQA group was keyed."""
+    axes = BUCKET_AXES.get(entry["kernel"], ())
+    return axes[-1:] == ("group",) and len(entry["bucket"]) == len(axes) - 1
 
 
 def entry_key(kernel: str, dtype: str, head_dim: int, page: int) -> tuple:
@@ -101,7 +107,7 @@ def table_problem(table) -> str | None:
             if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
                 return f"entry {i} has no '{key}' ({what})"
         axes = BUCKET_AXES.get(entry["kernel"])
-        if axes and len(entry["bucket"]) != len(axes) and not (entry["kernel"] in GROUPED and len(entry["bucket"]) == len(axes) - 1):
+        if axes and len(entry["bucket"]) != len(axes) and not _ungrouped(entry):
             return f"entry {i}'s bucket {entry['bucket']} is not ({', '.join(axes)}) for {entry['kernel']}"
         if not 0 <= entry["run"] < len(table["runs"]):
             return f"entry {i}'s 'run' {entry['run']} is not an index into 'runs' ({len(table['runs'])} run{'s' * (len(table['runs']) > 1)})"
@@ -120,7 +126,7 @@ def read_table(path: Path) -> dict:
     if problem:
         raise ValueError(f"tuning table {path} is malformed: {problem}")
     for e in table["entries"]:
-        if e["kernel"] in GROUPED and len(e["bucket"]) == len(BUCKET_AXES[e["kernel"]]) - 1:
+        if _ungrouped(e):
             e["bucket"] = [*e["bucket"], UNGROUPED_AS]
     return table
 
