@@ -8,8 +8,9 @@ copy_gbps, and the table's title says which); the speedup columns put each of ou
 against the fastest SDPA backend measured on the same row.
 
 Triton benchmarks record extra_info["config_source"]: "table" when the launch configs came from
-this GPU's tuning table, "family" when from a related card's table, "heuristic" when from the
-kernels' defaults. A cell that ran untuned is marked [F] or [H], each table ends with the count
+this GPU's tuning table, "other group" when from its entries tuned at another GQA group (a model
+whose heads were not tuned), "family" when from a related card's table, "heuristic" when from the
+kernels' defaults. A cell that ran untuned is marked [G], [F] or [H], each table ends with the count
 per source, and a file with any untuned benchmark opens with a warning. Files from before the
 tables, and non-Triton impls, record none and show none.
 """
@@ -31,9 +32,9 @@ IMPL_ORDER = ("torch_standard", "torch_loop", "torch_gather", "naive_triton", "f
 OURS = ("naive_triton", "flash_triton", "triton_paged")
 PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_dense")
 # config_source values in the order shown; "table" is the tuned case, so only the others mark a cell.
-CONFIG_SOURCES = ("table", "family", "heuristic")
-UNTUNED_MARKS = {"family": "F", "heuristic": "H"}
-UNTUNED_MEANING = {"family": "another card's table", "heuristic": "the kernels' defaults"}
+CONFIG_SOURCES = ("table", "other group", "family", "heuristic")
+UNTUNED_MARKS = {"other group": "G", "family": "F", "heuristic": "H"}
+UNTUNED_MEANING = {"other group": "this card's entries tuned at another GQA group", "family": "another card's table", "heuristic": "the kernels' defaults"}
 
 
 @dataclass(frozen=True)
@@ -356,7 +357,7 @@ def render(loaded: list[tuple[Path, dict]], suite: str | None = None, plot: Path
         lines += machine_lines(str(path), machine)
         warning = untuned([b for name in chosen for b in by_suite[name]])
         if warning:
-            lines.append(f"!!! UNTUNED TRITON CONFIGS: {warning} ran without this GPU's tuning table (marked [F]/[H] below) !!!")
+            lines.append(f"!!! UNTUNED TRITON CONFIGS: {warning} ran without this GPU's tuning for their shape (marked [G]/[F]/[H] below) !!!")
         lines.append("")
         for name in chosen:
             lines.append(suite_table(by_suite[name], name, SUITES[name]) + "\n")

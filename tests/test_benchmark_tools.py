@@ -349,19 +349,20 @@ def test_report_shows_where_triton_configs_came_from(tmp_path, capsys):
         sourced("prefill", "flash_triton", 1e-3, "table", size=1024),
         sourced("prefill", "flash_triton", 1e-3, "family", size=2048),
         sourced("prefill", "flash_triton", 2e-3, "heuristic", size=4096),  # under 100% of the ceiling
+        sourced("prefill", "flash_triton", 1e-2, "other group", size=8192),
         sourced("prefill", "sdpa_cudnn", 1e-3, None, size=4096),
         sourced("decode", "triton_paged", 2e-5, "table", size=2048),
         sourced("decode", "triton_paged", 2e-5, "table", size=4096),
     ]
     assert report.main([str(write(tmp_path / "mixed.json", benches))]) == 0
     out = capsys.readouterr().out
-    banner = "!!! UNTUNED TRITON CONFIGS: 2 of 5 Triton benchmarks (family 1, heuristic 1) ran without this GPU's tuning table"
+    banner = "!!! UNTUNED TRITON CONFIGS: 3 of 6 Triton benchmarks (other group 1, family 1, heuristic 1) ran without this GPU's tuning for their shape"
     assert banner in out and out.index(banner) < out.index("## prefill")
     prefill, decode = out.split("## prefill")[1].split("## decode")
     cells = {row[4]: row[8] for row in table_rows(prefill)}
-    assert cells["1024"].endswith("%)") and cells["2048"].endswith("%) [F]") and cells["4096"].endswith("%) [H]")
-    assert "config source: flash_triton table 1, family 1, heuristic 1 ([F] family" in prefill
-    assert "config source: triton_paged table 2\n" in decode + "\n" and "[F]" not in decode and "[H]" not in decode
+    assert cells["1024"].endswith("%)") and cells["2048"].endswith("%) [F]") and cells["4096"].endswith("%) [H]") and cells["8192"].endswith("%) [G]")
+    assert "config source: flash_triton table 1, other group 1, family 1, heuristic 1 ([G] other group" in prefill
+    assert "config source: triton_paged table 2\n" in decode + "\n" and not any(m in decode for m in ("[G]", "[F]", "[H]"))
     assert report.main([str(tmp_path / "mixed.json"), "--suite", "decode"]) == 0
     assert "UNTUNED" not in capsys.readouterr().out  # the untuned benchmarks are all in the suite not shown
 

@@ -60,8 +60,9 @@ def test_nearest_bucket_and_missing_keys(table_dir):
     assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096, 4))[0]["block_n"] == 16
     assert lookup("decode", cpu, torch.bfloat16, 128, 16, (1024, 16384, 4)) == (_decode_entry(16, (512, 32768, 4), 32)["config"], "table")
     # The GQA group is an axis like the others: a group of 16 takes its own entry, a group of 2 the nearer group's.
-    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096, 16))[0]["block_n"] == 64
-    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096, 2))[0]["block_n"] == 16
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096, 16)) == (_decode_entry(16, (8, 2048, 16), 64)["config"], "table")
+    # ...and says so: its source names the untuned group, as a report's [G] mark shows.
+    assert lookup("decode", cpu, torch.bfloat16, 128, 16, (16, 4096, 2)) == (_decode_entry(16, (8, 2048, 4), 16)["config"], "other group")
     assert lookup("decode", cpu, torch.bfloat16, 128, 256, (16, 4096, 4)) == (None, "heuristic")  # other page
     assert lookup("decode", cpu, torch.float16, 128, 16, (16, 4096, 4)) == (None, "heuristic")  # other dtype
     assert [bucket(n) for n in (0, 1, 3, 4, 5, 1 << 20)] == [1, 1, 4, 4, 8, 1 << 15]

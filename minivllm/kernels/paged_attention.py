@@ -145,7 +145,7 @@ MAX_SPLITS = 128
 class DecodeConfig:
     """How one decode launch runs: the fetch scheme ('tma' or 'gather'), the K/V tile (tokens,
     warps, pipeline stages), the programs the split policy packs onto each SM, and which source
-    chose it ('table', 'family' or 'heuristic'; a tuner's candidate keeps the default)."""
+    chose it ('table', 'other group', 'family' or 'heuristic'; a tuner's candidate keeps the default)."""
 
     fetch: str
     block_n: int

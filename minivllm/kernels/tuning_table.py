@@ -226,12 +226,17 @@ def _nearest(buckets: tuple[tuple, ...], want: tuple) -> tuple:
 def lookup(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, page: int, want: tuple) -> tuple[dict | None, str]:
     """(config, source) for one launch: the config the device's table (or its family's) holds
     for this key and the nearest tuned bucket to `want` (power-of-two buckets), or
-    (None, 'heuristic'). Cached: callers pass bucketed shapes, so the cache stays small."""
+    (None, 'heuristic'). The source is 'other group' where the device's own table served an
+    attention launch from an entry tuned at another GQA group (a model whose heads were not
+    tuned). Cached: callers pass bucketed shapes, so the cache stays small."""
     source, index = tables_for(device_slug(device), _capability(device), config_dir())
-    group = index.get(entry_key(kernel, dtype_name(dtype), head_dim, page))
-    if not group:
+    entries = index.get(entry_key(kernel, dtype_name(dtype), head_dim, page))
+    if not entries:
         return None, "heuristic"
-    return group[_nearest(tuple(group), tuple(want))], source
+    chosen = _nearest(tuple(entries), tuple(want))
+    if source == "table" and BUCKET_AXES.get(kernel, ())[-1:] == ("group",) and chosen[-1] != want[-1]:
+        source = "other group"
+    return entries[chosen], source
 
 
 def clear_cache() -> None:
