@@ -548,9 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         chain, chain_us = "", None
         if b.kernel in FORMS and b.shape["rows"] == 1 and "tile" in best["config"] and pdl_supported(device):
             # PDL is a launch's, not a tile's: the winner's tile decides it, in a chain of launches.
-            pdl, plain_us, pdl_us = pdl_verdict(b, tuple(best["config"]["tile"]), device)
-            best, chain_us = dict(best, config=dict(best["config"], pdl=pdl)), [plain_us, pdl_us]
-            chain = f"  in a chain {plain_us:.2f} µs a launch, {pdl_us:.2f} with pdl ({'kept' if pdl else 'not kept'})"
+            try:
+                pdl, plain_us, pdl_us = pdl_verdict(b, tuple(best["config"]["tile"]), device)
+                best, chain_us = dict(best, config=dict(best["config"], pdl=pdl)), [plain_us, pdl_us]
+                chain = f"  in a chain {plain_us:.2f} µs a launch, {pdl_us:.2f} with pdl ({'kept' if pdl else 'not kept'})"
+            except Exception as e:  # noqa: BLE001 - a launch the compiler or driver refuses leaves the entry without PDL
+                chain = f"  pdl not timed: {type(e).__name__}: {_first_line(e)}"
         margin = timed[1]["ms"] / best["ms"] - 1 if len(timed) > 1 else None
         winners.append(dict(b.entry_key, config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape,
                             **({"chain_us": chain_us} if chain_us else {})))
