@@ -18,7 +18,8 @@ weight; their config is a skinny_linear tile, or cuBLAS where the unfused steps 
 whose bucket the table lacks takes the nearest tuned bucket of the same kernel, dtype, head_dim
 and page. A device is looked up as itself, then as its family (a table of the
 same name stem, as an H100 NVL falls back to the H100's, else of the same compute capability),
-then the kernels' own heuristics; the answer says which (`table`, `family`, `heuristic`).
+then the kernels' own heuristics; the answer says which (`table`, `family`, `heuristic`, or
+`other group` where the device's own table served an attention shape from another GQA group's entry).
 Lookups are cached, so a launch pays one dict access; under a CUDA graph it happens at capture.
 write_table, save_table and merge_tables, which the tuner and slurm.tune_merge use, touch JSON only;
 the writers replace a table atomically.
@@ -66,10 +67,14 @@ BUCKET_AXES = {"decode": ("rows", "context", "group"), "prefill": ("key length",
 UNGROUPED_AS = 4
 
 
+def _grouped(kernel: str) -> bool:
+    """Whether the kernel's buckets end with the GQA group (the attention kernels)."""
+    return BUCKET_AXES.get(kernel, ())[-1:] == ("group",)
+
+
 def _ungrouped(entry: dict) -> bool:
     """Whether an entry is an attention entry written before the GQA group was keyed."""
-    axes = BUCKET_AXES.get(entry["kernel"], ())
-    return axes[-1:] == ("group",) and len(entry["bucket"]) == len(axes) - 1
+    return _grouped(entry["kernel"]) and len(entry["bucket"]) == len(BUCKET_AXES[entry["kernel"]]) - 1
 
 
 def entry_key(kernel: str, dtype: str, head_dim: int, page: int) -> tuple:
@@ -234,7 +239,7 @@ def lookup(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int,
     if not entries:
         return None, "heuristic"
     chosen = _nearest(tuple(entries), tuple(want))
-    if source == "table" and BUCKET_AXES.get(kernel, ())[-1:] == ("group",) and chosen[-1] != want[-1]:
+    if source == "table" and _grouped(kernel) and chosen[-1] != want[-1]:
         source = "other group"
     return entries[chosen], source
 
