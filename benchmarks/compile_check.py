@@ -241,10 +241,9 @@ def _linear_candidate_launches(target: str, dtype, form: str, rows: int, n: int,
     """{tuner's name: launches} of a projection bucket's kernel candidates (the unfused steps launch
     none of skinny_linear's); at one row on Hopper or later also each tile launched with PDL, as
     the tuner's chain times the winner."""
-    out = {tune.linear_name(t): _linear_launches(target, dtype, form, rows, n, k, t) for t in tune.linear_candidates(rows, True) if t is not None}
-    if rows == 1 and cc.target_of(target).arch >= 90:
-        out |= {tune.linear_name(t) + " pdl": _linear_launches(target, dtype, form, rows, n, k, t, pdl=True) for t in tune.linear_candidates(rows, True) if t is not None}
-    return out
+    pdls = (False, True) if rows == 1 and cc.target_of(target).arch >= 90 else (False,)
+    return {tune.linear_name(t) + " pdl" * pdl: _linear_launches(target, dtype, form, rows, n, k, t, pdl)
+            for pdl in pdls for t in tune.linear_candidates(rows, True) if t is not None}
 
 
 def linear_launches(target: str, short: str, directory: Path = DEFAULT_DIR) -> list[tuple[str, cc.Launch]]:
