@@ -16,8 +16,9 @@ work that feeds the projection rides along instead of launching a kernel of its 
 Products accumulate in fp32. One row multiplies and sums on the CUDA cores; more rows pad to a
 16-row `tl.dot`. With `pdl` (Hopper or later) the kernel is a programmatic dependent launch: it
 starts under the kernel before it, reads its first weight tile, and only then waits for that
-kernel's output, so in a decode step's chain of projections the weight reads overlap. Which tile a shape takes, and whether it beats cuBLAS at all, is the device's
-tuning table's (`linear` entries, minivllm/engine/linear.py decides)."""
+kernel's output, so in a decode step's chain of projections the weight reads overlap. Which
+tile a shape takes, whether it launches with PDL, and whether it beats cuBLAS at all, is the
+device's tuning table's (`linear` entries, minivllm/engine/linear.py decides)."""
 
 import torch
 import triton
