@@ -221,29 +221,25 @@ def tuner_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
     return out
 
 
-def _linear_launches(target: str, dtype, form: str, rows: int, n: int, k: int, tile, pdl: bool = False) -> list[cc.Launch]:
-    """skinny_linear's launches for `tile` (with `pdl`) at `rows` rows of an (n, k) weight in
-    `form` (of skinny_linear.FORMS), as the engine runs it (minivllm/engine/linear.py): the norm
-    form both after the residual add and without it (the first layer)."""
+def _linear_launches(target: str, dtype, form: str, rows: int, n: int, k: int, tile) -> list[cc.Launch]:
+    """skinny_linear's launches for `tile` at `rows` rows of an (n, k) weight in `form` (of
+    skinny_linear.FORMS), as the engine runs it (minivllm/engine/linear.py): the norm form both
+    after the residual add and without it (the first layer)."""
     x, weight, norm_weight = torch.empty(rows, k, dtype=dtype), torch.empty(n, k, dtype=dtype), torch.empty(k, dtype=dtype)
     with cc.recording(target) as launches:
         if form == "linear":
-            skinny_linear(x, weight, tile=tile, pdl=pdl)
+            skinny_linear(x, weight, tile=tile)
         elif form == "norm_linear":
-            skinny_linear(x, weight, norm_weight=norm_weight, tile=tile, pdl=pdl)
-            skinny_linear(x, weight, residual=torch.empty_like(x), norm_weight=norm_weight, tile=tile, pdl=pdl)
+            skinny_linear(x, weight, norm_weight=norm_weight, tile=tile)
+            skinny_linear(x, weight, residual=torch.empty_like(x), norm_weight=norm_weight, tile=tile)
         else:
-            skinny_linear(torch.empty(rows, 2 * k, dtype=dtype), weight, gated=True, tile=tile, pdl=pdl)
+            skinny_linear(torch.empty(rows, 2 * k, dtype=dtype), weight, gated=True, tile=tile)
     return launches
 
 
 def _linear_candidate_launches(target: str, dtype, form: str, rows: int, n: int, k: int) -> dict[str, list[cc.Launch]]:
-    """{tuner's name: launches} of a projection bucket's kernel candidates (the unfused steps launch
-    none of skinny_linear's); at one row on Hopper or later also each tile launched with PDL, as
-    the tuner's chain times the winner."""
-    pdls = (False, True) if rows == 1 and cc.target_of(target).arch >= 90 else (False,)
-    return {tune.linear_name(t) + " pdl" * pdl: _linear_launches(target, dtype, form, rows, n, k, t, pdl)
-            for pdl in pdls for t in tune.linear_candidates(rows, True) if t is not None}
+    """{tuner's name: launches} of a projection bucket's kernel candidates (the unfused steps launch none of skinny_linear's)."""
+    return {tune.linear_name(t): _linear_launches(target, dtype, form, rows, n, k, t) for t in tune.linear_candidates(rows, True) if t is not None}
 
 
 def linear_launches(target: str, short: str, directory: Path = DEFAULT_DIR) -> list[tuple[str, cc.Launch]]:
@@ -260,8 +256,7 @@ def linear_launches(target: str, short: str, directory: Path = DEFAULT_DIR) -> l
     for path, table in capability_tables(target, directory):
         for e in table["entries"]:
             if e["kernel"] in FORMS and e["dtype"] == dtype_name(dtype) and "tile" in e["config"]:
-                tile, pdl = tuple(e["config"]["tile"]), bool(e["config"].get("pdl"))
-                out += [(f"table {path.name}", x) for x in _linear_launches(target, dtype, e["kernel"], *e["bucket"], tile, pdl)]
+                out += [(f"table {path.name}", x) for x in _linear_launches(target, dtype, e["kernel"], *e["bucket"], tuple(e["config"]["tile"]))]
     for b in tune.buckets(True, [short]):
         if b.kernel in FORMS:
             s = b.shape

@@ -41,7 +41,6 @@ if __name__ == "__main__" and "--dry-run" not in sys.argv[1:]:
 
 from benchmarks.ceilings import software_facts
 from benchmarks.grid import shared_prefix_lens
-from benchmarks.launch_chain import PDL_GAIN, pdl_chain_us
 from benchmarks.output_paths import output_dir, output_file
 from benchmarks.presets import PRESETS
 from benchmarks.repo import commit
@@ -53,7 +52,7 @@ from minivllm.kernels import rms_norm, silu_and_mul
 from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade
 from minivllm.kernels.flash_attention import prefill_launches, prefill_plan, run_launches
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, tma_able
-from minivllm.kernels.skinny_linear import FORMS, pdl_supported, skinny_linear
+from minivllm.kernels.skinny_linear import FORMS, skinny_linear
 from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, entry_id, read_table, write_table
 from minivllm.reference import rms_norm_ref, silu_and_mul_ref
 from minivllm.reference.decode_check import check_decode
@@ -317,25 +316,17 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
     return candidates, out, check, peer, matmuls_alone
 
 
-def _linear_inputs(b: Bucket, device: torch.device, gen: torch.Generator):
-    """(x, residual, norm_weight, weight, fused) of a projection bucket in its form (b.kernel):
-    fused holds skinny_linear's arguments for the step the form fuses in."""
-    s, dtype, form = b.shape, SHORT_DTYPES[b.dtype], b.kernel
-    x = randn((s["rows"], 2 * s["k"] if form == "gated_linear" else s["k"]), dtype, device, gen)
-    residual = randn((s["rows"], s["k"]), dtype, device, gen)
-    norm_weight = (0.5 + torch.rand(s["k"], generator=gen, device=device)).to(dtype)
-    weight = randn((s["n"], s["k"]), dtype, device, gen) / s["k"] ** 0.5
-    fused = dict(linear={}, norm_linear=dict(residual=residual, norm_weight=norm_weight, eps=NORM_EPS), gated_linear=dict(gated=True))[form]
-    return x, residual, norm_weight, weight, fused
-
-
 def _linear_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
     """The same for a projection bucket in its form (b.kernel, of FORMS): the unfused steps, as
     the engine runs them without the kernel, are a candidate, not a peer; the check holds y to
     the unfused references in float64 and in the dtype."""
     s, dtype, form = b.shape, SHORT_DTYPES[b.dtype], b.kernel
-    x, residual, norm_weight, weight, fused = _linear_inputs(b, device, gen)
+    x = randn((s["rows"], 2 * s["k"] if form == "gated_linear" else s["k"]), dtype, device, gen)
+    residual = randn((s["rows"], s["k"]), dtype, device, gen)
+    norm_weight = (0.5 + torch.rand(s["k"], generator=gen, device=device)).to(dtype)
+    weight = randn((s["n"], s["k"]), dtype, device, gen) / s["k"] ** 0.5
     out = torch.empty(s["rows"], s["n"], dtype=dtype, device=device)
+    fused = dict(linear={}, norm_linear=dict(residual=residual, norm_weight=norm_weight, eps=NORM_EPS), gated_linear=dict(gated=True))[form]
 
     def step_before(x, residual, norm_weight, rms, silu):
         """The projection's input after the form's unfused step, with these norm and SiLU ops."""
@@ -431,14 +422,6 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
         fn()
         alone_ms = time_ms(fn)
     return rows, peer_ms, alone_ms
-
-
-def pdl_verdict(b: Bucket, tile: tuple, device: torch.device) -> tuple[bool, float, float]:
-    """(keep PDL, plain µs, PDL µs a launch) for a one-row projection bucket's winning tile, timed
-    in a graph chain of its own launches (benchmarks/launch_chain.py), where PDL's overlap shows."""
-    x, _, _, weight, fused = _linear_inputs(b, device, generator(sum(b.shape.values()), device))
-    plain_us, pdl_us = pdl_chain_us(x, weight, tile, fused)
-    return pdl_us <= PDL_GAIN * plain_us, plain_us, pdl_us
 
 
 def provenance(device: torch.device) -> dict:
@@ -545,21 +528,10 @@ def main(argv: list[str] | None = None) -> int:
             # The bucket's verdict: the cascade where it beats plain decode on this shape, else never.
             gains = peer_ms is not None and best["ms"] < peer_ms
             best = dict(best, config=dict(best["config"], min_rows=1 if gains else NEVER, min_shared=1 if gains else NEVER))
-        chain, chain_us = "", None
-        if b.kernel in FORMS and b.shape["rows"] == 1 and "tile" in best["config"] and pdl_supported(device):
-            # PDL is a launch's, not a tile's: the winner's tile decides it, in a chain of launches.
-            try:
-                pdl, plain_us, pdl_us = pdl_verdict(b, tuple(best["config"]["tile"]), device)
-                best, chain_us = dict(best, config=dict(best["config"], pdl=pdl)), [plain_us, pdl_us]
-                chain = f"  in a chain {plain_us:.2f} µs a launch, {pdl_us:.2f} with pdl ({'kept' if pdl else 'not kept'})"
-            except Exception as e:  # noqa: BLE001 - a launch the compiler or driver refuses leaves the entry without PDL
-                chain = f"  pdl not timed: {type(e).__name__}: {_first_line(e)}"
         margin = timed[1]["ms"] / best["ms"] - 1 if len(timed) > 1 else None
-        winners.append(dict(b.entry_key, config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape,
-                            **({"chain_us": chain_us} if chain_us else {})))
+        winners.append(dict(b.entry_key, config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape))
         versus = f"  peer {peer_ms:.4f} ms (ours {peer_ms / best['ms']:.2f}x)" if peer_ms else ""
         versus += f"  matmuls alone {alone_ms:.4f} ms ({100 * alone_ms / best['ms']:.0f}% of it)" if alone_ms else ""
-        versus += chain
         print(f"{b.name}: {best['name']} {best['ms']:.4f} ms, margin {100 * (margin or 0):.1f}% over {winners[-1]['runner_up']}{versus}", flush=True)
         if on_gpu:
             torch.cuda.empty_cache()

@@ -155,25 +155,3 @@ def test_a_dry_run_under_the_interpreter_is_refused_by_name():
     res = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--dry-run", "--target", "sm_90"], cwd=ROOT, env=dict(COMPILED, TRITON_INTERPRET="1"),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "--dry-run compiles the kernels for a target" in res.stderr, res.stderr[-2000:]
-
-
-def test_a_tables_pdl_entry_and_the_tuners_one_row_winner_compile_with_pdl(tmp_path):
-    """A one-row projection entry with "pdl" is checked as the engine launches it, with PDL; the
-    tuner's one-row candidates are checked both ways on Hopper (its chain launches the winner
-    with PDL), and never with it before Hopper."""
-    table = dict(provenance=dict(gpu="test", compute_capability=[9, 0]), runs=[dict(gpu="test")],
-                 entries=[dict(kernel="linear", dtype="bfloat16", head_dim=0, page=0, bucket=[1, 1024, 2048], config={"tile": [8, 512, 4, 3], "pdl": True}, run=0)])
-    (tmp_path / "test.json").write_text(json.dumps(table))
-    res = run_python(f"""
-        from pathlib import Path
-        from benchmarks.compile_check import linear_launches
-        for target in ("sm_90", "sm_80"):
-            for origin, launch in linear_launches(target, "bf16", Path({str(tmp_path)!r})):
-                c = dict(launch.constexprs)
-                print("ROW", target, origin.split()[0], c["PDL"], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"])
-    """, tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = {tuple(line.split()[1:]) for line in res.stdout.splitlines() if line.startswith("ROW")}
-    assert ("sm_90", "table", "True", "1", "8", "512") in rows
-    assert ("sm_90", "tuner", "True", "1", "8", "1024") in rows and ("sm_90", "tuner", "False", "1", "8", "1024") in rows
-    assert not any(r[0] == "sm_80" and r[2] == "True" for r in rows) and any(r[0] == "sm_80" for r in rows)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minivllm.engine import linear
-from minivllm.kernels.skinny_linear import FORMS, pdl_supported
+from minivllm.kernels.skinny_linear import FORMS
 from minivllm.kernels.tuning_table import ENV_DIR, clear_cache, device_slug
 from minivllm.testing.random_checkpoint import write_random_qwen3
 from tests.engine_cases import GREEDY, PROMPT_LENS, engine, prompts
@@ -42,28 +42,22 @@ def test_the_engine_takes_the_kernel_where_its_table_says(checkpoint, tables, mo
     rows run every projection through skinny_linear, each in its form, while the prefill's longer
     steps keep cuBLAS; the greedy tokens are those of the unfused layers. Entries whose winner was
     cuBLAS run no kernel, and a form without an entry keeps the unfused steps."""
-    calls, pdl_flags = [], set()
+    calls = []
     real = linear.skinny_linear
 
     def counted(x, weight, **kwargs):
         calls.append((x.shape[0], "norm" if kwargs.get("norm_weight") is not None else "gated" if kwargs.get("gated") else "plain"))
-        pdl_flags.add(kwargs.get("pdl"))
         return real(x, weight, **kwargs)
 
     monkeypatch.setattr(linear, "skinny_linear", counted)
     batch = prompts(PROMPT_LENS)
     outputs, kernel_calls = {}, {}
-    arms = (("cublas", {"cublas": True}, FORMS), ("kernel", {"tile": [16, 32, 4, 2]}, FORMS), ("gated only", {"tile": [16, 32, 4, 2]}, ["gated_linear"]),
-            ("kernel, pdl", {"tile": [16, 32, 4, 2], "pdl": True}, FORMS))
-    for name, config, forms in arms:
+    for name, config, forms in (("cublas", {"cublas": True}, FORMS), ("kernel", {"tile": [16, 32, 4, 2]}, FORMS), ("gated only", {"tile": [16, 32, 4, 2]}, ["gated_linear"])):
         tables([dict(kernel=form, dtype="float32", head_dim=0, page=0, bucket=[1, 1, 1], config=config, run=0) for form in forms])
         calls.clear()
-        pdl_flags.clear()
         out = engine(checkpoint, "triton").generate(batch, GREEDY, use_tqdm=False)
         outputs[name], kernel_calls[name] = [o["token_ids"] for o in out], list(calls)
-    assert outputs["kernel"] == outputs["cublas"] == outputs["gated only"] == outputs["kernel, pdl"]
-    # The last arm's entries ask for PDL: every launch takes it where the device can, none elsewhere.
-    assert pdl_flags == {pdl_supported(torch.device(_device()))}
+    assert outputs["kernel"] == outputs["cublas"] == outputs["gated only"]
     assert kernel_calls["cublas"] == [] and {form for _, form in kernel_calls["gated only"]} == {"gated"}
     calls = kernel_calls["kernel"]
     assert {rows for rows, _ in calls} <= set(range(1, 17)) and {form for _, form in calls} == {"norm", "plain", "gated"}
@@ -77,6 +71,6 @@ def test_a_one_row_tile_serves_one_row_only(tables):
     several rows needs: cuBLAS runs there instead. Past MAX_ROWS, cuBLAS always."""
     weight = torch.empty(64, 32, device=_device())
     tables([dict(kernel="linear", dtype="float32", head_dim=0, page=0, bucket=[1, 64, 32], config={"tile": [8, 32, 4, 2]}, run=0)])
-    assert linear.skinny_launch("linear", 1, weight) == {"tile": (8, 32, 4, 2), "pdl": False}
-    assert linear.skinny_launch("linear", 2, weight) is None and linear.skinny_launch("linear", 17, weight) is None
-    assert linear.skinny_launch("norm_linear", 1, weight) is None  # each form has entries of its own
+    assert linear.skinny_tile("linear", 1, weight) == (8, 32, 4, 2)
+    assert linear.skinny_tile("linear", 2, weight) is None and linear.skinny_tile("linear", 17, weight) is None
+    assert linear.skinny_tile("norm_linear", 1, weight) is None  # each form has entries of its own

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivllm.kernels.skinny_linear import MAX_ROWS, pdl_supported, skinny_linear
+from minivllm.kernels.skinny_linear import MAX_ROWS, skinny_linear
 from minivllm.reference import rms_norm_ref, silu_and_mul_ref
 from minivllm.reference.inputs import generator, randn
 from minivllm.reference.tolerance import assert_within_tolerance
@@ -83,51 +83,3 @@ def test_the_residual_sum_is_written_once_whatever_the_grid(device):
 def test_bad_inputs_name_the_argument(call, match, device):
     with pytest.raises(ValueError, match=match):
         call(device)
-
-
-def test_pdl_is_refused_where_the_device_cannot_launch_that_way(device):
-    """Programmatic dependent launch needs Hopper's instructions, compiled: elsewhere pdl=True is
-    a ValueError naming it, not a launch that ignores it."""
-    if pdl_supported(device):
-        pytest.skip("this device launches with PDL")
-    x, weight = torch.ones(1, 32, device=device), torch.ones(8, 32, device=device)
-    with pytest.raises(ValueError, match="pdl needs a CUDA device of compute capability 9.0"):
-        skinny_linear(x, weight, pdl=True)
-
-
-def _projection_chain(layers, x0, tile, pdl):
-    """A decode step's projections, layer after layer, each reading the one before."""
-    h, res = x0, torch.zeros_like(x0)
-    for lw in layers:
-        a, res = skinny_linear(h, lw["qkv"], residual=res, norm_weight=lw["n1"], eps=EPS, tile=tile, pdl=pdl)
-        h = skinny_linear(a, lw["o"], tile=tile, pdl=pdl)
-        g, res = skinny_linear(h, lw["up"], residual=res, norm_weight=lw["n2"], eps=EPS, tile=tile, pdl=pdl)
-        h = skinny_linear(g, lw["down"], gated=True, tile=tile, pdl=pdl)
-    return h, res
-
-
-@pytest.mark.parametrize("rows", [1, 5])
-def test_a_chain_of_pdl_launches_in_a_cuda_graph_gives_the_plain_launches_results(rows, device):
-    """Each launch reads what the one before wrote, as a decode step's projections do: launched
-    early, each must still wait for its input. A graph of PDL launches (a chain of norm with the
-    residual, plain and gated forms) gives bit for bit what plain launches give; a kernel that
-    read before its wait would read the buffer's previous contents."""
-    if not pdl_supported(device):
-        pytest.skip("PDL needs a CUDA device of compute capability 9.0 or later")
-    gen = generator(11, device)
-    dtype, hidden, inter = torch.bfloat16, 256, 384
-    layers = [dict(qkv=randn((hidden, hidden), dtype, device, gen) / hidden**0.5, up=randn((2 * inter, hidden), dtype, device, gen) / hidden**0.5,
-                   down=randn((hidden, inter), dtype, device, gen) / inter**0.5, o=randn((hidden, hidden), dtype, device, gen) / hidden**0.5,
-                   n1=0.5 + torch.rand(hidden, generator=gen, device=device).to(dtype), n2=0.5 + torch.rand(hidden, generator=gen, device=device).to(dtype))
-              for _ in range(6)]
-    x0, tile = randn((rows, hidden), dtype, device, gen), (8 if rows == 1 else 16, 64, 4, 3)
-    want = _projection_chain(layers, x0, tile, pdl=False)
-    _projection_chain(layers, x0, tile, pdl=True)  # compiles outside the capture
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = _projection_chain(layers, x0, tile, pdl=True)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize(device)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import tune
-from minivllm.engine.linear import skinny_launch
+from minivllm.engine.linear import skinny_tile
 from minivllm.kernels import cascade_attention_decode, flash_attn_varlen, paged_attention_decode
 from minivllm.kernels.cascade_attention import CascadeConfig, cascade_config
 from minivllm.kernels.flash_attention import prefill_config
@@ -182,8 +182,7 @@ def test_tuner_writes_a_table_the_kernels_then_use(table_dir, device):
     # The projections' entries: the engine takes each form's tile, or the unfused steps where they won.
     for form in FORMS:
         tile = next(e for e in second["entries"] if e["kernel"] == form)["config"].get("tile")
-        launch = skinny_launch(form, 2, torch.empty(40, 48, dtype=torch.bfloat16, device=device))
-        assert launch == (None if tile is None else {"tile": tuple(tile), "pdl": False})
+        assert skinny_tile(form, 2, torch.empty(40, 48, dtype=torch.bfloat16, device=device)) == (None if tile is None else tuple(tile))
 
     # The cascade entry: its tile, and its verdict against plain decode, which the wall clock of
     # the interpreter decides either way (min_rows 1, or never).

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minivllm.engine.linear import skinny_launch
+from minivllm.engine.linear import skinny_tile
 from minivllm.kernels import cascade_attention_decode, flash_attn_varlen, paged_attention_decode, qk_norm_rope, rms_norm, sample_tokens, silu_and_mul
 from minivllm.reference import (
     attention_ref,
@@ -28,9 +28,9 @@ class Backend:
     prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table) is causal; decode(q, k_cache, v_cache,
     block_tables, context_lens, max_context_len); cascade_decode(the same, shared_len, max_shared_len)
     is decode for rows sharing leading blocks (the references compute it as plain decode); draw(logits, temperatures, generator) samples one
-    token per row. linear_launch(form, rows, weight) is how the engine's projections launch
-    skinny_linear in that form at that shape (its tile and pdl; minivllm/engine/linear.py), or None
-    for the unfused steps. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
+    token per row. linear_tile(form, rows, weight) is the skinny_linear tile the engine's
+    projections take in that form at that shape (minivllm/engine/linear.py), or None for the
+    unfused steps. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
     reads of device tensors cannot be)."""
 
     name: str
@@ -41,7 +41,7 @@ class Backend:
     rms_norm: Callable
     silu_and_mul: Callable
     draw: Callable
-    linear_launch: Callable
+    linear_tile: Callable
     cuda_graphs: bool
 
 
@@ -72,7 +72,7 @@ TRITON = Backend(
     rms_norm=rms_norm,
     silu_and_mul=silu_and_mul,
     draw=_triton_draw,
-    linear_launch=skinny_launch,
+    linear_tile=skinny_tile,
     cuda_graphs=True,
 )
 TORCH = Backend(
@@ -85,7 +85,7 @@ TORCH = Backend(
     silu_and_mul=silu_and_mul_ref,
     # Draws its noise on the logits' device, so `generator` lives there; in fp32, as the reference takes.
     draw=lambda logits, temperatures, generator: sample_ref(logits.float(), temperatures, generator),
-    linear_launch=lambda form, rows, weight: None,
+    linear_tile=lambda form, rows, weight: None,
     cuda_graphs=False,
 )
 BACKENDS = {b.name: b for b in (TRITON, TORCH)}

@@ -18,41 +18,39 @@ once, at capture."""
 import torch
 import torch.nn.functional as F
 
-from minivllm.kernels.skinny_linear import MAX_ROWS, pdl_supported, skinny_linear
+from minivllm.kernels.skinny_linear import MAX_ROWS, skinny_linear
 from minivllm.kernels.tuning_table import bucket, lookup
 
 
-def skinny_launch(form: str, rows: int, weight: torch.Tensor) -> dict | None:
-    """How the device's table launches skinny_linear in `form` (of skinny_linear.FORMS) for `rows`
-    rows of this (N, K) weight: its keyword arguments {"tile": (BLOCK_N, BLOCK_K, num_warps,
-    num_stages), "pdl": bool}, or None where the unfused steps run (no entry, the entry's winner
-    was them, or its tile is a one-row tile narrower than the 16 columns the dot of several rows
-    needs). "pdl" is the entry's, where the device can launch that way."""
+def skinny_tile(form: str, rows: int, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """The tile the device's table gives skinny_linear in `form` (of skinny_linear.FORMS) for `rows` rows of this
+    (N, K) weight, or None where the unfused steps run (no entry, the entry's winner was them, or
+    its tile is a one-row tile narrower than the 16 columns the dot of several rows needs)."""
     if not 1 <= rows <= MAX_ROWS:
         return None
     config, _ = lookup(form, weight.device, weight.dtype, 0, 0, (bucket(rows), weight.shape[0], weight.shape[1]))
     if not config or "tile" not in config or rows > 1 and config["tile"][0] < 16:
         return None
-    return {"tile": tuple(config["tile"]), "pdl": bool(config.get("pdl")) and pdl_supported(weight.device)}
+    return tuple(config["tile"])
 
 
 class Projections:
     """The three forms over one backend (minivllm/engine/backend.py): its rms_norm and
-    silu_and_mul, and its linear_launch, which says where the kernel runs and how (never, for the
-    torch backend)."""
+    silu_and_mul, and its linear_tile, which says where the kernel runs (never, for the torch
+    backend)."""
 
     def __init__(self, backend):
         self.backend = backend
 
-    def _launch(self, form: str, rows: int, layer: torch.nn.Linear) -> dict | None:
-        return self.backend.linear_launch(form, rows, layer.weight) if layer.bias is None else None
+    def _tile(self, form: str, rows: int, layer: torch.nn.Linear):
+        return self.backend.linear_tile(form, rows, layer.weight) if layer.bias is None else None
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, layer: torch.nn.Linear):
         """(layer(RMSNorm(x + residual)), x + residual); with residual None, (layer(RMSNorm(x)), x).
         x, residual: (rows, K); norm_weight (K,); layer.weight (N, K)."""
-        launch = self._launch("norm_linear", x.shape[0], layer)
-        if launch is not None:
-            out = skinny_linear(x, layer.weight, residual=residual, norm_weight=norm_weight, eps=eps, **launch)
+        tile = self._tile("norm_linear", x.shape[0], layer)
+        if tile is not None:
+            out = skinny_linear(x, layer.weight, residual=residual, norm_weight=norm_weight, eps=eps, tile=tile)
             return out if residual is not None else (out, x)
         if residual is None:
             return F.linear(self.backend.rms_norm(x, norm_weight, eps), layer.weight, layer.bias), x
@@ -61,12 +59,12 @@ class Projections:
 
     def linear(self, x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
         """layer(x); x (rows, K)."""
-        launch = self._launch("linear", x.shape[0], layer)
-        return skinny_linear(x, layer.weight, **launch) if launch is not None else F.linear(x, layer.weight, layer.bias)
+        tile = self._tile("linear", x.shape[0], layer)
+        return skinny_linear(x, layer.weight, tile=tile) if tile is not None else F.linear(x, layer.weight, layer.bias)
 
     def gated_linear(self, x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
         """layer(silu(gate) * up) for x (rows, 2K), gate columns first."""
-        launch = self._launch("gated_linear", x.shape[0], layer)
-        if launch is not None:
-            return skinny_linear(x, layer.weight, gated=True, **launch)
+        tile = self._tile("gated_linear", x.shape[0], layer)
+        if tile is not None:
+            return skinny_linear(x, layer.weight, gated=True, tile=tile)
         return F.linear(self.backend.silu_and_mul(x), layer.weight, layer.bias)

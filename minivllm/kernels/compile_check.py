@@ -179,8 +179,7 @@ def compile_for(launch: Launch, target: str) -> Compiled:
 def recording(target: str):
     """Within: a `kernel[grid](...)` launch is recorded into the yielded list instead of run,
     CPU tensors pass the wrappers' device checks, and the device reports `target`'s compute
-    capability, SM count and PDL support, so each wrapper chooses and accepts what it would on
-    that card."""
+    capability and SM count, so each wrapper's heuristics choose what they would on that card."""
     capability = target_of(target).arch
     launches: list[Launch] = []
 
@@ -197,9 +196,6 @@ def recording(target: str):
         # Each wrapper module imported parallel_slots by name: patch it where it is looked up.
         for module in [m for name, m in sys.modules.items() if name.startswith("minivllm.kernels.") and hasattr(m, "parallel_slots")]:
             stack.enter_context(mock.patch.object(module, "parallel_slots", slots))
-        # A programmatic dependent launch is the target's to take (Hopper or later), not this CPU's.
-        for module in [m for name, m in sys.modules.items() if name.startswith("minivllm.kernels.") and hasattr(m, "pdl_supported")]:
-            stack.enter_context(mock.patch.object(module, "pdl_supported", lambda device: capability >= 90))
         yield launches
 
 

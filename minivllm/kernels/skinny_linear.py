@@ -14,11 +14,8 @@ work that feeds the projection rides along instead of launching a kernel of its 
 - `gated`: silu(gate) * up before the down projection, x then holding gate and up side by side.
 
 Products accumulate in fp32. One row multiplies and sums on the CUDA cores; more rows pad to a
-16-row `tl.dot`. With `pdl` (Hopper or later) the kernel is a programmatic dependent launch: it
-starts under the kernel before it, reads its first weight tile, and only then waits for that
-kernel's output, so in a decode step's chain of projections the weight reads overlap. Which
-tile a shape takes, whether it launches with PDL, and whether it beats cuBLAS at all, is the
-device's tuning table's (`linear` entries, minivllm/engine/linear.py decides)."""
+16-row `tl.dot`. Which tile a shape takes, and whether it beats cuBLAS at all, is the device's
+tuning table's (`linear` entries, minivllm/engine/linear.py decides)."""
 
 import torch
 import triton
@@ -39,54 +36,11 @@ DEFAULT_TILE = (16, 256, 4, 3)
 
 
 @triton.jit
-def _weight_tile(W, rn, k0, N, K, stride_wn, BLOCK_K: tl.constexpr):
-    rk = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(W + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-
-
-@triton.jit
-def _accumulate(
-    acc, sum_sq, w, k0, pid, X, RES, NW, RES_OUT, rm, row_mask, K, stride_xm, stride_rm, stride_rom,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETER: tl.constexpr,
-):
-    """One K step: the activations' columns k0.. (after the fused step), times the weight tile w."""
-    dtype = RES_OUT.dtype.element_ty
-    rk = k0 + tl.arange(0, BLOCK_K)
-    mask = row_mask[:, None] & (rk[None, :] < K)
-    a = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
-    if NORM:
-        if HAS_RESIDUAL:
-            # The residual stream is rounded as the unfused add rounds it; program 0 writes it.
-            r = tl.load(RES + rm[:, None] * stride_rm + rk[None, :], mask=mask, other=0.0)
-            a = round_to(a.to(tl.float32) + r.to(tl.float32), dtype, INTERPRETER)
-            if pid == 0:
-                tl.store(RES_OUT + rm[:, None] * stride_rom + rk[None, :], a, mask=mask)
-        af = a.to(tl.float32)
-        sum_sq += af * af if BLOCK_M == 1 else tl.sum(af * af, axis=1, keep_dims=True)
-        nw = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
-        a = round_to(af * nw[None, :], dtype, INTERPRETER)
-    if GATED:
-        gate = a.to(tl.float32)
-        up = tl.load(X + rm[:, None] * stride_xm + K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-        a = round_to(gate * tl.sigmoid(gate) * up, dtype, INTERPRETER)
-    if BLOCK_M == 1:
-        acc += a.to(tl.float32) * w.to(tl.float32)
-    elif INTERPRETER or dtype == tl.float32:
-        # fp32 stays exact (no TF32); the interpreter's bf16 dot is wrong, and fp32 products of
-        # bf16 values are what the GPU's bf16 dot sums too.
-        acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, tl.trans(w), acc)
-    return acc, sum_sq
-
-
-@triton.jit
 def _skinny_linear(
     X, RES, NW, W, OUT, RES_OUT, M, N, K, eps,
     stride_xm, stride_rm, stride_wn, stride_om, stride_rom,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, INTERPRETER: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     dtype = OUT.dtype.element_ty
     pid = tl.program_id(0)
@@ -101,32 +55,40 @@ def _skinny_linear(
     # across warps is a barrier inside the weight stream's pipeline).
     sum_sq = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M == 1 else 1), tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_K) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N), tl.float32)
-    if PDL:
-        # Launched early, while the kernel before it still runs (programmatic dependent launch):
-        # the weight does not depend on that kernel, so the first K step's tile is read before
-        # waiting for it to finish, and the read overlaps its tail instead of following it. Only
-        # then may the activations be read, and the next kernel be let in the same way.
-        w = _weight_tile(W, rn, 0, N, K, stride_wn, BLOCK_K)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-        acc, sum_sq = _accumulate(acc, sum_sq, w, 0, pid, X, RES, NW, RES_OUT, rm, row_mask, K, stride_xm, stride_rm, stride_rom,
-                                  NORM, HAS_RESIDUAL, GATED, BLOCK_M, BLOCK_K, INTERPRETER)
-    for k0 in tl.range(BLOCK_K if PDL else 0, K, BLOCK_K, num_stages=NUM_STAGES):
-        w = _weight_tile(W, rn, k0, N, K, stride_wn, BLOCK_K)
-        acc, sum_sq = _accumulate(acc, sum_sq, w, k0, pid, X, RES, NW, RES_OUT, rm, row_mask, K, stride_xm, stride_rm, stride_rom,
-                                  NORM, HAS_RESIDUAL, GATED, BLOCK_M, BLOCK_K, INTERPRETER)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (rk[None, :] < K)
+        w = tl.load(W + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        a = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
+        if NORM:
+            if HAS_RESIDUAL:
+                # The residual stream is rounded as the unfused add rounds it; program 0 writes it.
+                r = tl.load(RES + rm[:, None] * stride_rm + rk[None, :], mask=mask, other=0.0)
+                a = round_to(a.to(tl.float32) + r.to(tl.float32), dtype, INTERPRETER)
+                if pid == 0:
+                    tl.store(RES_OUT + rm[:, None] * stride_rom + rk[None, :], a, mask=mask)
+            af = a.to(tl.float32)
+            sum_sq += af * af if BLOCK_M == 1 else tl.sum(af * af, axis=1, keep_dims=True)
+            nw = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
+            a = round_to(af * nw[None, :], dtype, INTERPRETER)
+        if GATED:
+            gate = a.to(tl.float32)
+            up = tl.load(X + rm[:, None] * stride_xm + K + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+            a = round_to(gate * tl.sigmoid(gate) * up, dtype, INTERPRETER)
+        if BLOCK_M == 1:
+            acc += a.to(tl.float32) * w.to(tl.float32)
+        elif INTERPRETER or dtype == tl.float32:
+            # fp32 stays exact (no TF32); the interpreter's bf16 dot is wrong, and fp32 products of
+            # bf16 values are what the GPU's bf16 dot sums too.
+            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=1)[None, :]
         sum_sq = tl.sum(sum_sq, axis=1, keep_dims=True)
     if NORM:
         acc = acc * (1.0 / tl.sqrt(sum_sq / K + eps))
     tl.store(OUT + rm[:, None] * stride_om + rn[None, :], round_to(acc, dtype, INTERPRETER), mask=row_mask[:, None] & (rn[None, :] < N))
-
-
-def pdl_supported(device: torch.device) -> bool:
-    """Whether kernels on `device` can take a programmatic dependent launch: Hopper's
-    griddepcontrol instructions, compiled (the interpreter runs no PTX)."""
-    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def skinny_linear(
@@ -138,7 +100,6 @@ def skinny_linear(
     eps: float = 1e-6,
     gated: bool = False,
     tile: tuple[int, int, int, int] | None = None,
-    pdl: bool = False,
     out: torch.Tensor | None = None,
 ):
     """y = a @ weight.T for a few rows a, where a is x itself, or RMSNorm(x [+ residual]) when
@@ -150,10 +111,6 @@ def skinny_linear(
     residual: (rows, K), same dtype, added to x before the norm (needs norm_weight).
     norm_weight: (K,), the RMSNorm's weight; eps > 0 its epsilon.
     tile: (BLOCK_N, BLOCK_K, num_warps, num_stages); DEFAULT_TILE when None.
-    pdl: launch as a programmatic dependent launch (Hopper or later, compiled, not the
-        interpreter): the kernel starts while the one before it still runs, reads its first
-        weight tile, then waits for it. Safe after any kernel; it pays where the kernel before
-        it lets dependents in early, as this one does, in a CUDA graph's chain of launches.
     Returns y (rows, N) in x's dtype, written into `out` when given (rows, N, last dim contiguous),
     else a new tensor; with `residual`, (y, x + residual).
     """
@@ -182,8 +139,6 @@ def skinny_linear(
     block_n, block_k, num_warps, num_stages = tile or DEFAULT_TILE
     if rows > 1 and block_n < 16:
         raise ValueError(f"tile's BLOCK_N must be at least 16 for more than one row (a 16 x 16 dot), got {block_n}")
-    if pdl and not pdl_supported(x.device):
-        raise ValueError(f"pdl needs a CUDA device of compute capability 9.0 or later, compiled (not the interpreter); x is on {x.device}")
     if out is None:
         out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     elif out.shape != (rows, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1:
@@ -195,6 +150,6 @@ def skinny_linear(
         stride_xm=x.stride(0), stride_rm=res.stride(0), stride_wn=weight.stride(0), stride_om=out.stride(0), stride_rom=res_out.stride(0),
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         BLOCK_M=1 if rows == 1 else MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, INTERPRETER=interpreting(),
-        PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
+        num_warps=num_warps,
     )
     return out if residual is None else (out, res_out)
