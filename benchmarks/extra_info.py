@@ -85,6 +85,9 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
         flash-attn's 2·h·s²·d per layer, and one lm_head row per sequence. The shared prefix counts
         once: its own tokens and attention once, then each prompt's suffix attending over it
         (n² − P² of a prompt of n tokens after a prefix of P).
+    kv_token_bytes, matmul_flops_per_token, attention_flops_per_pair: the rates behind those terms
+        (one token's K and V over all layers; 2 x the layers' matmul parameters; 4·h·d a scored
+        (query, key) pair over all layers), which step_floors applies to the steps that ran.
     """
     p = preset
     elem = torch.finfo(dtype).bits // 8
@@ -102,7 +105,8 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
         + 2 * p.vocab * p.hidden * len(prompt_lens)
     )
     return dict(
-        weight_bytes=weight_bytes, decode_steps=max(output_lens) - 1, kv_bytes=kv_per_token * decoded_context, prefill_flops=prefill_flops
+        weight_bytes=weight_bytes, decode_steps=max(output_lens) - 1, kv_bytes=kv_per_token * decoded_context, prefill_flops=prefill_flops,
+        kv_token_bytes=kv_per_token, matmul_flops_per_token=2 * p.layers * layer_matmul, attention_flops_per_pair=4 * p.layers * p.num_heads * p.head_dim,
     )
 
 
@@ -118,17 +122,38 @@ def engine_floor_s(counts: dict, ceilings: dict, tp: int = 1) -> float:
     return (read / (ceilings[DECODE_CEILING] * 1e9) + counts["prefill_flops"] / (ceilings[PREFILL_CEILING] * 1e12)) / tp
 
 
+def step_floors(steps: list[dict], counts: dict, ceilings: dict, shared_prefix: int = 0, tp: int = 1) -> None:
+    """Give each row of an engine step summary (engine.step_profile.summarize) `floor_s`, the least
+    time its steps could take as they were scheduled, and `pct_floor`, that over their total_s.
+    A decode row reads the weights once a step and the K/V of its rows' contexts, the shared
+    prefix once a step (every row's context holds it): bytes at the read ceiling. A prefill row
+    computes its new tokens' matmuls and its attention pairs: FLOPs at the matmul ceiling (the
+    lm_head rows and the bytes it reads left out). Summed, the rows' floors exceed the workload's
+    floor by what the schedule adds (more steps than the longest output needs)."""
+    for row in steps:
+        if row["phase"] == "decode":
+            kv_tokens = row["context_tokens"] - shared_prefix * (row["rows"] - row["steps"])
+            floor = (row["steps"] * counts["weight_bytes"] + kv_tokens * counts["kv_token_bytes"]) / (ceilings[DECODE_CEILING] * 1e9)
+        else:
+            flops = row["new_tokens"] * counts["matmul_flops_per_token"] + row["attention_pairs"] * counts["attention_flops_per_pair"]
+            floor = flops / (ceilings[PREFILL_CEILING] * 1e12)
+        row["floor_s"] = floor / tp
+        row["pct_floor"] = 100 * row["floor_s"] / row["total_s"] if row["total_s"] else None
+
+
 def record_engine(benchmark, ceilings: dict, *, impl: str, shard, dtype: torch.dtype, counts: dict, prompt_lens: list[int], output_lens: list[int], **settings) -> None:
     """Fill benchmark.extra_info for an engine run: the workload, its roofline, and from the
     median wall time tokens_per_s (output tokens over wall time, prefill included) and
     pct_roofline (the floor over the wall time; also pct_of_ceiling, the field the reports read).
     weight_read_ms is one decode step's weight reads at the read ceiling; with the engine's step
     summary in settings["steps"], one_row_step_ms is the median decode step of one sequence (issue
-    26 asks for at most 2x weight_read_ms)."""
+    26 asks for at most 2x weight_read_ms), and each of its rows gets its floor (step_floors)."""
     info = benchmark.extra_info
     _configuration(info, "engine", impl, shard, dtype)
     info.update(num_seqs=len(prompt_lens))
     info.update(prompt_tokens=sum(prompt_lens), output_tokens=sum(output_lens), total_tokens=sum(prompt_lens) + sum(output_lens))
+    if "steps" in settings:
+        step_floors(settings["steps"], counts, ceilings, settings.get("shared_prefix", 0), shard.tp)
     info.update(counts, floor_s=engine_floor_s(counts, ceilings, shard.tp), **settings)
     info["weight_read_ms"] = 1e3 * counts["weight_bytes"] / (ceilings[DECODE_CEILING] * 1e9) / shard.tp
     one_row = [r for r in settings.get("steps", ()) if r["phase"] == "decode" and r["batch_up_to"] == 1]

@@ -224,6 +224,29 @@ def latency_table(benches: list[dict]) -> str:
     return "## engine latency: time to first token per request, and inter-token gaps over all requests\n\n" + pipe_table(headers, rows, right=set(range(6, len(headers))))
 
 
+def steps_table(benches: list[dict]) -> str:
+    """Where each engine run's time went against its floor: a row per (phase, batch bucket) of
+    its step summary (benchmarks/extra_info.py, step_floors); '' when no run has one. A row above
+    100% of its floor is marked [!]: that floor counts wrong."""
+    rows = []
+    for bench in sorted(benches, key=lambda b: sort_key(config_key(b["extra_info"], SUITES["engine"]))):
+        extra = bench["extra_info"]
+        for step in extra.get("steps") or ():
+            if "floor_s" not in step:
+                continue
+            pct = number(step.get("pct_floor"))
+            rows.append(
+                [fmt(extra.get(f)) for f in ("model", "tp", "dtype", "workload")]
+                + [step["phase"], fmt(step["batch_up_to"]), fmt(step["steps"]), fmt(step["total_s"], 3), fmt(step["floor_s"], 3)]
+                + [DASH if pct is None else f"{pct:.0f}%" + (" [!]" if pct > 100 else ""), f"{100 * step['host_share']:.0f}%"]
+            )
+    if not rows:
+        return ""
+    headers = ["model", "tp", "dtype", "workload", "phase", "batch ≤", "steps", "s", "floor s", "% of floor", "host %"]
+    return ("## engine steps: each phase and batch bucket's time against its floor (the steps as scheduled)\n\n"
+            + pipe_table(headers, rows, right=set(range(5, len(headers)))))
+
+
 def one_row_step(extra: dict) -> str:
     """'1.42 (3.8× weights)': the median one-sequence decode step and its multiple of the weights'
     read time; '—' for a run with no such step."""
@@ -361,8 +384,8 @@ def render(loaded: list[tuple[Path, dict]], suite: str | None = None, plot: Path
         lines.append("")
         for name in chosen:
             lines.append(suite_table(by_suite[name], name, SUITES[name]) + "\n")
-            if name == "engine" and latency_table(by_suite[name]):
-                lines.append(latency_table(by_suite[name]) + "\n")
+            if name == "engine":
+                lines += [table + "\n" for table in (latency_table(by_suite[name]), steps_table(by_suite[name])) if table]
             tables += 1
             if plot:
                 plot.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,32 @@ def test_engine_counts_weights_match_a_real_checkpoint_and_kv_sums_contexts(tmp_
     assert floor == pytest.approx((2 * counts["weight_bytes"] + counts["kv_bytes"]) / 1e9 + counts["prefill_flops"] / 1e12)
 
 
+def test_step_floors_by_hand():
+    """A decode row of 2 steps over 5 sequences that read 40 context tokens, 3 of each sequence's
+    a shared prefix: the weights twice and 40 - 3·(5 - 2) = 31 tokens of K/V, at the read ceiling.
+    A prefill row of 10 new tokens scoring 55 pairs: their FLOPs at the matmul ceiling. Two GPUs
+    halve both."""
+    from benchmarks.extra_info import step_floors
+
+    p = PRESETS["tiny"]
+    counts = engine_counts(p, [4], [2], torch.bfloat16)
+    assert counts["kv_token_bytes"] == 2 * 2 * p.layers * p.num_kv_heads * p.head_dim
+    assert counts["attention_flops_per_pair"] == 4 * p.layers * p.num_heads * p.head_dim
+    # One prompt alone: its matmuls and its causal attention, as the workload's prefill counts them,
+    # less the lm_head row.
+    lm_head = 2 * p.vocab * p.hidden
+    assert counts["matmul_flops_per_token"] * 4 + counts["attention_flops_per_pair"] * 4 * 4 // 2 == counts["prefill_flops"] - lm_head
+    machine = {"copy_gbps": 1000.0, "read_gbps": 2.0, "matmul_tflops": 3.0}
+    for tp in (1, 2):
+        steps = [dict(phase="decode", steps=2, rows=5, new_tokens=5, context_tokens=40, attention_pairs=40, total_s=4.0),
+                 dict(phase="prefill", steps=1, rows=2, new_tokens=10, context_tokens=10, attention_pairs=55, total_s=0.0)]
+        step_floors(steps, counts, machine, shared_prefix=3, tp=tp)
+        decode = (2 * counts["weight_bytes"] + 31 * counts["kv_token_bytes"]) / 2e9 / tp
+        prefill = (10 * counts["matmul_flops_per_token"] + 55 * counts["attention_flops_per_pair"]) / 3e12 / tp
+        assert steps[0]["floor_s"] == pytest.approx(decode) and steps[0]["pct_floor"] == pytest.approx(100 * decode / 4.0)
+        assert steps[1]["floor_s"] == pytest.approx(prefill) and steps[1]["pct_floor"] is None
+
+
 def recorded(suite: str, median: float, machine: dict) -> dict:
     """The extra_info `record` writes for a benchmark of `suite` whose median is `median`
     seconds, on a machine of ceilings `machine`; 1 GFLOP and 1 GB of work."""
@@ -180,10 +206,11 @@ def test_engine_record_gives_the_one_row_step_against_the_weights_read_time():
     the step summary's one-sequence decode median, absent when no step decoded one sequence."""
     from benchmarks.extra_info import record_engine
 
-    counts = dict(weight_bytes=3 * 10**9, decode_steps=2, kv_bytes=0, prefill_flops=0)
+    counts = dict(weight_bytes=3 * 10**9, decode_steps=2, kv_bytes=0, prefill_flops=0, kv_token_bytes=0, matmul_flops_per_token=0, attention_flops_per_pair=0)
     machine = {"copy_gbps": 1000.0, "read_gbps": 2000.0, "matmul_tflops": 1.0}
-    steps = [dict(phase="prefill", batch_up_to=4, median_total_ms=9.0), dict(phase="decode", batch_up_to=1, median_total_ms=2.5),
-             dict(phase="decode", batch_up_to=2, median_total_ms=3.0)]
+    work = dict(steps=1, rows=1, new_tokens=1, context_tokens=1, attention_pairs=1, total_s=1.0)
+    steps = [dict(work, phase="prefill", batch_up_to=4, median_total_ms=9.0), dict(work, phase="decode", batch_up_to=1, median_total_ms=2.5),
+             dict(work, phase="decode", batch_up_to=2, median_total_ms=3.0)]
     infos = []
     for tp, s in ((1, steps), (2, steps), (1, steps[::2])):
         bench = SimpleNamespace(extra_info={}, stats=SimpleNamespace(stats=SimpleNamespace(median=1.0)))

@@ -18,7 +18,7 @@ def _launch(ts, corr, cat="cuda_runtime"):
 
 
 def _step(index, kind, ts, dur):
-    return dict(ph="X", cat="user_annotation", name=step_annotation(index, StepRecord(kind == "prefill", 4, 4, 4)), ts=ts, dur=dur)
+    return dict(ph="X", cat="user_annotation", name=step_annotation(index, StepRecord(kind == "prefill", 4, 4, 4, 4)), ts=ts, dur=dur)
 
 
 def test_kernel_tables_split_by_the_step_that_launched_them():

@@ -22,9 +22,14 @@ def test_generate_records_every_step(tmp_path, async_scheduling):
     # The first token of each comes from the prefill: 3 + 1 decode tokens, over 3 steps.
     assert [r.batch for r in decode] == [2, 1, 1] and all(r.new_tokens == r.batch for r in decode)
     assert decode[0].context_tokens == 4 + 6  # both prompts plus their first token
+    # Causal pairs by hand: the prompts score 3·4/2 + 5·6/2 = 21; a decode row scores its context.
+    assert sum(r.attention_pairs for r in prefill) == 21
+    assert [r.attention_pairs for r in decode] == [r.context_tokens for r in decode] == [10, 5, 6]
     assert all(r.schedule_s > 0 and r.prepare_s > 0 and r.launch_s > 0 and r.wait_s >= 0 and r.postprocess_s > 0 for r in llm.step_records)
     rows = summarize(llm.step_records)
     assert [(r["phase"], r["batch_up_to"], r["steps"]) for r in rows] == [("decode", 1, 2), ("decode", 2, 1), ("prefill", 2, 1)]
+    # Each row sums its steps' work: the two one-row decodes read 5 and 6 tokens.
+    assert [(r["rows"], r["new_tokens"], r["context_tokens"], r["attention_pairs"]) for r in rows] == [(2, 2, 11, 11), (2, 2, 10, 10), (2, 8, 8, 21)]
     assert 0 < rows[0]["host_share"] < 1
     llm.generate([[9, 9]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     assert len(llm.step_records) == 2  # the last call's steps only
@@ -36,8 +41,8 @@ def test_batch_bucket(batch, bucket):
 
 
 def test_summary_medians_and_host_share():
-    records = [StepRecord(False, 4, 4, 100, 0.001, 0.002, 0.001, 0.010, 0.001) for _ in range(3)]
-    records.append(StepRecord(False, 4, 4, 100, 0.001, 0.002, 0.001, 0.030, 0.001))
+    records = [StepRecord(False, 4, 4, 100, 100, 0.001, 0.002, 0.001, 0.010, 0.001) for _ in range(3)]
+    records.append(StepRecord(False, 4, 4, 100, 100, 0.001, 0.002, 0.001, 0.030, 0.001))
     (row,) = summarize(records)
     assert row["median_wait_ms"] == pytest.approx(10.0) and row["median_host_ms"] == pytest.approx(5.0)
     assert row["host_share"] == pytest.approx(0.020 / (0.020 + 0.060))

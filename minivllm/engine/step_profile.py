@@ -21,6 +21,9 @@ class StepRecord:
     batch: int  # sequences in the step
     new_tokens: int  # tokens the step computes
     context_tokens: int  # tokens of K/V the step's attention reads, its new tokens included
+    # (query, key) pairs the step's causal attention scores: a chunk of n new tokens after s
+    # computed ones scores n·s + n(n + 1)/2 (a decode row: its context). The prefill rows' floor.
+    attention_pairs: int
     schedule_s: float = 0.0
     prepare_s: float = 0.0  # packing positions, slots, block tables and copying them to the device
     launch_s: float = 0.0
@@ -42,8 +45,10 @@ def batch_bucket(batch: int) -> int:
 
 
 def summarize(records: list[StepRecord]) -> list[dict]:
-    """One row per (phase, batch bucket): step count, total seconds, and the median milliseconds
-    of each part of a step. Prefill steps form one row (bucket 0)."""
+    """One row per (phase, batch bucket): step count, total seconds, the median milliseconds of
+    each part of a step, and the work its steps did, summed: `rows` (sequences, a step's batch),
+    `new_tokens`, `context_tokens` and `attention_pairs` (benchmarks/extra_info.py turns them into
+    the row's floor). Prefill steps form one row (bucket 0)."""
     groups: dict[tuple[str, int], list[StepRecord]] = {}
     for r in records:
         key = ("prefill", 0) if r.prefill else ("decode", batch_bucket(r.batch))
@@ -51,6 +56,7 @@ def summarize(records: list[StepRecord]) -> list[dict]:
     rows = []
     for (phase, bucket), rs in sorted(groups.items()):
         row = dict(phase=phase, batch_up_to=bucket or max(r.batch for r in rs), steps=len(rs), total_s=sum(r.total_s for r in rs))
+        row.update(rows=sum(r.batch for r in rs), **{f: sum(getattr(r, f) for r in rs) for f in ("new_tokens", "context_tokens", "attention_pairs")})
         for part in ("schedule_s", "prepare_s", "launch_s", "wait_s", "postprocess_s", "host_s", "total_s"):
             row[f"median_{part[:-2]}_ms"] = 1e3 * statistics.median(getattr(r, part) for r in rs)
         row["host_share"] = sum(r.host_s for r in rs) / row["total_s"] if row["total_s"] else 0.0
