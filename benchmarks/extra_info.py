@@ -128,8 +128,9 @@ def step_floors(steps: list[dict], counts: dict, ceilings: dict, shared_prefix: 
     A decode row reads the weights once a step and the K/V of its rows' contexts, the shared
     prefix once a step (every row's context holds it): bytes at the read ceiling. A prefill row
     computes its new tokens' matmuls and its attention pairs: FLOPs at the matmul ceiling (the
-    lm_head rows and the bytes it reads left out). Summed, the rows' floors exceed the workload's
-    floor by what the schedule adds (more steps than the longest output needs)."""
+    lm_head rows and the bytes it reads left out). Summed, the rows' floors differ from the
+    workload's floor by what the schedule chose: decode steps beyond the longest output's count,
+    and decode rows riding in prefill steps, charged there by their FLOPs."""
     for row in steps:
         if row["phase"] == "decode":
             kv_tokens = row["context_tokens"] - shared_prefix * (row["rows"] - row["steps"])
