@@ -272,11 +272,11 @@ class LLM:
                 step = self.scheduler.schedule(in_flight=in_flight is not None)
                 launched = None
                 if step.seqs:
-                    spans = list(zip(step.starts, step.num_new, strict=True))
-                    record = StepRecord(
-                        not step.is_decode, len(step.seqs), step.num_tokens, sum(s + n for s, n in spans),
-                        sum(n * s + n * (n + 1) // 2 for s, n in spans), schedule_s=time.perf_counter() - start,
-                    )
+                    decode, spans = step.is_decode, list(zip(step.starts, step.num_new, strict=True))
+                    context = sum(s + n for s, n in spans)
+                    # A decode row's causal pairs are its context: counted again only for prefill steps.
+                    pairs = context if decode else sum(n * s + n * (n + 1) // 2 for s, n in spans)
+                    record = StepRecord(not decode, len(step.seqs), step.num_tokens, context, pairs, schedule_s=time.perf_counter() - start)
                     self.step_records.append(record)
                     # Names the step in a profiler trace, so its kernels can be told apart by step
                     # (benchmarks/engine_profile.py); a few µs a step when nothing profiles.
