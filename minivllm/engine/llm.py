@@ -272,11 +272,11 @@ class LLM:
                 step = self.scheduler.schedule(in_flight=in_flight is not None)
                 launched = None
                 if step.seqs:
-                    decode, spans = step.is_decode, list(zip(step.starts, step.num_new, strict=True))
-                    context = sum(s + n for s, n in spans)
+                    decode, new_tokens = step.is_decode, step.num_tokens
+                    context = sum(step.starts) + new_tokens
                     # A decode row's causal pairs are its context: counted again only for prefill steps.
-                    pairs = context if decode else sum(n * s + n * (n + 1) // 2 for s, n in spans)
-                    record = StepRecord(not decode, len(step.seqs), step.num_tokens, context, pairs, schedule_s=time.perf_counter() - start)
+                    pairs = context if decode else sum(n * s + n * (n + 1) // 2 for s, n in zip(step.starts, step.num_new, strict=True))
+                    record = StepRecord(not decode, len(step.seqs), new_tokens, context, pairs, schedule_s=time.perf_counter() - start)
                     self.step_records.append(record)
                     # Names the step in a profiler trace, so its kernels can be told apart by step
                     # (benchmarks/engine_profile.py); a few µs a step when nothing profiles.
