@@ -227,7 +227,9 @@ def latency_table(benches: list[dict]) -> str:
 def steps_table(benches: list[dict]) -> str:
     """Where each engine run's time went against its floor: a row per (phase, batch bucket) of
     its step summary (benchmarks/extra_info.py, step_floors); '' when no run has one. A row above
-    100% of its floor is marked [!]: that floor counts wrong."""
+    100% of its floor is marked [!]: that floor counts wrong. A row whose steps compiled Triton
+    kernels is marked [jit]: its time holds compiling, not serving (a warm-up that missed a
+    variant)."""
     rows = []
     for bench in sorted(benches, key=lambda b: sort_key(config_key(b["extra_info"], SUITES["engine"]))):
         extra = bench["extra_info"]
@@ -239,10 +241,11 @@ def steps_table(benches: list[dict]) -> str:
                 [fmt(extra.get(f)) for f in ("model", "tp", "dtype", "workload")]
                 + [step["phase"], fmt(step["batch_up_to"]), fmt(step["steps"]), fmt(step["total_s"], 3), fmt(step["floor_s"], 3)]
                 + [DASH if pct is None else f"{pct:.0f}%" + (" [!]" if pct > 100 else ""), f"{100 * step['host_share']:.0f}%"]
+                + [fmt(step.get("compiles")) + (" [jit]" if step.get("compiles") else "")]
             )
     if not rows:
         return ""
-    headers = ["model", "tp", "dtype", "workload", "phase", "batch ≤", "steps", "s", "floor s", "% of floor", "host %"]
+    headers = ["model", "tp", "dtype", "workload", "phase", "batch ≤", "steps", "s", "floor s", "% of floor", "host %", "compiles"]
     return ("## engine steps: each phase and batch bucket's time against its floor (the steps as scheduled)\n\n"
             + pipe_table(headers, rows, right=set(range(5, len(headers)))))
 

@@ -185,6 +185,8 @@ def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard,
         record_latency(benchmark, metrics)
     if "tokens_per_s" in info:
         latency = f"; TTFT p50 {info['ttft_ms']['p50']:.0f} ms, ITL p50 {info['itl_ms']['p50']:.1f} ms" if "ttft_ms" in info else ""
+        compiled = sum(row.get("compiles", 0) for row in info.get("steps") or ())
+        latency += f"; {compiled} Triton compile(s) inside the timed run [jit]" if compiled else ""
         # Printed as each row ends, so a run cut short by a time limit still shows what it measured.
         with capsys.disabled():
             print(f"\n{request.node.name}: {info['tokens_per_s']:.0f} output tok/s, {info['wall_s']:.2f} s, "

@@ -281,14 +281,19 @@ def test_report_puts_the_engine_against_transformers(tmp_path, capsys):
 
 
 def test_report_puts_each_step_bucket_against_its_floor(tmp_path, capsys):
-    """One row per (phase, batch bucket) of a run's step summary; a row above its floor is flagged."""
+    """One row per (phase, batch bucket) of a run's step summary; a row above its floor is flagged,
+    and so is one whose steps compiled kernels (a summary from before compiles were counted: '–')."""
     b = bench("engine", "minivllm", 8.0)
-    steps = [dict(phase="decode", batch_up_to=256, steps=492, total_s=3.862, floor_s=3.1, pct_floor=80.27, host_share=0.219),
-             dict(phase="prefill", batch_up_to=256, steps=9, total_s=0.467, floor_s=0.5, pct_floor=107.1, host_share=0.94)]
+    steps = [dict(phase="decode", batch_up_to=256, steps=492, total_s=3.862, floor_s=3.1, pct_floor=80.27, host_share=0.219, compiles=0),
+             dict(phase="prefill", batch_up_to=256, steps=9, total_s=0.467, floor_s=0.5, pct_floor=107.1, host_share=0.94, compiles=1),
+             dict(phase="decode", batch_up_to=512, steps=1, total_s=0.01, floor_s=0.005, pct_floor=50.0, host_share=0.5)]
     b["extra_info"].update(workload="nano", num_seqs=256, max_len=1024, tokens_per_s=1000.0, pct_of_ceiling=70.0, steps=steps)
     assert report.main([str(write(tmp_path / "engine.json", [b]))]) == 0
     rows = table_rows(capsys.readouterr().out.split("## engine steps")[1])
-    assert [row[4:] for row in rows] == [["decode", "256", "492", "3.862", "3.100", "80%", "22%"], ["prefill", "256", "9", "0.467", "0.500", "107% [!]", "94%"]]
+    assert [row[4:] for row in rows] == [
+        ["decode", "256", "492", "3.862", "3.100", "80%", "22%", "0"], ["prefill", "256", "9", "0.467", "0.500", "107% [!]", "94%", "1 [jit]"],
+        ["decode", "512", "1", "0.010", "0.005", "50%", "50%", "–"],
+    ]
 
 
 def test_report_flags_a_figure_that_beats_its_bound(tmp_path, capsys):

@@ -35,6 +35,26 @@ def test_generate_records_every_step(tmp_path, async_scheduling):
     assert len(llm.step_records) == 2  # the last call's steps only
 
 
+def test_a_step_that_compiles_says_so(tmp_path, monkeypatch):
+    """A Triton compile during a step's launch is counted on that step's record and summed in its
+    summary row (a compile is simulated: the CPU's torch backend compiles nothing)."""
+    from minivllm.kernels import compiles
+
+    path = str(write_random_qwen3(tmp_path, with_tokenizer=False))
+    llm = LLM(path, max_model_len=64, device="cpu", attention_backend="torch")
+    launch = llm.runner.launch
+
+    def launch_compiling_once(step, record=None):
+        if record is not None and not any(r.compiles for r in llm.step_records):
+            monkeypatch.setattr(compiles, "_count", compiles.compiles_so_far() + 1)
+        return launch(step, record)
+
+    monkeypatch.setattr(llm.runner, "launch", launch_compiling_once)
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert [r.compiles for r in llm.step_records] == [1, 0, 0]
+    assert {row["phase"]: row["compiles"] for row in summarize(llm.step_records)} == {"prefill": 1, "decode": 0}
+
+
 @pytest.mark.parametrize("batch, bucket", [(1, 1), (2, 2), (3, 4), (64, 64), (65, 128), (256, 256)])
 def test_batch_bucket(batch, bucket):
     assert batch_bucket(batch) == bucket

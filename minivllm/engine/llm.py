@@ -21,6 +21,7 @@ from minivllm.engine.step_profile import StepRecord, step_annotation
 from minivllm.engine.tensor_parallel import TPGroup, check_shardable
 from minivllm.engine.tokenizer import Tokenizer
 from minivllm.engine.tp_processes import STOP_WAIT_S, Rendezvous, Workers, join_group, launcher_rendezvous, leave_group
+from minivllm.kernels.compiles import compiles_so_far, watch_compiles
 from minivllm.values import is_int
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -107,6 +108,7 @@ class LLM:
         self.runner = ModelRunner(self.config, self.model, self.dtype)
         self.scheduler = Scheduler(self.config)
         self.step_records: list[StepRecord] = []
+        watch_compiles()  # so a step record can say it paid for compiling a kernel
 
     def _fail(self, cause: BaseException) -> None:
         """After `cause` (any exception, KeyboardInterrupt too) on rank 0, stop the spawned workers
@@ -280,8 +282,10 @@ class LLM:
                     self.step_records.append(record)
                     # Names the step in a profiler trace, so its kernels can be told apart by step
                     # (benchmarks/engine_profile.py); a few µs a step when nothing profiles.
+                    compiled = compiles_so_far()
                     with torch.profiler.record_function(step_annotation(len(self.step_records) - 1, record)):
                         launched = (step, record, self.runner.launch(step, record))
+                    record.compiles = compiles_so_far() - compiled
                 done, in_flight = (in_flight, launched) if self.config.async_scheduling else (launched, None)
                 if done is not None:
                     bar.update(len(self._finish(*done)))

@@ -29,6 +29,9 @@ class StepRecord:
     launch_s: float = 0.0
     wait_s: float = 0.0
     postprocess_s: float = 0.0
+    # Triton kernels compiled during the launch (kernels/compiles.py): its time then holds JIT
+    # work, which a warmed-up engine should never meet.
+    compiles: int = 0
 
     @property
     def host_s(self) -> float:
@@ -48,7 +51,7 @@ def summarize(records: list[StepRecord]) -> list[dict]:
     """One row per (phase, batch bucket): step count, total seconds, the median milliseconds of
     each part of a step, and the work its steps did, summed: `rows` (sequences, a step's batch),
     `new_tokens`, `context_tokens` and `attention_pairs` (benchmarks/extra_info.py turns them into
-    the row's floor). Prefill steps form one row (bucket 0)."""
+    the row's floor), and `compiles`, the Triton kernels its steps compiled. Prefill steps form one row (bucket 0)."""
     groups: dict[tuple[str, int], list[StepRecord]] = {}
     for r in records:
         key = ("prefill", 0) if r.prefill else ("decode", batch_bucket(r.batch))
@@ -56,7 +59,7 @@ def summarize(records: list[StepRecord]) -> list[dict]:
     rows = []
     for (phase, bucket), rs in sorted(groups.items()):
         row = dict(phase=phase, batch_up_to=bucket or max(r.batch for r in rs), steps=len(rs), total_s=sum(r.total_s for r in rs))
-        row.update(rows=sum(r.batch for r in rs), **{f: sum(getattr(r, f) for r in rs) for f in ("new_tokens", "context_tokens", "attention_pairs")})
+        row.update(rows=sum(r.batch for r in rs), **{f: sum(getattr(r, f) for r in rs) for f in ("new_tokens", "context_tokens", "attention_pairs", "compiles")})
         for part in ("schedule_s", "prepare_s", "launch_s", "wait_s", "postprocess_s", "host_s", "total_s"):
             row[f"median_{part[:-2]}_ms"] = 1e3 * statistics.median(getattr(r, part) for r in rs)
         row["host_share"] = sum(r.host_s for r in rs) / row["total_s"] if row["total_s"] else 0.0

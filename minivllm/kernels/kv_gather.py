@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The block table's width follows each step's longest sequence: not specialised on (see _flash_fwd).
+@triton.jit(do_not_specialize=["stride_btb", "max_blocks"])
 def _gather_pages(
     K_CACHE, V_CACHE, K_OUT, V_OUT, BT, CU_K,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb, max_blocks,

@@ -115,7 +115,7 @@ def _paged_decode(
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # the split count follows the batch outside a CUDA graph
 def _merge_splits(
     O, O_PART, LSE_PART, stride_ob, stride_oh, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,

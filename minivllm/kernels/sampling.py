@@ -17,7 +17,9 @@ BLOCK = 2048
 PROGRAMS_PER_SM = 8
 
 
-@triton.jit
+# The seed changes every step and the split count with the batch: specialising on them (a value
+# divisible by 16 is a variant of its own) would compile a kernel in the middle of a serving step.
+@triton.jit(do_not_specialize=["seed", "num_splits"])
 def _gumbel_max(LOGITS, TEMPS, BEST, BEST_IDX, vocab, stride_row, per_split, seed, num_splits, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
