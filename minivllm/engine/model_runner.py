@@ -19,6 +19,16 @@ from minivllm.engine.tensor_parallel import TPGroup
 from minivllm.kernels.cascade_attention import cascade_config
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Row counts the LM head runs at: a step's sampled rows are padded up to the next one. cuBLAS
+# picks (and lazily loads) a kernel per M, and a kernel's first load holds the host for tens of
+# milliseconds; with a few Ms, all met at start (_warm_logits), no step pays it. Steps of 16 rows
+# past 16 keep the padding under 16 rows, where the 8B's LM head at 512 rows would be compute-bound.
+LOGITS_ROWS = (1, 2, 4, 8, *range(16, 513, 16))
+
+
+def logits_rows(rows: int) -> int:
+    """The LOGITS_ROWS entry a step of `rows` sampled rows runs its LM head at; `rows` itself past the last."""
+    return next((r for r in LOGITS_ROWS if r >= rows), rows)
 
 
 class SampledTokens:
@@ -71,6 +81,8 @@ class ModelRunner:
         self.sampled_row: dict[int, int] = {}
         if self.device.type == "cuda" and not config.enforce_eager and model.backend.cuda_graphs:
             self._capture_decode_graphs()
+        if self.device.type == "cuda":
+            self._warm_logits()
 
     def _block_bytes(self) -> int:
         a = self.model.args
@@ -263,7 +275,12 @@ class ModelRunner:
         return sampled
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
-        logits = self.model.compute_logits(hidden)
+        """Sample the next token of each of `seqs`, row i of `hidden` (rows past len(seqs), if any,
+        are padding) being seqs[i]'s last hidden state."""
+        rows = logits_rows(len(seqs))
+        if hidden.shape[0] < rows:  # prefill and eager decode steps bring their rows alone
+            hidden = torch.cat([hidden, hidden[-1:].expand(rows - hidden.shape[0], -1)])
+        logits = self.model.compute_logits(hidden[:rows])[: len(seqs)]
         # The host knows every row's sampling parameters, so the sampler skips what no row needs
         # (sampling when all are greedy, the filters when none filters) without a sync.
         temps = top_ks = top_ps = min_ps = None
@@ -290,16 +307,27 @@ class ModelRunner:
         return SampledTokens(tokens, self.model.tp)
 
     def _decode(self, packed: torch.Tensor, batch: int, graph_rows: int | None, max_context_len: int, cascade: bool) -> torch.Tensor:
-        """Hidden states of a decode step's `batch` rows: the captured graph of `graph_rows` rows
-        (with cascade attention or without) replayed over the packed inputs, or the model run
-        eagerly when no graph fits."""
+        """Hidden states of a decode step's `batch` rows, then any padding rows: the captured
+        graph of `graph_rows` rows (with cascade attention or without) replayed over the packed
+        inputs, all its rows, or the model run eagerly over `batch` rows when no graph fits."""
         if graph_rows is None:
             ids, positions, meta = self.decode_inputs(packed.to(self.device, non_blocking=True), batch, max_context_len, cascade)
             return self.model(ids, positions, self.kv_caches, meta)
         graph, io = self.graphs[graph_rows, cascade]
         io["packed"].copy_(packed, non_blocking=True)
         graph.replay()
-        return io["hidden"][:batch]
+        return io["hidden"]
+
+    @torch.inference_mode()
+    def _warm_logits(self) -> None:
+        """Run the LM head once at every LOGITS_ROWS count a step can sample, so that cuBLAS has
+        chosen and loaded each one's kernel before the first request."""
+        top = logits_rows(self.config.max_num_seqs)
+        hidden = torch.zeros(top, self.model.args.hidden_size, dtype=self.dtype, device=self.device)
+        for rows in LOGITS_ROWS:
+            if rows <= top:
+                self.model.compute_logits(hidden[:rows])
+        self.model.tp.wait(self.device)
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
