@@ -373,6 +373,40 @@ def test_packed_decode_inputs(llm):
     assert meta.block_tables.tolist() == [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs] + [[-1] * width] * 3
 
 
+def test_a_mixed_step_puts_its_one_token_rows_first(llm):
+    """A prefill step's rows of one new token (a decode riding along, a one-token chunk) come
+    first and attend as decode rows; the chunks follow with their own cu_seqlens; the rows to
+    sample stay in step order."""
+    from minivllm.engine.scheduler import ScheduledStep
+    from minivllm.engine.sequence import Sequence
+
+    block = llm.config.kvcache_block_size
+    gen = torch.Generator().manual_seed(1)
+    blocks = torch.randperm(llm.config.num_kvcache_blocks, generator=gen).tolist()
+    # (length, computed before the step, new tokens): a chunk after a prefix, a decode row past a
+    # block edge, a whole prompt, a decode row in its first block.
+    rows = [(block + 9, 3, block + 6), (block + 2, block + 1, 1), (7, 0, 7), (5, 4, 1)]
+    step = ScheduledStep()
+    for i, (n, done, new) in enumerate(rows):
+        seq = Sequence(torch.randint(0, 256, (n,), generator=gen).tolist(), SamplingParams(), block)
+        seq.block_table = blocks[3 * i : 3 * i + -(-n // block)]
+        seq.num_computed_tokens = done
+        step.add(seq, new)
+    ids, positions, meta, last = llm.runner.prepare_chunks(step)
+    order = [1, 3, 0, 2]
+    assert ids.tolist() == [t for i in order for t in step.seqs[i].token_ids[step.starts[i] : step.starts[i] + step.num_new[i]]]
+    assert positions.tolist() == [p for i in order for p in range(step.starts[i], step.starts[i] + step.num_new[i])]
+    assert meta.decode_rows == 2 and meta.context_lens.tolist() == [block + 2, 5]
+    assert meta.max_context_len == llm.config.max_model_len
+    width = meta.decode_block_tables.shape[1]
+    assert meta.decode_block_tables.tolist() == [step.seqs[i].block_table + [-1] * (width - len(step.seqs[i].block_table)) for i in (1, 3)]
+    assert meta.cu_seqlens_q.tolist() == [0, block + 6, block + 13] and meta.cu_seqlens_k.tolist() == [0, block + 9, block + 16]
+    assert (meta.max_seqlen_q, meta.max_seqlen_k) == (block + 6, block + 9)
+    assert meta.block_tables.tolist() == [step.seqs[i].block_table + [-1] * (width - len(step.seqs[i].block_table)) for i in (0, 2)]
+    # Every row reaches its sequence's end, so each samples its last token, in step order.
+    assert last.tolist() == [2 + block + 6 - 1, 0, 2 + block + 13 - 1, 1]
+
+
 DRAWS = 1000  # rows of one call; at p = 0.84 a frequency's standard deviation is 0.012
 
 

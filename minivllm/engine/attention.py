@@ -19,9 +19,12 @@ class AttentionMetadata:
 
     slot_mapping: int32 (num_tokens,), cache slot of each new token (block_id * block_size +
         offset); -1 skips the write (padding rows of a CUDA graph).
-    Prefill: cu_seqlens_q / cu_seqlens_k int32 (batch+1,) count new tokens / all tokens (cached
-        prefix included); max_seqlen_q / max_seqlen_k host ints. block_tables is set only when some
-        sequence has a cached prefix, in which case keys are read from the paged cache.
+    Prefill: the first `decode_rows` tokens are rows of one new token each, attended as decode
+        rows are (context_lens, max_context_len and decode_block_tables below, for them alone);
+        the other rows follow: cu_seqlens_q / cu_seqlens_k int32 (rows+1,) count their new tokens
+        / all their tokens (cached prefix included); max_seqlen_q / max_seqlen_k host ints.
+        block_tables is set only when one of them has a cached prefix, in which case their keys
+        are read from the paged cache.
     Decode: context_lens int32 (batch,), block_tables int32 (batch, max_blocks), -1 padded;
         max_context_len a host int bounding context_lens. For cascade attention, shared_len int32
         (1,): the tokens of row 0's leading blocks that every row holding that many shares;
@@ -39,6 +42,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     shared_len: torch.Tensor | None = None
     max_shared_len: int = 0
+    decode_rows: int = 0
+    decode_block_tables: torch.Tensor | None = None
 
 
 def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: Backend) -> torch.Tensor:
@@ -48,8 +53,17 @@ def attend(q, k, v, k_cache, v_cache, meta: AttentionMetadata, backend: Backend)
     Returns (num_tokens, H, D). Prefill is causal within each sequence, after its cached prefix.
     """
     if meta.is_prefill:
-        keys, values = (k_cache, v_cache) if meta.block_tables is not None else (k, v)
-        return backend.prefill(q, keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, meta.block_tables)
+        # One-token rows on the decode kernel: the prefill kernel would give each a whole tile of
+        # queries and, where it copies a batch's keys out first, copy their contexts too.
+        d = meta.decode_rows
+        out = torch.empty_like(q)
+        if d:
+            backend.decode(q[:d], k_cache, v_cache, meta.decode_block_tables, meta.context_lens, meta.max_context_len, out=out[:d])
+        if q.shape[0] > d:
+            keys, values = (k_cache, v_cache) if meta.block_tables is not None else (k[d:], v[d:])
+            backend.prefill(q[d:], keys, values, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k, meta.block_tables,
+                            out=out[d:])
+        return out
     if meta.shared_len is not None:
         return backend.cascade_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, meta.shared_len, meta.max_shared_len)
     return backend.decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len)

@@ -25,8 +25,10 @@ class Backend:
     """The ops of one backend, with the kernels' signatures (minivllm/kernels/README.md):
     norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slot_mapping)
     returns the normalised, rotated (q, k) and writes k and v into their cache slots;
-    prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table) is causal; decode(q, k_cache, v_cache,
-    block_tables, context_lens, max_context_len); cascade_decode(the same, shared_len, max_shared_len)
+    prefill(q, k, v, cu_q, cu_k, max_q, max_k, block_table, out=None) is causal; decode(q, k_cache,
+    v_cache, block_tables, context_lens, max_context_len, out=None) (each writes into `out` when
+    given, and returns it); cascade_decode(q, k_cache, v_cache, block_tables, context_lens,
+    max_context_len, shared_len, max_shared_len)
     is decode for rows sharing leading blocks (the references compute it as plain decode); draw(logits, temperatures, generator) samples one
     token per row. linear_tile(form, rows, weight) is the skinny_linear tile the engine's
     projections take in that form at that shape (minivllm/engine/linear.py), or None for the
@@ -56,6 +58,11 @@ def _torch_norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, 
     return q, k
 
 
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """`result` copied into `out` when given (the references allocate their own), else itself."""
+    return result if out is None else out.copy_(result)
+
+
 def _triton_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # The kernel's Philox seed is drawn on the host, so `generator` is a CPU one.
     return sample_tokens(logits, temperatures, int(torch.randint(2**31 - 1, (1,), generator=generator)))
@@ -64,8 +71,10 @@ def _triton_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: to
 TRITON = Backend(
     name="triton",
     norm_rope_store=_triton_norm_rope_store,
-    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, block_table=block_table),
-    decode=lambda q, kc, vc, tables, lens, max_len: paged_attention_decode(q, kc, vc, tables, lens, max_context_len=max_len),
+    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table, out=None: flash_attn_varlen(
+        q, k, v, cu_q, cu_k, max_q, max_k, causal=True, block_table=block_table, out=out
+    ),
+    decode=lambda q, kc, vc, tables, lens, max_len, out=None: paged_attention_decode(q, kc, vc, tables, lens, max_context_len=max_len, out=out),
     cascade_decode=lambda q, kc, vc, tables, lens, max_len, shared, max_shared: cascade_attention_decode(
         q, kc, vc, tables, lens, shared, max_context_len=max_len, max_shared_len=max_shared
     ),
@@ -78,8 +87,8 @@ TRITON = Backend(
 TORCH = Backend(
     name="torch",
     norm_rope_store=_torch_norm_rope_store,
-    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table: attention_ref(q, k, v, cu_q, cu_k, causal=True, block_table=block_table),
-    decode=lambda q, kc, vc, tables, lens, max_len: paged_decode_gather(q, kc, vc, tables, lens),
+    prefill=lambda q, k, v, cu_q, cu_k, max_q, max_k, block_table, out=None: _into(out, attention_ref(q, k, v, cu_q, cu_k, causal=True, block_table=block_table)),
+    decode=lambda q, kc, vc, tables, lens, max_len, out=None: _into(out, paged_decode_gather(q, kc, vc, tables, lens)),
     cascade_decode=lambda q, kc, vc, tables, lens, max_len, shared, max_shared: paged_decode_gather(q, kc, vc, tables, lens),
     rms_norm=rms_norm_ref,
     silu_and_mul=silu_and_mul_ref,

@@ -128,7 +128,9 @@ class ModelRunner:
         return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
+        """int32 (len(seqs), max_blocks_per_seq) on the device, -1 padded: the decode kernel takes
+        max_model_len as every row's bound, which a table this wide holds."""
+        width = self.max_blocks_per_seq
         return self._to_device([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
     def _input_sources(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> list[int] | None:
@@ -150,35 +152,53 @@ class ModelRunner:
 
     def prepare_chunks(self, step: ScheduledStep):
         """(ids, positions, meta, rows to sample) for a step with prefill chunks: row i computes
-        tokens [starts[i], starts[i] + num_new[i]) of its sequence, and its keys span the
-        sequence up to the chunk's end, read from the paged cache when any row has KV there
-        already (a cached prefix, an earlier chunk, or a decode row)."""
-        ids, owners, positions, slots, cu_q, cu_k = [], [], [], [], [0], [0]
-        for seq, start, n in zip(step.seqs, step.starts, step.num_new, strict=True):
+        tokens [starts[i], starts[i] + num_new[i]) of its sequence. Rows of one new token (decode
+        rows riding along, or a chunk of one) come first and attend as decode rows over their
+        paged context (meta.decode_rows); the other rows follow, their keys spanning the sequence
+        up to the chunk's end, read from the paged cache when any of them has KV there already
+        (a cached prefix or an earlier chunk). Rows to sample are in step order."""
+        order = sorted(range(len(step.seqs)), key=lambda i: step.num_new[i] != 1)  # stable
+        singles = [i for i in order if step.num_new[i] == 1]
+        chunks = order[len(singles) :]
+        ids, owners, positions, slots, first = [], [], [], [], {}
+        for i in order:
+            seq, start, n = step.seqs[i], step.starts[i], step.num_new[i]
+            first[i] = len(ids)
             ids += seq.token_ids[start : start + n]
             owners += [seq] * n
             pos = np.arange(start, start + n)
             positions.append(pos)
             slots.append(np.asarray(seq.block_table, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size)
-            cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + start + n)
-        paged = any(step.starts)
+        cu_q, cu_k = [0], [0]
+        for i in chunks:
+            cu_q.append(cu_q[-1] + step.num_new[i])
+            cu_k.append(cu_k[-1] + step.starts[i] + step.num_new[i])
+        paged = any(step.starts[i] for i in chunks)
+        # One table for both parts, a row slice each.
+        tables = self._block_tables([step.seqs[i] for i in order]) if singles or paged else None
+        d = len(singles)
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._to_device(np.concatenate(slots), torch.int32),
             cu_seqlens_q=self._to_device(cu_q, torch.int32),
             cu_seqlens_k=self._to_device(cu_k, torch.int32),
-            max_seqlen_q=max(step.num_new),
-            max_seqlen_k=max(b - a for a, b in zip(cu_k, cu_k[1:], strict=False)),
-            block_tables=self._block_tables(step.seqs) if paged else None,
+            max_seqlen_q=max((step.num_new[i] for i in chunks), default=0),
+            max_seqlen_k=max((b - a for a, b in zip(cu_k, cu_k[1:], strict=False)), default=0),
+            block_tables=tables[d:] if paged else None,
+            decode_rows=d,
+            context_lens=self._to_device([step.starts[i] + 1 for i in singles], torch.int32) if d else None,
+            # As in the decode graphs: the kernel's config and split count then depend on the row
+            # count alone, so a step meets no variant the graphs' capture did not compile.
+            max_context_len=self.config.max_model_len if d else 0,
+            decode_block_tables=tables[:d] if d else None,
         )
         positions = np.concatenate(positions)
         src = self._input_sources(owners, ids, positions)
         input_ids = self._to_device(ids, torch.long)
         if src is not None:
             input_ids = self._resolve_ids(input_ids, self._to_device(src, torch.long))
-        last = self._to_device([end - 1 for end, sampled in zip(cu_q[1:], step.samples, strict=True) if sampled], torch.long)
-        return input_ids, self._to_device(positions, torch.long), meta, last
+        last = [first[i] + step.num_new[i] - 1 for i in range(len(step.seqs)) if step.samples[i]]
+        return input_ids, self._to_device(positions, torch.long), meta, self._to_device(last, torch.long)
 
     def pack_decode(self, seqs: list[Sequence], positions: list[int], rows: int) -> torch.Tensor:
         """A decode step's host inputs, row i the token at positions[i] of seqs[i] (whose context
