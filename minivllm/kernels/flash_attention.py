@@ -97,8 +97,8 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-# The block table's width follows each step's longest sequence, and seqlen_bucket only keys the
-# autotuner: not specialised on, so a step whose width turns divisible by 16 compiles nothing.
+# A caller may size its block table to each batch's longest sequence, and seqlen_bucket only keys
+# the autotuner: not specialised on, so a call whose width turns divisible by 16 compiles nothing.
 @triton.jit(do_not_specialize=["stride_btb", "max_blocks", "seqlen_bucket"])
 def _flash_fwd(
     Q, K, V, O, CU_Q, CU_K, BT, qk_scale,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 
-# The block table's width follows each step's longest sequence: not specialised on (see _flash_fwd).
+# A caller may size its block table to each batch's longest sequence: not specialised on (see _flash_fwd).
 @triton.jit(do_not_specialize=["stride_btb", "max_blocks"])
 def _gather_pages(
     K_CACHE, V_CACHE, K_OUT, V_OUT, BT, CU_K,
