@@ -470,26 +470,29 @@ def chi_square_fits(draws: torch.Tensor, probs: torch.Tensor) -> bool:
     return int(live.sum()) == 1 or float(((seen[live] - want) ** 2 / want).sum()) < CHI2_999[int(live.sum()) - 1]
 
 
-def filter_case_draws(backend: Backend, device, monkeypatch) -> torch.Tensor:
-    """(cases, CHI2_DRAWS) draws from one batch holding every FILTER_CASES row. Two candidates only,
-    so the top-p rows without top-k take both paths: p = 0.5 is covered by them, 0.8 is not."""
+def filter_case_draws(backend: Backend, device, monkeypatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(cases, CHI2_DRAWS) draws from one batch holding every FILTER_CASES row, its logits LOGITS8
+    in `dtype`. Two candidates only, so the top-p rows without top-k take both paths: p = 0.5 is
+    covered by them, 0.8 is not."""
     monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 2)
 
     def rows(i: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([c[i] for c in FILTER_CASES], dtype=dtype, device=device).repeat_interleave(CHI2_DRAWS)
 
-    logits = torch.tensor(LOGITS8, device=device).repeat(len(FILTER_CASES) * CHI2_DRAWS, 1)
+    logits = torch.tensor(LOGITS8, device=device).to(dtype).repeat(len(FILTER_CASES) * CHI2_DRAWS, 1)
     gen = sampler_generator(3, backend, device)
     draws = sample(logits, rows(0, torch.float32), rows(1, torch.long), rows(2, torch.float32), gen, backend, min_ps=rows(3, torch.float32))
     return draws.view(len(FILTER_CASES), CHI2_DRAWS)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", [TRITON, TORCH], ids=lambda b: b.name)
-def test_filtered_draws_follow_the_sort_based_distribution(backend, device, monkeypatch):
-    """Every case's draws fit filter_probs_ref's distribution, and not that of a filter taking
-    top-p's mass before the temperature (at 1.0), which keeps other tokens in case 0."""
-    draws = filter_case_draws(backend, device, monkeypatch)
-    logits = torch.tensor(LOGITS8)
+def test_filtered_draws_follow_the_sort_based_distribution(backend, dtype, device, monkeypatch):
+    """Every case's draws fit filter_probs_ref's distribution over the logits as given (bf16 ones
+    are ranked, cut and drawn from without an fp32 copy), and not that of a filter taking top-p's
+    mass before the temperature (at 1.0), which keeps other tokens in case 0."""
+    draws = filter_case_draws(backend, device, monkeypatch, dtype)
+    logits = torch.tensor(LOGITS8).to(dtype).float()
     for case, (t, k, p, m) in zip(draws, FILTER_CASES, strict=True):
         assert chi_square_fits(case, filter_probs_ref(logits, t, k, p, m)), (t, k, p, m)
     t, k, p, m = FILTER_CASES[0]

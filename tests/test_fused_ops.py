@@ -135,6 +135,31 @@ def test_sampling_greedy_rows_seeds_and_long_rows(device):
     assert ((first >= 0) & (first < vocab)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_under_a_cut(dtype, device):
+    """Each row draws only among the tokens whose logit reaches its cut, with the softmax of those
+    alone (each frequency within 4.5 standard deviations); a cut of -inf keeps every token, and a
+    greedy row keeps its argmax under any cut that keeps it. The kept tokens sit in different
+    quarters of the kernel's blocks, whose uniforms come from one Philox call."""
+    draws, vocab = 1000, 2048 + 37
+    gen = generator(6, device)
+    logits = (randn((1, vocab), torch.float32, device, gen) - 8.0).to(dtype)
+    spots = torch.tensor([5, 600, 1100, 1700, 2048 + 20, vocab - 1], device=device)
+    logits[0, spots] = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, 1.5], device=device, dtype=dtype)
+    # Cut at the fourth-highest logit (0.5): tokens 5, vocab - 1, 600 and 1100 stay.
+    cuts = torch.full((draws,), 0.5, device=device)
+    out = sample_tokens(logits.repeat(draws, 1), torch.full((draws,), 0.7, device=device), seed=13, cuts=cuts)
+    kept = spots[[0, 5, 1, 2]]
+    probs = torch.zeros(vocab, dtype=torch.float64)
+    probs[kept.cpu()] = (logits[0, kept].double() / 0.7).softmax(-1).cpu()
+    assert set(out.tolist()) <= set(kept.tolist())
+    assert (frequencies(out, vocab) - probs).abs().max() <= 4.5 * (probs * (1 - probs) / draws).sqrt().max()
+    uncut = sample_tokens(logits.repeat(200, 1), torch.ones(200, device=device), seed=14, cuts=torch.full((200,), float("-inf"), device=device))
+    assert not set(uncut.tolist()) <= set(spots.tolist())  # the 2,000 tokens near -8 hold about 6% of the mass
+    greedy = sample_tokens(logits.repeat(2, 1), torch.zeros(2, device=device), seed=15, cuts=torch.tensor([2.0, -1.0], device=device))
+    assert greedy.tolist() == [5, 5]
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -150,6 +175,8 @@ def test_sampling_greedy_rows_seeds_and_long_rows(device):
         (lambda d: sample_tokens(torch.ones(2, 8, device=d), torch.ones(3, device=d), 0), "temperatures must be"),
         (lambda d: sample_tokens(torch.ones(2, 8, device=d), torch.ones(2, device=d), -1), "seed"),
         (lambda d: sample_tokens(torch.ones(2, 8, device=d).t(), torch.ones(8, device=d), 0), "contiguous"),
+        (lambda d: sample_tokens(torch.ones(2, 8, device=d), torch.ones(2, device=d), 0, torch.ones(2, device=d, dtype=torch.float64)), "cuts must be"),
+        (lambda d: sample_tokens(torch.ones(2, 8, device=d), torch.ones(2, device=d), 0, torch.ones(3, device=d)), "cuts must be"),
     ],
 )
 def test_bad_inputs_raise(call, match, device):

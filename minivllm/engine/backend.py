@@ -29,10 +29,11 @@ class Backend:
     v_cache, block_tables, context_lens, max_context_len, out=None) (each writes into `out` when
     given, and returns it); cascade_decode(q, k_cache, v_cache, block_tables, context_lens,
     max_context_len, shared_len, max_shared_len)
-    is decode for rows sharing leading blocks (the references compute it as plain decode); draw(logits, temperatures, generator) samples one
-    token per row. linear_tile(form, rows, weight) is the skinny_linear tile the engine's
-    projections take in that form at that shape (minivllm/engine/linear.py), or None for the
-    unfused steps. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
+    is decode for rows sharing leading blocks (the references compute it as plain decode);
+    draw(logits, temperatures, generator, cuts) samples one token per row, among the tokens whose
+    logit is at least the row's fp32 cut (cuts None: every token). linear_tile(form, rows,
+    weight) is the skinny_linear tile the engine's projections take in that form at that shape
+    (minivllm/engine/linear.py), or None for the unfused steps. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
     reads of device tensors cannot be)."""
 
     name: str
@@ -63,9 +64,17 @@ def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     return result if out is None else out.copy_(result)
 
 
-def _triton_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _triton_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None, cuts: torch.Tensor | None) -> torch.Tensor:
     # The kernel's Philox seed is drawn on the host, so `generator` is a CPU one.
-    return sample_tokens(logits, temperatures, int(torch.randint(2**31 - 1, (1,), generator=generator)))
+    return sample_tokens(logits, temperatures, int(torch.randint(2**31 - 1, (1,), generator=generator)), cuts)
+
+
+def _torch_draw(logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None, cuts: torch.Tensor | None) -> torch.Tensor:
+    # Draws its noise on the logits' device, so `generator` lives there; in fp32, as the reference takes.
+    logits = logits.float()
+    if cuts is not None:
+        logits = logits.masked_fill(logits < cuts[:, None], float("-inf"))
+    return sample_ref(logits, temperatures, generator)
 
 
 TRITON = Backend(
@@ -92,8 +101,7 @@ TORCH = Backend(
     cascade_decode=lambda q, kc, vc, tables, lens, max_len, shared, max_shared: paged_decode_gather(q, kc, vc, tables, lens),
     rms_norm=rms_norm_ref,
     silu_and_mul=silu_and_mul_ref,
-    # Draws its noise on the logits' device, so `generator` lives there; in fp32, as the reference takes.
-    draw=lambda logits, temperatures, generator: sample_ref(logits.float(), temperatures, generator),
+    draw=_torch_draw,
     linear_tile=lambda form, rows, weight: None,
     cuda_graphs=False,
 )

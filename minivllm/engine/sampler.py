@@ -3,8 +3,9 @@
 The filters never sort the vocabulary. Each row's kept tokens are those whose logit reaches a
 cut: top-k, top-p and min-p each keep a set of the highest logits, so their intersection is one
 too. torch.topk finds the few highest logits the cut can fall among (top_k of them, or
-TOP_P_CANDIDATES for a row asking top-p without top-k), and one masked pass over the logits
-applies it.
+TOP_P_CANDIDATES for a row asking top-p without top-k), and the draw applies the cut as it
+reads the logits (the triton backend's one pass), so the (batch, vocab) logits are neither
+upcast nor copied masked.
 """
 
 import torch
@@ -31,8 +32,9 @@ def sample(
 ) -> torch.Tensor:
     """Pick one token per row.
 
-    logits: (batch, vocab), fp32 or the model's bf16/fp16 (filtering and the torch backend's draw
-    upcast; the triton draw reads them as they are). temperatures: fp32 (batch,), 0 means greedy
+    logits: (batch, vocab), fp32 or the model's bf16/fp16 (the triton draw reads them as they
+    are; only the few ranked candidates, a top-p row's sum over the vocabulary without top-k, and
+    the torch backend's draw upcast). temperatures: fp32 (batch,), 0 means greedy
     (argmax); None means every row is greedy. top_ks: int64 (batch,), 0 keeps every token, at most
     vocab; top_ps: fp32 (batch,) in (0, 1], 1.0 keeps every token; min_ps: fp32 (batch,) in [0, 1],
     0.0 keeps every token. A None filter tensor means no row uses that filter. All tensors live on
@@ -63,27 +65,28 @@ def sample(
         if top_p_without_top_k is None:
             top_p_without_top_k = top_ps is not None and bool(((top_ps < 1) & (top_ks == 0 if top_ks is not None else True)).any())
         # Filtering keeps each row's argmax, so greedy rows are unchanged by it.
-        logits = logits.float()
         width = max(top_k_max, TOP_P_CANDIDATES if top_p_without_top_k else 1)
         cut, short = _cuts(logits, temperatures, top_ks, top_ps, min_ps, min(width, logits.shape[-1]), top_p_without_top_k)
         if top_p_without_top_k and bool(short.any()):
             rows = short.nonzero().squeeze(1)
             cut[rows] = _cuts(logits[rows], temperatures[rows], None, top_ps[rows], None if min_ps is None else min_ps[rows], logits.shape[-1], True)[0]
-        logits = logits.masked_fill(logits < cut[:, None], float("-inf"))
-    return backend.draw(logits, temperatures, generator)
+        return backend.draw(logits, temperatures, generator, cut)
+    return backend.draw(logits, temperatures, generator, None)
 
 
 def _cuts(
     logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None, min_ps: torch.Tensor | None, width: int,
     top_p_without_top_k: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cut, short), both (batch,): fp32 `logits` (batch, vocab) keep the tokens whose logit is at
-    least the row's cut (-inf: every token), ranking only the `width` highest logits, which must
-    cover every row's top_k; top_p_without_top_k says whether some row's top-p mass is over the
-    whole vocabulary (a pass over it), not its top-k survivors'. `short` (bool) marks rows whose top-p cut lies beyond those `width`,
-    rows asking top-p without top-k whose candidates hold less than top_p of the mass; their cut
-    is wrong until ranked again with width = vocab. Ties at the cut are all kept."""
-    values = logits.topk(width, dim=-1).values  # (batch, width), descending
+    """(cut, short), both (batch,): `logits` (batch, vocab), in any float dtype, keep the tokens
+    whose logit, as fp32, is at least the row's fp32 cut (-inf: every token), ranking only the
+    `width` highest logits, which must cover every row's top_k; top_p_without_top_k says whether
+    some row's top-p mass is over the whole vocabulary (a pass over it), not its top-k
+    survivors'. `short` (bool) marks rows whose top-p cut lies beyond those `width`, rows asking
+    top-p without top-k whose candidates hold less than top_p of the mass; their cut is wrong
+    until ranked again with width = vocab. Ties at the cut are all kept."""
+    # Ranked in the logits' own dtype, whose values fp32 holds exactly: the cut is one of them.
+    values = logits.topk(width, dim=-1).values.float()  # (batch, width), descending
     rank = torch.arange(width, device=logits.device)
     keep = torch.ones_like(values, dtype=torch.bool)
     cuts_here = torch.zeros_like(temperatures, dtype=torch.bool)  # rows some candidate filter applies to
@@ -98,7 +101,7 @@ def _cuts(
         # Normalized over the top-k survivors, or over the whole vocabulary for a row without top-k.
         norm = scaled.masked_fill(~keep, float("-inf")).logsumexp(dim=-1)
         if top_p_without_top_k:
-            norm = torch.where(with_k, norm, (logits / temps).logsumexp(dim=-1))
+            norm = torch.where(with_k, norm, (logits.float() / temps).logsumexp(dim=-1))
         probs = (scaled - norm[:, None]).exp().masked_fill(~keep, 0)
         mass = probs.cumsum(dim=-1)
         on = top_ps < 1

@@ -2,8 +2,11 @@
 
 argmax_i(logit_i / T + G_i), with G_i = -log(E_i) and E_i ~ Exp(1) independent, picks token i
 with probability softmax(logits / T)_i, so no softmax, no normalisation and no noise tensor is
-ever written: each program streams a slice of a row, draws its noise with Philox (tl.rand), and
-keeps a running maximum. A second, tiny step picks the best slice of each row.
+ever written: each program streams a slice of a row, draws its noise with Philox, and keeps a
+running maximum. A second, tiny step picks the best slice of each row.
+
+An optional per-row cut drops the tokens whose logit is below it inside the same pass, so a
+filtered draw (top-k, top-p, min-p: engine/sampler.py) needs no masked copy of the logits.
 """
 
 import torch
@@ -20,23 +23,32 @@ PROGRAMS_PER_SM = 8
 # The seed changes every step and the split count with the batch: specialising on them (a value
 # divisible by 16 is a variant of its own) would compile a kernel in the middle of a serving step.
 @triton.jit(do_not_specialize=["seed", "num_splits"])
-def _gumbel_max(LOGITS, TEMPS, BEST, BEST_IDX, vocab, stride_row, per_split, seed, num_splits, BLOCK: tl.constexpr):
+def _gumbel_max(LOGITS, TEMPS, CUTS, BEST, BEST_IDX, vocab, stride_row, per_split, seed, num_splits,
+                HAS_CUTS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     temp = tl.load(TEMPS + row)
     inv_temp = 1.0 / tl.maximum(temp, 1e-6)
+    cut = tl.load(CUTS + row) if HAS_CUTS else float("-inf")
+    row_off = row.to(tl.int64) * stride_row
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK], dtype=tl.int32)
     start = split * per_split
     for off in range(start, start + per_split, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < vocab
-        logit = tl.load(LOGITS + row.to(tl.int64) * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        # u in (0, 1): tl.rand gives multiples of 2^-31 from 0; the half step keeps E > 0. E is
+        logit = tl.load(LOGITS + row_off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        # One Philox call gives four uniforms: Philox's rounds, not the logits' bytes, bound this
+        # loop, and tl.rand would drop three of the four. Counter c (row * vocab + off / 4 + i)
+        # serves columns off + 4i .. off + 4i + 3, so counters never repeat across blocks or rows.
+        u0, u1, u2, u3 = tl.rand4x(seed, row * vocab + off // 4 + tl.arange(0, BLOCK // 4))
+        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])  # u[4i + j] = u_j[i]
+        # u in (0, 1): the uniforms are multiples of 2^-31 from 0; the half step keeps E > 0. E is
         # -log(1 - u), with its series where u is small so the largest noise keeps full precision.
-        u = tl.rand(seed, row * vocab + cols) + 2.3283064e-10
+        u = u + 2.3283064e-10
         e = tl.where(u < 1e-4, u * (1.0 + u * (0.5 + u / 3.0)), -tl.log(1.0 - u))
         key = tl.where(temp > 0, logit * inv_temp - tl.log(e), logit)
+        key = tl.where(logit >= cut, key, float("-inf"))
         take = key > best
         best = tl.where(take, key, best)
         best_idx = tl.where(take, cols, best_idx)
@@ -48,13 +60,17 @@ def _gumbel_max(LOGITS, TEMPS, BEST, BEST_IDX, vocab, stride_row, per_split, see
     tl.store(BEST_IDX + row * num_splits + split, idx)
 
 
-def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, cuts: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of `logits`: argmax where the row's temperature is 0, else a draw from
-    softmax(logits / temperature).
+    softmax(logits / temperature), over the tokens whose logit is at least the row's cut when
+    `cuts` is given.
 
     logits: fp32/bf16/fp16 (batch, vocab), last dim contiguous. temperatures: fp32 (batch,) >= 0,
-    on the same device. seed: host int; the same seed and inputs give the same tokens. Returns
-    int64 (batch,). Nothing is read back to the host.
+    on the same device. seed: host int; the same seed and inputs give the same tokens. cuts: None
+    (every token) or fp32 (batch,) on the same device, compared with each logit as fp32; -inf keeps
+    every token, and a cut above a row's largest logit leaves nothing to draw (the row's token is
+    then arbitrary), so a cut must keep at least the argmax. Returns int64 (batch,). Nothing is
+    read back to the host.
     """
     check_rank("logits", logits, 2, "(batch, vocab)")
     check_rank("temperatures", temperatures, 1, "(batch,)")
@@ -62,9 +78,9 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -
     if logits.stride(1) != 1:
         raise ValueError("logits must be contiguous in its last (vocab) dimension")
     batch, vocab = logits.shape
-    if temperatures.shape[0] != batch or temperatures.dtype != torch.float32 or temperatures.device != logits.device:
-        raise ValueError(f"temperatures must be fp32 ({batch},) on {logits.device}, got {temperatures.dtype} "
-                         f"{tuple(temperatures.shape)} on {temperatures.device}")
+    for name, t in (("temperatures", temperatures), ("cuts", cuts)):
+        if t is not None and (t.shape != (batch,) or t.dtype != torch.float32 or t.device != logits.device):
+            raise ValueError(f"{name} must be fp32 ({batch},) on {logits.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
     if vocab < 1 or vocab >= 2**31 // max(batch, 1):
         raise ValueError(f"logits must have 1 <= batch * vocab < 2^31, got {batch} x {vocab}")
     if not isinstance(seed, int) or not 0 <= seed < 2**31:
@@ -78,7 +94,8 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -
     best = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(batch, splits, dtype=torch.int32, device=logits.device)
     _gumbel_max[(batch, splits)](
-        LOGITS=logits, TEMPS=temperatures, BEST=best, BEST_IDX=best_idx, vocab=vocab, stride_row=logits.stride(0),
-        per_split=per_split, seed=seed, num_splits=splits, BLOCK=BLOCK, num_warps=8,
+        LOGITS=logits, TEMPS=temperatures, CUTS=temperatures if cuts is None else cuts, BEST=best, BEST_IDX=best_idx,
+        vocab=vocab, stride_row=logits.stride(0), per_split=per_split, seed=seed, num_splits=splits,
+        HAS_CUTS=cuts is not None, BLOCK=BLOCK, num_warps=8,
     )
     return best_idx.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1).long()
