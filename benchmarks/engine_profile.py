@@ -1,14 +1,16 @@
-"""Where an engine step's time goes, kernel by kernel: prefill steps, full-batch and one-row decode steps.
+"""Where an engine step's time goes, kernel by kernel: prefill steps, full-batch and few-row decode steps.
 
     python -m benchmarks.engine_profile [--preset qwen3-0.6b] [--dtype bf16] [--workload nano]
-                                        [--decode-steps 64] [--top 20] [--trace-dir DIR]
+                                        [--decode-steps 64] [--rows 1] [--top 20] [--trace-dir DIR]
 
 Two runs on a seeded random checkpoint in the preset's shapes (benchmarks/engine_workloads.py),
 each after two warm-up runs drawn with other seeds (the prefix cache would serve a repeated
 prompt, and a process's first sight of a shape costs the host once):
 - full batch: the workload's prompts, each decoded for --decode-steps tokens: its prefill steps,
   then decode steps at the whole batch (256 sequences for nano);
-- one row: one of its prompts decoded for --decode-steps tokens, in the decode CUDA graph.
+- one row (or --rows N): the first N of those prompts decoded for --decode-steps tokens, in the
+  decode CUDA graph of N rows (the batch buckets between one row and the whole batch, where the
+  engine suite's "engine steps" table may show a gap of their own).
 For each it prints the engine's step records summarised per phase and batch (schedule, prepare,
 launch, wait: engine/step_profile.format_summary, as `main.py --profile` prints them),
 then, from the same run under torch.profiler, the device's kernels grouped by name and grid,
@@ -16,7 +18,7 @@ per kind of step (the engine names each step's launch in the trace, step_profile
 ties each kernel, a graph replay's too, to its launch): µs a step, calls a step, µs a call, and
 how much of the kernels' span the device was busy. A step whose wait is most of it, on a busy
 device, is bound by its kernels, not the host. --trace-dir also writes each run's Chrome trace,
-gzipped. Without a GPU it runs the tiny preset under Triton's interpreter: step records only.
+gzipped (full_batch.json.gz, and one_row.json.gz or N_rows.json.gz). Without a GPU it runs the tiny preset under Triton's interpreter: step records only.
 """
 
 import argparse
@@ -46,7 +48,7 @@ from minivllm.dtypes import SHORT_DTYPES  # noqa: E402
 from minivllm.engine import LLM, SamplingParams  # noqa: E402
 from minivllm.engine.step_profile import annotated_kind, format_summary  # noqa: E402
 
-WARM_SEEDS = (1, 3)  # the measured runs draw with seeds 0 (full batch) and 2 (one row)
+WARM_SEEDS = (1, 3)  # the measured runs draw with seeds 0 (full batch) and 2 (few rows)
 
 
 def _step_kinds(events: list[dict]) -> dict[int, str]:
@@ -122,10 +124,10 @@ def report(title: str, llm: LLM, trace: dict, top: int) -> None:
             print(f"    {sum(r[1] for r in rows[top:]):9.1f}  in {len(rows) - top} more kernels")
 
 
-def run(llm: LLM, workload: Workload, vocab: int, seed: int, max_tokens: int, one_row: bool, trace_file: Path) -> dict:
+def run(llm: LLM, workload: Workload, vocab: int, seed: int, max_tokens: int, rows: int | None, trace_file: Path) -> dict:
     """The warm-up runs, then the profiled one: the workload's prompts drawn with `seed` (the first
-    alone when `one_row`), each decoded for max_tokens; its Chrome trace."""
-    draw = lambda s: workload.draw(s, vocab)[0][: 1 if one_row else None]  # noqa: E731
+    `rows` of them, or all when None), each decoded for max_tokens; its Chrome trace."""
+    draw = lambda s: workload.draw(s, vocab)[0][:rows]  # noqa: E731
     params = lambda n: [SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True, top_k=0, top_p=1.0, min_p=0.0)] * n  # noqa: E731
     for warm in WARM_SEEDS:
         prompts = draw(warm + seed)
@@ -142,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--workload", default="nano", choices=sorted(WORKLOADS_BY_NAME), help="whose prompts and engine settings (default nano)")
     parser.add_argument("--decode-steps", type=int, default=64, help="decode steps of each run (default 64)")
+    parser.add_argument("--rows", type=int, default=1, help="prompts of the second run (default 1: the one-row step)")
     parser.add_argument("--top", type=int, default=20, help="kernels listed per run (default 20)")
-    parser.add_argument("--trace-dir", type=output_dir, help="also write full_batch.json.gz and one_row.json.gz (Chrome traces) here")
+    parser.add_argument("--trace-dir", type=output_dir, help="also write each run's Chrome trace here (full_batch.json.gz, one_row.json.gz or N_rows.json.gz)")
     args = parser.parse_args(argv)
     if args.decode_steps < 1:
         parser.error(f"--decode-steps must be at least 1, got {args.decode_steps}")
+    if args.rows < 1:
+        parser.error(f"--rows must be at least 1, got {args.rows}")
     if args.trace_dir:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
     preset, workload, dtype = PRESETS[args.preset], WORKLOADS_BY_NAME[args.workload], SHORT_DTYPES[args.dtype]
@@ -154,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(preset, dtype, Path(tmp) / preset.name)
         print(f"{args.preset} {args.dtype}, workload {args.workload}, on {torch.cuda.get_device_name() if on_gpu else 'the CPU (interpreter)'}")
-        for title, seed, one_row in (("full batch", 0, False), ("one row", 2, True)):
+        for title, seed, rows in (("full batch", 0, None), ("one row" if args.rows == 1 else f"{args.rows} rows", 2, args.rows)):
             llm = LLM(str(path), dtype=dtype, device=device, **workload.engine_settings())
             try:
                 trace_file = Path(tmp) / "trace.json"
-                trace = run(llm, workload, preset.vocab, seed, args.decode_steps + 1, one_row, trace_file)
+                trace = run(llm, workload, preset.vocab, seed, args.decode_steps + 1, rows, trace_file)
                 report(title, llm, trace, args.top)
                 if args.trace_dir:
                     with gzip.open(args.trace_dir / f"{title.replace(' ', '_')}.json.gz", "wb") as out:

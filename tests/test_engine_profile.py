@@ -53,6 +53,9 @@ def test_a_run_reports_both_runs_step_by_step(capsys, device, tmp_path):
     events = json.loads(gzip.open(tmp_path / "traces" / "one_row.json.gz").read())["traceEvents"]
     named = [e["name"] for e in events if e.get("cat") == "user_annotation" and annotated_kind(e["name"])]
     assert named == ["minivllm step 0 prefill x1", "minivllm step 1 decode x1", "minivllm step 2 decode x1"]
-    for bad in (["--decode-steps", "0"], ["--preset", "qwen3-30b-a3b"]):  # an MoE preset the engine cannot build
+    assert engine_profile.main(["--decode-steps", "1", "--rows", "3", "--trace-dir", str(tmp_path / "traces")]) == 0
+    assert "3 rows: 2 steps (1 prefill)" in capsys.readouterr().out
+    assert (tmp_path / "traces" / "3_rows.json.gz").exists()
+    for bad in (["--decode-steps", "0"], ["--rows", "0"], ["--preset", "qwen3-30b-a3b"]):  # an MoE preset the engine cannot build
         with pytest.raises(SystemExit):
             engine_profile.main(bad)
