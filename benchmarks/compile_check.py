@@ -123,6 +123,7 @@ def heuristic_launches(target: str, dtype, head_dim: int) -> list[cc.Launch]:
             qk_norm_rope(q, k, w, w, cos, cos, 1e-6, v=v, k_cache=kc, v_cache=kc.clone(), slot_mapping=slots)
             store_kvcache(k, v, kc, kc.clone(), slots)
             sample_tokens(_randn(2, p.vocab, dtype=dtype), torch.ones(2), 0)
+            sample_tokens(_randn(2, p.vocab, dtype=dtype), torch.ones(2), 0, cuts=torch.full((2,), -1.0))
         cu = torch.tensor([0, 50, 77], dtype=torch.int32)
         naive_attention(_randn(77, 4, head_dim, dtype=dtype), *(_randn(77, 2, head_dim, dtype=dtype) for _ in "kv"), cu, 50)
     return out + elementwise
