@@ -407,6 +407,22 @@ def test_a_mixed_step_puts_its_one_token_rows_first(llm):
     assert last.tolist() == [2 + block + 6 - 1, 0, 2 + block + 13 - 1, 1]
 
 
+def test_decode_steps_run_their_longest_contexts_first(llm, monkeypatch):
+    """Every decode step reaches the device with its rows in descending context order (the
+    attention grid then starts its longest programs first), and each prompt still gets the
+    tokens it gets alone."""
+    prompts = [[7] * 3, [8] * 12, [9] * 6, [10] * 17, [11] * 1]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = [llm.generate(p, params, use_tqdm=False)[0]["token_ids"] for p in prompts]
+    orders = []
+    pack = llm.runner.pack_decode
+    monkeypatch.setattr(llm.runner, "pack_decode", lambda seqs, positions, rows: orders.append(list(positions)) or pack(seqs, positions, rows))
+    together = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert together == alone
+    assert orders and all(p == sorted(p, reverse=True) for p in orders)
+    assert any(len(set(p)) > 1 for p in orders)
+
+
 DRAWS = 1000  # rows of one call; at p = 0.84 a frequency's standard deviation is 0.012
 
 

@@ -342,3 +342,42 @@ def test_async_scheduling_gives_the_tokens_of_sync_scheduling(num_blocks, budget
             assert samples[s.seq_id] <= s.num_completion_tokens + (1 if async_scheduling else 0)
         outcomes.append([s.completion_token_ids for s in seqs])
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_decode_rows_reordered_longest_first_keep_every_sequences_tokens(async_scheduling):
+    """The model runner puts a decode step's rows in descending context order before it runs
+    them (ScheduledStep.longest_first); the step's tokens then come back in that order, and each
+    sequence still gets exactly its own."""
+    sched = make_scheduler(max_num_seqs=6)
+    prompts = [[i + 1] * n for i, n in enumerate((3, 11, 6, 17, 1, 9))]
+    seqs = [request(p, max_tokens=5) for p in prompts]
+    for s in seqs:
+        sched.add(s)
+    device, in_flight, decode_orders = FakeDevice(), None, []
+    while in_flight or not sched.is_finished():
+        scheduled = sched.schedule(in_flight=in_flight is not None)
+        launched = None
+        if scheduled.seqs:
+            if scheduled.is_decode:
+                scheduled.longest_first()
+                decode_orders.append(list(scheduled.starts))
+            launched = (scheduled, device.run(scheduled))
+        done, in_flight = (in_flight, launched) if async_scheduling else (launched, None)
+        if done is not None:
+            sched.postprocess(*done, set())
+    assert decode_orders and all(starts == sorted(starts, reverse=True) for starts in decode_orders)
+    assert any(len(set(starts)) > 1 for starts in decode_orders)  # some step had rows to reorder
+    for s, p in zip(seqs, prompts, strict=True):
+        assert s.completion_token_ids == expected_completion(p, 5, 32)
+
+
+def test_longest_first_moves_every_row_list_together():
+    step_ = ScheduledStep()
+    seqs = [request([1] * n) for n in (4, 9, 2, 9)]
+    for s in seqs:
+        s.num_computed_tokens = len(s) - 1
+        step_.add(s, 1)
+    step_.longest_first()
+    assert [s.seq_id for s in step_.seqs] == [seqs[i].seq_id for i in (1, 3, 0, 2)]  # ties keep their order
+    assert step_.starts == [8, 8, 3, 1] and step_.num_new == [1] * 4 and step_.samples == [True] * 4

@@ -273,8 +273,12 @@ class ModelRunner:
         no row samples. `record` gets the host time spent building the inputs (prepare_s) and
         queuing the rest (launch_s)."""
         start = time.perf_counter()
-        seqs = step.sampled_seqs
         if step.is_decode:
+            # Row i is the attention grid's program i of each kv head: with the longest contexts
+            # first, the last programs to start are the shortest, not a long one that runs on
+            # alone while the rest of the device idles. The step is reordered in place, so its
+            # tokens come back in the order postprocess reads them.
+            step.longest_first()
             batch = len(step.seqs)
             graph_rows = next((b for b in GRAPH_BATCH_SIZES if b >= batch and (b, False) in self.graphs), None)
             packed = self.pack_decode(step.seqs, step.starts, graph_rows or batch)
@@ -287,6 +291,7 @@ class ModelRunner:
             ids, positions, meta, last = self.prepare_chunks(step)
             prepared = time.perf_counter()
             hidden = self.model(ids, positions, self.kv_caches, meta)[last]
+        seqs = step.sampled_seqs
         sampled = None
         if seqs:
             sampled = self._sample(hidden, seqs)

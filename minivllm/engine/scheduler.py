@@ -40,6 +40,12 @@ class ScheduledStep:
         seq.num_computed_tokens += extra
         self.samples[row] = seq.num_computed_tokens == len(seq)
 
+    def longest_first(self) -> None:
+        """Put the rows in descending order of their context (starts), ties in their order."""
+        order = sorted(range(len(self.seqs)), key=lambda i: -self.starts[i])
+        for rows in (self.seqs, self.starts, self.num_new, self.samples):
+            rows[:] = [rows[i] for i in order]
+
     @property
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.num_new) and all(self.samples)
