@@ -18,7 +18,8 @@ per kind of step (the engine names each step's launch in the trace, step_profile
 ties each kernel, a graph replay's too, to its launch): µs a step, calls a step, µs a call, and
 how much of the kernels' span the device was busy. A step whose wait is most of it, on a busy
 device, is bound by its kernels, not the host. --trace-dir also writes each run's Chrome trace,
-gzipped (full_batch.json.gz, and one_row.json.gz or N_rows.json.gz). Without a GPU it runs the tiny preset under Triton's interpreter: step records only.
+gzipped (full_batch.json.gz, and one_row.json.gz or N_rows.json.gz). Without a GPU it runs the
+tiny preset under Triton's interpreter: step records only.
 """
 
 import argparse

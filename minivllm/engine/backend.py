@@ -33,8 +33,8 @@ class Backend:
     draw(logits, temperatures, generator, cuts) samples one token per row, among the tokens whose
     logit is at least the row's fp32 cut (cuts None: every token). linear_tile(form, rows,
     weight) is the skinny_linear tile the engine's projections take in that form at that shape
-    (minivllm/engine/linear.py), or None for the unfused steps. `cuda_graphs`: decode may be captured in CUDA graphs (the references' host
-    reads of device tensors cannot be)."""
+    (minivllm/engine/linear.py), or None for the unfused steps. `cuda_graphs`: decode may be
+    captured in CUDA graphs (the references' host reads of device tensors cannot be)."""
 
     name: str
     norm_rope_store: Callable
