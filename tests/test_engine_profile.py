@@ -55,7 +55,8 @@ def test_a_run_reports_both_runs_step_by_step(capsys, device, tmp_path):
     assert named == ["minivllm step 0 prefill x1", "minivllm step 1 decode x1", "minivllm step 2 decode x1"]
     assert engine_profile.main(["--decode-steps", "1", "--rows", "3", "--trace-dir", str(tmp_path / "traces")]) == 0
     assert "3 rows: 2 steps (1 prefill)" in capsys.readouterr().out
-    assert (tmp_path / "traces" / "3_rows.json.gz").exists()
-    for bad in (["--decode-steps", "0"], ["--rows", "0"], ["--preset", "qwen3-30b-a3b"]):  # an MoE preset the engine cannot build
+    events = json.loads(gzip.open(tmp_path / "traces" / "3_rows.json.gz").read())["traceEvents"]
+    assert "minivllm step 1 decode x3" in [e["name"] for e in events if e.get("cat") == "user_annotation"]
+    for bad in (["--decode-steps", "0"], ["--rows", "0"], ["--rows", "257"], ["--preset", "qwen3-30b-a3b"]):  # an MoE preset the engine cannot build
         with pytest.raises(SystemExit):
             engine_profile.main(bad)

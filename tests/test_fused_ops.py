@@ -139,17 +139,17 @@ def test_sampling_greedy_rows_seeds_and_long_rows(device):
 def test_sampling_under_a_cut(dtype, device):
     """Each row draws only among the tokens whose logit reaches its cut, with the softmax of those
     alone (each frequency within 4.5 standard deviations); a cut of -inf keeps every token, and a
-    greedy row keeps its argmax under any cut that keeps it. The kept tokens sit in different
-    quarters of the kernel's blocks, whose uniforms come from one Philox call."""
+    greedy row keeps its argmax under any cut that keeps it. Four of the kept tokens are adjacent
+    columns 4i..4i+3, which share one Philox call: should two of them get the same uniform, the
+    lower logit of the two would never be drawn."""
     draws, vocab = 1000, 2048 + 37
     gen = generator(6, device)
     logits = (randn((1, vocab), torch.float32, device, gen) - 8.0).to(dtype)
-    spots = torch.tensor([5, 600, 1100, 1700, 2048 + 20, vocab - 1], device=device)
-    logits[0, spots] = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, 1.5], device=device, dtype=dtype)
-    # Cut at the fourth-highest logit (0.5): tokens 5, vocab - 1, 600 and 1100 stay.
-    cuts = torch.full((draws,), 0.5, device=device)
-    out = sample_tokens(logits.repeat(draws, 1), torch.full((draws,), 0.7, device=device), seed=13, cuts=cuts)
-    kept = spots[[0, 5, 1, 2]]
+    spots = torch.tensor([5, 600, 601, 602, 603, vocab - 1], device=device)
+    logits[0, spots] = torch.tensor([2.0, 1.0, 0.5, 1.2, 0.8, 1.5], device=device, dtype=dtype)
+    # Cut at 0.7: every spot but 601 stays.
+    out = sample_tokens(logits.repeat(draws, 1), torch.full((draws,), 0.7, device=device), seed=13, cuts=torch.full((draws,), 0.7, device=device))
+    kept = spots[[0, 1, 3, 4, 5]]
     probs = torch.zeros(vocab, dtype=torch.float64)
     probs[kept.cpu()] = (logits[0, kept].double() / 0.7).softmax(-1).cpu()
     assert set(out.tolist()) <= set(kept.tolist())

@@ -42,7 +42,9 @@ def _gumbel_max(LOGITS, TEMPS, CUTS, BEST, BEST_IDX, vocab, stride_row, per_spli
         # loop, and tl.rand would drop three of the four. Counter c (row * vocab + off / 4 + i)
         # serves columns off + 4i .. off + 4i + 3, so counters never repeat across blocks or rows.
         u0, u1, u2, u3 = tl.rand4x(seed, row * vocab + off // 4 + tl.arange(0, BLOCK // 4))
-        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])  # u[4i + j] = u_j[i]
+        # join(a, b) stacks on a new last axis, so element [i, m, k] here is (u0, u2 | u1, u3)[k][m]:
+        # flattened row-major, u[4i + j] = u_j[i].
+        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
         # u in (0, 1): the uniforms are multiples of 2^-31 from 0; the half step keeps E > 0. E is
         # -log(1 - u), with its series where u is small so the largest noise keeps full precision.
         u = u + 2.3283064e-10
