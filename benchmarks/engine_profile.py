@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.decode_steps < 1:
         parser.error(f"--decode-steps must be at least 1, got {args.decode_steps}")
-    if not 1 <= args.rows <= WORKLOADS_BY_NAME[args.workload].num_seqs:
-        parser.error(f"--rows must be 1 to the workload's {WORKLOADS_BY_NAME[args.workload].num_seqs} prompts, got {args.rows}")
+    preset, workload, dtype = PRESETS[args.preset], WORKLOADS_BY_NAME[args.workload], SHORT_DTYPES[args.dtype]
+    if not 1 <= args.rows <= workload.num_seqs:
+        parser.error(f"--rows must be 1 to the workload's {workload.num_seqs} prompts, got {args.rows}")
     if args.trace_dir:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
-    preset, workload, dtype = PRESETS[args.preset], WORKLOADS_BY_NAME[args.workload], SHORT_DTYPES[args.dtype]
     device = torch.device("cuda" if on_gpu else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(preset, dtype, Path(tmp) / preset.name)
