@@ -160,6 +160,16 @@ def test_sampling_under_a_cut(dtype, device):
     assert greedy.tolist() == [5, 5]
 
 
+def test_sampling_reads_strided_temperatures_and_cuts_by_row(device):
+    """Views of every other element are copied, not read as if contiguous: greedy row 0 and row 1
+    cut to its token 2 give those tokens, as contiguous tensors do."""
+    logits = torch.tensor([[0.5, 5.0, 1.0, 2.0], [0.5, 1.0, 3.0, -1.0]], device=device)
+    temps = torch.tensor([0.0, 9.0, 1.0, 9.0], device=device)[::2]
+    cuts = torch.tensor([-1.0, 7.0, 2.5, 7.0], device=device)[::2]
+    assert not temps.is_contiguous() and not cuts.is_contiguous()
+    assert sample_tokens(logits, temps, 3, cuts=cuts).tolist() == [1, 2]
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

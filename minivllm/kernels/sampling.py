@@ -89,6 +89,9 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, c
         raise ValueError(f"seed must be an int in [0, 2^31), got {seed!r}")
     if batch == 0:
         return torch.empty(0, dtype=torch.long, device=logits.device)
+    # The kernel reads row r's temperature and cut at offset r: a strided view is copied, not misread.
+    temperatures = temperatures.contiguous()
+    cuts = None if cuts is None else cuts.contiguous()
     # Enough programs to fill the device even for one row, none thinner than a block.
     splits = max(1, min(triton.cdiv(vocab, BLOCK), parallel_slots(logits.device, PROGRAMS_PER_SM) // batch))
     per_split = triton.cdiv(triton.cdiv(vocab, splits), BLOCK) * BLOCK
