@@ -10,8 +10,11 @@ Two ways to fetch a K/V tile, chosen per device by its tuning table (minivllm/ke
 - `gather`: pointer loads with one block id per token, so a tile may span many pages; the
   loads are unmasked (tokens past the split re-read its last one, then their scores are
   masked), which lets Triton vectorise and pipeline them like a contiguous load.
-The split size and the block-table width are runtime values, so new batch shapes and context
-lengths reuse the compiled kernel.
+Each row splits its own context evenly over the grid's splits (whole tiles each), so a row
+shorter than the longest one the host sized the grid for runs shorter programs rather than
+leaving the tail splits idle while its first ones do all of it; the engine sizes its grids for
+max_model_len, so its rows are all shorter. The block-table width is a runtime value, so new
+batch shapes and context lengths reuse the compiled kernel.
 """
 
 import math
@@ -42,11 +45,11 @@ from minivllm.kernels.launch import dot_precision, head_dim_block, parallel_slot
 from minivllm.kernels.tuning_table import bucket, lookup
 
 
-@triton.jit(do_not_specialize=["max_blocks", "tokens_per_split", "part_stride"])
+@triton.jit(do_not_specialize=["max_blocks", "part_stride"])
 def _paged_decode(
     Q, K, V, O, O_PART, LSE_PART, BT, CTX, SHARED, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_oh, stride_btb, max_blocks, tokens_per_split, part_stride, group,
+    stride_ob, stride_oh, stride_btb, max_blocks, part_stride, group,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, CASCADE: tl.constexpr,
     INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
@@ -61,12 +64,11 @@ def _paged_decode(
     ctx = tl.minimum(ctx, max_blocks * PAGE)
     start = 0
     if CASCADE:
-        # The shared prefix's tokens are the cascade's other kernel's (cascade_attention.py). The
-        # host sized the splits for whole contexts; the row's own tokens are split evenly instead,
-        # or the splits past its suffix would idle while the first ones do all of it.
+        # The shared prefix's tokens are the cascade's other kernel's (cascade_attention.py).
         shared = tl.load(SHARED)
         start = tl.where(ctx >= shared, shared, 0)
-        tokens_per_split = tl.cdiv(tl.cdiv(ctx - start, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    # The row's own tokens, split evenly in whole tiles (a TMA box then stays inside one page).
+    tokens_per_split = tl.cdiv(tl.cdiv(ctx - start, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     lo = start + split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, ctx)
 
@@ -215,11 +217,7 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     block_d, block_n = head_dim_block(head_dim), config.block_n
     tma = config.fetch == "tma"
-    if num_splits is None:
-        splits, tokens_per_split = split_policy(batch, num_kv_heads, max_context, block_n, config.programs_per_sm, q.device)
-    else:
-        tokens_per_split = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
-        splits = num_splits
+    splits = num_splits or split_policy(batch, num_kv_heads, max_context, block_n, config.programs_per_sm, q.device)[0]
     slots = splits + (prefix_parts.splits if prefix_parts is not None else 0)
     group = num_heads // num_kv_heads
     if slots > 1:
@@ -239,7 +237,7 @@ def launch_decode(q, k_cache, v_cache, block_table, context_lens, out, max_conte
         stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1), stride_kh=k_cache.stride(2),
         stride_vb=v_cache.stride(0), stride_vt=v_cache.stride(1), stride_vh=v_cache.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_btb=block_table.stride(0),
-        max_blocks=block_table.shape[1], tokens_per_split=tokens_per_split, part_stride=slots, group=group,
+        max_blocks=block_table.shape[1], part_stride=slots, group=group,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         PAGE=page, SPLIT=slots > 1, TMA=tma, CASCADE=shared is not None, INTERPRETER=interpreting(), PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
