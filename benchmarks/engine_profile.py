@@ -17,7 +17,10 @@ then, from the same run under torch.profiler, the device's kernels grouped by na
 per kind of step (the engine names each step's launch in the trace, step_profile.step_annotation, and CUPTI
 ties each kernel, a graph replay's too, to its launch): µs a step, calls a step, µs a call, and
 how much of the kernels' span the device was busy. A step whose wait is most of it, on a busy
-device, is bound by its kernels, not the host. --trace-dir also writes each run's Chrome trace,
+device, is bound by its kernels, not the host. Under the decode kernels it prints their attention's
+rate: the attention kernels' µs a step against the K/V of the steps' contexts (each sequence's
+whole context, a shared prefix once per sequence, so a cascade step's rate is an upper bound),
+and that rate against the device's measured read ceiling (benchmarks/ceilings.py). --trace-dir also writes each run's Chrome trace,
 gzipped (full_batch.json.gz, and one_row.json.gz or N_rows.json.gz). Without a GPU it runs the
 tiny preset under Triton's interpreter: step records only.
 """
@@ -42,14 +45,18 @@ if __name__ == "__main__":
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benchmarks.ceilings import ceilings  # noqa: E402
 from benchmarks.engine_workloads import WORKLOADS_BY_NAME, Workload, write_checkpoint  # noqa: E402
+from benchmarks.extra_info import engine_counts  # noqa: E402
 from benchmarks.output_paths import output_dir  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from minivllm.dtypes import SHORT_DTYPES  # noqa: E402
 from minivllm.engine import LLM, SamplingParams  # noqa: E402
-from minivllm.engine.step_profile import annotated_kind, format_summary  # noqa: E402
+from minivllm.engine.step_profile import StepRecord, annotated_kind, format_summary  # noqa: E402
 
 WARM_SEEDS = (1, 3)  # the measured runs draw with seeds 0 (full batch) and 2 (few rows)
+# A decode step's attention: the kernels that read its K/V, and the merge of their splits.
+ATTENTION_KERNELS = ("_paged_decode", "_merge_splits", "_shared_prefix")
 
 
 def _step_kinds(events: list[dict]) -> dict[int, str]:
@@ -91,6 +98,15 @@ def kernel_tables(trace: dict, steps: dict[str, int]) -> tuple[dict[str, list[tu
     return tables, sum(e["dur"] for e in kernels), span
 
 
+def attention_rate(rows: list[tuple[str, float, float, float]], records: list[StepRecord], kv_token_bytes: int) -> tuple[float, float]:
+    """(µs, bytes) a decode step of its attention: the ATTENTION_KERNELS' share of a decode
+    kernel table (kernel_tables' rows) and the K/V of the decode records' contexts
+    (StepRecord.context_tokens, kv_token_bytes each: one token's K and V over all layers)."""
+    decode = [r for r in records if not r.prefill]
+    us = sum(r[1] for r in rows if r[0].startswith(ATTENTION_KERNELS))
+    return us, kv_token_bytes * sum(r.context_tokens for r in decode) / max(1, len(decode))
+
+
 def profiled(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], trace_file: Path) -> dict:
     """One generate under torch.profiler (the device's kernels where there is a GPU); its Chrome trace."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -102,7 +118,7 @@ def profiled(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], t
     return json.loads(trace_file.read_text())
 
 
-def report(title: str, llm: LLM, trace: dict, top: int) -> None:
+def report(title: str, llm: LLM, trace: dict, top: int, kv_token_bytes: int, read_gbps: float) -> None:
     records = llm.step_records
     print(f"\n{title}: {len(records)} steps ({sum(r.prefill for r in records)} prefill)")
     print("\n".join("  " + line for line in format_summary(records).splitlines()))
@@ -123,6 +139,12 @@ def report(title: str, llm: LLM, trace: dict, top: int) -> None:
             print(f"    {per_step:9.1f} {calls:13.1f} {each:10.2f}  {name}")
         if len(rows) > top:
             print(f"    {sum(r[1] for r in rows[top:]):9.1f}  in {len(rows) - top} more kernels")
+        if kind == "decode":
+            us, nbytes = attention_rate(rows, records, kv_token_bytes)
+            if us:
+                gbps = nbytes / us / 1e3
+                print(f"    attention {us:.1f} µs a step over {nbytes / 1e6:.1f} MB of its rows' K/V: {gbps:.0f} GB/s, "
+                      f"{100 * gbps / read_gbps:.1f}% of the {read_gbps:.0f} GB/s read ceiling")
 
 
 def run(llm: LLM, workload: Workload, vocab: int, seed: int, max_tokens: int, rows: int | None, trace_file: Path) -> dict:
@@ -157,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace_dir:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if on_gpu else "cpu")
+    kv_token_bytes = engine_counts(preset, [1], [1], dtype)["kv_token_bytes"]
+    read_gbps = ceilings(device)["read_gbps"] if on_gpu else float("nan")
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(preset, dtype, Path(tmp) / preset.name)
         print(f"{args.preset} {args.dtype}, workload {args.workload}, on {torch.cuda.get_device_name() if on_gpu else 'the CPU (interpreter)'}")
@@ -165,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 trace_file = Path(tmp) / "trace.json"
                 trace = run(llm, workload, preset.vocab, seed, args.decode_steps + 1, rows, trace_file)
-                report(title, llm, trace, args.top)
+                report(title, llm, trace, args.top, kv_token_bytes, read_gbps)
                 if args.trace_dir:
                     with gzip.open(args.trace_dir / f"{title.replace(' ', '_')}.json.gz", "wb") as out:
                         out.write(trace_file.read_bytes())

@@ -42,6 +42,17 @@ def test_kernel_tables_split_by_the_step_that_launched_them():
     assert engine_profile.kernel_tables(dict(traceEvents=[]), {}) == ({}, 0.0, 0.0)
 
 
+def test_attention_rate_counts_decode_attention_over_decode_contexts():
+    """Only the attention kernels of the decode table, over the decode records' contexts: a
+    prefill record's context and a projection's time stay out."""
+    rows = [("_paged_decode [4, 8, 1]", 30.0, 28.0, 1.07), ("nvjet_sm90_tst_64x32 [2, 64, 1]", 12.0, 28.0, 0.43),
+            ("_merge_splits [4, 16, 1]", 6.0, 28.0, 0.21), ("_shared_prefix [1, 8, 2]", 4.0, 28.0, 0.14)]
+    records = [StepRecord(False, 4, 4, 1000, 1000), StepRecord(False, 4, 4, 1004, 1004), StepRecord(True, 2, 300, 300, 45150)]
+    us, nbytes = engine_profile.attention_rate(rows, records, kv_token_bytes=100)
+    assert us == 40.0 and nbytes == 100 * 1002
+    assert engine_profile.attention_rate(rows, [], 100) == (40.0, 0.0)
+
+
 def test_a_run_reports_both_runs_step_by_step(capsys, device, tmp_path):
     """The CPU run: step records of both runs, and traces in which every step is named."""
     if device.type == "cuda":
