@@ -17,11 +17,11 @@ then, from the same run under torch.profiler, the device's kernels grouped by na
 per kind of step (the engine names each step's launch in the trace, step_profile.step_annotation, and CUPTI
 ties each kernel, a graph replay's too, to its launch): µs a step, calls a step, µs a call, and
 how much of the kernels' span the device was busy. A step whose wait is most of it, on a busy
-device, is bound by its kernels, not the host. Under the decode kernels it prints their attention's
-rate: the attention kernels' µs a step against the K/V of the steps' contexts (each sequence's
-whole context, a shared prefix once per sequence, so a cascade step's rate is an upper bound),
-and that rate against the device's measured read ceiling (benchmarks/ceilings.py). --trace-dir also writes each run's Chrome trace,
-gzipped (full_batch.json.gz, and one_row.json.gz or N_rows.json.gz). Without a GPU it runs the
+device, is bound by its kernels, not the host. Under the decode kernels it prints their
+attention's rate: the attention kernels' µs a step against the K/V of the steps' contexts (each
+sequence's whole context, a shared prefix once per sequence, so a cascade step's rate is an
+upper bound), and that rate against the device's measured read ceiling (benchmarks/ceilings.py).
+--trace-dir also writes each run's Chrome trace, gzipped (full_batch.json.gz, and one_row.json.gz or N_rows.json.gz). Without a GPU it runs the
 tiny preset under Triton's interpreter: step records only.
 """
 
