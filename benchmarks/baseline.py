@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.results import CEILING_KEYS, ResultsError, is_interpreter, load, partial_info
+from benchmarks.compare import mismatch
+from benchmarks.results import CEILING_KEYS, ResultsError, load, partial_info
 
 
 def merge_runs(runs: list[tuple[str, dict]]) -> dict:
@@ -32,10 +33,9 @@ def merge_runs(runs: list[tuple[str, dict]]) -> dict:
     for name, data in runs:
         if partial_info(data):
             raise ValueError(f"{name} is a partial run: a baseline needs whole runs")
-    gpus = {data["machine_info"].get("gpu") for _, data in runs}
-    interpreted = {is_interpreter(data["machine_info"]) for _, data in runs}
-    if len(gpus) > 1 or len(interpreted) > 1:
-        raise ValueError(f"runs must come from one GPU model, all on it or all interpreted; got {sorted(map(str, gpus))}")
+    for name, data in runs[1:]:
+        if problems := mismatch(runs[0][1], data):
+            raise ValueError(f"runs must come from one GPU model, all on it or all interpreted; {runs[0][0]} against {name}: {'; '.join(problems)}")
     rows, source = {}, {}
     for i, (_, data) in enumerate(runs):
         for bench in data["benchmarks"]:
