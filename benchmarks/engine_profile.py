@@ -47,7 +47,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.ceilings import ceilings  # noqa: E402
 from benchmarks.engine_workloads import WORKLOADS_BY_NAME, Workload, write_checkpoint  # noqa: E402
-from benchmarks.extra_info import engine_counts  # noqa: E402
+from benchmarks.extra_info import kv_token_bytes  # noqa: E402
 from benchmarks.output_paths import output_dir  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from minivllm.dtypes import SHORT_DTYPES  # noqa: E402
@@ -179,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace_dir:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if on_gpu else "cpu")
-    kv_token_bytes = engine_counts(preset, [1], [1], dtype)["kv_token_bytes"]
     read_gbps = ceilings(device)["read_gbps"] if on_gpu else float("nan")
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(preset, dtype, Path(tmp) / preset.name)
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 trace_file = Path(tmp) / "trace.json"
                 trace = run(llm, workload, preset.vocab, seed, args.decode_steps + 1, rows, trace_file)
-                report(title, llm, trace, args.top, kv_token_bytes, read_gbps)
+                report(title, llm, trace, args.top, kv_token_bytes(preset, dtype), read_gbps)
                 if args.trace_dir:
                     with gzip.open(args.trace_dir / f"{title.replace(' ', '_')}.json.gz", "wb") as out:
                         out.write(trace_file.read_bytes())

@@ -67,6 +67,11 @@ def record(benchmark, ceilings: dict, *, suite: str, impl: str, shard, dtype: to
         info["pct_of_ceiling"] = 100 * info["gbps"] / ceilings[DECODE_CEILING]
 
 
+def kv_token_bytes(preset, dtype: torch.dtype) -> int:
+    """One token's K and V over all of a dense `preset`'s layers, in bytes of `dtype`."""
+    return torch.finfo(dtype).bits // 8 * 2 * preset.layers * preset.num_kv_heads * preset.head_dim
+
+
 def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype: torch.dtype, shared_prefix: int = 0) -> dict:
     """What a generate() run of a dense Qwen3 `preset` must move and compute at the least. The
     first `shared_prefix` tokens of every prompt are the same and computed once.
@@ -95,7 +100,7 @@ def engine_counts(preset, prompt_lens: list[int], output_lens: list[int], dtype:
     layer_matmul = p.hidden * (q + 2 * kv) + q * p.hidden + 3 * p.hidden * p.ffn
     layer_norms = 2 * p.hidden + 2 * p.head_dim  # input and post-attention norms, q and k norms
     weight_bytes = elem * (p.layers * (layer_matmul + layer_norms) + p.hidden + p.vocab * p.hidden)
-    kv_per_token = elem * 2 * p.layers * kv
+    kv_per_token = kv_token_bytes(p, dtype)
     prefix = shared_prefix
     own_context = sum((o - 1) * (pl - prefix) + (o - 1) * o // 2 for pl, o in zip(prompt_lens, output_lens, strict=True))
     decoded_context = own_context + prefix * (max(output_lens) - 1)
