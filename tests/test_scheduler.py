@@ -68,9 +68,10 @@ def expected_completion(prompt, max_tokens, max_model_len):
     return tokens[len(prompt) :]
 
 
-def run_to_completion(sched: Scheduler, max_steps=10_000, async_scheduling=False, eos_token_id=None):
+def run_to_completion(sched: Scheduler, max_steps=10_000, async_scheduling=False, eos_token_id=None, prepare=None):
     """Drive the scheduler as LLM._run does, with the fake device; one (row seq ids, prefill?,
-    tokens, samples) per step. Async: step n + 1 is scheduled before step n's tokens are known."""
+    tokens, samples) per step. Async: step n + 1 is scheduled before step n's tokens are known.
+    prepare(step), when given, sees each step before it runs, as the model runner does."""
     device, steps, in_flight = FakeDevice(), [], None
     eos = set() if eos_token_id is None else {eos_token_id}
     while in_flight or not sched.is_finished():
@@ -78,6 +79,8 @@ def run_to_completion(sched: Scheduler, max_steps=10_000, async_scheduling=False
         scheduled = sched.schedule(in_flight=in_flight is not None)
         launched = None
         if scheduled.seqs:
+            if prepare is not None:
+                prepare(scheduled)
             steps.append(([s.seq_id for s in scheduled.seqs], not scheduled.is_decode, scheduled.num_tokens, list(scheduled.samples)))
             launched = (scheduled, device.run(scheduled))
         done, in_flight = (in_flight, launched) if async_scheduling else (launched, None)
@@ -354,18 +357,14 @@ def test_decode_rows_reordered_longest_first_keep_every_sequences_tokens(async_s
     seqs = [request(p, max_tokens=5) for p in prompts]
     for s in seqs:
         sched.add(s)
-    device, in_flight, decode_orders = FakeDevice(), None, []
-    while in_flight or not sched.is_finished():
-        scheduled = sched.schedule(in_flight=in_flight is not None)
-        launched = None
-        if scheduled.seqs:
-            if scheduled.is_decode:
-                scheduled.longest_first()
-                decode_orders.append(list(scheduled.starts))
-            launched = (scheduled, device.run(scheduled))
-        done, in_flight = (in_flight, launched) if async_scheduling else (launched, None)
-        if done is not None:
-            sched.postprocess(*done, set())
+    decode_orders = []
+
+    def reorder(scheduled):
+        if scheduled.is_decode:
+            scheduled.longest_first()
+            decode_orders.append(list(scheduled.starts))
+
+    run_to_completion(sched, async_scheduling=async_scheduling, prepare=reorder)
     assert decode_orders and all(starts == sorted(starts, reverse=True) for starts in decode_orders)
     assert any(len(set(starts)) > 1 for starts in decode_orders)  # some step had rows to reorder
     for s, p in zip(seqs, prompts, strict=True):
