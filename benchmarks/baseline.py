@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 
 from benchmarks.compare import mismatch
+from benchmarks.output_paths import output_file
 from benchmarks.results import CEILING_KEYS, ResultsError, load, partial_info
+from minivllm.atomic_write import write_atomic
 
 
 def merge_runs(runs: list[tuple[str, dict]]) -> dict:
@@ -56,7 +58,7 @@ def merge_runs(runs: list[tuple[str, dict]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline", description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="the baseline file to write")
+    parser.add_argument("out", type=output_file, help="the baseline file to write (replaced atomically)")
     parser.add_argument("runs", nargs="+", help="pytest-benchmark JSON files, oldest first")
     args = parser.parse_args(argv)
     try:
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ResultsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.out.write_text(json.dumps(baseline, indent=4) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out, json.dumps(baseline, indent=4) + "\n")
     for run in baseline["machine_info"]["merged_runs"]:
         print(f"{run['file']}: {len(run['benchmarks'])} rows (commit {str(run['commit'])[:7]}, {run['datetime']})")
     print(f"wrote {len(baseline['benchmarks'])} rows to {args.out}")

@@ -49,3 +49,13 @@ def test_mixed_or_partial_runs_are_refused(tmp_path, capsys, machine, message):
     out = tmp_path / "baseline.json"
     assert baseline.main([str(out), str(good), str(other)]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_an_unwritable_output_is_refused_before_any_run_is_read(tmp_path, capsys):
+    run = write(tmp_path / "run.json", [bench("decode", "triton_paged", 2e-5)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        baseline.main([str(tmp_path / "file" / "baseline.json"), str(run)])
+    assert "is not a directory" in capsys.readouterr().err
+    assert baseline.main([str(tmp_path / "new" / "dir" / "baseline.json"), str(run)]) == 0
+    assert load(tmp_path / "new" / "dir" / "baseline.json")["benchmarks"][0]["stats"]["median"] == 2e-5
