@@ -17,6 +17,10 @@ also times each prefill winner with its softmax left out (a wrong answer, never 
 what the tile's two matmuls cost, so the rest of the gap to cuDNN is the softmax.
 A cascade bucket also times plain decode on its shape, whatever --no-peers says: its entry takes
 the cascade there only where the winner beats plain decode (min_rows and min_shared 1, else never).
+A decode bucket also times each candidate on a ragged batch of the same key, as the engine's
+steps are (contexts spread from the bucket's down to a quarter of it, rows longest first, the grid
+sized for the longest): its entry is the fastest there among the candidates within RAGGED_SLACK of
+the fastest on the uniform batch, so the decode suite's uniform cells give up at most that.
 """
 
 import argparse
@@ -24,9 +28,11 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +72,10 @@ KERNELS = ("decode", "prefill", "cascade", *FORMS)
 CACHE_LIMIT = 9 << 30  # bytes of K+V a decode representative may hold
 ROUNDS = 20
 NEVER = 2**31 - 1  # a cascade entry's min_rows where plain decode won: no batch takes the cascade
+# The uniform-batch time a decode winner may give up for a faster ragged batch: the engine's
+# steps are ragged, and more splits that even them out cost uniform batches 1-2% (NOTES.md,
+# fourteenth session), less than the 11-29% they won on ragged ones.
+RAGGED_SLACK = 0.02
 # The projections tuned: the default engine models' at decode's small batches (a lookup takes the
 # nearest (rows, N, K) bucket, so other models' shapes find these).
 LINEAR_MODELS = ("qwen3-0.6b", "qwen3-8b")
@@ -76,6 +86,20 @@ LINEAR_ROWS = (1, 2, 4, 8, 16)  # the decode graphs' batch sizes up to skinny_li
 # Each projection of a Qwen3 layer and the form the engine runs it in (minivllm/engine/linear.py).
 ROLE_FORMS = {"qkv": "norm_linear", "o": "linear", "gate_up": "norm_linear", "down": "gated_linear"}
 NORM_EPS = 1e-6
+
+
+class Variants(NamedTuple):
+    """What tune_bucket times for one bucket: candidates {name: (config, fn)}, each writing `out`;
+    check(what), which holds `out` to the float64 reference; the peer's fn or None;
+    matmuls_alone(tile) or None (prefill: the tile with its softmax left out); and ragged or None
+    (decode: the same candidates on a ragged batch, as ({name: fn}, its output, its check))."""
+
+    candidates: dict
+    out: torch.Tensor
+    check: Callable
+    peer: Callable | None = None
+    matmuls_alone: Callable | None = None
+    ragged: tuple[dict, torch.Tensor, Callable] | None = None
 
 
 @dataclass
@@ -239,26 +263,41 @@ def _timer(device: torch.device, cold_round: ColdRound | None):
     return lambda fn: 1e3 * median_s(fn, time.perf_counter, 3)
 
 
-def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
-    """(candidates {name: (config, fn)}, the output they write, check(what), SDPA's fn or None)
-    for a decode bucket."""
+def ragged_lens(batch: int, context: int) -> list[int]:
+    """A decode bucket's ragged batch: `batch` contexts spread evenly from `context` down to a
+    quarter of it, longest first (the engine's order)."""
+    return [context - (context - context // 4) * i // max(batch - 1, 1) for i in range(batch)]
+
+
+def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool) -> Variants:
+    """A decode bucket's Variants: every candidate on `batch` rows of the bucket's context
+    (SDPA's peer on the same), and from 2 rows up, on ragged_lens' rows with the grid sized for
+    the bucket's context, as the engine sizes its graphs' grids for max_model_len."""
     s, dtype = b.shape, SHORT_DTYPES[b.dtype]
     q = randn((s["batch"], s["heads"], b.head_dim), dtype, device, gen)
-    cache = paged_cache([s["context"]] * s["batch"], b.page, s["kv"], b.head_dim, dtype, device, gen)
-    lens = torch.full((s["batch"],), s["context"], dtype=torch.int32, device=device)
-    out = torch.empty_like(q)
-    args = (q, cache.k_cache, cache.v_cache, cache.block_table, lens, out, s["context"], b.head_dim**-0.5)
-    tma = tma_able(cache.k_cache, cache.v_cache, b.head_dim)
-    candidates = {decode_name(c): (c.as_dict(), partial(launch_decode, *args, c)) for c in decode_candidates(b.page, tma, device.type == "cuda") if fits_page(c, b.page)}
+    on_gpu = device.type == "cuda"
+
+    def launches(lens: list[int]):
+        cache = paged_cache(lens, b.page, s["kv"], b.head_dim, dtype, device, gen)
+        ctx, out = torch.tensor(lens, dtype=torch.int32, device=device), torch.empty_like(q)
+        args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx, out, s["context"], b.head_dim**-0.5)
+        configs = [c for c in decode_candidates(b.page, tma_able(cache.k_cache, cache.v_cache, b.head_dim), on_gpu) if fits_page(c, b.page)]
+        return {decode_name(c): (c.as_dict(), partial(launch_decode, *args, c)) for c in configs}, out, lambda what: check_decode(out, q, cache, ctx, what), cache
+
+    candidates, out, check, cache = launches([s["context"]] * s["batch"])
+    ragged = None
+    if s["batch"] > 1:
+        fns, ragged_out, ragged_check, _ = launches(ragged_lens(s["batch"], s["context"]))
+        ragged = ({name: fn for name, (_, fn) in fns.items()}, ragged_out, ragged_check)
     peer = None
     if peers:
         k, v = (paged_gather(c, cache.block_table, s["context"]).transpose(1, 2).contiguous() for c in (cache.k_cache, cache.v_cache))
         peer = partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=s["heads"] != s["kv"])
-    return candidates, out, lambda what: check_decode(out, q, cache, lens, what), peer, None
+    return Variants(candidates, out, check, peer, ragged=ragged)
 
 
-def _cascade_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
-    """The same for a cascade bucket: its batch shares a prefix of `shared` tokens, then each row
+def _cascade_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool) -> Variants:
+    """A cascade bucket's Variants: its batch shares a prefix of `shared` tokens, then each row
     has a seeded suffix; the peer, timed whatever `peers` says, is plain decode on that cache."""
     s, dtype = b.shape, SHORT_DTYPES[b.dtype]
     on_gpu = device.type == "cuda"
@@ -271,12 +310,12 @@ def _cascade_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
     args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx)
     candidates = {cascade_name(c): (c.as_dict(), partial(launch_cascade, *args, shared, out, max(lens), s["shared"], b.head_dim**-0.5, c)) for c in cascade_candidates(on_gpu)}
     plain = partial(launch_decode, *args, torch.empty_like(q), max(lens), b.head_dim**-0.5, decode_config(q, cache.k_cache, cache.v_cache, max(lens)))
-    return candidates, out, lambda what: check_decode(out, q, cache, ctx, what), plain, None
+    return Variants(candidates, out, lambda what: check_decode(out, q, cache, ctx, what), plain)
 
 
-def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
-    """The same for a prefill bucket, contiguous keys (page 0) or a paged prefix, and a sixth
-    item: matmuls_alone(tile), the tile's launch with the softmax left out."""
+def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool) -> Variants:
+    """A prefill bucket's Variants, contiguous keys (page 0) or a paged prefix, with cuDNN's SDPA
+    as the peer on contiguous keys and matmuls_alone."""
     s, dtype = b.shape, SHORT_DTYPES[b.dtype]
     batch, n, new, causal = s["batch"], s["seqlen"], s["new"], s["causal"]
     q = randn((batch * new, s["heads"], b.head_dim), dtype, device, gen)
@@ -313,11 +352,11 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
         kernel, grid, kwargs = prefill_plan(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, softmax=False)
         return partial(kernel[grid], **kwargs)
 
-    return candidates, out, check, peer, matmuls_alone
+    return Variants(candidates, out, check, peer, matmuls_alone)
 
 
-def _linear_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool):
-    """The same for a projection bucket in its form (b.kernel, of FORMS): the unfused steps, as
+def _linear_variants(b: Bucket, device: torch.device, gen: torch.Generator, peers: bool) -> Variants:
+    """A projection bucket's Variants in its form (b.kernel, of FORMS): the unfused steps, as
     the engine runs them without the kernel, are a candidate, not a peer; the check holds y to
     the unfused references in float64 and in the dtype."""
     s, dtype, form = b.shape, SHORT_DTYPES[b.dtype], b.kernel
@@ -347,7 +386,7 @@ def _linear_variants(b: Bucket, device: torch.device, gen: torch.Generator, peer
     def check(what):
         assert_within_tolerance(out, reference(*(t.double() for t in inputs)), reference(*inputs), what)
 
-    return candidates, out, check, None, None
+    return Variants(candidates, out, check)
 
 
 def compile_filter(candidates: dict, target: str) -> dict[str, str]:
@@ -388,12 +427,13 @@ def _first_line(e: Exception) -> str:
 
 
 def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: bool = False) -> tuple[list[dict], float | None, float | None]:
-    """Every candidate of the bucket as {name, config, ms or None, error}, fastest first; the
-    peer's ms; and with `matmuls`, the prefill winner's ms with its softmax left out. A candidate
-    that raises or fails the float64 check is never timed."""
+    """Every candidate of the bucket as {name, config, ms or None, error}, fastest first, with
+    ragged_ms where the bucket has a ragged batch; the peer's ms; and with `matmuls`, the prefill
+    winner's ms with its softmax left out. A candidate that raises or fails the float64 check, on
+    either batch, is never timed."""
     gen = generator(b.head_dim + b.page + sum(b.shape.values()), device)
     build = _linear_variants if b.kernel in FORMS else {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants}[b.kernel]
-    candidates, out, check, peer, matmuls_alone = build(b, device, gen, peers)
+    candidates, out, check, peer, matmuls_alone, ragged = build(b, device, gen, peers)
     rows = []
     if device.type == "cuda":  # what cannot compile or fit this card is dropped before anything is timed
         for name, reason in compile_filter(candidates, cc.device_target(device)).items():
@@ -403,7 +443,14 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
             out.fill_(float("nan"))  # a candidate that leaves rows unwritten fails the check
             fn()
             check(name)
-            rows.append(dict(name=name, config=config, ms=time_ms(fn), error=None))
+            row = dict(name=name, config=config, ms=time_ms(fn), error=None)
+            if ragged is not None:
+                fns, ragged_out, ragged_check = ragged
+                ragged_out.fill_(float("nan"))
+                fns[name]()
+                ragged_check(f"{name} on the ragged batch")
+                row["ragged_ms"] = time_ms(fns[name])
+            rows.append(row)
         except ToleranceError as e:  # a wrong answer, raised under python -O too: reported, never timed
             rows.append(dict(name=name, config=config, ms=None, error=f"wrong output: {_first_line(e)}"))
         except Exception as e:  # a config the compiler or the launch refuses is reported, not fatal
@@ -422,6 +469,17 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
         fn()
         alone_ms = time_ms(fn)
     return rows, peer_ms, alone_ms
+
+
+def table_ranking(timed: list[dict]) -> tuple[list[dict], str]:
+    """The timed rows (fastest first on the bucket's batch) in the order the table takes them, and
+    the timing that order and the winner's margin follow. Rows with ragged_ms (decode): those
+    within RAGGED_SLACK of the fastest, fastest on the ragged batch first, then the rest as they
+    were; the margin is on the ragged batch where two rows are that near, else on the uniform one."""
+    if not timed or "ragged_ms" not in timed[0]:
+        return timed, "ms"
+    near = sorted((r for r in timed if r["ms"] <= timed[0]["ms"] * (1 + RAGGED_SLACK)), key=lambda r: r["ragged_ms"])
+    return near + [r for r in timed if r not in near], "ragged_ms" if len(near) > 1 else "ms"
 
 
 def provenance(device: torch.device) -> dict:
@@ -523,14 +581,17 @@ def main(argv: list[str] | None = None) -> int:
         if not timed:
             print(f"{b.name}: no candidate passed; left as it was", flush=True)
             continue
+        timed, key = table_ranking(timed)
         best = timed[0]
         if b.kernel == "cascade":
             # The bucket's verdict: the cascade where it beats plain decode on this shape, else never.
             gains = peer_ms is not None and best["ms"] < peer_ms
             best = dict(best, config=dict(best["config"], min_rows=1 if gains else NEVER, min_shared=1 if gains else NEVER))
-        margin = timed[1]["ms"] / best["ms"] - 1 if len(timed) > 1 else None
-        winners.append(dict(b.entry_key, config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape))
-        versus = f"  peer {peer_ms:.4f} ms (ours {peer_ms / best['ms']:.2f}x)" if peer_ms else ""
+        margin = timed[1][key] / best[key] - 1 if len(timed) > 1 else None
+        ragged = {"ragged_ms": best["ragged_ms"], "ragged_lens": ragged_lens(b.shape["batch"], b.shape["context"])} if "ragged_ms" in best else {}
+        winners.append(dict(b.entry_key, config=best["config"], ms=best["ms"], margin=margin, runner_up=timed[1]["name"] if len(timed) > 1 else None, shape=b.shape, **ragged))
+        versus = f"  ragged {best['ragged_ms']:.4f} ms (fastest there {min(r['ragged_ms'] for r in timed):.4f})" if ragged else ""
+        versus += f"  peer {peer_ms:.4f} ms (ours {peer_ms / best['ms']:.2f}x)" if peer_ms else ""
         versus += f"  matmuls alone {alone_ms:.4f} ms ({100 * alone_ms / best['ms']:.0f}% of it)" if alone_ms else ""
         print(f"{b.name}: {best['name']} {best['ms']:.4f} ms, margin {100 * (margin or 0):.1f}% over {winners[-1]['runner_up']}{versus}", flush=True)
         if on_gpu:

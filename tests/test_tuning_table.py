@@ -271,3 +271,49 @@ def test_tuner_missing_tunes_only_what_the_table_lacks(table_dir, capsys, device
     assert len(read_table(table_dir / "cpu.json")["runs"]) == 2
     with pytest.raises(SystemExit):
         tune.main(["--missing", "--dry-run", "--target", "sm_90"])
+
+
+def test_decode_winner_is_the_fastest_on_the_ragged_batch_within_the_slack():
+    """A decode bucket's entry: among the candidates within RAGGED_SLACK of the fastest on the
+    uniform batch, the fastest on the ragged one; its margin is on the ragged batch. A candidate
+    further off on the uniform batch never wins, however fast on the ragged one. Rows without a
+    ragged batch keep their order."""
+    slack = tune.RAGGED_SLACK
+    rows = [dict(name="a", ms=1.0, ragged_ms=1.0), dict(name="b", ms=1.0 + slack / 2, ragged_ms=0.8), dict(name="c", ms=1.0 + 2 * slack, ragged_ms=0.5)]
+    ranked, key = tune.table_ranking(rows)
+    assert [r["name"] for r in ranked] == ["b", "a", "c"] and key == "ragged_ms"
+    ranked, key = tune.table_ranking([rows[0], rows[2]])
+    assert [r["name"] for r in ranked] == ["a", "c"] and key == "ms"
+    plain = [dict(name="x", ms=1.0), dict(name="y", ms=1.5)]
+    assert tune.table_ranking(plain) == (plain, "ms")
+
+
+def test_ragged_lens_spread_down_to_a_quarter_longest_first():
+    assert tune.ragged_lens(4, 40) == [40, 30, 20, 10]
+    assert tune.ragged_lens(1, 40) == [40]
+    lens = tune.ragged_lens(16, 32768)
+    assert lens[0] == 32768 and lens[-1] == 8192 and lens == sorted(lens, reverse=True)
+
+
+def test_tuner_times_decode_on_a_ragged_batch_and_checks_it(table_dir, tmp_path, device, monkeypatch):
+    """The CPU run: each decode candidate carries its ragged batch's time, the entry records that
+    batch; a candidate wrong on the ragged batch alone is reported and never becomes the entry."""
+    if device.type == "cuda":
+        pytest.skip("the tuner's GPU run takes minutes; tests exercise its CPU run")
+    real = tune.check_decode
+
+    def wrong_on_ragged(out, q, cache, lens, what):
+        if what == "gather n16 w4 s1 pps2 on the ragged batch":
+            raise tune.ToleranceError(f"{what}: made wrong by the test")
+        return real(out, q, cache, lens, what)
+
+    monkeypatch.setattr(tune, "check_decode", wrong_on_ragged)
+    rows_file = tmp_path / "rows.json"
+    assert tune.main(["--kernel", "decode", "--json", str(rows_file)]) == 0
+    rows = {r["name"]: r for r in json.loads(rows_file.read_text())["rows"]}
+    assert set(rows) == {"gather n16 w4 s1 pps2", "gather n32 w4 s1 pps4"}
+    bad, good = rows["gather n16 w4 s1 pps2"], rows["gather n32 w4 s1 pps4"]
+    assert bad["ms"] is None and "on the ragged batch" in bad["error"]
+    assert good["ms"] > 0 and good["ragged_ms"] > 0
+    (entry,) = read_table(table_dir / "cpu.json")["entries"]
+    assert entry["config"] == good["config"] and entry["ragged_ms"] == good["ragged_ms"] and entry["ragged_lens"] == [40, 10]
