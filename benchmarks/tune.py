@@ -281,14 +281,15 @@ def _decode_variants(b: Bucket, device: torch.device, gen: torch.Generator, peer
         cache = paged_cache(lens, b.page, s["kv"], b.head_dim, dtype, device, gen)
         ctx, out = torch.tensor(lens, dtype=torch.int32, device=device), torch.empty_like(q)
         args = (q, cache.k_cache, cache.v_cache, cache.block_table, ctx, out, s["context"], b.head_dim**-0.5)
-        configs = [c for c in decode_candidates(b.page, tma_able(cache.k_cache, cache.v_cache, b.head_dim), on_gpu) if fits_page(c, b.page)]
-        return {decode_name(c): (c.as_dict(), partial(launch_decode, *args, c)) for c in configs}, out, lambda what: check_decode(out, q, cache, ctx, what), cache
+        return cache, out, lambda c: partial(launch_decode, *args, c), lambda what: check_decode(out, q, cache, ctx, what)
 
-    candidates, out, check, cache = launches([s["context"]] * s["batch"])
+    cache, out, launch, check = launches([s["context"]] * s["batch"])
+    configs = [c for c in decode_candidates(b.page, tma_able(cache.k_cache, cache.v_cache, b.head_dim), on_gpu) if fits_page(c, b.page)]
+    candidates = {decode_name(c): (c.as_dict(), launch(c)) for c in configs}
     ragged = None
     if s["batch"] > 1:
-        fns, ragged_out, ragged_check, _ = launches(ragged_lens(s["batch"], s["context"]))
-        ragged = ({name: fn for name, (_, fn) in fns.items()}, ragged_out, ragged_check)
+        _, ragged_out, ragged_launch, ragged_check = launches(ragged_lens(s["batch"], s["context"]))
+        ragged = ({decode_name(c): ragged_launch(c) for c in configs}, ragged_out, ragged_check)
     peer = None
     if peers:
         k, v = (paged_gather(c, cache.block_table, s["context"]).transpose(1, 2).contiguous() for c in (cache.k_cache, cache.v_cache))
