@@ -435,6 +435,7 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
     gen = generator(b.head_dim + b.page + sum(b.shape.values()), device)
     build = _linear_variants if b.kernel in FORMS else {"decode": _decode_variants, "prefill": _prefill_variants, "cascade": _cascade_variants}[b.kernel]
     candidates, out, check, peer, matmuls_alone, ragged = build(b, device, gen, peers)
+    ragged_fns, ragged_out, ragged_check = ragged or ({}, None, None)
     rows = []
     if device.type == "cuda":  # what cannot compile or fit this card is dropped before anything is timed
         for name, reason in compile_filter(candidates, cc.device_target(device)).items():
@@ -445,12 +446,11 @@ def tune_bucket(b: Bucket, device: torch.device, time_ms, peers: bool, matmuls: 
             fn()
             check(name)
             row = dict(name=name, config=config, ms=time_ms(fn), error=None)
-            if ragged is not None:
-                fns, ragged_out, ragged_check = ragged
+            if ragged_fns:
                 ragged_out.fill_(float("nan"))
-                fns[name]()
+                ragged_fns[name]()
                 ragged_check(f"{name} on the ragged batch")
-                row["ragged_ms"] = time_ms(fns[name])
+                row["ragged_ms"] = time_ms(ragged_fns[name])
             rows.append(row)
         except ToleranceError as e:  # a wrong answer, raised under python -O too: reported, never timed
             rows.append(dict(name=name, config=config, ms=None, error=f"wrong output: {_first_line(e)}"))
