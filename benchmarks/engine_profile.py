@@ -46,7 +46,7 @@ if __name__ == "__main__":
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.ceilings import ceilings  # noqa: E402
-from benchmarks.engine_workloads import WORKLOADS_BY_NAME, Workload, write_checkpoint  # noqa: E402
+from benchmarks.engine_workloads import TEMPERATURE, WORKLOADS_BY_NAME, Workload, write_checkpoint  # noqa: E402
 from benchmarks.extra_info import kv_token_bytes  # noqa: E402
 from benchmarks.output_paths import output_dir  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
@@ -151,7 +151,7 @@ def run(llm: LLM, workload: Workload, vocab: int, seed: int, max_tokens: int, ro
     """The warm-up runs, then the profiled one: the workload's prompts drawn with `seed` (the first
     `rows` of them, or all when None), each decoded for max_tokens; its Chrome trace."""
     draw = lambda s: workload.draw(s, vocab)[0][:rows]  # noqa: E731
-    params = lambda n: [SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True, top_k=0, top_p=1.0, min_p=0.0)] * n  # noqa: E731
+    params = lambda n: [SamplingParams(temperature=TEMPERATURE, max_tokens=max_tokens, ignore_eos=True, top_k=0, top_p=1.0, min_p=0.0)] * n  # noqa: E731
     for warm in WARM_SEEDS:
         prompts = draw(warm + seed)
         llm.generate(prompts, params(len(prompts)), use_tqdm=False)

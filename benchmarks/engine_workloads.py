@@ -21,10 +21,12 @@ import torch
 
 from benchmarks.grid import GPU_GRID
 from benchmarks.presets import ModelPreset
+from minivllm.engine import LLM, SamplingParams
 from minivllm.testing.random_checkpoint import write_random_qwen3
 
 ROPE_THETA = 1e6  # every Qwen3 model's
 
+TEMPERATURE = 0.6  # every request's, as nano-vllm's benchmark samples
 MAX_TOKEN_ID = 10000  # prompt ids are drawn from [0, min(this, vocab - 1)], as nano-vllm's benchmark does
 
 
@@ -33,7 +35,7 @@ class Workload:
     """Requests of prompt lengths uniform in prompt_lens and output lengths in output_lens, each
     prompt after `shared_prefix` tokens common to all; run with max_num_batched_tokens (None:
     the engine's default) and a max_model_len that holds the longest request. Every request
-    samples at the suite's temperature with these top_k and top_p (0 and 1.0: off)."""
+    samples at TEMPERATURE with these top_k and top_p (0 and 1.0: off)."""
 
     name: str
     num_seqs: int
@@ -60,6 +62,15 @@ class Workload:
         prefix = [rng.randint(0, top) for _ in range(self.shared_prefix)]
         prompts = [prefix + [rng.randint(0, top) for _ in range(rng.randint(*self.prompt_lens))] for _ in range(self.num_seqs)]
         return prompts, [rng.randint(*self.output_lens) for _ in range(self.num_seqs)]
+
+    def generate(self, llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> list[dict]:
+        """`llm.generate` on the drawn requests, each decoding exactly its output length."""
+        # Every sampling field explicit: a checkpoint's generation_config.json would fill in unset ones.
+        params = [
+            SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True, top_k=self.top_k, top_p=self.top_p, min_p=0.0)
+            for n in output_lens
+        ]
+        return llm.generate(prompts, params, use_tqdm=False)
 
 
 if GPU_GRID:

@@ -37,16 +37,15 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks.engine_workloads import WORKLOADS, Workload, write_checkpoint
+from benchmarks.engine_workloads import TEMPERATURE, WORKLOADS, Workload, write_checkpoint
 from benchmarks.extra_info import engine_counts, record_engine, record_latency
 from benchmarks.presets import PRESETS
 from minivllm.dtypes import dtype_name
-from minivllm.engine import LLM, SamplingParams
+from minivllm.engine import LLM
 from minivllm.engine.step_profile import summarize
 
 IMPLS = ("minivllm", "hf_transformers")
 DEFAULT_MODELS = ("qwen3-0.6b", "tiny")  # the suite's models when --preset names none: nano-vllm's, and the CPU smoke shape
-TEMPERATURE = 0.6
 
 
 @pytest.fixture(scope="session")
@@ -61,15 +60,6 @@ def checkpoints(tmp_path_factory):
         return built[key]
 
     return get
-
-
-def run_minivllm(llm: LLM, prompts: list[list[int]], output_lens: list[int], workload: Workload) -> list[dict]:
-    # Every sampling field explicit: a checkpoint's generation_config.json would fill in unset ones.
-    params = [
-        SamplingParams(temperature=TEMPERATURE, max_tokens=n, ignore_eos=True, top_k=workload.top_k, top_p=workload.top_p, min_p=0.0)
-        for n in output_lens
-    ]
-    return llm.generate(prompts, params, use_tqdm=False)
 
 
 def run_hf(model, prompts: list[list[int]], output_lens: list[int], batch: int, workload: Workload) -> list[list[int]]:
@@ -154,8 +144,8 @@ def test_engine(benchmark, request, capsys, device, ceiling, checkpoints, shard,
             block_size=c.kvcache_block_size, num_kvcache_blocks=c.num_kvcache_blocks, max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=c.max_model_len, async_scheduling=c.async_scheduling,
         )
-        run_minivllm(llm, warm_prompts, [2] * workload.num_seqs, workload)
-        fn = partial(run_minivllm, llm, prompts, output_lens, workload)
+        workload.generate(llm, warm_prompts, [2] * workload.num_seqs)
+        fn = partial(workload.generate, llm, prompts, output_lens)
     else:
         from minivllm.testing.transformers_reference import load_transformers_model
 
