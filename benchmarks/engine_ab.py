@@ -47,6 +47,7 @@ from minivllm.engine.step_profile import summarize  # noqa: E402
 from minivllm.kernels.tuning_table import ENV_DIR, config_dir  # noqa: E402
 
 WARM_SEED = 1  # the engine suite's warm-up draw
+ROWS_MARK = "engine_ab rows: "  # a child's result line, told apart from anything else it prints
 
 
 def arm(text: str) -> tuple[str, Path]:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a process's checkpoint: run it and print its rows as JSON
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args.preset, args.dtype, args.workload, args.seeds, Path(args.child))))
+        print(ROWS_MARK + json.dumps(run_child(args.preset, args.dtype, args.workload, args.seeds, Path(args.child))))
         return 0
     names = [name for name, _ in args.arm]
     if not names:
@@ -158,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, "-m", "benchmarks.engine_ab", "--child", str(checkpoint), "--workload", args.workload,
                        "--preset", args.preset, "--dtype", args.dtype, "--seeds", *map(str, args.seeds)]
             done = subprocess.run(command, cwd=REPO, env={**os.environ, ENV_DIR: str(dirs[name])}, capture_output=True, text=True)
-            if done.returncode != 0:
+            marked = [line for line in done.stdout.splitlines() if line.startswith(ROWS_MARK)]
+            if done.returncode != 0 or not marked:
                 print(f"process {index} ({name}) failed with exit code {done.returncode}:\n{done.stderr[-4000:]}", file=sys.stderr)
                 return 1
-            for r in json.loads(done.stdout.strip().splitlines()[-1]):
+            for r in json.loads(marked[-1][len(ROWS_MARK):]):
                 rows.append(dict(arm=name, process=index, **r))
                 # Printed as each process ends, so a run cut short still shows what it measured.
                 print(f"process {index} {_row_text(rows[-1])}", flush=True)

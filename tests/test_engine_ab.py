@@ -67,3 +67,14 @@ def test_a_run_gives_each_process_its_arms_table(capsys, device, tmp_path):
     assert [(r["seed"], r["arm"], r["processes"]) for r in record["summary"]] == [(0, "committed", 2), (0, "empty", 1), (3, "committed", 2), (3, "empty", 1)]
     printed = capsys.readouterr().out
     assert "median over each arm's processes" in printed and printed.count(" seed 3: ") == 5
+
+
+def test_a_failing_process_stops_the_run_with_its_error(capsys, device, tmp_path):
+    """A process that fails (here: its arm's table is not JSON) ends the run with exit status 1 and
+    its own error on stderr, not a parse error of its missing result."""
+    if device.type == "cuda":
+        pytest.skip("the CPU run's table is cpu.json; on a GPU the engine would run Qwen3-0.6B first")
+    (tmp_path / "cpu.json").write_text("{not json")
+    assert engine_ab.main(["--arm", f"broken={tmp_path}", "--workload", "nano", "--seeds", "0", "--processes", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "process 0 (broken) failed with exit code 1" in err and f"tuning table {tmp_path / 'cpu.json'} is unreadable" in err
