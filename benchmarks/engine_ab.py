@@ -36,7 +36,7 @@ from minivllm.interpreter import interpret_without_gpu
 if __name__ == "__main__":
     interpret_without_gpu()
 
-from benchmarks.engine_workloads import WORKLOADS_BY_NAME, write_checkpoint  # noqa: E402
+from benchmarks.engine_workloads import ENGINE_PRESETS, WORKLOADS_BY_NAME, check_outputs, write_checkpoint  # noqa: E402
 from benchmarks.output_paths import output_file  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from benchmarks.repo import REPO, commit  # noqa: E402
@@ -93,9 +93,7 @@ def run_child(preset_name: str, dtype: str, workload_name: str, seeds: list[int]
             outputs = workload.generate(llm, prompts, output_lens)
             sync()
             wall = time.perf_counter() - start
-            got = [len(o["token_ids"]) for o in outputs]
-            if got != output_lens:
-                raise RuntimeError(f"seed {seed}: output lengths {got[:8]}... differ from the requested {output_lens[:8]}...")
+            check_outputs([o["token_ids"] for o in outputs], output_lens, preset.vocab, f"minivllm, seed {seed}")
             rows.append(dict(seed=seed, table_dir=str(config_dir()), wall_s=wall, tokens_per_s=sum(output_lens) / wall,
                              steps=step_buckets(summarize(llm.step_records))))
         return rows
@@ -129,10 +127,9 @@ def _row_text(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_ab", description=__doc__.splitlines()[0])
     on_gpu = torch.cuda.is_available()
-    dense = sorted(name for name, p in PRESETS.items() if p.ffn is not None)  # the engine runs dense Qwen3 models only
     parser.add_argument("--arm", action="append", type=arm, default=[], help="NAME=DIR: a tuning-table directory to run under; repeatable, at least one")
     parser.add_argument("--workload", default="long_context", choices=sorted(WORKLOADS_BY_NAME), help="the engine suite's workload (default long_context)")
-    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny", choices=dense, help="dense model shapes (default qwen3-0.6b; tiny on the CPU)")
+    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny", choices=ENGINE_PRESETS, help="dense model shapes (default qwen3-0.6b; tiny on the CPU)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 2], help="the workload's draws each process runs (default 0 2)")
     parser.add_argument("--processes", type=int, default=3, help="processes in all, the arms in turn (default 3: A B A)")
@@ -151,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--processes must be at least the {len(names)} arms, got {args.processes}")
     dirs = dict(args.arm)
     device = torch.cuda.get_device_name() if on_gpu else "the CPU (interpreter)"
-    print(f"{args.workload}, {args.preset} {args.dtype}, seeds {args.seeds}, on {device}, commit {commit()}")
+    code = commit()
+    print(f"{args.workload}, {args.preset} {args.dtype}, seeds {args.seeds}, on {device}, commit {code}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_checkpoint(PRESETS[args.preset], SHORT_DTYPES[args.dtype], Path(tmp) / args.preset)
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in result:
         print(f"{_row_text(r)}  ratio {r['ratio']:.3f}")
     if args.json:
-        record = dict(device=device, commit=commit(), workload=args.workload, preset=args.preset, dtype=args.dtype,
+        record = dict(device=device, commit=code, workload=args.workload, preset=args.preset, dtype=args.dtype,
                       arms={n: str(d) for n, d in dirs.items()}, runs=rows, summary=result)
         write_atomic(args.json, json.dumps(record, indent=1))
     return 0

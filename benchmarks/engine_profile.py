@@ -46,7 +46,7 @@ if __name__ == "__main__":
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.ceilings import ceilings  # noqa: E402
-from benchmarks.engine_workloads import TEMPERATURE, WORKLOADS_BY_NAME, Workload, write_checkpoint  # noqa: E402
+from benchmarks.engine_workloads import ENGINE_PRESETS, TEMPERATURE, WORKLOADS_BY_NAME, Workload, write_checkpoint  # noqa: E402
 from benchmarks.extra_info import kv_token_bytes  # noqa: E402
 from benchmarks.output_paths import output_dir  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
@@ -162,8 +162,7 @@ def run(llm: LLM, workload: Workload, vocab: int, seed: int, max_tokens: int, ro
 def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_profile", description=__doc__.splitlines()[0])
-    dense = sorted(name for name, p in PRESETS.items() if p.ffn is not None)  # the engine runs dense Qwen3 models only
-    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny", choices=dense, help="dense model shapes (default qwen3-0.6b; tiny on the CPU)")
+    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny", choices=ENGINE_PRESETS, help="dense model shapes (default qwen3-0.6b; tiny on the CPU)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--workload", default="nano", choices=sorted(WORKLOADS_BY_NAME), help="whose prompts and engine settings (default nano)")
     parser.add_argument("--decode-steps", type=int, default=64, help="decode steps of each run (default 64)")

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.grid import GPU_GRID
-from benchmarks.presets import ModelPreset
+from benchmarks.presets import PRESETS, ModelPreset
 from minivllm.engine import LLM, SamplingParams
 from minivllm.testing.random_checkpoint import write_random_qwen3
 
 ROPE_THETA = 1e6  # every Qwen3 model's
 
 TEMPERATURE = 0.6  # every request's, as nano-vllm's benchmark samples
+ENGINE_PRESETS = tuple(sorted(name for name, p in PRESETS.items() if p.ffn is not None))  # the engine runs dense Qwen3 models only
 MAX_TOKEN_ID = 10000  # prompt ids are drawn from [0, min(this, vocab - 1)], as nano-vllm's benchmark does
 
 
@@ -89,6 +90,16 @@ else:
     )
 WORKLOADS_BY_NAME = {w.name: w for w in WORKLOADS}
 MAX_POSITIONS = max(w.max_model_len for w in WORKLOADS)  # the random checkpoints' max_position_embeddings
+
+
+def check_outputs(outputs: list[list[int]], output_lens: list[int], vocab: int, impl: str) -> None:
+    """No request lost or cut short: every sequence has its requested length in valid ids
+    (AssertionError otherwise, raised explicitly so that a tool run under python -O checks too)."""
+    got = [len(o) for o in outputs]
+    if got != output_lens:
+        raise AssertionError(f"{impl}: output lengths {got[:8]}... differ from the requested {output_lens[:8]}...")
+    if not all(0 <= t < vocab for o in outputs for t in o):
+        raise AssertionError(f"{impl}: a token id outside [0, {vocab})")
 
 
 def write_checkpoint(preset: ModelPreset, dtype: torch.dtype, directory: Path) -> Path:

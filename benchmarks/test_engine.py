@@ -37,7 +37,7 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks.engine_workloads import TEMPERATURE, WORKLOADS, Workload, write_checkpoint
+from benchmarks.engine_workloads import TEMPERATURE, WORKLOADS, Workload, check_outputs, write_checkpoint
 from benchmarks.extra_info import engine_counts, record_engine, record_latency
 from benchmarks.presets import PRESETS
 from minivllm.dtypes import dtype_name
@@ -100,13 +100,6 @@ def allocator_counts(device: torch.device) -> dict[str, int]:
         return {}
     stats = torch.cuda.memory_stats(device)
     return {name: int(stats.get(name, 0)) for name in ALLOCATOR_COUNTERS}
-
-
-def check_outputs(outputs: list[list[int]], output_lens: list[int], vocab: int, impl: str) -> None:
-    """No request lost or cut short: every sequence has its requested length in valid ids."""
-    got = [len(o) for o in outputs]
-    assert got == output_lens, f"{impl}: output lengths {got[:8]}... differ from the requested {output_lens[:8]}..."
-    assert all(0 <= t < vocab for o in outputs for t in o), f"{impl}: a token id outside [0, {vocab})"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
