@@ -44,6 +44,7 @@ from minivllm.kernels import cascade_attention_decode, naive_attention, paged_at
 from minivllm.kernels import compile_check as cc  # noqa: E402
 from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade  # noqa: E402
 from minivllm.kernels.flash_attention import prefill_launches, tiles_for  # noqa: E402
+from minivllm.kernels.flash_overlap import _flash_fwd_overlap  # noqa: E402
 from minivllm.kernels.launch import head_dim_block  # noqa: E402
 from minivllm.kernels.paged_attention import DecodeConfig, launch_decode, tma_able  # noqa: E402
 from minivllm.kernels.skinny_linear import DEFAULT_TILE, FORMS, skinny_linear  # noqa: E402
@@ -69,10 +70,12 @@ def _decode_args(dtype, head_dim: int, page: int, group: int, kv_heads: int = 2)
     return q, kc, vc, table, lens, torch.empty_like(q), int(lens.max()), head_dim**-0.5
 
 
-def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False) -> list[tuple]:
+def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False,
+                         overlap: bool = False) -> list[tuple]:
     """prefill_launches' [(kernel, grid, kwargs)] for `tile` on `target` with TMA asked for (it
     falls back where it cannot apply), over contiguous keys (page 0) or a paged cache; with
-    `gather` (paged only) the keys' copy comes first."""
+    `gather` (paged only) the keys' copy comes first; with `overlap`, flash_overlap's kernel where
+    it applies."""
     heads, kv_heads, seq = 4, 2, 300
     q = _randn(seq, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, seq], dtype=torch.int32)
@@ -84,12 +87,15 @@ def prefill_launch_plans(target: str, dtype, head_dim: int, page: int, tile, tma
         k, v = (_randn(seq, kv_heads, head_dim, dtype=dtype) for _ in "kv")
         table = None
     with cc.recording(target):  # planned, not launched: the device's capability decides TMA
-        return prefill_launches(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma, gather=gather)
+        return prefill_launches(q, k, v, torch.empty_like(q), cu, cu, seq, seq, head_dim**-0.5, causal, table, tile=tuple(tile), tma=tma, gather=gather,
+                                overlap=overlap)
 
 
-def _prefill_launches(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False) -> list[cc.Launch]:
+def _prefill_launches(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True, gather: bool = False,
+                      overlap: bool = False) -> list[cc.Launch]:
     """The launches of one prefill config: its kernel's, after the keys' copy with `gather`."""
-    return [cc.Launch.from_kwargs(kernel, (), kwargs) for kernel, _, kwargs in prefill_launch_plans(target, dtype, head_dim, page, tile, tma, causal, gather)]
+    plans = prefill_launch_plans(target, dtype, head_dim, page, tile, tma, causal, gather, overlap)
+    return [cc.Launch.from_kwargs(kernel, (), kwargs) for kernel, _, kwargs in plans]
 
 
 def _prefill_launch(target: str, dtype, head_dim: int, page: int, tile, tma: bool, causal: bool = True) -> cc.Launch:
@@ -152,7 +158,8 @@ def table_launches(target: str, dtype, head_dim: int, directory: Path = DEFAULT_
                 out += [(path.name, launch) for launch in _cascade_launches(target, dtype, head_dim, e["page"], CascadeConfig(**e["config"]))]
             else:
                 c = e["config"]
-                out += [(path.name, x) for x in _prefill_launches(target, dtype, head_dim, e["page"], c["tile"], c["tma"], gather=bool(c.get("gather")))]
+                out += [(path.name, x) for x in _prefill_launches(target, dtype, head_dim, e["page"], c["tile"], c["tma"], gather=bool(c.get("gather")),
+                                                                overlap=bool(c.get("overlap")))]
     return out
 
 
@@ -197,6 +204,10 @@ def _prefill_candidate_launches(target: str, dtype, head_dim: int, page: int, ca
         for gather in (False, True) if page else (False,):
             launches = _prefill_launches(target, dtype, head_dim, page, tile, tma, causal, gather)
             out[tune.prefill_name(tile, dict(launches[-1].constexprs)["TMA"], gather)] = launches
+    for tile in tune.overlap_tiles(True):
+        launches = _prefill_launches(target, dtype, head_dim, page, tile, True, causal, bool(page), overlap=True)
+        if launches[-1].kernel is _flash_fwd_overlap:  # as the tuner, only where it applies
+            out[tune.prefill_name(tile, True, bool(page), True)] = launches
     return out
 
 

@@ -57,6 +57,7 @@ from minivllm.kernels import compile_check as cc
 from minivllm.kernels import rms_norm, silu_and_mul
 from minivllm.kernels.cascade_attention import CascadeConfig, launch_cascade
 from minivllm.kernels.flash_attention import prefill_launches, prefill_plan, run_launches
+from minivllm.kernels.flash_overlap import _flash_fwd_overlap
 from minivllm.kernels.paged_attention import DecodeConfig, decode_config, launch_decode, tma_able
 from minivllm.kernels.skinny_linear import FORMS, skinny_linear
 from minivllm.kernels.tuning_table import bucket, clear_cache, config_dir, device_slug, entry_id, read_table, write_table
@@ -238,13 +239,14 @@ def decode_name(c: DecodeConfig) -> str:
     return f"{c.fetch} n{c.block_n} w{c.num_warps} s{c.num_stages} pps{c.programs_per_sm}"
 
 
-def prefill_name(tile: tuple, tma: bool, gather: bool = False) -> str:
-    return f"tile {tuple(tile)} tma={tma}" + (" gather" if gather else "")
+def prefill_name(tile: tuple, tma: bool, gather: bool = False, overlap: bool = False) -> str:
+    return f"tile {tuple(tile)} tma={tma}" + (" overlap" if overlap else "") + (" gather" if gather else "")
 
 
-def prefill_table_config(tile: tuple, tma: bool, gather: bool) -> dict:
-    """A prefill candidate as a table entry's config: `gather` only where it copies the keys out."""
-    return dict(tile=list(tile), tma=tma, gather=True) if gather else dict(tile=list(tile), tma=tma)
+def prefill_table_config(tile: tuple, tma: bool, gather: bool, overlap: bool = False) -> dict:
+    """A prefill candidate as a table entry's config: `gather` only where it copies the keys out,
+    `overlap` only where flash_overlap's kernel runs the tile."""
+    return dict(tile=list(tile), tma=tma) | (dict(overlap=True) if overlap else {}) | (dict(gather=True) if gather else {})
 
 
 def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
@@ -254,6 +256,13 @@ def prefill_candidates(on_gpu: bool) -> list[tuple[tuple, bool]]:
         return [((32, 16, 4, 1), False), ((16, 16, 4, 1), False)]
     tiles = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
     return [(t, True) for t in tiles] + [((128, 64, 8, 3), False)]
+
+
+def overlap_tiles(on_gpu: bool) -> list[tuple]:
+    """Tiles (BLOCK_M, BLOCK_N, num_warps, K/V stages) for flash_overlap's kernel, timed where it
+    applies (a Hopper card, contiguous or gathered keys): a 128-row tile over two warpgroups or a
+    64-row one over one; 128-key tiles hold 64 more fp32 registers a thread of scores."""
+    return [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)] if on_gpu else []
 
 
 def _timer(device: torch.device, cold_round: ColdRound | None):
@@ -335,6 +344,11 @@ def _prefill_variants(b: Bucket, device: torch.device, gen: torch.Generator, pee
             launches = prefill_launches(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, tma=tma, gather=gather)
             used_tma = launches[-1][2]["TMA"]
             candidates[prefill_name(tile, used_tma, gather)] = (prefill_table_config(tile, used_tma, gather), partial(run_launches, launches))
+    for tile in overlap_tiles(device.type == "cuda"):
+        gather = bool(b.page)  # over a paged cache it runs on the keys copied out
+        launches = prefill_launches(q, kk, vv, out, cu_q, cu_k, new, n, b.head_dim**-0.5, causal, table, tile=tile, gather=gather, overlap=True)
+        if launches[-1][0] is _flash_fwd_overlap:  # else this card or shape cannot run it
+            candidates[prefill_name(tile, True, gather, True)] = (prefill_table_config(tile, True, gather, True), partial(run_launches, launches))
 
     def check(what):
         check_prefill(out, q, k, v, batch, new, causal, what, prefix=n - new)

@@ -23,6 +23,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -72,6 +74,8 @@ def _type_of(value) -> str:
     """Triton's signature type of one runtime argument."""
     if isinstance(value, TensorDescriptor):
         return f"tensordesc<{TRITON_DTYPES[value.base.dtype]}[{', '.join(map(str, value.block_shape))}]>"
+    if isinstance(value, GluonTensorDescriptor):  # its shared-memory layout is part of the type
+        return f"tensordesc<{TRITON_DTYPES[value.base.dtype]}[{','.join(map(str, value.block_shape))}],{value.layout!r}>"
     if isinstance(value, torch.Tensor):
         return "*" + TRITON_DTYPES[value.dtype]
     if isinstance(value, bool):
@@ -111,7 +115,8 @@ class Launch:
         """The launch `kernel[grid](*args, **kwargs)` would make; a TensorDescriptor's block_shape must already be the tile's."""
         kwargs = dict(kwargs or {})
         options = tuple(sorted((k, kwargs.pop(k)) for k in OPTIONS if k in kwargs))
-        values = dict(zip(kernel.arg_names, args, strict=False)) | kwargs
+        # A Gluon kernel also takes num_warps as a constexpr parameter.
+        values = dict(zip(kernel.arg_names, args, strict=False)) | kwargs | dict(options)
         missing = [p.name for p in kernel.params if p.name not in values]
         if missing:
             raise ValueError(f"{kernel.fn.__name__}: no value for {', '.join(missing)}")
@@ -124,7 +129,7 @@ class Launch:
 
     def describe(self) -> str:
         """The kernel and what selects its code: block sizes, flags and launch options."""
-        shown = [f"{k}={v}" for k, v in self.constexprs if k not in ("INTERPRETER", "PRECISION")]
+        shown = [f"{k}={v}" for k, v in self.constexprs if k not in ("INTERPRETER", "PRECISION", *OPTIONS)]
         return f"{self.name}({', '.join(shown + [f'{k}={v}' for k, v in self.options])})"
 
 
@@ -165,7 +170,8 @@ def compile_for(launch: Launch, target: str) -> Compiled:
     limit = shared_limit(gpu.arch)
     try:
         attrs = {(i,): [["tt.divisibility", 16]] for i in launch.aligned}
-        source = ASTSource(launch.kernel, dict(launch.signature), dict(launch.constexprs), attrs)
+        source_type = GluonASTSource if launch.kernel.is_gluon() else ASTSource
+        source = source_type(launch.kernel, dict(launch.signature), dict(launch.constexprs), attrs)
         kernel = triton.compile(source, target=gpu, options=dict(launch.options))
     except Exception as e:  # noqa: BLE001 - Triton raises many types; each is a verdict on this launch
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -11,7 +11,9 @@ of two, for a paged cache too when a page holds whole tiles; otherwise, and in t
 interpreter, through pointer loads. Where the tuning table says `gather`, a paged prefill first
 copies its keys and values into packed rows (kv_gather.py) and runs the contiguous kernel. The tile comes from the device's tuning table
 (minivllm/kernels/tuning_table.py, written by `python -m benchmarks.tune`); a device without one
-autotunes among `tiles_for`'s candidates on first use.
+autotunes among `tiles_for`'s candidates on first use. An entry that says `overlap` runs its tile
+in flash_overlap.py's Gluon kernel instead, where that kernel takes the call (Hopper, contiguous
+or copied-out keys).
 """
 
 import math
@@ -36,6 +38,7 @@ from minivllm.kernels.checks import (
     check_same_shape,
     resolve_scale,
 )
+from minivllm.kernels.flash_overlap import overlap_ok, overlap_plan
 from minivllm.kernels.kv_gather import gather_plan
 from minivllm.kernels.launch import dot_precision, head_dim_block, tma_descriptor, tma_ok
 from minivllm.kernels.tuning_table import bucket, lookup
@@ -244,19 +247,22 @@ flash_fwd_tuned = triton.autotune(
 def prefill_config(q: torch.Tensor, k: torch.Tensor, max_seqlen_k: int, causal: bool, paged: bool) -> tuple[dict | None, str]:
     """(config, source) of a flash_attn_varlen call: the device's tuning-table entry for (dtype,
     head_dim, page or 0 for contiguous keys, key-length bucket, causal, GQA group), as
-    {"tile": [BLOCK_M, BLOCK_N, num_warps, num_stages], "tma": bool} and, for a paged entry that
-    copies the keys out first, "gather": true; or (None, 'heuristic')."""
+    {"tile": [BLOCK_M, BLOCK_N, num_warps, num_stages], "tma": bool}; for a paged entry that
+    copies the keys out first, "gather": true; for one that runs flash_overlap's kernel,
+    "overlap": true; or (None, 'heuristic')."""
     page = k.shape[1] if paged else 0
     group = q.shape[1] // k.shape[-2]
     return lookup("prefill", q.device, q.dtype, q.shape[-1], page, (bucket(max_seqlen_k), bool(causal), bucket(group)))
 
 
-def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True):
+def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None, softmax=True,
+                 overlap=None):
     """(kernel, grid, kwargs) for already-checked flash_attn_varlen arguments: with `tile` =
     (BLOCK_M, BLOCK_N, num_warps, num_stages) that tile alone (a tuner's candidate), else the
     device's tuning-table tile, else the autotuned kernel. TMA is used where it applies unless
     `tma` (or the table) says False; softmax=False leaves the softmax out (a wrong answer: it
-    measures the two matmuls alone)."""
+    measures the two matmuls alone). `overlap` (or the table's "overlap") runs the tile in
+    flash_overlap's Gluon kernel where overlap_ok accepts the call, else in this one."""
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[-2], q.shape[-1]
     batch, paged = cu_seqlens_q.shape[0] - 1, block_table is not None
     page = k.shape[1] if paged else 1
@@ -265,6 +271,9 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         found, _ = prefill_config(q, k, max_seqlen_k, causal, paged)
         if found is not None:
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
+            overlap = found.get("overlap", False) if overlap is None else overlap
+    if overlap and tile is not None and softmax and overlap_ok(q, k, v, out, paged):
+        return overlap_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, tile)
     table = block_table if paged else cu_seqlens_k  # any int32 tensor stands in when unpaged
     # A paged TMA tile must lie inside one page.
     widest_n = tile[1] if tile else max(t[1] for t in tiles_for(block_d, q.dtype))
@@ -300,7 +309,7 @@ def prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile=None, tma=None,
-                     gather=None, softmax=True) -> list[tuple]:
+                     gather=None, softmax=True, overlap=None) -> list[tuple]:
     """The [(kernel, grid, kwargs)] of a flash_attn_varlen call, run in order: prefill_plan's one
     launch, or over a paged cache with `gather` (a tuner's candidate, else the table's entry) the
     copy of the keys into packed rows (kv_gather.py) and then the contiguous kernel with the same
@@ -313,10 +322,12 @@ def prefill_launches(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         if found is not None:  # prefill_plan takes the entry's tile as given, without a second lookup
             tile, tma = tuple(found["tile"]), found["tma"] if tma is None else tma
             gather = bool(found.get("gather")) and max_seqlen_q > tile[0]
+            overlap = found.get("overlap", False) if overlap is None else overlap
     if not (paged and gather):
-        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax)]
+        return [prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, tile, tma, softmax, overlap)]
     kernel, grid, kwargs, k, v = gather_plan(k, v, block_table, cu_seqlens_k, max_seqlen_k, head_dim_block(q.shape[-1]))
-    return [(kernel, grid, kwargs), prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, None, tile, tma, softmax)]
+    plan = prefill_plan(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, None, tile, tma, softmax, overlap)
+    return [(kernel, grid, kwargs), plan]
 
 
 def run_launches(launches: list[tuple]) -> None:
