@@ -83,8 +83,7 @@ def test_overlap_falls_back_where_it_cannot_run(device):
 
 # Compiled in a subprocess: this process imported the kernels for the interpreter.
 COMPILE_SCHEDULE = """
-import json, sys, torch, triton
-from triton.experimental.gluon._runtime import GluonASTSource
+import json, sys, torch
 from minivllm.kernels import compile_check as cc
 from minivllm.kernels.flash_attention import prefill_launches
 causal = sys.argv[1] == "causal"
@@ -93,10 +92,7 @@ k, v = torch.randn(256, 2, 128, dtype=torch.bfloat16), torch.randn(256, 2, 128, 
 cu = torch.tensor([0, 100, 256], dtype=torch.int32)
 with cc.recording("sm_90"):
     ((kernel, _, kwargs),) = prefill_launches(q, k, v, torch.empty_like(q), cu, cu, 156, 156, 128**-0.5, causal, None, tile=(128, 64, 8, 2), overlap=True)
-launch = cc.Launch.from_kwargs(kernel, (), kwargs)
-attrs = {(i,): [["tt.divisibility", 16]] for i in launch.aligned}
-source = GluonASTSource(launch.kernel, dict(launch.signature), dict(launch.constexprs), attrs)
-ptx = triton.compile(source, target=cc.target_of("sm_90"), options=dict(launch.options)).asm["ptx"]
+ptx = cc.compile_kernel(cc.Launch.from_kwargs(kernel, (), kwargs), "sm_90").asm["ptx"]
 print(json.dumps(dict(kernel=kernel.fn.__name__, ptx=ptx)))
 """
 

@@ -159,6 +159,15 @@ class Compiled:
         return f"{what} compiles for {self.target}: {self.shared} B shared of {self.limit}, {'+'.join(self.families) or 'no MMA or TMA'}"
 
 
+def compile_kernel(launch: Launch, target: str):
+    """Triton's compiled kernel of `launch` for `target` (its `asm` holds the TTGIR, PTX and
+    cubin); raises what the compiler raises."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i in launch.aligned}
+    source_type = GluonASTSource if launch.kernel.is_gluon() else ASTSource
+    source = source_type(launch.kernel, dict(launch.signature), dict(launch.constexprs), attrs)
+    return triton.compile(source, target=target_of(target), options=dict(launch.options))
+
+
 @functools.cache
 def compile_for(launch: Launch, target: str) -> Compiled:
     """Compile `launch` for `target` (a name target_of takes). A compiler error is caught and reported
@@ -169,10 +178,7 @@ def compile_for(launch: Launch, target: str) -> Compiled:
     gpu = target_of(target)
     limit = shared_limit(gpu.arch)
     try:
-        attrs = {(i,): [["tt.divisibility", 16]] for i in launch.aligned}
-        source_type = GluonASTSource if launch.kernel.is_gluon() else ASTSource
-        source = source_type(launch.kernel, dict(launch.signature), dict(launch.constexprs), attrs)
-        kernel = triton.compile(source, target=gpu, options=dict(launch.options))
+        kernel = compile_kernel(launch, target)
     except Exception as e:  # noqa: BLE001 - Triton raises many types; each is a verdict on this launch
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         return Compiled(launch, target, 0, limit, (), f"{type(e).__name__}: {first}")
