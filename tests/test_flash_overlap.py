@@ -114,3 +114,41 @@ def test_overlap_compiles_for_sm90_with_the_softmax_between_mma_waits(causal, tm
     blocks = re.split(r"\n\$L__BB\d+_\d+:", ptx)
     assert any(0 <= b.find("ex2.approx") < b.find("wgmma.wait_group.sync.aligned 0") for b in blocks)
     assert "cp.async.bulk.tensor" in ptx
+
+
+TABLE_KNOB = """
+import json, torch
+from unittest import mock
+from minivllm.kernels import compile_check as cc, flash_attention
+from minivllm.kernels.flash_attention import prefill_launches
+from minivllm.reference.inputs import paged_cache
+entry = {"tile": [128, 64, 8, 2], "tma": True, "overlap": True}
+q = torch.randn(300, 8, 128, dtype=torch.bfloat16)
+k, v = torch.randn(300, 2, 128, dtype=torch.bfloat16), torch.randn(300, 2, 128, dtype=torch.bfloat16)
+cu = torch.tensor([0, 300], dtype=torch.int32)
+cache = paged_cache([300], 16, 2, 128, torch.bfloat16, torch.device("cpu"), torch.Generator().manual_seed(0))
+seen = {}
+for target in ("sm_90", "sm_100"):
+    for name, paged, found in (("contiguous", False, entry), ("paged", True, entry), ("gathered", True, entry | {"gather": True})):
+        with cc.recording(target), mock.patch.object(flash_attention, "prefill_config", lambda *a, found=found: (found, "table")):
+            kk, vv, table = (cache.k_cache, cache.v_cache, cache.block_table) if paged else (k, v, None)
+            launches = prefill_launches(q, kk, vv, torch.empty_like(q), cu, cu, 300, 300, 128**-0.5, True, table)
+        seen[f"{target} {name}"] = [kernel.fn.__name__ for kernel, _, _ in launches]
+print(json.dumps(seen))
+"""
+
+
+def test_a_table_entrys_overlap_picks_the_kernel_where_it_applies(tmp_path):
+    """A prefill entry with "overlap": true plans flash_overlap's kernel on sm_90 over contiguous
+    keys and after a paged entry's copy of the keys; over pages in place, and on sm_100, the same
+    tile runs in the Triton kernel."""
+    script = tmp_path / "table_knob.py"
+    script.write_text(TABLE_KNOB)
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=COMPILED, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["sm_90 contiguous"] == ["_flash_fwd_overlap"]
+    assert seen["sm_90 paged"] == ["_flash_fwd"]
+    assert seen["sm_90 gathered"] == ["_gather_pages", "_flash_fwd_overlap"]
+    assert seen["sm_100 contiguous"] == ["_flash_fwd"]
+    assert seen["sm_100 gathered"] == ["_gather_pages", "_flash_fwd"]
