@@ -9,22 +9,14 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-COMPILED = os.environ | {"TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+from tests.compiled import COMPILED, ROOT, run_python
+
 TARGETS = ("sm_90", "sm_100")
 # Compile processes per target: a GPU machine's 16 cores cut a cold check from over 300 s; CI's 2 keep one each.
 JOBS = max(1, len(os.sched_getaffinity(0)) // (2 * len(TARGETS)))
-
-
-def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    script = tmp_path / "probe.py"
-    script.write_text(textwrap.dedent(code))
-    return subprocess.run([sys.executable, str(script)], cwd=ROOT, env=COMPILED, capture_output=True, text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,7 @@
 compiled schedule for sm_90 on any machine, and the fallback wherever it cannot run."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +13,9 @@ from minivllm.kernels.flash_overlap import _flash_fwd_overlap
 from minivllm.reference import attention_ref
 from minivllm.reference.inputs import cu_seqlens, generator, randn
 from minivllm.reference.tolerance import assert_matches_reference
+from tests.compiled import run_python
 
 TILES = overlap_tiles(True)
-ROOT = Path(__file__).resolve().parent.parent
-COMPILED = os.environ | {"TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
 
 
 def hopper() -> bool:
@@ -81,12 +76,11 @@ def test_overlap_falls_back_where_it_cannot_run(device):
     assert_matches_reference(out, attention_ref, q, k, v, cu_q, cu_k, causal=True, what="overlap fallback")
 
 
-# Compiled in a subprocess: this process imported the kernels for the interpreter.
+# Run compiled (tests.compiled): this process imported the kernels for the interpreter.
 COMPILE_SCHEDULE = """
-import json, sys, torch
+import json, torch
 from minivllm.kernels import compile_check as cc
 from minivllm.kernels.flash_attention import prefill_launches
-causal = sys.argv[1] == "causal"
 q = torch.randn(256, 8, 128, dtype=torch.bfloat16)
 k, v = torch.randn(256, 2, 128, dtype=torch.bfloat16), torch.randn(256, 2, 128, dtype=torch.bfloat16)
 cu = torch.tensor([0, 100, 256], dtype=torch.int32)
@@ -103,9 +97,7 @@ def test_overlap_compiles_for_sm90_with_the_softmax_between_mma_waits(causal, tm
     scores are done, P·V still runs), and a basic block computes the softmax's exponentials
     before it waits for the last MMA. A kernel that waited for every MMA before its softmax, as
     Triton's pipeliner schedules flash_attention, fails."""
-    script = tmp_path / "compile_overlap.py"
-    script.write_text(COMPILE_SCHEDULE)
-    done = subprocess.run([sys.executable, str(script), "causal" if causal else "plain"], cwd=ROOT, env=COMPILED, capture_output=True, text=True, timeout=600)
+    done = run_python(f"causal = {causal}\n" + COMPILE_SCHEDULE, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["kernel"] == "_flash_fwd_overlap"
@@ -142,9 +134,7 @@ def test_a_table_entrys_overlap_picks_the_kernel_where_it_applies(tmp_path):
     """A prefill entry with "overlap": true plans flash_overlap's kernel on sm_90 over contiguous
     keys and after a paged entry's copy of the keys; over pages in place, and on sm_100, the same
     tile runs in the Triton kernel."""
-    script = tmp_path / "table_knob.py"
-    script.write_text(TABLE_KNOB)
-    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=COMPILED, capture_output=True, text=True, timeout=600)
+    done = run_python(TABLE_KNOB, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["sm_90 contiguous"] == ["_flash_fwd_overlap"]
